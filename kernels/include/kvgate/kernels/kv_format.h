@@ -1,0 +1,71 @@
+// KV-cache formats: how keys and values of one token are stored in the paged cache.
+//
+// A format is parsed from the worker's `--kv` flag and described by a KvFormatSpec; the
+// KvFormatDesc derived from it for a head_dim gives the exact bytes each token occupies, so that
+// capacity planning (blocks per GPU, sequences that fit) is computed, never guessed.
+//
+//   ASSIGN_OR_RETURN(KvFormatSpec spec, ParseKvFormat("kivi2"));
+//   ASSIGN_OR_RETURN(KvFormatDesc desc, DescribeKvFormat(spec, /*head_dim=*/128));
+//   int64_t bytes = desc.bytes_per_token_per_head;   // keys + values + metadata, amortized
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+
+namespace kvgate::kernels {
+
+enum class KvFormatKind {
+  kFp16,
+  kBf16,
+  kFp8,     // E4M3 (OCP, max 448), scale per (layer, kv-head)
+  kInt8,    // symmetric, fp16 scale per (token, kv-head)
+  kKivi,    // KIVI: keys per channel over G tokens, values per token over G channels
+  kTurbo,   // TurboQuant: Hadamard rotation + Lloyd-Max codebook + fp16 norm
+};
+
+// Eviction combined with any format.
+struct EvictionSpec {
+  enum class Kind { kNone, kH2O, kSink } kind = Kind::kNone;
+  double heavy_fraction = 0.1;   // H2O: fraction of tokens kept by accumulated attention
+  double recent_fraction = 0.1;  // H2O: fraction kept as the newest tokens
+  int sink_tokens = 4;           // StreamingLLM: first tokens kept
+  int window_tokens = 1024;      // StreamingLLM: newest tokens kept
+};
+
+struct KvFormatSpec {
+  KvFormatKind kind = KvFormatKind::kFp16;
+  std::string name = "fp16";  // canonical name, e.g. "fp16", "kivi2", "tq3.5", "tq:k=4,v=3"
+  // Bits per element for keys / values (fractional for TurboQuant outlier splits, e.g. 3.5).
+  double key_bits = 16;
+  double value_bits = 16;
+  int group_size = 32;        // KIVI G
+  int residual_tokens = 128;  // KIVI R: newest tokens kept in fp16
+  bool qjl_keys = false;      // TurboQuant_prod: 1-bit QJL residual on keys
+  int full_precision_first_layers = 0;  // layers kept in fp16 at the start
+  int full_precision_last_layers = 0;   // and at the end
+  EvictionSpec eviction;
+};
+
+// Parses "fp16", "bf16", "fp8", "int8", "kivi2", "kivi4", "tq4", "tq3.5", "tq3", "tq2.5",
+// "tq:k=4,v=3[,qjl]". InvalidArgumentError lists the accepted names otherwise.
+absl::StatusOr<KvFormatSpec> ParseKvFormat(std::string_view text);
+// Parses "none", "h2o:heavy=0.1,recent=0.1", "sink:sinks=4,window=1024".
+absl::StatusOr<EvictionSpec> ParseEviction(std::string_view text);
+std::string EvictionToString(const EvictionSpec& spec);
+
+// Storage description of a format for one head_dim.
+struct KvFormatDesc {
+  KvFormatSpec spec;
+  int head_dim = 0;
+  // Bytes one token occupies for one kv-head in one layer, keys + values + per-token or amortized
+  // per-group metadata (KIVI's fp16 residual window is accounted separately per sequence).
+  double bytes_per_token_per_head = 0;
+};
+
+// UnimplementedError for a (format, head_dim) combination no kernel supports.
+absl::StatusOr<KvFormatDesc> DescribeKvFormat(const KvFormatSpec& spec, int head_dim);
+
+}  // namespace kvgate::kernels

@@ -1,0 +1,60 @@
+// ModelRunner: the backend interface of the worker engine. A runner owns a model's weights and its
+// paged KV cache on one device (CPU or CUDA) and runs batched forward steps; the engine above it
+// decides what to run (scheduling, admission, sampling) and never touches device memory.
+//
+//   ASSIGN_OR_RETURN(auto runner, CreateCpuModelRunner(opts));
+//   RETURN_IF_ERROR(runner->kv_cache().AddSequence(seq, prompt.size()));
+//   ForwardChunk chunk{.seq = seq, .tokens = prompt};
+//   std::vector<float> logits(runner->config().vocab_size);
+//   RETURN_IF_ERROR(runner->Forward({&chunk, 1}, logits.data()));
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvgate/kernels/kv_cache.h"
+#include "workers/model/llama_config.h"
+
+namespace kvgate::worker {
+
+// A run of consecutive tokens of one sequence for one forward step: a whole prompt, a prefill
+// chunk, or a single decode token. The tokens go at positions cache.Length(seq) ... onwards.
+struct ForwardChunk {
+  kernels::SeqId seq = 0;
+  std::span<const int32_t> tokens;
+  // If true, logits for every token of the chunk are written (evaluation); else only the last.
+  bool all_logits = false;
+};
+
+struct RunnerOptions {
+  std::string model_dir;      // Hugging Face folder: config.json, *.safetensors, tokenizer.json
+  kernels::KvFormatSpec kv_format;
+  int kv_block_size = 16;
+  // KV pool size: explicit block count if > 0, else from kv_cache_bytes.
+  int64_t kv_num_blocks = 0;
+  int64_t kv_cache_bytes = int64_t{1} << 30;
+  int num_threads = 0;  // 0: hardware concurrency
+};
+
+class ModelRunner {
+ public:
+  virtual ~ModelRunner() = default;
+  virtual const LlamaConfig& config() const = 0;
+  virtual kernels::KvCache& kv_cache() = 0;
+  virtual std::string backend_name() const = 0;  // "cpu" or "cuda"
+
+  // Runs one forward step over `chunks` (each sequence at most once; its blocks must already be
+  // reserved for the new tokens). Appends their K/V to the cache. Writes logits rows in chunk order:
+  // one row [vocab_size] per chunk, or one per token for chunks with all_logits.
+  // InvalidArgumentError for a token id outside the vocabulary or an unknown sequence.
+  virtual absl::Status Forward(std::span<const ForwardChunk> chunks, float* logits) = 0;
+};
+
+absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCpuModelRunner(const RunnerOptions& options);
+
+}  // namespace kvgate::worker
