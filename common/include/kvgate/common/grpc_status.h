@@ -1,0 +1,23 @@
+// Conversions between absl::Status and grpc::Status. The codes are the same numbers (Abseil's
+// canonical codes mirror gRPC's), so the mapping is 1:1 and keeps the message.
+//
+//   return ToGrpcStatus(engine->Submit(...).status());
+#pragma once
+
+#include <grpcpp/support/status.h>
+
+#include "absl/status/status.h"
+
+namespace kvgate {
+
+inline grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+inline absl::Status FromGrpcStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+}  // namespace kvgate
