@@ -23,3 +23,9 @@ function(kvgate_test name)
   set_tests_properties(${name} PROPERTIES TIMEOUT ${T_TIMEOUT} LABELS "${T_LABELS}"
     ENVIRONMENT "KVGATE_SOURCE_DIR=${PROJECT_SOURCE_DIR};KVGATE_BINARY_DIR=${PROJECT_BINARY_DIR};${T_ENV}")
 endfunction()
+
+# kvgate_binary(TARGET): an installed-style executable, placed in <build>/bin.
+function(kvgate_binary target)
+  set_target_properties(${target} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/bin)
+  kvgate_warnings(${target})
+endfunction()

@@ -180,17 +180,22 @@ class ForwardReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
 
   void OnWriteDone(bool ok) override {
     WorkerCall* call;
+    std::optional<grpc::Status> worker_status;
     {
       absl::MutexLock lock(&mu_);
-      call = active_;
+      write_in_flight_ = false;
       if (!ok) client_gone_ = true;
+      call = active_;
+      worker_status = std::move(deferred_worker_status_);
+      deferred_worker_status_.reset();
     }
-    if (!ok) {
-      call->Cancel();
-      call->ReadNext();  // completes with ok=false; OnDone follows
+    if (worker_status) {
+      // The worker stream ended while this write was in flight.
+      HandleWorkerDone(deferred_call_, *worker_status);
       return;
     }
-    call->ReadNext();
+    if (!ok) call->Cancel();
+    call->ReadNext();  // after a cancel it completes with ok=false, then OnDone follows
   }
 
   void OnDone() override { delete this; }
@@ -221,17 +226,36 @@ class ForwardReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
                              .fallbacks = fallbacks_},
                     out_.mutable_route());
     }
-    committed_ = committed_ || in.token_ids_size() > 0;
+    {
+      absl::MutexLock lock(&mu_);
+      write_in_flight_ = true;
+    }
     StartWrite(&out_);
   }
 
+  // The worker call's OnDone can arrive while the last chunk's write to the client is still in
+  // flight (no read is pending then); its handling waits for OnWriteDone.
   void OnWorkerDone(WorkerCall* call, const grpc::Status& status) {
     {
       absl::MutexLock lock(&mu_);
       active_ = nullptr;
+      if (write_in_flight_) {
+        deferred_call_ = call;
+        deferred_worker_status_ = status;
+        return;
+      }
+    }
+    HandleWorkerDone(call, status);
+  }
+
+  void HandleWorkerDone(WorkerCall* call, const grpc::Status& status) {
+    bool client_gone;
+    {
+      absl::MutexLock lock(&mu_);
+      client_gone = client_gone_;
     }
     if (status.ok()) {
-      Complete(call->pool(), client_gone_ ? grpc::Status(grpc::StatusCode::CANCELLED,
+      Complete(call->pool(), client_gone ? grpc::Status(grpc::StatusCode::CANCELLED,
                                                          "client went away")
                                           : grpc::Status::OK);
       return;
@@ -243,8 +267,17 @@ class ForwardReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
                               code != grpc::StatusCode::INVALID_ARGUMENT &&
                               code != grpc::StatusCode::RESOURCE_EXHAUSTED &&
                               code != grpc::StatusCode::OUT_OF_RANGE;
-    if (worker_fault && pool != nullptr) pool->ReportFailure(call->endpoint());
+    // Every pick gets exactly one report: success was reported at the first token; a worker that
+    // answered with a well-formed refusal is healthy.
+    if (pool != nullptr && !committed_) {
+      if (worker_fault) {
+        pool->ReportFailure(call->endpoint());
+      } else {
+        pool->ReportSuccess(call->endpoint());
+      }
+    }
     if (committed_) {
+      if (worker_fault && pool != nullptr) pool->ReportFailure(call->endpoint());
       // Tokens already reached the client: never silently truncate.
       Complete(call->pool(),
                grpc::Status(grpc::StatusCode::ABORTED,
@@ -255,7 +288,12 @@ class ForwardReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
                                             status.error_message())));
       return;
     }
-    if (client_gone_ || cancelled_ || code == grpc::StatusCode::CANCELLED ||
+    bool cancelled;
+    {
+      absl::MutexLock lock(&mu_);
+      cancelled = cancelled_;
+    }
+    if (client_gone || cancelled || code == grpc::StatusCode::CANCELLED ||
         code == grpc::StatusCode::DEADLINE_EXCEEDED || code == grpc::StatusCode::INVALID_ARGUMENT) {
       Complete(call->pool(), status);
       return;
@@ -325,7 +363,12 @@ class ForwardReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
       if (opts_.metrics != nullptr) opts_.metrics->Fallback(from, "none", reason);
     }
     pending_fallback_from_.clear();
-    if (cancelled_) {
+    bool cancelled;
+    {
+      absl::MutexLock lock(&mu_);
+      cancelled = cancelled_;
+    }
+    if (cancelled) {
       Complete("none", grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
       return;
     }
@@ -386,8 +429,11 @@ class ForwardReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
 
   absl::Mutex mu_;
   bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
-  bool client_gone_ = false;
+  bool client_gone_ ABSL_GUARDED_BY(mu_) = false;
+  bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   WorkerCall* active_ ABSL_GUARDED_BY(mu_) = nullptr;
+  WorkerCall* deferred_call_ = nullptr;
+  std::optional<grpc::Status> deferred_worker_status_ ABSL_GUARDED_BY(mu_);
   std::vector<std::unique_ptr<WorkerCall>> calls_;  // kept until the reactor dies
 };
 

@@ -16,7 +16,7 @@
 #include "gtest/gtest.h"
 #include "kvgate/v1/gateway.grpc.pb.h"
 #include "kvgate/v1/worker.grpc.pb.h"
-#include "tests/support/subprocess.h"
+#include "tests/support/test_env.h"
 
 namespace kvgate {
 namespace {
@@ -58,7 +58,7 @@ class WorkerTest : public ::testing::Test {
     worker_ = nullptr;
   }
   static void StartWorker(std::vector<std::string> extra) {
-    std::vector<std::string> argv = {testing::BinaryDir() + "/workers/server/kvgate-worker",
+    std::vector<std::string> argv = {testing::BinaryDir() + "/bin/kvgate-worker",
                                      "--model", *model_dir_, "--port", "0", "--host", "127.0.0.1",
                                      "--metrics_port", "0",
                                      "--kv_blocks", "256", "--threads", "1"};
@@ -270,7 +270,7 @@ TEST_F(WorkerTest, UnknownFieldsAreIgnored) {
   req.mutable_sampling()->set_max_tokens(3);
   req.mutable_sampling()->set_ignore_eos(true);
   std::string wire = req.SerializeAsString();
-  wire += std::string("\xa2\x06\x03xyz", 5);  // field 100, length-delimited "xyz"
+  wire += std::string("\xa2\x06\x03xyz", 6);  // field 100, length-delimited "xyz"
   pb::WorkerGenerateRequest reparsed;
   ASSERT_TRUE(reparsed.ParseFromString(wire));
   grpc::ClientContext ctx;
@@ -382,7 +382,7 @@ TEST(WorkerStartupTest, CorruptModelExitsWithAClearError) {
   std::system(("rm -rf " + dir + " && cp -r " + model + " " + dir).c_str());
   // Truncate the weights to 100 bytes.
   ASSERT_EQ(truncate((dir + "/model.safetensors").c_str(), 100), 0);
-  auto worker = Subprocess::Start({testing::BinaryDir() + "/workers/server/kvgate-worker",
+  auto worker = Subprocess::Start({testing::BinaryDir() + "/bin/kvgate-worker",
                                    "--model", dir, "--port", "0", "--host", "127.0.0.1"});
   ASSERT_NE(worker, nullptr);
   EXPECT_EQ(worker->Wait(std::chrono::seconds(30)), 1);

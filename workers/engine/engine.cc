@@ -38,7 +38,6 @@ struct Engine::Sequence {
     tokens = params.prompt;
     prompt_len = static_cast<int>(tokens.size());
   }
-  bool prefilling() const { return computed < static_cast<int64_t>(tokens.size()); }
 };
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::unique_ptr<ModelRunner> runner,
@@ -264,32 +263,30 @@ bool Engine::Step() {
     waiting_.pop_front();
   }
 
-  // 3. Grow decode sequences by one token; preempt the newest when blocks run out.
+  // 3. Every running sequence must be able to hold all of its tokens (the prompt, or the one
+  //    token sampled last step). Oldest first; when blocks run out, preempt the newest (possibly
+  //    the sequence itself) and recompute it later.
   for (size_t i = 0; i < running_.size();) {
     Sequence& seq = *running_[i];
-    if (seq.prefilling()) {
-      ++i;
-      continue;
-    }
-    absl::Status s = cache.Reserve(static_cast<kernels::SeqId>(seq.id), seq.computed + 1);
+    absl::Status s = cache.Reserve(static_cast<kernels::SeqId>(seq.id),
+                                   static_cast<int64_t>(seq.tokens.size()));
     if (s.ok()) {
       ++i;
       continue;
     }
-    // Preempt the newest running sequence (possibly this one) and retry.
-    Sequence& victim = *running_.back();
-    Preempt(victim);
+    Preempt(*running_.back());
     waiting_.push_front(std::move(running_.back()));
     running_.pop_back();
   }
 
-  // 4. Build the step: every decode token, then prefill chunks up to the token budget.
+  // 4. Build the step: every decode token (one uncomputed token), then prefill chunks up to the
+  //    token budget.
   std::vector<ForwardChunk> chunks;
   std::vector<Sequence*> chunk_seqs;
   std::vector<bool> samples;  // whether the chunk's last logits produce a token
   int budget = options_.max_batch_tokens;
   for (auto& seq : running_) {
-    if (seq->prefilling()) continue;
+    if (static_cast<int64_t>(seq->tokens.size()) - seq->computed != 1) continue;
     chunks.push_back({static_cast<kernels::SeqId>(seq->id),
                       std::span<const int32_t>(&seq->tokens[seq->computed], 1), false});
     chunk_seqs.push_back(seq.get());
@@ -297,8 +294,8 @@ bool Engine::Step() {
     --budget;
   }
   for (auto& seq : running_) {
-    if (!seq->prefilling() || budget <= 0) continue;
     int64_t remaining = static_cast<int64_t>(seq->tokens.size()) - seq->computed;
+    if (remaining <= 1 || budget <= 0) continue;
     int64_t n = std::min<int64_t>(remaining, budget);
     chunks.push_back({static_cast<kernels::SeqId>(seq->id),
                       std::span<const int32_t>(&seq->tokens[seq->computed], n), false});

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -35,7 +36,8 @@ struct LlamaConfig {
   RopeScaling rope_scaling;
   int64_t max_position_embeddings = 2048;
   bool tie_word_embeddings = false;
-  bool attention_bias = false;  // q/k/v biases (Qwen2)
+  bool attention_bias = false;  // q/k/v biases (Qwen2; Llama/Qwen3 "attention_bias")
+  bool o_proj_bias = false;     // o_proj bias (Llama/Qwen3 "attention_bias"; never Qwen2)
   bool qk_norm = false;         // per-head RMSNorm on q and k before RoPE (Qwen3)
   int bos_token_id = -1;
   std::vector<int> eos_token_ids;
@@ -45,6 +47,12 @@ struct LlamaConfig {
 // Parses and validates config.json. InvalidArgumentError names the missing or inconsistent field
 // (e.g. heads not dividing hidden_size, kv heads not dividing heads, non-positive sizes).
 absl::StatusOr<LlamaConfig> LoadLlamaConfig(const std::string& path);
+// Accepts model_type llama, mistral, qwen2, qwen3; rope_scaling null/"default", "llama3" or
+// "linear" (also inside transformers 5's "rope_parameters"); eos_token_id an int or a list.
 absl::StatusOr<LlamaConfig> ParseLlamaConfig(std::string_view json);
+
+// Inverse RoPE frequencies [head_dim / 2] after rope_scaling, as transformers computes them
+// (rope_theta^(-2i/head_dim), then the Llama-3 band-wise or linear scaling), in double precision.
+std::vector<double> RopeInverseFrequencies(const LlamaConfig& config);
 
 }  // namespace kvgate::worker

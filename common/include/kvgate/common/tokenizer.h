@@ -82,8 +82,9 @@ class StreamDecoder {
  private:
   const Tokenizer& tokenizer_;
   DecodeOptions options_;
-  std::vector<int32_t> ids_;   // ids since the last emitted boundary
-  size_t emitted_bytes_ = 0;   // bytes of Decode(ids_) already emitted
+  std::vector<int32_t> ids_;  // context ids: those since the previous emission point, then new ones
+  size_t prefix_index_ = 0;   // ids_[0, prefix_index_) were decoded before the last emission
+  size_t emitted_bytes_ = 0;  // bytes of Decode(ids_[0, prefix_index_)) already emitted
 };
 
 }  // namespace kvgate

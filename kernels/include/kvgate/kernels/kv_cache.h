@@ -81,6 +81,22 @@ class KvCache {
   // q, out: [num_q_heads, head_dim]. num_q_heads must be a multiple of num_kv_heads (GQA).
   virtual absl::Status DecodeAttention(SeqId seq, int layer, int num_q_heads, const float* q,
                                        float scale, float* out) = 0;
+
+  // ---- Optional extensions (defaults keep other implementations source-compatible) ----
+
+  // Bytes a sequence holds outside the block pool whatever its length: KIVI's fp16 residual
+  // window of the newest R (+ up to G-1) tokens, over all layers and kv-heads. Admission should
+  // add it per running sequence.
+  virtual int64_t residual_bytes_per_sequence() const { return 0; }
+  // Tokens of (seq, layer) actually held for one kv-head (<= Length under eviction; -1 unknown).
+  virtual int64_t StoredTokens(SeqId seq, int layer) const { return Length(seq, layer); }
+  // Reads back what attention sees for one kv-head: k, v [StoredTokens, head_dim] dequantized in
+  // the original basis, positions [StoredTokens] (the token index each slot holds), slot order.
+  // For tests, parity checks against other backends and debugging.
+  virtual absl::Status ReadStored(SeqId seq, int layer, int kv_head, float* k, float* v,
+                                  int64_t* positions) const {
+    return absl::UnimplementedError("ReadStored not implemented by this KV cache");
+  }
 };
 
 // CPU reference implementation (the semantics every other backend must match).

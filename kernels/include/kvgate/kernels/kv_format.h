@@ -13,6 +13,7 @@
 #include <string>
 #include <string_view>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
 namespace kvgate::kernels {
@@ -67,5 +68,17 @@ struct KvFormatDesc {
 
 // UnimplementedError for a (format, head_dim) combination no kernel supports.
 absl::StatusOr<KvFormatDesc> DescribeKvFormat(const KvFormatSpec& spec, int head_dim);
+
+// Which half of the cache a tensor is (formats treat keys and values differently).
+enum class KvTensorRole { kKeys, kValues };
+
+// Quantizes n rows in/out [n, head_dim] float32 as the CPU cache stores them and writes the
+// reconstruction attention sees, in the original basis. Differences from a cache: FP8's scale comes
+// from the amax of all n rows (they are the "first chunk"); KIVI quantizes every row (no fp16
+// residual window), keys in groups of G consecutive rows (a short last group is padded by
+// repeating its last row); TurboQuant keys with QJL return the TurboQuant_prod dequantization
+// (x_mse + ||x|| ||r|| sqrt(pi/2)/d S^T sign(S r)). in and out may not alias.
+absl::Status RoundTripKv(const KvFormatSpec& spec, int head_dim, KvTensorRole role, int64_t n,
+                         const float* in, float* out);
 
 }  // namespace kvgate::kernels

@@ -1,12 +1,9 @@
-#include "tests/support/subprocess.h"
+#include "kvgate/common/subprocess.h"
 
-#include <arpa/inet.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,7 +11,7 @@
 #include <cstring>
 #include <thread>
 
-namespace kvgate::testing {
+namespace kvgate {
 
 std::unique_ptr<Subprocess> Subprocess::Start(const std::vector<std::string>& argv) {
   int pipefd[2];
@@ -23,7 +20,12 @@ std::unique_ptr<Subprocess> Subprocess::Start(const std::vector<std::string>& ar
   if (pid < 0) return nullptr;
   if (pid == 0) {
     dup2(pipefd[1], STDOUT_FILENO);
-    // Die with the test if it crashes.
+    // Signals blocked by a parent that sigwaits must not stay blocked in the child; and the child
+    // ends when its parent dies (a crashed test or `kvgate up` leaves nothing behind).
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, nullptr);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
     std::vector<char*> args;
     for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
@@ -101,47 +103,4 @@ void Subprocess::Signal(int sig) {
   if (Running()) kill(pid_, sig);
 }
 
-std::string BinaryDir() {
-  const char* d = std::getenv("KVGATE_BINARY_DIR");
-  return d ? d : ".";
-}
-
-std::string SourceDir() {
-  const char* d = std::getenv("KVGATE_SOURCE_DIR");
-  return d ? d : ".";
-}
-
-std::string TinyModelDir() {
-  std::string dir = BinaryDir() + "/models/tiny";
-  struct stat st;
-  if (stat((dir + "/config.json").c_str(), &st) != 0) return "";
-  return dir;
-}
-
-std::optional<std::string> HttpGet(int port, const std::string& path) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return std::nullopt;
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return std::nullopt;
-  }
-  std::string req = "GET " + path + " HTTP/1.0\r\nHost: localhost\r\n\r\n";
-  if (write(fd, req.data(), req.size()) != static_cast<ssize_t>(req.size())) {
-    close(fd);
-    return std::nullopt;
-  }
-  std::string resp;
-  char buf[8192];
-  ssize_t n;
-  while ((n = read(fd, buf, sizeof(buf))) > 0) resp.append(buf, n);
-  close(fd);
-  auto body = resp.find("\r\n\r\n");
-  if (body == std::string::npos) return std::nullopt;
-  return resp.substr(body + 4);
-}
-
-}  // namespace kvgate::testing
+}  // namespace kvgate

@@ -1,6 +1,6 @@
-// Test support: runs a kvgate binary as a child process on loopback and waits for its port.
+// Subprocess: runs a kvgate binary as a child process and waits for the port it prints
+// ("LISTENING <port>"). Used by `kvgate up` (the local stack) and by the integration tests.
 //
-//   ASSERT_OK_AND_ASSIGN... (plain gtest):
 //   auto worker = Subprocess::Start({WorkerBinary(), "--model", dir, "--port", "0"});
 //   int port = worker->WaitForListening(std::chrono::seconds(30));  // parses "LISTENING <port>"
 //   worker->Signal(SIGTERM); int code = worker->Wait();
@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-namespace kvgate::testing {
+namespace kvgate {
 
 class Subprocess {
  public:
@@ -38,13 +38,4 @@ class Subprocess {
   std::string buffered_;
 };
 
-// Paths from the environment ctest sets (KVGATE_BINARY_DIR / KVGATE_SOURCE_DIR).
-std::string BinaryDir();
-std::string SourceDir();
-// The tiny test model generated into the build tree by tools/make_tiny_model.py; empty if absent.
-std::string TinyModelDir();
-
-// Minimal HTTP/1.0 GET on 127.0.0.1:port; returns the body, or nullopt on failure.
-std::optional<std::string> HttpGet(int port, const std::string& path);
-
-}  // namespace kvgate::testing
+}  // namespace kvgate

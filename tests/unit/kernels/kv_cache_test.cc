@@ -1,0 +1,488 @@
+// KvCache (CPU reference) against a float64 softmax-attention reference: decode and prefill over
+// formats, head dims 64/128, GQA ratios 1/4/8, ragged lengths; block accounting; eviction.
+#include "kvgate/kernels/kv_cache.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "tests/unit/kernels/reference_attention.h"
+
+namespace kvgate::kernels {
+namespace {
+
+using testing::MaxAbsDiff;
+using testing::RandomVector;
+using testing::ReferenceAttention;
+
+KvCacheConfig Config(const std::string& format, int layers, int kv_heads, int d, int block_size,
+                     int64_t blocks) {
+  KvCacheConfig cfg;
+  cfg.num_layers = layers;
+  cfg.num_kv_heads = kv_heads;
+  cfg.head_dim = d;
+  cfg.block_size = block_size;
+  cfg.num_blocks = blocks;
+  auto spec = ParseKvFormat(format);
+  EXPECT_TRUE(spec.ok()) << spec.status();
+  cfg.format = *spec;
+  return cfg;
+}
+
+// Reads back every stored token of (seq, layer) as [stored, kv_heads, d] (what attention sees).
+void ReadAll(const KvCache& cache, SeqId seq, int layer, std::vector<float>* k,
+             std::vector<float>* v) {
+  const auto& cfg = cache.config();
+  const int64_t n = cache.StoredTokens(seq, layer);
+  const int d = cfg.head_dim, heads = cfg.num_kv_heads;
+  k->assign(n * heads * d, 0);
+  v->assign(n * heads * d, 0);
+  std::vector<float> hk(n * d), hv(n * d);
+  std::vector<int64_t> pos(n);
+  for (int h = 0; h < heads; ++h) {
+    ASSERT_TRUE(cache.ReadStored(seq, layer, h, hk.data(), hv.data(), pos.data()).ok());
+    for (int64_t t = 0; t < n; ++t) {
+      for (int e = 0; e < d; ++e) {
+        (*k)[(t * heads + h) * d + e] = hk[t * d + e];
+        (*v)[(t * heads + h) * d + e] = hv[t * d + e];
+      }
+    }
+  }
+}
+
+// ---- fp16 / bf16 decode and prefill -------------------------------------------------------------
+
+class DecodeTest : public ::testing::TestWithParam<std::tuple<std::string, int, int, int>> {};
+
+TEST_P(DecodeTest, MatchesFloat64Reference) {
+  const auto& [format, d, ratio, length] = GetParam();
+  const int kv_heads = 2, q_heads = kv_heads * ratio, layers = 2;
+  auto cache = CreateCpuKvCache(Config(format, layers, kv_heads, d, 16, 64));
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  ASSERT_TRUE((*cache)->AddSequence(7, length).ok());
+  const auto k = RandomVector(static_cast<size_t>(length) * kv_heads * d, 1);
+  const auto v = RandomVector(static_cast<size_t>(length) * kv_heads * d, 2);
+  const auto q = RandomVector(static_cast<size_t>(q_heads) * d, 3);
+  // Append in uneven pieces across block boundaries.
+  for (int layer = 0; layer < layers; ++layer) {
+    int64_t done = 0, piece = 5;
+    while (done < length) {
+      const int64_t n = std::min<int64_t>(piece, length - done);
+      ASSERT_TRUE(
+          (*cache)->Append(7, layer, n, &k[done * kv_heads * d], &v[done * kv_heads * d]).ok());
+      done += n;
+      piece = piece * 2 + 1;
+    }
+    EXPECT_EQ((*cache)->Length(7, layer), length);
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  std::vector<float> out(q_heads * d);
+  ASSERT_TRUE((*cache)->DecodeAttention(7, 1, q_heads, q.data(), scale, out.data()).ok());
+  const auto ref =
+      ReferenceAttention(q.data(), q_heads, k.data(), v.data(), kv_heads, d, length, scale);
+  // fp16 keeps 11 significant bits (relative error <= 2^-11), bf16 8 (2^-8): the output error is
+  // a small multiple of that times |v| (~3 for these N(0,1) inputs).
+  const float bound = format == "fp16" ? 4e-3f : 3e-2f;
+  EXPECT_LT(MaxAbsDiff(out, ref), bound);
+  // Against the stored (rounded) keys and values the only difference is fp32 accumulation.
+  std::vector<float> sk, sv;
+  ReadAll(**cache, 7, 1, &sk, &sv);
+  const auto ref_stored =
+      ReferenceAttention(q.data(), q_heads, sk.data(), sv.data(), kv_heads, d, length, scale);
+  EXPECT_LT(MaxAbsDiff(out, ref_stored), 2e-5f);
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, DecodeTest,
+                         ::testing::Combine(::testing::Values("fp16", "bf16"),
+                                            ::testing::Values(64, 128), ::testing::Values(1, 4, 8),
+                                            ::testing::Values(1, 17, 130)));
+
+TEST(PrefillTest, ChunkAfterCachedPrefixMatchesReference) {
+  for (const char* format : {"fp16", "bf16"}) {
+    const int d = 64, kv_heads = 2, q_heads = 8, prefix = 37, chunk = 23;
+    auto cache = CreateCpuKvCache(Config(format, 1, kv_heads, d, 16, 16));
+    ASSERT_TRUE(cache.ok());
+    const int total = prefix + chunk;
+    const auto k = RandomVector(total * kv_heads * d, 11);
+    const auto v = RandomVector(total * kv_heads * d, 12);
+    const auto q = RandomVector(total * q_heads * d, 13);
+    const float scale = 0.125f;
+    ASSERT_TRUE((*cache)->AddSequence(1, prefix).ok());
+    ASSERT_TRUE((*cache)->Append(1, 0, prefix, k.data(), v.data()).ok());
+    std::vector<float> out_prefix(prefix * q_heads * d);
+    ASSERT_TRUE((*cache)
+                    ->PrefillAttention(1, 0, prefix, q_heads, q.data(), k.data(), v.data(), scale,
+                                       out_prefix.data())
+                    .ok());
+    ASSERT_TRUE((*cache)->Reserve(1, total).ok());
+    const float* ck = &k[prefix * kv_heads * d];
+    const float* cv = &v[prefix * kv_heads * d];
+    const float* cq = &q[prefix * q_heads * d];
+    ASSERT_TRUE((*cache)->Append(1, 0, chunk, ck, cv).ok());
+    std::vector<float> out(chunk * q_heads * d);
+    ASSERT_TRUE(
+        (*cache)->PrefillAttention(1, 0, chunk, q_heads, cq, ck, cv, scale, out.data()).ok());
+    // The cached prefix is read through the format, the fresh chunk in full precision.
+    std::vector<float> sk, sv;
+    ReadAll(**cache, 1, 0, &sk, &sv);
+    std::vector<float> mixed_k = sk, mixed_v = sv;
+    std::copy(ck, ck + chunk * kv_heads * d, mixed_k.begin() + prefix * kv_heads * d);
+    std::copy(cv, cv + chunk * kv_heads * d, mixed_v.begin() + prefix * kv_heads * d);
+    float err_exact = 0, err_orig = 0;
+    for (int i = 0; i < chunk; ++i) {
+      const auto ref = ReferenceAttention(cq + i * q_heads * d, q_heads, mixed_k.data(),
+                                          mixed_v.data(), kv_heads, d, prefix + i + 1, scale);
+      const auto ref_orig = ReferenceAttention(cq + i * q_heads * d, q_heads, k.data(), v.data(),
+                                               kv_heads, d, prefix + i + 1, scale);
+      std::vector<float> o(out.begin() + i * q_heads * d, out.begin() + (i + 1) * q_heads * d);
+      err_exact = std::max(err_exact, MaxAbsDiff(o, ref));
+      err_orig = std::max(err_orig, MaxAbsDiff(o, ref_orig));
+    }
+    EXPECT_LT(err_exact, 2e-5f) << format;
+    EXPECT_LT(err_orig, std::string(format) == "fp16" ? 4e-3f : 3e-2f) << format;
+    // First prefill (no cache): causal full precision.
+    float err_first = 0;
+    for (int i = 0; i < prefix; ++i) {
+      const auto ref = ReferenceAttention(q.data() + i * q_heads * d, q_heads, k.data(), v.data(),
+                                          kv_heads, d, i + 1, scale);
+      std::vector<float> o(out_prefix.begin() + i * q_heads * d,
+                           out_prefix.begin() + (i + 1) * q_heads * d);
+      err_first = std::max(err_first, MaxAbsDiff(o, ref));
+    }
+    EXPECT_LT(err_first, 2e-5f) << format;
+  }
+}
+
+// ---- Block accounting ---------------------------------------------------------------------------
+
+TEST(BlockAccountingTest, AllocatedBytesMatchDescriptor) {
+  for (const char* format : {"fp16", "bf16", "fp8", "int8", "kivi2", "kivi4", "tq4", "tq3.5", "tq3",
+                             "tq2.5", "tq:k=4,v=3,qjl"}) {
+    auto cfg = Config(format, 3, 4, 128, 16, 10);
+    auto cache = CreateCpuKvCache(cfg);
+    ASSERT_TRUE(cache.ok()) << format << ": " << cache.status();
+    const auto& desc = (*cache)->desc();
+    EXPECT_EQ((*cache)->allocated_bytes(),
+              static_cast<int64_t>(10 * 16 * 3 * 4 * desc.bytes_per_token_per_head))
+        << format;
+    EXPECT_EQ((*cache)->bytes_per_token(),
+              static_cast<int64_t>(3 * 4 * desc.bytes_per_token_per_head))
+        << format;
+  }
+}
+
+TEST(BlockAccountingTest, PoolShrinksWithTheFormat) {
+  // Expected bytes per token per head at d = 128, computed from the format definitions.
+  const std::vector<std::pair<std::string, int>> expected = {
+      {"fp16", 2 * 128 * 2},
+      {"bf16", 2 * 128 * 2},
+      {"fp8", 2 * 128},
+      {"int8", 2 * (128 + 2)},
+      {"kivi2", 2 * (128 * 2 / 8 + 4 * 128 / 32)},
+      {"kivi4", 2 * (128 * 4 / 8 + 4 * 128 / 32)},
+      {"tq4", 2 * (128 * 4 / 8 + 2)},
+      {"tq3.5", 2 * ((64 * 4 + 64 * 3) / 8 + 2)},
+      {"tq3", 2 * (128 * 3 / 8 + 2)},
+      {"tq2.5", 2 * ((32 * 3 + 96 * 2) / 8 + 2)},
+      {"tq:k=4,v=3,qjl", (128 * 3 / 8 + 2 + 128 / 8 + 2) + (128 * 3 / 8 + 2)},
+  };
+  int64_t fp16_bytes = 0;
+  for (const auto& [format, bytes] : expected) {
+    auto cache = CreateCpuKvCache(Config(format, 1, 1, 128, 16, 4));
+    ASSERT_TRUE(cache.ok()) << format;
+    EXPECT_EQ((*cache)->desc().bytes_per_token_per_head, bytes) << format;
+    EXPECT_EQ((*cache)->allocated_bytes(), 4 * 16 * bytes) << format;
+    if (format == "fp16") fp16_bytes = (*cache)->allocated_bytes();
+    if (format != "fp16" && format != "bf16") {
+      EXPECT_LT((*cache)->allocated_bytes(), fp16_bytes) << format;
+    }
+  }
+}
+
+TEST(BlockAccountingTest, ExhaustionAllocatesNothingAndFreeReturnsBlocks) {
+  auto cache = CreateCpuKvCache(Config("fp16", 2, 2, 64, 16, 10));
+  ASSERT_TRUE(cache.ok());
+  KvCache& c = **cache;
+  EXPECT_EQ(c.total_blocks(), 10);
+  EXPECT_EQ(c.BlocksForTokens(0), 0);
+  EXPECT_EQ(c.BlocksForTokens(16), 1);
+  EXPECT_EQ(c.BlocksForTokens(17), 2);
+  ASSERT_TRUE(c.AddSequence(1, 100).ok());  // 7 blocks
+  EXPECT_EQ(c.free_blocks(), 3);
+  EXPECT_EQ(c.AddSequence(1, 1).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(c.AddSequence(2, 49).code(), absl::StatusCode::kResourceExhausted);  // needs 4
+  EXPECT_EQ(c.free_blocks(), 3);
+  EXPECT_EQ(c.Length(2, 0), -1);
+  EXPECT_EQ(c.Reserve(1, 161).code(), absl::StatusCode::kResourceExhausted);  // needs 11
+  EXPECT_EQ(c.free_blocks(), 3);
+  ASSERT_TRUE(c.Reserve(1, 112).ok());
+  EXPECT_EQ(c.free_blocks(), 3);  // 7 blocks already hold 112 tokens
+  ASSERT_TRUE(c.Reserve(1, 113).ok());
+  EXPECT_EQ(c.free_blocks(), 2);
+  ASSERT_TRUE(c.AddSequence(2, 32).ok());
+  EXPECT_EQ(c.free_blocks(), 0);
+  c.FreeSequence(1);
+  EXPECT_EQ(c.free_blocks(), 8);
+  c.FreeSequence(1);  // unknown: ignored
+  c.FreeSequence(2);
+  EXPECT_EQ(c.free_blocks(), 10);
+}
+
+TEST(BlockAccountingTest, BadCallsReturnErrorsNotCrashes) {
+  auto cache = CreateCpuKvCache(Config("fp16", 1, 2, 64, 16, 4));
+  ASSERT_TRUE(cache.ok());
+  KvCache& c = **cache;
+  std::vector<float> x(64 * 2 * 20, 0.5f), out(64 * 4);
+  EXPECT_EQ(c.Append(9, 0, 1, x.data(), x.data()).code(), absl::StatusCode::kNotFound);
+  ASSERT_TRUE(c.AddSequence(9, 16).ok());
+  EXPECT_EQ(c.Append(9, 1, 1, x.data(), x.data()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(c.Append(9, 0, 17, x.data(), x.data()).code(),
+            absl::StatusCode::kFailedPrecondition);  // not reserved
+  EXPECT_EQ(c.Length(9, 0), 0);
+  ASSERT_TRUE(c.Append(9, 0, 3, x.data(), x.data()).ok());
+  EXPECT_EQ(c.DecodeAttention(9, 0, 3, x.data(), 1.0f, out.data()).code(),
+            absl::StatusCode::kInvalidArgument);  // 3 q heads, 2 kv heads
+  EXPECT_EQ(c.PrefillAttention(9, 0, 4, 2, x.data(), x.data(), x.data(), 1.0f, out.data()).code(),
+            absl::StatusCode::kFailedPrecondition);
+  KvCacheConfig bad = c.config();
+  bad.head_dim = 72;
+  EXPECT_EQ(CreateCpuKvCache(bad).status().code(), absl::StatusCode::kUnimplemented);
+  bad.head_dim = 64;
+  bad.num_layers = 0;
+  EXPECT_EQ(CreateCpuKvCache(bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(BlockAccountingTest, FullPrecisionLayersUseFp16Records) {
+  auto cfg = Config("tq3", 6, 2, 128, 16, 4);
+  cfg.format.full_precision_first_layers = 1;
+  cfg.format.full_precision_last_layers = 2;
+  auto cache = CreateCpuKvCache(cfg);
+  ASSERT_TRUE(cache.ok());
+  const int64_t tq3 = 2 * (128 * 3 / 8 + 2), fp16 = 512;
+  EXPECT_EQ((*cache)->bytes_per_token(), 2 * (3 * fp16 + 3 * tq3));
+  EXPECT_EQ((*cache)->allocated_bytes(), 4 * 16 * (*cache)->bytes_per_token());
+  // A full-precision layer reads back fp16-exact values; a compressed one does not.
+  ASSERT_TRUE((*cache)->AddSequence(1, 4).ok());
+  const auto k = RandomVector(4 * 2 * 128, 5), v = RandomVector(4 * 2 * 128, 6);
+  for (int l = 0; l < 6; ++l) ASSERT_TRUE((*cache)->Append(1, l, 4, k.data(), v.data()).ok());
+  std::vector<float> rk(4 * 128), rv(4 * 128);
+  std::vector<int64_t> pos(4);
+  ASSERT_TRUE((*cache)->ReadStored(1, 5, 1, rk.data(), rv.data(), pos.data()).ok());
+  EXPECT_NEAR(rk[130], k[(1 * 2 + 1) * 128 + 2], 1e-3 * std::fabs(k[(1 * 2 + 1) * 128 + 2]));
+  ASSERT_TRUE((*cache)->ReadStored(1, 2, 1, rk.data(), rv.data(), pos.data()).ok());
+  float err = 0;
+  for (int t = 0; t < 4; ++t) {
+    for (int e = 0; e < 128; ++e)
+      err = std::max(err, std::fabs(rk[t * 128 + e] - k[(t * 2 + 1) * 128 + e]));
+  }
+  EXPECT_GT(err, 1e-2f);
+}
+
+// ---- Every format: decode and prefill through the cache ----------------------------------------
+
+struct FormatBound {
+  std::string format;
+  float bound;  // max |out - reference on the original K/V| for N(0,1) inputs, d = 128, len 300
+};
+
+class FormatAttentionTest : public ::testing::TestWithParam<FormatBound> {};
+
+TEST_P(FormatAttentionTest, DecodeAndPrefillThroughTheFormat) {
+  const auto& [format, bound] = GetParam();
+  const int d = 128, kv_heads = 2, q_heads = 8, prefix = 250, chunk = 50, total = prefix + chunk;
+  auto cache = CreateCpuKvCache(Config(format, 1, kv_heads, d, 16, 32));
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  const auto k = RandomVector(total * kv_heads * d, 21);
+  const auto v = RandomVector(total * kv_heads * d, 22);
+  const auto q = RandomVector(total * q_heads * d, 23, 0.5f);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  ASSERT_TRUE((*cache)->AddSequence(3, total).ok());
+  ASSERT_TRUE((*cache)->Append(3, 0, prefix, k.data(), v.data()).ok());
+  const float* ck = &k[prefix * kv_heads * d];
+  const float* cv = &v[prefix * kv_heads * d];
+  const float* cq = &q[prefix * q_heads * d];
+  // Prefill of a chunk after the cached prefix.
+  ASSERT_TRUE((*cache)->Append(3, 0, chunk, ck, cv).ok());
+  std::vector<float> out(chunk * q_heads * d);
+  ASSERT_TRUE((*cache)->PrefillAttention(3, 0, chunk, q_heads, cq, ck, cv, scale, out.data()).ok());
+  // The prefix as the format stores it (read after the append: KIVI may have encoded more of its
+  // residual window), then the fresh chunk in full precision.
+  std::vector<float> sk, sv;
+  ReadAll(**cache, 3, 0, &sk, &sv);
+  std::copy(ck, ck + chunk * kv_heads * d, sk.begin() + prefix * kv_heads * d);
+  std::copy(cv, cv + chunk * kv_heads * d, sv.begin() + prefix * kv_heads * d);
+  float err_exact = 0;
+  for (int i = 0; i < chunk; i += 7) {
+    const auto ref = ReferenceAttention(cq + i * q_heads * d, q_heads, sk.data(), sv.data(),
+                                        kv_heads, d, prefix + i + 1, scale);
+    std::vector<float> o(out.begin() + i * q_heads * d, out.begin() + (i + 1) * q_heads * d);
+    err_exact = std::max(err_exact, MaxAbsDiff(o, ref));
+  }
+  EXPECT_LT(err_exact, 5e-5f) << "prefill vs reference on the stored prefix";
+  // Decode over all 300 tokens.
+  const auto qd = RandomVector(q_heads * d, 24, 0.5f);
+  std::vector<float> dout(q_heads * d);
+  ASSERT_TRUE((*cache)->DecodeAttention(3, 0, q_heads, qd.data(), scale, dout.data()).ok());
+  ReadAll(**cache, 3, 0, &sk, &sv);
+  const auto ref_stored =
+      ReferenceAttention(qd.data(), q_heads, sk.data(), sv.data(), kv_heads, d, total, scale);
+  // QJL scores are an unbiased estimate computed on codes: identical in exact arithmetic to the
+  // dequantized reconstruction, float rounding differs a little more.
+  EXPECT_LT(MaxAbsDiff(dout, ref_stored), 5e-5f) << "decode vs reference on stored K/V";
+  const auto ref =
+      ReferenceAttention(qd.data(), q_heads, k.data(), v.data(), kv_heads, d, total, scale);
+  const float err = MaxAbsDiff(dout, ref);
+  EXPECT_LT(err, bound) << "decode vs reference on the original K/V";
+  RecordProperty("decode_max_abs_error", std::to_string(err));
+  std::printf("[ format %-16s ] decode max |err| vs float64 on original K/V: %.5f\n",
+              format.c_str(), err);
+}
+
+// Bounds: outputs are softmax averages of N(0,1) values (|out| ~ 0.1-0.3 with 300 keys). Each
+// bound is about 2-3x the error measured at the time of writing, and ordered by format precision.
+INSTANTIATE_TEST_SUITE_P(AllFormats, FormatAttentionTest,
+                         ::testing::Values(FormatBound{"fp16", 2e-4f}, FormatBound{"bf16", 1.2e-3f},
+                                           FormatBound{"fp8", 0.02f}, FormatBound{"int8", 0.005f},
+                                           FormatBound{"kivi4", 0.04f}, FormatBound{"kivi2", 0.2f},
+                                           FormatBound{"tq4", 0.06f}, FormatBound{"tq3.5", 0.1f},
+                                           FormatBound{"tq3", 0.12f}, FormatBound{"tq2.5", 0.2f},
+                                           FormatBound{"tq:k=4,v=3,qjl", 0.15f}),
+                         [](const auto& info) {
+                           std::string name = info.param.format;
+                           for (char& ch : name) {
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           }
+                           return name;
+                         });
+
+// ---- KIVI residual window -----------------------------------------------------------------------
+
+TEST(KiviTest, ResidualWindowKeepsNewestTokensInFp16) {
+  auto cache = CreateCpuKvCache(Config("kivi2", 1, 1, 64, 16, 32));
+  ASSERT_TRUE(cache.ok());
+  EXPECT_EQ((*cache)->residual_bytes_per_sequence(), (128 + 32) * 64 * 2 * 2);
+  ASSERT_TRUE((*cache)->AddSequence(1, 400).ok());
+  const auto k = RandomVector(400 * 64, 31), v = RandomVector(400 * 64, 32);
+  std::vector<float> rk(400 * 64), rv(400 * 64);
+  std::vector<int64_t> pos(400);
+  for (int t = 0; t < 400; ++t) {  // token by token, as decode does
+    ASSERT_TRUE((*cache)->Append(1, 0, 1, &k[t * 64], &v[t * 64]).ok());
+    const int len = t + 1;
+    // Encoded: whole groups of 32 leaving 128..159 tokens in the residual.
+    const int encoded = len >= 160 ? ((len - 128) / 32) * 32 : 0;
+    if (len % 37 == 0 || len == 400 || len == 160 || len == 159) {
+      ASSERT_TRUE((*cache)->ReadStored(1, 0, 0, rk.data(), rv.data(), pos.data()).ok());
+      for (int i = 0; i < len; ++i) {
+        for (int e = 0; e < 64; ++e) {
+          const float x = k[i * 64 + e], y = rk[i * 64 + e];
+          if (i >= encoded) {
+            ASSERT_NEAR(y, x, std::fabs(x) * 1e-3f + 1e-7f) << "residual token " << i;
+          }
+        }
+      }
+      if (encoded > 0) {  // an encoded 2-bit key differs from its fp16 value somewhere
+        float diff = 0;
+        for (int e = 0; e < encoded * 64; ++e) diff = std::max(diff, std::fabs(rk[e] - k[e]));
+        EXPECT_GT(diff, 0.05f) << "len " << len;
+      }
+    }
+  }
+}
+
+// ---- Eviction -----------------------------------------------------------------------------------
+
+std::vector<int64_t> StoredPositions(const KvCache& cache, SeqId seq, int layer, int head) {
+  const int64_t n = cache.StoredTokens(seq, layer);
+  const int d = cache.config().head_dim;
+  std::vector<float> k(n * d), v(n * d);
+  std::vector<int64_t> pos(n);
+  EXPECT_TRUE(cache.ReadStored(seq, layer, head, k.data(), v.data(), pos.data()).ok());
+  return pos;
+}
+
+TEST(EvictionTest, SinkKeepsFirstTokensAndWindow) {
+  auto cfg = Config("fp16", 1, 1, 64, 4, 8);
+  cfg.format.eviction = *ParseEviction("sink:sinks=2,window=5");
+  auto cache = CreateCpuKvCache(cfg);
+  ASSERT_TRUE(cache.ok());
+  KvCache& c = **cache;
+  ASSERT_TRUE(c.AddSequence(1, 6).ok());
+  const auto k = RandomVector(40 * 64, 41);
+  ASSERT_TRUE(c.Append(1, 0, 6, k.data(), k.data()).ok());  // prefill: nothing evicted
+  EXPECT_EQ(StoredPositions(c, 1, 0, 0), (std::vector<int64_t>{0, 1, 2, 3, 4, 5}));
+  for (int t = 6; t < 20; ++t) {
+    ASSERT_TRUE(c.Reserve(1, t + 1).ok());
+    ASSERT_TRUE(c.Append(1, 0, 1, &k[t * 64], &k[t * 64]).ok());
+  }
+  EXPECT_EQ(c.Length(1, 0), 20);
+  EXPECT_EQ(StoredPositions(c, 1, 0, 0), (std::vector<int64_t>{0, 1, 15, 16, 17, 18, 19}));
+  EXPECT_EQ(c.free_blocks(), 8 - 2);  // 7 slots in blocks of 4
+  // Stored records are the right tokens (slot compaction moved them).
+  std::vector<float> rk(7 * 64), rv(7 * 64);
+  std::vector<int64_t> pos(7);
+  ASSERT_TRUE(c.ReadStored(1, 0, 0, rk.data(), rv.data(), pos.data()).ok());
+  EXPECT_NEAR(rk[2 * 64 + 3], k[15 * 64 + 3], 1e-2);
+  // Decode attends exactly to the kept tokens.
+  const auto q = RandomVector(64, 42);
+  std::vector<float> out(64), kept_k;
+  ASSERT_TRUE(c.DecodeAttention(1, 0, 1, q.data(), 0.125f, out.data()).ok());
+  for (int64_t p : pos) kept_k.insert(kept_k.end(), &k[p * 64], &k[p * 64] + 64);
+  const auto ref = ReferenceAttention(q.data(), 1, kept_k.data(), kept_k.data(), 1, 64, 7, 0.125f);
+  EXPECT_LT(MaxAbsDiff(out, ref), 4e-3f);
+}
+
+TEST(EvictionTest, H2OKeepsHeavyHittersPerHeadAndRecentTokens) {
+  // Two kv-heads, two query heads each. Keys are orthogonal one-hot directions scaled so that a
+  // query aligned with a key gives it (almost) all the probability: we steer which tokens become
+  // heavy hitters, differently per kv-head.
+  const int d = 64, kv_heads = 2, q_heads = 4;
+  auto cfg = Config("fp16", 1, kv_heads, d, 4, 16);
+  cfg.format.eviction = *ParseEviction("h2o:heavy=0.2,recent=0.2");
+  auto cache = CreateCpuKvCache(cfg);
+  ASSERT_TRUE(cache.ok());
+  KvCache& c = **cache;
+  const int prompt = 10;
+  std::vector<float> k(prompt * kv_heads * d, 0.0f), v(prompt * kv_heads * d, 0.0f);
+  for (int t = 0; t < prompt; ++t) {
+    for (int h = 0; h < kv_heads; ++h) k[(t * kv_heads + h) * d + t] = 1.0f;
+  }
+  ASSERT_TRUE(c.AddSequence(1, prompt).ok());
+  ASSERT_TRUE(c.Append(1, 0, prompt, k.data(), v.data()).ok());
+  // Decode-style attention steps with queries pointing at token 3 (head 0) and 6 (head 1),
+  // repeated so their mass dominates.
+  std::vector<float> q(q_heads * d, 0.0f), out(q_heads * d);
+  for (int j = 0; j < 2; ++j) {
+    q[(0 * 2 + j) * d + 3] = 20.0f;
+    q[(1 * 2 + j) * d + 6] = 20.0f;
+  }
+  for (int step = 0; step < 3; ++step) {
+    ASSERT_TRUE(c.DecodeAttention(1, 0, q_heads, q.data(), 1.0f, out.data()).ok());
+  }
+  // Token 7 gets the second-largest mass for head 0, token 1 for head 1 (weaker steering).
+  std::fill(q.begin(), q.end(), 0.0f);
+  for (int j = 0; j < 2; ++j) {
+    q[(0 * 2 + j) * d + 7] = 10.0f;
+    q[(1 * 2 + j) * d + 1] = 10.0f;
+  }
+  ASSERT_TRUE(c.DecodeAttention(1, 0, q_heads, q.data(), 1.0f, out.data()).ok());
+  // Append token 10: L' = 11, heavy = floor(2.2) = 2, recent = 2 (tokens 9, 10).
+  std::vector<float> k1(kv_heads * d, 0.0f);
+  ASSERT_TRUE(c.Reserve(1, 11).ok());
+  ASSERT_TRUE(c.Append(1, 0, 1, k1.data(), k1.data()).ok());
+  EXPECT_EQ(StoredPositions(c, 1, 0, 0), (std::vector<int64_t>{3, 7, 9, 10}));
+  EXPECT_EQ(StoredPositions(c, 1, 0, 1), (std::vector<int64_t>{1, 6, 9, 10}));
+  EXPECT_EQ(c.StoredTokens(1, 0), 4);
+  EXPECT_EQ(c.free_blocks(), 16 - 1);  // 4 slots: one block
+}
+
+TEST(EvictionTest, KiviWithEvictionIsUnimplemented) {
+  auto cfg = Config("kivi2", 1, 1, 64, 16, 4);
+  cfg.format.eviction = *ParseEviction("h2o");
+  EXPECT_EQ(CreateCpuKvCache(cfg).status().code(), absl::StatusCode::kUnimplemented);
+}
+
+}  // namespace
+}  // namespace kvgate::kernels

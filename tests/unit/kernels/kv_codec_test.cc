@@ -1,0 +1,297 @@
+// Codec-level checks against independent references: number format conversions, bit packing,
+// TurboQuant distortion vs the paper's figures, QJL unbiasedness, and the analytic error bounds of
+// FP8 / INT8 / KIVI.
+#include "kernels/cpu/kv_codec.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cpu/numeric.h"
+#include "kvgate/kernels/kv_format.h"
+#include "tests/unit/kernels/reference_attention.h"
+
+namespace kvgate::kernels::cpu {
+namespace {
+
+using kvgate::kernels::testing::RandomVector;
+
+std::vector<float> RandomUnitVectors(int n, int d, uint32_t seed) {
+  auto x = RandomVector(static_cast<size_t>(n) * d, seed);
+  for (int i = 0; i < n; ++i) {
+    double norm = 0;
+    for (int e = 0; e < d; ++e) norm += x[i * d + e] * x[i * d + e];
+    for (int e = 0; e < d; ++e) x[i * d + e] /= std::sqrt(norm);
+  }
+  return x;
+}
+
+// ---- Number formats -----------------------------------------------------------------------------
+
+TEST(NumericTest, HalfConversionMatchesCompilerFloat16) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const _Float16 ref = std::bit_cast<_Float16>(static_cast<uint16_t>(h));
+    const float x = HalfToFloat(static_cast<uint16_t>(h));
+    if (std::isnan(static_cast<float>(ref))) {
+      EXPECT_TRUE(std::isnan(x));
+      continue;
+    }
+    ASSERT_EQ(x, static_cast<float>(ref)) << h;
+    ASSERT_EQ(FloatToHalf(x), h) << h;
+  }
+  std::mt19937 rng(1);
+  std::uniform_int_distribution<uint32_t> bits;
+  for (int i = 0; i < 200000; ++i) {  // random floats, incl. ties, subnormals, overflow
+    const float x = BitsFloat(bits(rng));
+    if (std::isnan(x)) continue;
+    const _Float16 ref = static_cast<_Float16>(x);  // round to nearest even
+    ASSERT_EQ(FloatToHalf(x), std::bit_cast<uint16_t>(ref)) << x;
+  }
+}
+
+TEST(NumericTest, Bf16RoundsToNearestEven) {
+  EXPECT_EQ(FloatToBf16(1.0f), 0x3F80);
+  EXPECT_EQ(FloatToBf16(BitsFloat(0x3F808000u)), 0x3F80);  // tie -> even
+  EXPECT_EQ(FloatToBf16(BitsFloat(0x3F818000u)), 0x3F82);  // tie -> even (up)
+  EXPECT_EQ(FloatToBf16(BitsFloat(0x3F808001u)), 0x3F81);
+  EXPECT_TRUE(std::isnan(Bf16ToFloat(FloatToBf16(NAN))));
+}
+
+TEST(NumericTest, E4M3IsNearestOcpCode) {
+  EXPECT_EQ(E4M3ToFloat(0x7E), 448.0f);
+  EXPECT_EQ(E4M3ToFloat(0x08), 0x1.0p-6f);
+  EXPECT_EQ(E4M3ToFloat(0x01), 0x1.0p-9f);
+  EXPECT_EQ(E4M3ToFloat(0xFE), -448.0f);
+  EXPECT_TRUE(std::isnan(E4M3ToFloat(0x7F)));
+  EXPECT_EQ(FloatToE4M3(1e9f), 0x7E);  // saturates
+  EXPECT_EQ(FloatToE4M3(-1e9f), 0xFE);
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> exponent(-12.0f, 9.5f);
+  for (int i = 0; i < 20000; ++i) {
+    const float x = std::exp2(exponent(rng)) * (i % 2 ? -1.0f : 1.0f);
+    const float got = E4M3ToFloat(FloatToE4M3(x));
+    float best = INFINITY;
+    for (int c = 0; c < 256; ++c) {
+      const float y = E4M3ToFloat(static_cast<uint8_t>(c));
+      if (!std::isnan(y)) best = std::min(best, std::fabs(y - std::clamp(x, -448.0f, 448.0f)));
+    }
+    ASSERT_EQ(std::fabs(got - std::clamp(x, -448.0f, 448.0f)), best) << x;
+  }
+}
+
+TEST(BitPackingTest, RoundTripsEveryWidth) {
+  std::mt19937 rng(3);
+  for (int bits = 1; bits <= 4; ++bits) {
+    std::vector<uint8_t> codes(128), back(128), packed(128 * bits / 8);
+    for (auto& c : codes) c = rng() & ((1 << bits) - 1);
+    PackCodes(codes.data(), bits, 128, packed.data());
+    UnpackCodes(packed.data(), bits, 128, back.data());
+    EXPECT_EQ(codes, back) << bits;
+  }
+}
+
+TEST(HadamardTest, RotationIsOrthonormalAndInvertible) {
+  HadamardRotation rot(128);
+  auto x = RandomVector(128, 4);
+  auto y = x;
+  rot.Rotate(y.data());
+  EXPECT_NEAR(Dot(y.data(), y.data(), 128), Dot(x.data(), x.data(), 128), 1e-3);
+  rot.Unrotate(y.data());
+  for (int i = 0; i < 128; ++i) EXPECT_NEAR(y[i], x[i], 1e-5);
+}
+
+// ---- TurboQuant distortion ----------------------------------------------------------------------
+
+TEST(TurboQuantTest, MsePerBitWidthMatchesPaper) {
+  // Paper (and Lloyd-Max on N(0,1)): D_mse = 0.3634, 0.1175, 0.0345, 0.0095 for b = 1..4 on unit
+  // vectors. With norm correction (stored scale ||x|| / ||uhat||) the reconstruction has unit norm
+  // and, by the centroid condition <u, uhat> = ||uhat||^2 = 1 - D, its MSE is 2 - 2 sqrt(1 - D).
+  const double paper[5] = {0, 0.3634, 0.1175, 0.0345, 0.0095};
+  const int d = 128, n = 4000;
+  const auto x = RandomUnitVectors(n, d, 5);
+  HadamardRotation rot(d);
+  for (int b = 1; b <= 4; ++b) {
+    auto cb = TurboCodebook::Create(d, b);
+    ASSERT_TRUE(cb.ok());
+    std::vector<uint8_t> codes(cb->code_bytes());
+    std::vector<float> u(d), uhat(d);
+    double mse = 0;
+    for (int i = 0; i < n; ++i) {
+      std::copy(&x[i * d], &x[i * d] + d, u.begin());
+      rot.Rotate(u.data());
+      cb->Quantize(u.data(), codes.data(), uhat.data());
+      for (int e = 0; e < d; ++e) mse += (u[e] - uhat[e]) * (u[e] - uhat[e]);
+    }
+    mse /= n;
+    // Through the format (RoundTripKv: rotation, codes, fp16 corrected norm, un-rotation).
+    KvFormatSpec spec = *ParseKvFormat(absl::StrCat("tq:k=", b, ",v=", b));
+    std::vector<float> out(x.size());
+    ASSERT_TRUE(RoundTripKv(spec, d, KvTensorRole::kKeys, n, x.data(), out.data()).ok());
+    double mse_corrected = 0;
+    for (size_t e = 0; e < x.size(); ++e) mse_corrected += (x[e] - out[e]) * (x[e] - out[e]);
+    mse_corrected /= n;
+    const double expected_corrected = 2 - 2 * std::sqrt(1 - paper[b]);
+    std::printf("[ turboquant b=%d ] MSE %.5f (paper %.4f), norm-corrected %.5f (expected %.5f)\n",
+                b, mse, paper[b], mse_corrected, expected_corrected);
+    EXPECT_NEAR(mse, paper[b], 0.05 * paper[b]) << b;
+    EXPECT_NEAR(mse_corrected, expected_corrected, 0.05 * expected_corrected) << b;
+    // Shannon lower bound and the paper's upper bound.
+    EXPECT_GT(mse, std::pow(4.0, -b));
+    EXPECT_LT(mse, 2.72 * std::pow(4.0, -b));
+  }
+}
+
+TEST(TurboQuantTest, FractionalRatesSitBetweenIntegerRates) {
+  const int d = 128, n = 2000;
+  const auto x = RandomUnitVectors(n, d, 6);
+  auto mse_of = [&](const char* format) {
+    std::vector<float> out(x.size());
+    EXPECT_TRUE(
+        RoundTripKv(*ParseKvFormat(format), d, KvTensorRole::kValues, n, x.data(), out.data())
+            .ok());
+    double mse = 0;
+    for (size_t e = 0; e < x.size(); ++e) mse += (x[e] - out[e]) * (x[e] - out[e]);
+    return mse / n;
+  };
+  const double m4 = mse_of("tq4"), m35 = mse_of("tq3.5"), m3 = mse_of("tq3"), m25 = mse_of("tq2.5"),
+               m2 = mse_of("tq:k=2,v=2");
+  std::printf("[ turboquant ] corrected MSE tq4 %.5f tq3.5 %.5f tq3 %.5f tq2.5 %.5f tq2 %.5f\n", m4,
+              m35, m3, m25, m2);
+  EXPECT_LT(m4, m35);
+  EXPECT_LT(m35, m3);
+  EXPECT_LT(m3, m25);
+  EXPECT_LT(m25, m2);
+  // A channel split mixes the two codebooks' per-coordinate distortion in proportion.
+  EXPECT_NEAR(m35, 0.5 * (m4 + m3), 0.1 * m35);
+  EXPECT_NEAR(m25, 0.25 * m3 + 0.75 * m2, 0.1 * m25);
+}
+
+TEST(TurboQuantTest, QjlInnerProductIsUnbiased) {
+  // TurboQuant_prod at 3 bits (2-bit MSE + 1-bit QJL): E[<y, x~>] = <y, x>. The plain 3-bit MSE
+  // quantizer without norm correction shrinks inner products by (1 - D) on average; QJL's
+  // estimate must show no such bias.
+  const int d = 128, n = 3000;
+  const auto x = RandomUnitVectors(n, d, 7);
+  const auto y = RandomUnitVectors(n, d, 8);
+  // Make y correlated with x so <y, x> is large (bias is proportional to it).
+  std::vector<float> yc(y.size());
+  for (size_t e = 0; e < y.size(); ++e) yc[e] = 0.8f * x[e] + 0.6f * y[e];
+  auto codec = CreateKvCodec(*ParseKvFormat("tq:k=3,v=3,qjl"), d);
+  ASSERT_TRUE(codec.ok());
+  std::vector<uint8_t> rec((*codec)->record_bytes());
+  uint8_t* recs[1] = {rec.data()};
+  std::vector<float> prepared((*codec)->prepared_query_floats()), scratch(d);
+  HeadCodecState state;
+  double sum_err = 0, sum_sq = 0;
+  for (int i = 0; i < n; ++i) {
+    (*codec)->Encode(1, &x[i * d], &x[i * d], d, state, recs);
+    (*codec)->PrepareQuery(&yc[i * d], prepared.data());
+    float score;
+    (*codec)->KeyScores(1, recs, state, 1, prepared.data(), &score, scratch.data());
+    const double truth = Dot(&yc[i * d], &x[i * d], d);
+    sum_err += score - truth;
+    sum_sq += (score - truth) * (score - truth);
+  }
+  const double mean = sum_err / n, sd = std::sqrt(sum_sq / n - mean * mean);
+  std::printf("[ qjl ] mean error %.5f, sd %.5f, n %d (true <y,x> ~ 0.8)\n", mean, sd, n);
+  EXPECT_LT(std::fabs(mean), 4 * sd / std::sqrt(n) + 2e-3);  // fp16 norms add ~1e-3 relative
+  EXPECT_GT(sd, 0.0);
+}
+
+// ---- Uniform quantizers: analytic bounds -------------------------------------------------------
+
+TEST(UniformQuantizerTest, Int8ErrorWithinHalfStep) {
+  const int d = 128, n = 500;
+  const auto x = RandomVector(n * d, 9, 2.0f);
+  std::vector<float> out(x.size());
+  ASSERT_TRUE(
+      RoundTripKv(*ParseKvFormat("int8"), d, KvTensorRole::kKeys, n, x.data(), out.data()).ok());
+  for (int i = 0; i < n; ++i) {
+    float amax = 0;
+    for (int e = 0; e < d; ++e) amax = std::max(amax, std::fabs(x[i * d + e]));
+    const float step = RoundToHalf(amax / 127.0f);
+    for (int e = 0; e < d; ++e) {
+      ASSERT_LE(std::fabs(x[i * d + e] - out[i * d + e]), step / 2 * (1 + 1e-5f)) << i;
+    }
+  }
+}
+
+TEST(UniformQuantizerTest, Fp8ErrorWithinHalfUlp) {
+  const int d = 128, n = 200;
+  const auto x = RandomVector(n * d, 10, 3.0f);
+  std::vector<float> out(x.size());
+  ASSERT_TRUE(
+      RoundTripKv(*ParseKvFormat("fp8"), d, KvTensorRole::kKeys, n, x.data(), out.data()).ok());
+  float amax = 0;
+  for (float v : x) amax = std::max(amax, std::fabs(v));
+  const float scale = amax / 200.0f;  // documented key rule
+  double sq = 0;
+  for (size_t e = 0; e < x.size(); ++e) {
+    // 3 mantissa bits: half an ulp is 2^-4 relative in the normal range, 2^-10 * scale below.
+    const float bound = std::max(std::fabs(x[e]) * 0x1.0p-4f, scale * 0x1.0p-10f) * 1.0001f;
+    ASSERT_LE(std::fabs(x[e] - out[e]), bound) << x[e];
+    sq += (x[e] - out[e]) * (x[e] - out[e]);
+  }
+  std::printf("[ fp8 ] rms error %.5f for N(0, 3^2) inputs\n", std::sqrt(sq / x.size()));
+}
+
+TEST(UniformQuantizerTest, KiviErrorWithinHalfStep) {
+  const int d = 128, n = 96, group = 32;
+  const auto x = RandomVector(n * d, 11);
+  for (int bits : {2, 4}) {
+    const std::string format = "kivi" + std::to_string(bits);
+    const float levels = (1 << bits) - 1;
+    std::vector<float> keys(x.size()), values(x.size());
+    ASSERT_TRUE(
+        RoundTripKv(*ParseKvFormat(format), d, KvTensorRole::kKeys, n, x.data(), keys.data()).ok());
+    ASSERT_TRUE(
+        RoundTripKv(*ParseKvFormat(format), d, KvTensorRole::kValues, n, x.data(), values.data())
+            .ok());
+    // Step of a group with range [lo, hi]: fp16 rounding of min (down) and scale (up) widens the
+    // ideal (hi - lo) / levels by at most 2^-10 relative plus |lo| 2^-11.
+    auto step = [&](float lo, float hi) {
+      return ((hi - lo) + std::fabs(lo) * 0x1.0p-10f) / levels * (1 + 0x1.0p-9f);
+    };
+    for (int g = 0; g < n / group; ++g) {  // keys: per channel over 32 tokens
+      for (int c = 0; c < d; ++c) {
+        float lo = INFINITY, hi = -INFINITY;
+        for (int t = g * group; t < (g + 1) * group; ++t) {
+          lo = std::min(lo, x[t * d + c]);
+          hi = std::max(hi, x[t * d + c]);
+        }
+        for (int t = g * group; t < (g + 1) * group; ++t) {
+          ASSERT_LE(std::fabs(x[t * d + c] - keys[t * d + c]), step(lo, hi) / 2) << format;
+        }
+      }
+    }
+    for (int t = 0; t < n; ++t) {  // values: per token over 32 channels
+      for (int g = 0; g < d / group; ++g) {
+        float lo = INFINITY, hi = -INFINITY;
+        for (int c = g * group; c < (g + 1) * group; ++c) {
+          lo = std::min(lo, x[t * d + c]);
+          hi = std::max(hi, x[t * d + c]);
+        }
+        for (int c = g * group; c < (g + 1) * group; ++c) {
+          ASSERT_LE(std::fabs(x[t * d + c] - values[t * d + c]), step(lo, hi) / 2) << format;
+        }
+      }
+    }
+  }
+}
+
+TEST(DispatchTest, UnsupportedCombinationsAreUnimplemented) {
+  EXPECT_EQ(CreateKvCodec(*ParseKvFormat("tq4"), 96).status().code(),
+            absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(CreateKvCodec(*ParseKvFormat("fp16"), 0).status().code(),
+            absl::StatusCode::kUnimplemented);
+  KvFormatSpec kivi3 = *ParseKvFormat("kivi2");
+  kivi3.key_bits = kivi3.value_bits = 3;
+  EXPECT_EQ(CreateKvCodec(kivi3, 128).status().code(), absl::StatusCode::kUnimplemented);
+}
+
+}  // namespace
+}  // namespace kvgate::kernels::cpu
