@@ -15,6 +15,7 @@
 #include "kvgate/common/grpc_status.h"
 #include "kvgate/common/log.h"
 #include "kvgate/v1/worker.grpc.pb.h"
+#include "proto/request_codec.h"
 
 namespace kvgate::gateway {
 namespace {
@@ -151,7 +152,7 @@ class WorkerCall : public grpc::ClientReadReactor<pb::GenerateChunk> {
   pb::GenerateChunk chunk_;
 };
 
-class ForwardReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
+class ForwardReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   ForwardReactor(const GatewayServiceOptions& opts, grpc::CallbackServerContext* ctx,
                  const pb::GenerateRequest& req, Scored scored)
@@ -230,7 +231,8 @@ class ForwardReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
       absl::MutexLock lock(&mu_);
       write_in_flight_ = true;
     }
-    StartWrite(&out_);
+    EncodeMessage(out_, &out_wire_);
+    StartWrite(&out_wire_);
   }
 
   // The worker call's OnDone can arrive while the last chunk's write to the client is still in
@@ -417,6 +419,7 @@ class ForwardReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
   pb::WorkerGenerateRequest worker_request_;
   StreamDecoder decoder_;
   pb::GenerateChunk out_;
+  grpc::ByteBuffer out_wire_;  // out_ serialized, owned while its write is in flight
   RequestRecord record_;
   std::vector<SkippedPool> fallbacks_;
   std::vector<std::pair<std::string, std::string>> pending_fallback_from_;
@@ -454,17 +457,20 @@ class ImmediateFinish : public grpc::ServerWriteReactor<Response> {
 
 GatewayService::GatewayService(GatewayServiceOptions options) : options_(std::move(options)) {}
 
-grpc::ServerWriteReactor<pb::GenerateChunk>* GatewayService::Generate(
-    grpc::CallbackServerContext* ctx, const pb::GenerateRequest* request) {
-  auto scored = ScoreAndRoute(options_, *request);
+grpc::ServerWriteReactor<grpc::ByteBuffer>* GatewayService::Generate(
+    grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* wire) {
+  auto request = DecodeGenerateRequest(*wire);
+  absl::StatusOr<Scored> scored =
+      request.ok() ? ScoreAndRoute(options_, *request) : absl::StatusOr<Scored>(request.status());
   if (!scored.ok()) {
     if (options_.metrics != nullptr) {
       options_.metrics->RequestDone(
           {.pool = "none",
-           .task_type = request->task_type().empty() ? "unknown" : request->task_type(),
+           .task_type = request.ok() && !request->task_type().empty() ? request->task_type()
+                                                                       : "unknown",
            .outcome = LowerCodeName(static_cast<grpc::StatusCode>(scored.status().code()))});
     }
-    return new ImmediateFinish<pb::GenerateChunk>(ToGrpcStatus(scored.status()));
+    return new ImmediateFinish<grpc::ByteBuffer>(ToGrpcStatus(scored.status()));
   }
   auto* reactor = new ForwardReactor(options_, ctx, *request, *std::move(scored));
   reactor->Start();
@@ -472,9 +478,16 @@ grpc::ServerWriteReactor<pb::GenerateChunk>* GatewayService::Generate(
 }
 
 grpc::ServerUnaryReactor* GatewayService::Route(grpc::CallbackServerContext* ctx,
-                                                const pb::GenerateRequest* request,
-                                                pb::RouteResponse* response) {
+                                                const grpc::ByteBuffer* wire,
+                                                grpc::ByteBuffer* wire_response) {
   auto* reactor = ctx->DefaultReactor();
+  auto request = DecodeGenerateRequest(*wire);
+  if (!request.ok()) {
+    reactor->Finish(ToGrpcStatus(request.status()));
+    return reactor;
+  }
+  pb::RouteResponse response_message;
+  pb::RouteResponse* response = &response_message;
   auto scored = ScoreAndRoute(options_, *request);
   if (!scored.ok()) {
     reactor->Finish(ToGrpcStatus(scored.status()));
@@ -498,14 +511,23 @@ grpc::ServerUnaryReactor* GatewayService::Route(grpc::CallbackServerContext* ctx
   }
   FillRequestScore(scored->decision, scored->overhead_us, response->mutable_score());
   FillRouteInfo(scored->decision, served, response->mutable_route());
+  EncodeMessage(response_message, wire_response);
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }
 
 grpc::ServerUnaryReactor* GatewayService::CountTokens(grpc::CallbackServerContext* ctx,
-                                                      const pb::CountTokensRequest* request,
-                                                      pb::CountTokensResponse* response) {
+                                                      const grpc::ByteBuffer* wire,
+                                                      grpc::ByteBuffer* wire_response) {
   auto* reactor = ctx->DefaultReactor();
+  auto decoded = DecodeCountTokensRequest(*wire);
+  if (!decoded.ok()) {
+    reactor->Finish(ToGrpcStatus(decoded.status()));
+    return reactor;
+  }
+  const pb::CountTokensRequest* request = &*decoded;
+  pb::CountTokensResponse response_message;
+  pb::CountTokensResponse* response = &response_message;
   if (static_cast<int64_t>(request->prompt().size()) > options_.max_prompt_bytes) {
     reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "prompt too large"));
     return reactor;
@@ -519,6 +541,7 @@ grpc::ServerUnaryReactor* GatewayService::CountTokens(grpc::CallbackServerContex
   response->set_count(static_cast<int32_t>(ids->size()));
   if (request->return_ids()) *response->mutable_token_ids() = {ids->begin(), ids->end()};
   response->set_model(options_.model_name);
+  EncodeMessage(response_message, wire_response);
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

@@ -38,18 +38,23 @@ struct GatewayServiceOptions {
   int64_t max_prompt_bytes = 8 << 20;
 };
 
-class GatewayService : public kvgate::v1::Gateway::CallbackService {
+// Served on raw ByteBuffers: requests are decoded leniently (proto/request_codec.h) so that a
+// malformed message or invalid UTF-8 in any text field is INVALID_ARGUMENT naming the field.
+class GatewayService
+    : public kvgate::v1::Gateway::WithRawCallbackMethod_Generate<
+          kvgate::v1::Gateway::WithRawCallbackMethod_Route<
+              kvgate::v1::Gateway::WithRawCallbackMethod_CountTokens<kvgate::v1::Gateway::Service>>> {
  public:
   explicit GatewayService(GatewayServiceOptions options);
 
-  grpc::ServerWriteReactor<kvgate::v1::GenerateChunk>* Generate(
-      grpc::CallbackServerContext* ctx, const kvgate::v1::GenerateRequest* request) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* ctx,
+                                                       const grpc::ByteBuffer* request) override;
   grpc::ServerUnaryReactor* Route(grpc::CallbackServerContext* ctx,
-                                  const kvgate::v1::GenerateRequest* request,
-                                  kvgate::v1::RouteResponse* response) override;
+                                  const grpc::ByteBuffer* request,
+                                  grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* CountTokens(grpc::CallbackServerContext* ctx,
-                                        const kvgate::v1::CountTokensRequest* request,
-                                        kvgate::v1::CountTokensResponse* response) override;
+                                        const grpc::ByteBuffer* request,
+                                        grpc::ByteBuffer* response) override;
 
   const GatewayServiceOptions& options() const { return options_; }
 

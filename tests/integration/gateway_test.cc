@@ -357,10 +357,22 @@ TEST_F(GatewayTest, BadInputGetsTheRightCode) {
     (*r.mutable_metadata())["k"] = std::string(1000, 'v');
     cases.push_back({"metadata value too long", r, grpc::StatusCode::INVALID_ARGUMENT});
   }
+  {
+    pb::GenerateRequest r = Chat();
+    r.set_prompt("caf\xc3 au lait \xff");
+    cases.push_back({"invalid UTF-8 prompt", r, grpc::StatusCode::INVALID_ARGUMENT});
+  }
+  {
+    pb::GenerateRequest r = Chat();
+    r.set_tenant("\xed\xa0\x80");  // an encoded surrogate
+    cases.push_back({"invalid UTF-8 tenant", r, grpc::StatusCode::INVALID_ARGUMENT});
+  }
   for (const auto& c : cases) {
     Stream s = Generate(c.req);
     EXPECT_EQ(s.status.error_code(), c.code) << c.name << ": " << s.status.error_message();
   }
+  Stream bad_utf8 = Generate(cases[cases.size() - 2].req);
+  EXPECT_THAT(bad_utf8.status.error_message(), HasSubstr("prompt is not valid UTF-8"));
   // Nothing crashed and the gateway still serves.
   EXPECT_TRUE(Generate(Chat()).status.ok());
 }

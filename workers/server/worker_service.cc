@@ -8,6 +8,7 @@
 #include "absl/synchronization/mutex.h"
 #include "kvgate/common/grpc_status.h"
 #include "kvgate/common/log.h"
+#include "proto/request_codec.h"
 
 namespace kvgate::worker {
 namespace {
@@ -75,15 +76,17 @@ struct WorkerService::Impl {
 
 namespace {
 
-// Streams one request's engine outputs to the client. Writes one chunk at a time (backpressure:
+// Streams one request's engine outputs to the client (as GenerateChunk messages, or serialized
+// into ByteBuffers for the raw public API). Writes one chunk at a time (backpressure:
 // tokens that arrive while a write is in flight are merged into the next chunk), and finishes only
 // after the engine's final output, so the engine never calls into a deleted reactor.
-class GenerateReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
+template <typename OUT>
+class GenerateReactor : public grpc::ServerWriteReactor<OUT> {
  public:
   GenerateReactor(Engine* engine, const Tokenizer* tokenizer, bool return_text,
                   std::optional<pb::RouteInfo> route)
       : engine_(engine), route_(std::move(route)) {
-    if (return_text && tokenizer != nullptr) decoder_.emplace(*tokenizer);
+    if (return_text && tokenizer != nullptr) decoder_.emplace(*tokenizer, DecodeOptions{.skip_special_tokens = true});
   }
 
   // Submits to the engine; on a validation error finishes at once.
@@ -91,7 +94,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
     params_prompt_tokens_ = static_cast<int>(params.prompt.size());
     auto id = engine_->Submit(std::move(params), [this](const StepOutput& out) { OnOutput(out); });
     if (!id.ok()) {
-      Finish(ToGrpcStatus(id.status()));
+      this->Finish(ToGrpcStatus(id.status()));
       return;
     }
     absl::MutexLock lock(&mu_);
@@ -177,9 +180,12 @@ class GenerateReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
       }
     }
     if (to_finish) {
-      Finish(*to_finish);
+      this->Finish(*to_finish);
+    } else if constexpr (std::is_same_v<OUT, grpc::ByteBuffer>) {
+      EncodeMessage(*current_, &current_wire_);
+      this->StartWrite(&current_wire_);
     } else {
-      StartWrite(current_.get());
+      this->StartWrite(current_.get());
     }
   }
 
@@ -196,6 +202,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<pb::GenerateChunk> {
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   std::unique_ptr<pb::GenerateChunk> pending_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<pb::GenerateChunk> current_;  // owned while its write is in flight
+  grpc::ByteBuffer current_wire_;               // its serialized form (raw API)
   std::optional<grpc::Status> final_status_ ABSL_GUARDED_BY(mu_);
 };
 
@@ -255,8 +262,8 @@ class WorkerService::Impl::WorkerApi : public pb::Worker::CallbackService {
     }
     params->prompt.assign(request->prompt_token_ids().begin(), request->prompt_token_ids().end());
     params->deadline = DeadlineOf(ctx);
-    auto* reactor = new GenerateReactor(*engine, impl_->tokenizer.load(), request->return_text(),
-                                        std::nullopt);
+    auto* reactor = new GenerateReactor<pb::GenerateChunk>(
+        *engine, impl_->tokenizer.load(), request->return_text(), std::nullopt);
     reactor->Start(*std::move(params));
     return reactor;
   }
@@ -281,17 +288,27 @@ class WorkerService::Impl::WorkerApi : public pb::Worker::CallbackService {
   Impl* impl_;
 };
 
-class WorkerService::Impl::GatewayApi : public pb::Gateway::CallbackService {
+// The public text API, on raw ByteBuffers so that untrusted requests are decoded leniently
+// (proto/request_codec.h): invalid UTF-8 is INVALID_ARGUMENT naming the field.
+class WorkerService::Impl::GatewayApi
+    : public pb::Gateway::WithRawCallbackMethod_Generate<pb::Gateway::WithRawCallbackMethod_Route<
+          pb::Gateway::WithRawCallbackMethod_CountTokens<pb::Gateway::Service>>> {
  public:
   explicit GatewayApi(Impl* impl) : impl_(impl) {}
 
-  grpc::ServerWriteReactor<pb::GenerateChunk>* Generate(
-      grpc::CallbackServerContext* ctx, const pb::GenerateRequest* request) override {
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* ctx,
+                                                       const grpc::ByteBuffer* wire) override {
     auto engine = impl_->LiveEngine();
     if (!engine.ok()) {
       impl_->Rejected(engine.status());
-      return new ImmediateFinish<pb::GenerateChunk>(ToGrpcStatus(engine.status()));
+      return new ImmediateFinish<grpc::ByteBuffer>(ToGrpcStatus(engine.status()));
     }
+    auto decoded = DecodeGenerateRequest(*wire);
+    if (!decoded.ok()) {
+      impl_->Rejected(decoded.status());
+      return new ImmediateFinish<grpc::ByteBuffer>(ToGrpcStatus(decoded.status()));
+    }
+    const pb::GenerateRequest* request = &*decoded;
     auto params = ParamsFromProto(request->request_id(), request->sampling());
     absl::Status status = params.status();
     if (status.ok()) {
@@ -304,19 +321,26 @@ class WorkerService::Impl::GatewayApi : public pb::Gateway::CallbackService {
     }
     if (!status.ok()) {
       impl_->Rejected(status);
-      return new ImmediateFinish<pb::GenerateChunk>(ToGrpcStatus(status));
+      return new ImmediateFinish<grpc::ByteBuffer>(ToGrpcStatus(status));
     }
     params->deadline = DeadlineOf(ctx);
-    auto* reactor = new GenerateReactor(*engine, impl_->tokenizer.load(), /*return_text=*/true,
-                                        DirectRoute());
+    auto* reactor = new GenerateReactor<grpc::ByteBuffer>(*engine, impl_->tokenizer.load(),
+                                                          /*return_text=*/true, DirectRoute());
     reactor->Start(*std::move(params));
     return reactor;
   }
 
-  grpc::ServerUnaryReactor* Route(grpc::CallbackServerContext* ctx,
-                                  const pb::GenerateRequest* request,
-                                  pb::RouteResponse* response) override {
+  grpc::ServerUnaryReactor* Route(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* wire,
+                                  grpc::ByteBuffer* wire_response) override {
     auto* reactor = ctx->DefaultReactor();
+    auto decoded = DecodeGenerateRequest(*wire);
+    if (!decoded.ok()) {
+      reactor->Finish(ToGrpcStatus(decoded.status()));
+      return reactor;
+    }
+    const pb::GenerateRequest* request = &*decoded;
+    pb::RouteResponse response_message;
+    pb::RouteResponse* response = &response_message;
     auto engine = impl_->LiveEngine();
     if (!engine.ok()) {
       reactor->Finish(ToGrpcStatus(engine.status()));
@@ -333,14 +357,23 @@ class WorkerService::Impl::GatewayApi : public pb::Gateway::CallbackService {
     score->set_max_tokens(max_tokens);
     score->set_total_tokens(static_cast<int32_t>(ids->size()) + max_tokens);
     *response->mutable_route() = DirectRoute();
+    EncodeMessage(response_message, wire_response);
     reactor->Finish(grpc::Status::OK);
     return reactor;
   }
 
   grpc::ServerUnaryReactor* CountTokens(grpc::CallbackServerContext* ctx,
-                                        const pb::CountTokensRequest* request,
-                                        pb::CountTokensResponse* response) override {
+                                        const grpc::ByteBuffer* wire,
+                                        grpc::ByteBuffer* wire_response) override {
     auto* reactor = ctx->DefaultReactor();
+    auto decoded = DecodeCountTokensRequest(*wire);
+    if (!decoded.ok()) {
+      reactor->Finish(ToGrpcStatus(decoded.status()));
+      return reactor;
+    }
+    const pb::CountTokensRequest* request = &*decoded;
+    pb::CountTokensResponse response_message;
+    pb::CountTokensResponse* response = &response_message;
     if (impl_->tokenizer.load() == nullptr) {
       reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "worker is loading its model"));
       return reactor;
@@ -353,6 +386,7 @@ class WorkerService::Impl::GatewayApi : public pb::Gateway::CallbackService {
     response->set_count(static_cast<int32_t>(ids->size()));
     if (request->return_ids()) *response->mutable_token_ids() = {ids->begin(), ids->end()};
     response->set_model(impl_->options.model_name);
+    EncodeMessage(response_message, wire_response);
     reactor->Finish(grpc::Status::OK);
     return reactor;
   }
