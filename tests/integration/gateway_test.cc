@@ -29,7 +29,7 @@ constexpr char kPolicyTemplate[] = R"(version: 1
 pools:
   - name: compressed
     endpoints: ["127.0.0.1:COMPRESSED_PORT"]
-    kv_format: fp16
+    kv_format: COMPRESSED_FORMAT
     precision: compressed
     max_context: 2048
   - name: full
@@ -75,8 +75,8 @@ class GatewayTest : public ::testing::Test {
     model_ = testing::TinyModelDir();
     if (model_.empty()) GTEST_SKIP() << "tiny model not generated (needs python3-numpy)";
     // The compressed worker's cache holds 8 blocks x 16 tokens = 128 tokens: easy to fill.
-    compressed_ = StartWorker("8");
-    full_ = StartWorker("256");
+    compressed_ = StartWorker("8", "tq4");
+    full_ = StartWorker("256", "fp16");
     ASSERT_TRUE(compressed_ && full_);
     policy_path_ = ::testing::TempDir() + "/gateway_test_policy_" + std::to_string(getpid()) +
                    "_" + ::testing::UnitTest::GetInstance()->current_test_info()->name() + ".yaml";
@@ -99,17 +99,18 @@ class GatewayTest : public ::testing::Test {
     }
   }
 
-  std::unique_ptr<Subprocess> StartWorker(const std::string& blocks) {
+  std::unique_ptr<Subprocess> StartWorker(const std::string& blocks, const std::string& kv) {
     auto w = Subprocess::Start({testing::BinaryDir() + "/bin/kvgate-worker", "--model",
                                 model_, "--port", "0", "--host", "127.0.0.1", "--kv_blocks",
-                                blocks, "--threads", "1"});
+                                blocks, "--kv", kv, "--threads", "1"});
     if (w == nullptr || w->WaitForListening(std::chrono::seconds(60)) <= 0) return nullptr;
     return w;
   }
   int PortOf(Subprocess& p) { return p.PrintedPort("LISTENING"); }
 
-  void WritePolicy(const std::string& default_pools) {
+  void WritePolicy(const std::string& default_pools, const std::string& compressed_format = "tq4") {
     std::string text = kPolicyTemplate;
+    text = std::regex_replace(text, std::regex("COMPRESSED_FORMAT"), compressed_format);
     text = std::regex_replace(text, std::regex("COMPRESSED_PORT"),
                               std::to_string(PortOf(*compressed_)));
     text = std::regex_replace(text, std::regex("FULL_PORT"), std::to_string(PortOf(*full_)));
@@ -167,7 +168,7 @@ TEST_F(GatewayTest, ShortChatIsServedByTheCompressedPool) {
   EXPECT_EQ(s.ids.size(), 8u);
   const auto& r = s.last.route();
   EXPECT_EQ(r.pool(), "compressed");
-  EXPECT_EQ(r.kv_format(), "fp16");
+  EXPECT_EQ(r.kv_format(), "tq4");
   EXPECT_EQ(r.worker(), "127.0.0.1:" + std::to_string(PortOf(*compressed_)));
   EXPECT_EQ(r.matched_route(), "default");
   EXPECT_EQ(r.task_type(), "chat");
@@ -315,6 +316,26 @@ TEST_F(GatewayTest, HotReloadAppliesGoodPoliciesAndKeepsTheLastGoodOne) {
   EXPECT_THAT(metrics, HasSubstr("kvgate_gateway_policy_reloads_total{result=\"ok\"} 1"));
   EXPECT_THAT(metrics, HasSubstr("kvgate_gateway_policy_info{hash=\"" + hash_after_good + "\"} 1"));
   EXPECT_TRUE(gateway_->Running());
+}
+
+TEST_F(GatewayTest, PoolWhoseWorkerReportsAnotherFormatIsNotUsed) {
+  // The policy now says the compressed pool serves int8, but its worker reports tq4.
+  WritePolicy("compressed, full", "int8");
+  pb::GenerateChunk last;
+  for (int i = 0; i < 50; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    Stream s = Generate(Chat());
+    ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+    last = s.last;
+    if (last.route().pool() == "full") break;
+  }
+  EXPECT_EQ(last.route().pool(), "full");
+  ASSERT_GE(last.route().fallbacks_size(), 1);
+  EXPECT_EQ(last.route().fallbacks(0).from_pool(), "compressed");
+  EXPECT_EQ(last.route().fallbacks(0).reason(), "format_mismatch");
+  EXPECT_THAT(Metrics(), HasSubstr("kvgate_gateway_endpoint_kv_format_mismatch{endpoint=\"127.0.0.1:" +
+                                   std::to_string(PortOf(*compressed_)) +
+                                   "\",pool=\"compressed\"} 1"));
 }
 
 TEST_F(GatewayTest, BadInputGetsTheRightCode) {
