@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
@@ -159,8 +160,14 @@ int Main(int argc, char** argv) {
   KVGATE_LOG(INFO) << "signal " << sig << ": draining";
   draining = true;
   server->GetHealthCheckService()->SetServingStatus(false);
-  server->Shutdown(std::chrono::system_clock::now() +
-                   std::chrono::seconds(absl::GetFlag(FLAGS_drain_timeout_s)));
+  // Let streams in flight finish (new calls keep being served meanwhile, as a load balancer takes
+  // a moment to see readiness drop), then stop; whatever is left is cancelled.
+  const auto drain_deadline = std::chrono::steady_clock::now() +
+                              std::chrono::seconds(absl::GetFlag(FLAGS_drain_timeout_s));
+  while (service.active_streams() > 0 && std::chrono::steady_clock::now() < drain_deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
   store.StopWatching();
   KVGATE_LOG(INFO) << "stopped";
   return 0;

@@ -28,6 +28,7 @@
 #include "kvgate/common/tokenizer.h"
 #include "kvgate/kernels/kv_format.h"
 #include "workers/backend/model_runner.h"
+#include "workers/backend/null_model_runner.h"
 #include "workers/engine/engine.h"
 #include "workers/server/worker_metrics.h"
 #include "workers/server/worker_service.h"
@@ -51,6 +52,9 @@ ABSL_FLAG(int, max_batch_tokens, 512, "Tokens per forward step (decode + prefill
 ABSL_FLAG(int64_t, max_context, 0, "Maximum tokens per sequence (0: the model's)");
 ABSL_FLAG(int, threads, 0, "CPU threads for the model (0: all cores)");
 ABSL_FLAG(int, drain_timeout_s, 30, "Seconds to let in-flight requests finish on SIGTERM");
+ABSL_FLAG(std::string, backend, "cpu", "Model backend: cpu, or null (benchmark/test tool: no model "
+                                       "math, placeholder tokens; --max_context may exceed the "
+                                       "model's)");
 
 namespace kvgate::worker {
 namespace {
@@ -74,6 +78,11 @@ int Main(int argc, char** argv) {
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   if (model_dir.empty()) {
     std::fprintf(stderr, "kvgate-worker: --model is required\n");
+    return 2;
+  }
+  const std::string backend = absl::GetFlag(FLAGS_backend);
+  if (backend != "cpu" && backend != "null") {
+    std::fprintf(stderr, "kvgate-worker: --backend must be cpu or null, got %s\n", backend.c_str());
     return 2;
   }
   auto kv_spec = kernels::ParseKvFormat(absl::GetFlag(FLAGS_kv));
@@ -156,7 +165,10 @@ int Main(int argc, char** argv) {
   ropts.kv_num_blocks = absl::GetFlag(FLAGS_kv_blocks);
   ropts.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_mb) << 20;
   ropts.num_threads = absl::GetFlag(FLAGS_threads);
-  auto runner = CreateCpuModelRunner(ropts);
+  const NullRunnerOptions null_options{.runner = ropts,
+                                       .max_position_embeddings = absl::GetFlag(FLAGS_max_context)};
+  auto runner =
+      backend == "null" ? CreateNullModelRunner(null_options) : CreateCpuModelRunner(ropts);
   if (!runner.ok()) {
     KVGATE_LOG(ERROR) << "cannot load model from " << model_dir << ": " << runner.status();
     server->Shutdown();
@@ -200,7 +212,8 @@ int Main(int argc, char** argv) {
   while (!(*engine)->Idle() && std::chrono::steady_clock::now() < drain_deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  // In-flight requests are done (or the drain timed out): cancel whatever is left at once.
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
   engine->reset();  // fails anything left with UNAVAILABLE
   KVGATE_LOG(INFO) << "stopped";
   return 0;

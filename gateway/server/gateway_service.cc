@@ -154,9 +154,10 @@ class WorkerCall : public grpc::ClientReadReactor<pb::GenerateChunk> {
 
 class ForwardReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
-  ForwardReactor(const GatewayServiceOptions& opts, grpc::CallbackServerContext* ctx,
-                 const pb::GenerateRequest& req, Scored scored)
+  ForwardReactor(const GatewayServiceOptions& opts, std::atomic<int64_t>* active,
+                 grpc::CallbackServerContext* ctx, const pb::GenerateRequest& req, Scored scored)
       : opts_(opts),
+        active_streams_(active),
         deadline_(ctx->deadline()),
         scored_(std::move(scored)),
         decoder_(*opts.tokenizer, DecodeOptions{.skip_special_tokens = true}),
@@ -169,7 +170,9 @@ class ForwardReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
     worker_request_.set_return_text(false);
     record_.task_type = scored_.decision.task.task_type;
     record_.prompt_tokens = scored_.decision.prompt_tokens;
+    active_streams_->fetch_add(1);
   }
+  ~ForwardReactor() override { active_streams_->fetch_sub(1); }
 
   void Start() { TryNextPool(); }
 
@@ -414,6 +417,7 @@ class ForwardReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   }
 
   const GatewayServiceOptions& opts_;
+  std::atomic<int64_t>* const active_streams_;
   const std::chrono::system_clock::time_point deadline_;
   Scored scored_;
   pb::WorkerGenerateRequest worker_request_;
@@ -472,7 +476,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GatewayService::Generate(
     }
     return new ImmediateFinish<grpc::ByteBuffer>(ToGrpcStatus(scored.status()));
   }
-  auto* reactor = new ForwardReactor(options_, ctx, *request, *std::move(scored));
+  auto* reactor = new ForwardReactor(options_, &active_streams_, ctx, *request, *std::move(scored));
   reactor->Start();
   return reactor;
 }

@@ -13,6 +13,7 @@
 //   builder.RegisterService(&service);
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
@@ -57,9 +58,12 @@ class GatewayService
                                         grpc::ByteBuffer* response) override;
 
   const GatewayServiceOptions& options() const { return options_; }
+  // Generate streams in progress (for draining).
+  int64_t active_streams() const { return active_streams_.load(); }
 
  private:
   GatewayServiceOptions options_;
+  std::atomic<int64_t> active_streams_{0};
 };
 
 }  // namespace kvgate::gateway

@@ -390,3 +390,78 @@ TEST(WorkerStartupTest, CorruptModelExitsWithAClearError) {
 
 }  // namespace
 }  // namespace kvgate
+
+namespace kvgate {
+namespace {
+
+// Every KV format (and eviction) the worker accepts serves a generation end to end, and the worker
+// reports the format and its bytes per token (model: 3 layers x 2 kv-heads, head_dim 64).
+struct FormatCase {
+  std::string kv;
+  std::string evict;
+  std::string reported;
+};
+
+class WorkerFormatTest : public ::testing::TestWithParam<FormatCase> {};
+
+TEST_P(WorkerFormatTest, ServesAndReportsTheFormat) {
+  std::string model = testing::TinyModelDir();
+  if (model.empty()) GTEST_SKIP() << "tiny model not generated (needs python3-numpy)";
+  const FormatCase& c = GetParam();
+  auto worker = Subprocess::Start({testing::BinaryDir() + "/bin/kvgate-worker", "--model", model,
+                                   "--port", "0", "--host", "127.0.0.1", "--kv", c.kv, "--evict",
+                                   c.evict, "--kv_blocks", "64", "--threads", "1"});
+  ASSERT_NE(worker, nullptr);
+  int port = worker->WaitForListening(std::chrono::seconds(30));
+  ASSERT_GT(port, 0);
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = pb::Worker::NewStub(channel);
+  pb::LoadReport load;
+  for (int i = 0; i < 100; ++i) {
+    grpc::ClientContext ctx;
+    if (stub->GetLoad(&ctx, pb::LoadRequest(), &load).ok() && load.accepting()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(load.accepting());
+  EXPECT_EQ(load.kv_format(), c.reported);
+  EXPECT_GT(load.kv_bytes_per_token(), 0);
+  // fp16 stores 3 layers x 2 heads x 64 x 2 (K and V) x 2 bytes = 1536 bytes per token; every
+  // compressed format stores fewer.
+  if (c.kv == "fp16" || c.kv == "bf16") {
+    EXPECT_EQ(load.kv_bytes_per_token(), 1536);
+  } else {
+    EXPECT_LT(load.kv_bytes_per_token(), 1536);
+  }
+  pb::WorkerGenerateRequest req;
+  for (int i = 0; i < 150; ++i) req.add_prompt_token_ids(3 + (i * 37) % 400);
+  req.mutable_sampling()->set_max_tokens(40);
+  req.mutable_sampling()->set_ignore_eos(true);
+  grpc::ClientContext ctx;
+  StreamResult r = Drain(stub->Generate(&ctx, req));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.ids.size(), 40u);
+  worker->Signal(SIGTERM);
+  EXPECT_EQ(worker->Wait(std::chrono::seconds(20)), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllFormats, WorkerFormatTest,
+    ::testing::Values(FormatCase{"fp16", "none", "fp16"}, FormatCase{"bf16", "none", "bf16"},
+                      FormatCase{"fp8", "none", "fp8"}, FormatCase{"int8", "none", "int8"},
+                      FormatCase{"kivi4", "none", "kivi4"}, FormatCase{"kivi2", "none", "kivi2"},
+                      FormatCase{"tq4", "none", "tq4"}, FormatCase{"tq3.5", "none", "tq3.5"},
+                      FormatCase{"tq3", "none", "tq3"}, FormatCase{"tq2.5", "none", "tq2.5"},
+                      FormatCase{"tq:k=4,v=3", "none", "tq:k=4,v=3"},
+                      FormatCase{"fp16", "h2o:heavy=0.1,recent=0.1", "fp16"},
+                      FormatCase{"tq4", "sink:sinks=4,window=64", "tq4"}),
+    [](const ::testing::TestParamInfo<FormatCase>& info) {
+      std::string name = info.param.kv + "_" + info.param.evict;
+      for (char& ch : name) {
+        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+      }
+      return name;
+    });
+
+}  // namespace
+}  // namespace kvgate
