@@ -17,6 +17,7 @@
 #include "cli/command.h"
 #include "gateway/policy/policy_loader.h"
 #include "gateway/pool/resolver.h"
+#include "kvgate/common/shutdown_signals.h"
 #include "kvgate/common/subprocess.h"
 
 namespace kvgate::cli {
@@ -71,12 +72,6 @@ int RunUp(int argc, char** argv) {
     return 1;
   }
 
-  // Shutdown signals are waited for below; children inherit the mask but exec resets handlers,
-  // so they are unblocked in each child (Subprocess::Start) — block here only in this process.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
 
   std::vector<Child> children;
   int metrics_port = 9161;
@@ -141,12 +136,11 @@ int RunUp(int argc, char** argv) {
       bin_dir.c_str(), gport);
   std::fflush(stdout);
 
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // Children unblock signals themselves (Subprocess::Start), so blocking them here is safe.
+  ShutdownSignals signals;
   // Wait for a signal, or for a child to die.
   for (;;) {
-    timespec ts{0, 200 * 1000 * 1000};
-    int sig = sigtimedwait(&signals, nullptr, &ts);
-    if (sig > 0) {
+    if (signals.WaitFor(std::chrono::milliseconds(200)) > 0) {
       std::fprintf(stderr, "\nkvgate up: stopping\n");
       break;
     }

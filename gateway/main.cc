@@ -33,6 +33,7 @@
 #include "gateway/server/http_server.h"
 #include "gateway/server/worker_prober.h"
 #include "kvgate/common/log.h"
+#include "kvgate/common/shutdown_signals.h"
 #include "kvgate/common/tokenizer.h"
 
 ABSL_FLAG(std::string, policy, "policies/default.yaml", "Routing policy YAML (watched for changes)");
@@ -51,11 +52,8 @@ namespace kvgate::gateway {
 namespace {
 
 int Main(int argc, char** argv) {
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // Before any thread starts, so that the wait below receives them.
+  ShutdownSignals signals;
 
   absl::SetProgramUsageMessage("kvgate gateway: precision-aware routing of LLM requests.");
   absl::ParseCommandLine(argc, argv);
@@ -155,8 +153,7 @@ int Main(int argc, char** argv) {
   std::printf("LISTENING %d\n", bound_port);
   std::fflush(stdout);
 
-  int sig = 0;
-  sigwait(&signals, &sig);
+  const int sig = signals.Wait();
   KVGATE_LOG(INFO) << "signal " << sig << ": draining";
   draining = true;
   server->GetHealthCheckService()->SetServingStatus(false);

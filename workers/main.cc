@@ -25,6 +25,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "kvgate/common/log.h"
+#include "kvgate/common/shutdown_signals.h"
 #include "kvgate/common/tokenizer.h"
 #include "kvgate/kernels/kv_format.h"
 #include "workers/backend/model_runner.h"
@@ -66,12 +67,8 @@ std::string FolderName(std::string path) {
 }
 
 int Main(int argc, char** argv) {
-  // Block the shutdown signals before any thread starts, so that sigwait below receives them.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // Before any thread starts, so that the wait below receives them.
+  ShutdownSignals signals;
 
   absl::SetProgramUsageMessage("Serves a Llama-family model with a chosen KV-cache format.");
   absl::ParseCommandLine(argc, argv);
@@ -201,8 +198,7 @@ int Main(int argc, char** argv) {
                    << " ms)";
 
   // Wait for SIGTERM / SIGINT, then drain.
-  int sig = 0;
-  sigwait(&signals, &sig);
+  const int sig = signals.Wait();
   KVGATE_LOG(INFO) << "signal " << sig << ": draining";
   health->SetServingStatus(false);
   service.StopAccepting();

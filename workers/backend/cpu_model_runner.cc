@@ -153,36 +153,7 @@ class CpuModelRunner final : public ModelRunner {
 };
 
 absl::Status CpuModelRunner::Validate(std::span<const ForwardChunk> chunks) const {
-  std::set<kernels::SeqId> seen;
-  for (size_t c = 0; c < chunks.size(); ++c) {
-    const ForwardChunk& chunk = chunks[c];
-    if (chunk.tokens.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("chunk ", c, " (sequence ", chunk.seq, ") has no tokens"));
-    }
-    if (!seen.insert(chunk.seq).second) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sequence ", chunk.seq, " appears twice in one forward step"));
-    }
-    const int64_t past = cache_->Length(chunk.seq, 0);
-    if (past < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("unknown sequence ", chunk.seq));
-    }
-    if (past + static_cast<int64_t>(chunk.tokens.size()) > config_.max_position_embeddings) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "sequence ", chunk.seq, " would reach ", past + chunk.tokens.size(),
-          " tokens, beyond max_position_embeddings ", config_.max_position_embeddings));
-    }
-    for (size_t i = 0; i < chunk.tokens.size(); ++i) {
-      const int32_t id = chunk.tokens[i];
-      if (id < 0 || id >= config_.vocab_size) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("token id ", id, " at index ", i, " of sequence ", chunk.seq,
-                         " is outside the vocabulary [0, ", config_.vocab_size, ")"));
-      }
-    }
-  }
-  return absl::OkStatus();
+  return ValidateForwardChunks(chunks, config_, *cache_);
 }
 
 absl::Status CpuModelRunner::Forward(std::span<const ForwardChunk> chunks, float* logits) {

@@ -57,4 +57,10 @@ class ModelRunner {
 
 absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCpuModelRunner(const RunnerOptions& options);
 
+// The checks every backend's Forward makes before touching its cache: each chunk non-empty, each
+// sequence known to `cache` and present once, positions within max_position_embeddings, token ids
+// within the vocabulary. InvalidArgumentError naming the chunk, sequence or token otherwise.
+absl::Status ValidateForwardChunks(std::span<const ForwardChunk> chunks, const LlamaConfig& config,
+                                   const kernels::KvCache& cache);
+
 }  // namespace kvgate::worker

@@ -106,7 +106,8 @@ TEST(PolicyLoaderTest, DefaultPolicyParses) {
   ASSERT_NE(compressed, nullptr);
   ASSERT_NE(full, nullptr);
   EXPECT_EQ(compressed->precision, PoolPrecision::kCompressed);
-  EXPECT_EQ(compressed->kv_format, "fp16");
+  EXPECT_EQ(compressed->kv_format, "tq4");
+  EXPECT_EQ(full->kv_format, "fp16");
   EXPECT_EQ(compressed->endpoints, std::vector<std::string>{"127.0.0.1:50061"});
   EXPECT_EQ(full->precision, PoolPrecision::kFull);
   EXPECT_EQ(full->endpoints, std::vector<std::string>{"127.0.0.1:50062"});
