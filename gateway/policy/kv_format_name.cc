@@ -1,5 +1,7 @@
 #include "gateway/policy/kv_format_name.h"
 
+#include <cstdio>
+
 #include <cmath>
 
 #include "absl/strings/ascii.h"
@@ -94,6 +96,24 @@ absl::Status ValidateEvictionName(std::string_view eviction_in) {
     }
   }
   return absl::OkStatus();
+}
+
+double NominalKvBits(std::string_view format) {
+  if (format == "fp16" || format == "bf16") return 16;
+  if (format == "fp8" || format == "int8") return 8;
+  if (format == "kivi4") return 4;
+  if (format == "kivi2") return 2;
+  double k = 0, v = 0;
+  if (format.rfind("tq:", 0) == 0) {
+    // "tq:k=K,v=V[,qjl]"
+    const std::string text(format);
+    if (std::sscanf(text.c_str(), "tq:k=%lf,v=%lf", &k, &v) == 2) return (k + v) / 2;
+    return 16;
+  }
+  if (format.rfind("tq", 0) == 0 && std::sscanf(std::string(format).c_str(), "tq%lf", &k) == 1) {
+    return k;
+  }
+  return 16;
 }
 
 }  // namespace kvgate::gateway

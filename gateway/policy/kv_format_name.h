@@ -21,6 +21,10 @@ namespace kvgate::gateway {
 // lowercase name; InvalidArgumentError listing the accepted names otherwise.
 absl::StatusOr<std::string> CanonicalKvFormatName(std::string_view name);
 
+// Average bits per stored K/V element of a canonical format name (fp16 16, fp8/int8 8, kivi4 4,
+// tq3.5 3.5, tq:k=4,v=3 3.5); metadata not included. Used to order pools cheapest first.
+double NominalKvBits(std::string_view canonical_format);
+
 // Accepts "none", "h2o:heavy=F,recent=F" (fractions in (0, 1), either key optional) and
 // "sink:sinks=N,window=N" (positive integers, either key optional).
 absl::Status ValidateEvictionName(std::string_view eviction);

@@ -37,6 +37,8 @@ const char* FallbackReasonName(FallbackReason reason) {
       return "failed_before_first_token";
     case FallbackReason::kFormatMismatch:
       return "format_mismatch";
+    case FallbackReason::kQuality:
+      return "quality";
   }
   return "unknown";
 }
@@ -58,6 +60,8 @@ bool FallbackSpec::Allows(FallbackReason reason) const {
       return failed_before_first_token;
     case FallbackReason::kFormatMismatch:
       return format_mismatch;
+    case FallbackReason::kQuality:
+      return true;
   }
   return false;
 }

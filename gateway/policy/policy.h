@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "gateway/policy/quality_table.h"
 #include "gateway/policy/text_pattern.h"
 
 namespace kvgate::gateway {
@@ -49,6 +50,9 @@ enum class FallbackReason {
   kContextTooLong,
   kFailedBeforeFirstToken,
   kFormatMismatch,
+  // The pool's measured quality loss exceeds what the route tolerates (never a runtime fallback:
+  // such pools are dropped when the decision is made).
+  kQuality,
 };
 // "no_healthy_endpoint", "pool_full", "context_too_long", "failed_before_first_token",
 // "format_mismatch".
@@ -67,8 +71,10 @@ struct PoolSpec {
   PoolPrecision precision = PoolPrecision::kFull;
   // Largest prompt + output tokens one request may need in this pool. > 0.
   int64_t max_context = 0;
-  // Path of a measured quality table, kept as written (not used for routing yet). May be empty.
+  // Path of a measured quality table as written (relative paths are relative to the policy
+  // file's folder); empty if none. `quality` is that table, loaded with the policy.
   std::string quality_table;
+  std::shared_ptr<const QualityTable> quality;
   // Eviction the workers run ("none", "h2o:...", "sink:..."), as written; "none" by default.
   std::string eviction = "none";
   // Queue depth above which an endpoint counts as full; unset: load_balancing.max_queue.
@@ -129,6 +135,10 @@ struct RouteSpec {
   std::vector<std::string> pools;
   // Human-readable why (empty if not written).
   std::string reason;
+  // If set: the loss this route tolerates. Candidate pools are then ordered cheapest first (fewest
+  // KV bits) and a compressed pool is kept only if its quality table shows a loss within the
+  // tolerance at the request's context length; full-precision pools always qualify.
+  std::optional<QualityTolerance> quality;
   SourceLocation location;
 };
 

@@ -1,5 +1,7 @@
 #include "gateway/policy/policy_loader.h"
 
+#include <cmath>
+
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -192,6 +194,18 @@ class Parser {
     if (!field.value.IsScalar() || !absl::SimpleAtoi(field.value.Scalar(), &value)) {
       Error(field.value.IsNull() ? field.key : field.value,
             absl::StrCat(path, ": expected an integer, got ", Describe(field.value)));
+      return false;
+    }
+    *out = value;
+    return true;
+  }
+
+  bool ReadDouble(const Field& field, absl::string_view path, double* out) {
+    double value = 0;
+    if (!field.value.IsScalar() || !absl::SimpleAtod(field.value.Scalar(), &value) ||
+        !std::isfinite(value)) {
+      Error(field.value.IsNull() ? field.key : field.value,
+            absl::StrCat(path, ": expected a number, got ", Describe(field.value)));
       return false;
     }
     *out = value;
@@ -415,9 +429,22 @@ void Parser::ParsePools(const Field& field, Policy* policy) {
       Error(node, absl::StrCat(path, ": missing required key 'max_context'"));
     }
     if (auto it = fields.find("quality_table"); it != fields.end()) {
-      if (ReadString(it->second, path + ".quality_table", &pool.quality_table) &&
-          pool.quality_table.empty()) {
-        Error(it->second.value, absl::StrCat(path, ".quality_table: empty path"));
+      if (ReadString(it->second, path + ".quality_table", &pool.quality_table)) {
+        if (pool.quality_table.empty()) {
+          Error(it->second.value, absl::StrCat(path, ".quality_table: empty path"));
+        } else {
+          std::string file = pool.quality_table;
+          const auto slash = source_.rfind('/');
+          if (file[0] != '/' && slash != std::string::npos) {
+            file = source_.substr(0, slash + 1) + file;
+          }
+          auto table = LoadQualityTable(file);
+          if (table.ok()) {
+            pool.quality = *std::move(table);
+          } else {
+            Error(it->second.value, absl::StrCat(path, ".quality_table: ", table.status().message()));
+          }
+        }
       }
     }
     if (auto it = fields.find("eviction"); it != fields.end()) {
@@ -632,7 +659,7 @@ void Parser::ParseRoutes(const Field& field, Policy* policy) {
     const YAML::Node node = field.value[i];
     std::string path = absl::StrCat("routes[", i, "]");
     Fields fields;
-    if (!ReadMap(node, path, {"name", "when", "pools", "reason"}, &fields)) continue;
+    if (!ReadMap(node, path, {"name", "when", "pools", "reason", "quality"}, &fields)) continue;
     RouteSpec route;
     route.location = Loc(node);
     if (auto it = fields.find("name"); it != fields.end()) {
@@ -716,6 +743,33 @@ void Parser::ParseRoutes(const Field& field, Policy* policy) {
     }
     if (auto it = fields.find("reason"); it != fields.end()) {
       ReadString(it->second, path + ".reason", &route.reason);
+    }
+    if (auto it = fields.find("quality"); it != fields.end()) {
+      Fields q;
+      const std::string qpath = path + ".quality";
+      if (ReadMap(it->second.value, qpath,
+                  {"max_ppl_ratio", "max_kl", "min_top1", "min_retrieval"}, &q)) {
+        QualityTolerance tolerance;
+        for (auto [key, slot] : {std::pair{"max_ppl_ratio", &tolerance.max_ppl_ratio},
+                                 std::pair{"max_kl", &tolerance.max_kl},
+                                 std::pair{"min_top1", &tolerance.min_top1},
+                                 std::pair{"min_retrieval", &tolerance.min_retrieval}}) {
+          auto f = q.find(key);
+          if (f == q.end()) continue;
+          double value = 0;
+          if (ReadDouble(f->second, absl::StrCat(qpath, ".", key), &value)) {
+            if (value < 0) {
+              Error(f->second.value, absl::StrCat(qpath, ".", key, ": must be >= 0"));
+            }
+            *slot = value;
+          }
+        }
+        if (!tolerance.IsSet()) {
+          Error(it->second.key, absl::StrCat(qpath, ": give at least one of max_ppl_ratio, max_kl, "
+                                             "min_top1, min_retrieval"));
+        }
+        route.quality = tolerance;
+      }
     }
     policy->routes.push_back(std::move(route));
   }

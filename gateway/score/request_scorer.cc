@@ -1,4 +1,8 @@
 #include "gateway/score/request_scorer.h"
+#include "gateway/policy/kv_format_name.h"
+
+#include <algorithm>
+#include <map>
 
 #include <algorithm>
 
@@ -85,6 +89,53 @@ const RouteSpec* MatchRoute(const Policy& policy, const RouteRequest& request,
   return nullptr;
 }
 
+std::vector<std::string> ApplyQualityTolerance(const Policy& policy,
+                                               const QualityTolerance& tolerance,
+                                               int64_t total_tokens,
+                                               const std::vector<std::string>& candidates,
+                                               std::vector<SkippedPool>* skipped,
+                                               std::map<std::string, std::string>* basis) {
+  std::vector<std::pair<double, std::string>> passing;  // (KV bits, pool), route order kept
+  for (const std::string& name : candidates) {
+    const PoolSpec* pool = policy.FindPool(name);
+    if (pool == nullptr) continue;
+    if (pool->precision == PoolPrecision::kFull) {
+      passing.emplace_back(NominalKvBits(pool->kv_format), name);
+      (*basis)[name] = absl::StrCat(pool->kv_format, " is full precision (no measured loss)");
+      continue;
+    }
+    if (pool->quality == nullptr) {
+      skipped->push_back({name, FallbackReason::kQuality,
+                          "no quality_table: a compressed pool's loss must be measured"});
+      continue;
+    }
+    int64_t measured_at = 0;
+    const QualityMetrics* m =
+        pool->quality->Find(pool->kv_format, pool->eviction, total_tokens, &measured_at);
+    if (m == nullptr) {
+      skipped->push_back({name, FallbackReason::kQuality,
+                          absl::StrCat(pool->kv_format, " (eviction ", pool->eviction,
+                                       ") is not in ", pool->quality->source)});
+      continue;
+    }
+    std::string explanation;
+    std::string failure = CheckTolerance(*m, tolerance, &explanation);
+    std::string where = absl::StrCat(pool->kv_format, " at ", measured_at, " tokens (",
+                                     pool->quality->source, ")");
+    if (!failure.empty()) {
+      skipped->push_back({name, FallbackReason::kQuality, absl::StrCat(where, ": ", failure)});
+      continue;
+    }
+    passing.emplace_back(NominalKvBits(pool->kv_format), name);
+    (*basis)[name] = absl::StrCat(where, ": ", explanation);
+  }
+  std::stable_sort(passing.begin(), passing.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<std::string> ordered;
+  for (auto& [bits, name] : passing) ordered.push_back(name);
+  return ordered;
+}
+
 absl::StatusOr<RouteDecision> ScoreRequest(const Policy& policy, const RouteRequest& request) {
   if (request.prompt_tokens < 0 || request.max_tokens < 0) {
     return absl::InvalidArgumentError(absl::StrCat("negative token count (prompt ",
@@ -135,7 +186,13 @@ absl::StatusOr<RouteDecision> ScoreRequest(const Policy& policy, const RouteRequ
     decision.candidate_pools = std::move(full);
   }
 
-  for (const std::string& name : decision.candidate_pools) {
+  std::map<std::string, std::string> quality_basis;
+  std::vector<std::string> ordered = decision.candidate_pools;
+  if (route->quality) {
+    ordered = ApplyQualityTolerance(policy, *route->quality, decision.total_tokens,
+                                    decision.candidate_pools, &decision.skipped, &quality_basis);
+  }
+  for (const std::string& name : ordered) {
     const PoolSpec* pool = policy.FindPool(name);
     if (pool == nullptr) {
       return absl::InternalError(
@@ -153,6 +210,16 @@ absl::StatusOr<RouteDecision> ScoreRequest(const Policy& policy, const RouteRequ
       continue;
     }
     decision.viable_pools.push_back(name);
+  }
+  if (decision.viable_pools.empty() && route->quality) {
+    return absl::UnavailableError(absl::StrCat(
+        "no candidate pool of route '", route->name,
+        "' meets its quality tolerance and can hold the request (pools ",
+        absl::StrJoin(decision.candidate_pools, ", "), ")"));
+  }
+  if (!decision.viable_pools.empty() && route->quality) {
+    decision.quality_basis = quality_basis[decision.viable_pools.front()];
+    decision.quality_basis_by_pool = quality_basis;
   }
   if (decision.viable_pools.empty()) {
     int64_t largest = 0;

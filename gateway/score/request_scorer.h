@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -70,6 +71,11 @@ struct RouteDecision {
   int64_t max_attempts = 1;
   // Human-readable explanation (RouteInfo's reason).
   std::string reason;
+  // When the route states a quality tolerance: the measurement that qualified the first viable
+  // pool (RouteInfo's quality_basis), e.g. "tq4 at 1024 tokens (quality.yaml): kl 0.002 <= 0.05".
+  std::string quality_basis;
+  // The same for every pool that qualified (the serving pool may be a fallback).
+  std::map<std::string, std::string> quality_basis_by_pool;
   std::string policy_hash;
 };
 

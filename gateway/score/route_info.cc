@@ -23,6 +23,9 @@ void FillRouteInfo(const RouteDecision& decision, const ServedBy& served,
   for (const SkippedPool& skipped : served.fallbacks) AddFallback(skipped, info);
   info->set_policy_hash(decision.policy_hash);
   for (const std::string& pool : decision.candidate_pools) info->add_candidate_pools(pool);
+  auto basis = decision.quality_basis_by_pool.find(served.pool);
+  info->set_quality_basis(basis != decision.quality_basis_by_pool.end() ? basis->second
+                                                                         : decision.quality_basis);
 }
 
 void FillRequestScore(const RouteDecision& decision, int64_t overhead_us,

@@ -25,7 +25,7 @@ struct ServedBy {
   std::vector<SkippedPool> fallbacks;
 };
 
-// Fills every RouteInfo field except quality_basis. `fallbacks` lists decision.skipped first,
+// Fills every RouteInfo field. `fallbacks` lists decision.skipped first,
 // then served.fallbacks.
 void FillRouteInfo(const RouteDecision& decision, const ServedBy& served,
                    kvgate::v1::RouteInfo* info);

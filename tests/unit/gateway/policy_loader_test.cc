@@ -2,6 +2,8 @@
 // rejected with the exact file:line:col of the offending text.
 #include "gateway/policy/policy_loader.h"
 
+#include <fstream>
+
 #include <cstdlib>
 #include <string>
 
@@ -128,11 +130,13 @@ TEST(PolicyLoaderTest, ExamplePoliciesParse) {
   EXPECT_EQ(k8s.policy->pools[0].dns, "kvgate-worker-tq35.kvgate.svc.cluster.local:50051");
   EXPECT_TRUE(k8s.policy->pools[0].endpoints.empty());
   EXPECT_EQ(k8s.policy->pools[0].kv_format, "tq3.5");
-  EXPECT_EQ(k8s.policy->pools[0].quality_table, "/etc/kvgate/quality/tq3.5.json");
 }
 
 TEST(PolicyLoaderTest, FullSchemaParses) {
-  const std::string text = R"(version: 1
+  const std::string quality = ::testing::TempDir() + "/full_schema_quality.yaml";
+  std::ofstream(quality) << "model: m\nentries:\n  - {format: \"tq:k=4,v=3\", eviction: "
+                            "\"h2o:heavy=0.1,recent=0.2\", context: 512, kl: 0.01}\n";
+  std::string text = R"(version: 1
 pools:
   - name: small
     dns: workers.ns.svc:50051
@@ -142,7 +146,7 @@ pools:
     max_context: 4096
     eviction: h2o:heavy=0.1,recent=0.2
     max_queue: 7
-    quality_table: q.json
+    quality_table: QUALITY
   - name: big
     endpoints: ["[::1]:9", "h:8"]
     kv_format: bf16
@@ -169,6 +173,7 @@ routes:
       precision: compressed
     pools: [big, small]
     reason: because
+    quality: {max_kl: 0.05, min_retrieval: 0.9}
   - name: rest
     pools: [small]
 fallback:
@@ -182,9 +187,16 @@ load_balancing:
   ejection_base_ms: 10
   ejection_max_ms: 20
 )";
+  text.replace(text.find("QUALITY"), 7, quality);
   PolicyParseResult result = ParsePolicyText(text, "full.yaml");
   ASSERT_TRUE(result.errors.empty()) << result.errors[0].ToString();
   const Policy& p = *result.policy;
+  ASSERT_NE(p.pools[0].quality, nullptr);
+  EXPECT_EQ(p.pools[0].quality->model, "m");
+  ASSERT_TRUE(p.routes[0].quality.has_value());
+  EXPECT_EQ(p.routes[0].quality->max_kl, 0.05);
+  EXPECT_EQ(p.routes[0].quality->min_retrieval, 0.9);
+  EXPECT_FALSE(p.routes[0].quality->max_ppl_ratio.has_value());
   const PoolSpec& small = p.pools[0];
   EXPECT_EQ(small.dns, "workers.ns.svc:50051");
   EXPECT_EQ(small.dns_refresh_ms, 250);
@@ -192,7 +204,7 @@ load_balancing:
   EXPECT_EQ(small.eviction, "h2o:heavy=0.1,recent=0.2");
   EXPECT_EQ(p.MaxQueue(small), 7);
   EXPECT_EQ(p.MaxQueue(p.pools[1]), 9);
-  EXPECT_EQ(small.quality_table, "q.json");
+  EXPECT_EQ(small.quality_table, quality);
   EXPECT_EQ(p.pools[1].endpoints, (std::vector<std::string>{"[::1]:9", "h:8"}));
   const TaskTypeSpec* legal = p.FindTaskType("legal");
   ASSERT_NE(legal, nullptr);
