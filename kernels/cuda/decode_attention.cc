@@ -1,0 +1,288 @@
+// Host side of the CUDA decode attention: format tables, split planning, workspace, launch.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cpu/kv_codec.h"
+#include "kernels/cpu/numeric.h"
+#include "kernels/cuda/decode_attention_internal.h"
+#include "kvgate/kernels/cuda_attention.h"
+
+namespace kvgate::kernels::cuda {
+namespace {
+
+#define RETURN_IF_ERROR_LOCAL(expr)        \
+  do {                                     \
+    absl::Status _st = (expr);             \
+    if (!_st.ok()) return _st;             \
+  } while (0)
+
+using internal::FormatParams;
+
+absl::Status CudaError(cudaError_t e, const char* what) {
+  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
+}
+
+// TurboCodebook's channel split for a rate (kernels/cpu/kv_codec.cc, TurboCodebook::Create).
+absl::Status TurboSplit(int d, double rate, int* hi_channels, int* hi_bits, int* lo_bits) {
+  if (rate == 4 || rate == 3 || rate == 2 || rate == 1) {
+    *hi_channels = d, *hi_bits = *lo_bits = static_cast<int>(rate);
+  } else if (rate == 3.5) {
+    *hi_channels = d / 2, *hi_bits = 4, *lo_bits = 3;
+  } else if (rate == 2.5) {
+    *hi_channels = d / 4, *hi_bits = 3, *lo_bits = 2;
+  } else if (rate == 1.5) {
+    *hi_channels = d / 2, *hi_bits = 2, *lo_bits = 1;
+  } else {
+    return absl::UnimplementedError(absl::StrCat("TurboQuant rate ", rate, " has no CUDA kernel"));
+  }
+  return absl::OkStatus();
+}
+
+void Centroids(int bits, int d, float* out) {
+  const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(d));
+  const std::vector<float>& levels = cpu::LloydMaxLevels(bits);
+  for (size_t i = 0; i < levels.size(); ++i) out[i] = levels[i] * inv_sqrt_d;
+}
+
+class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
+ public:
+  ~CudaDecodeAttentionImpl() override {
+    for (void* p : {static_cast<void*>(signs_), static_cast<void*>(qprep_),
+                    static_cast<void*>(part_acc_), static_cast<void*>(part_ml_)}) {
+      if (p != nullptr) cudaFree(p);
+    }
+  }
+
+  static absl::StatusOr<std::unique_ptr<CudaDecodeAttention>> Make(const KvFormatSpec& spec, int d,
+                                                                   int num_kv_heads, int bs) {
+    RETURN_IF_ERROR_LOCAL(CudaDeviceStatus());
+    if (d != 64 && d != 128) {
+      return absl::UnimplementedError(absl::StrCat("CUDA decode: head_dim ", d, " (64 or 128)"));
+    }
+    if (bs <= 0 || bs % 16 != 0) {
+      return absl::UnimplementedError(
+          absl::StrCat("CUDA decode: block_size ", bs, " (a multiple of 16)"));
+    }
+    if (num_kv_heads <= 0) return absl::InvalidArgumentError("num_kv_heads <= 0");
+    auto codec = cpu::CreateKvCodec(spec, d);
+    if (!codec.ok()) return codec.status();
+    std::unique_ptr<CudaDecodeAttentionImpl> a(new CudaDecodeAttentionImpl());
+    a->d_ = d;
+    a->num_kv_heads_ = num_kv_heads;
+    a->block_size_ = bs;
+    FormatParams& fp = a->fp_;
+    fp.record_bytes = (*codec)->record_bytes();
+    fp.key_bytes = (*codec)->key_bytes();
+    switch (spec.kind) {
+      case KvFormatKind::kFp16:
+        a->kind_ = internal::kKindFp16;
+        break;
+      case KvFormatKind::kBf16:
+        a->kind_ = internal::kKindBf16;
+        break;
+      case KvFormatKind::kFp8:
+        a->kind_ = internal::kKindFp8;
+        break;
+      case KvFormatKind::kInt8:
+        a->kind_ = internal::kKindInt8;
+        break;
+      case KvFormatKind::kKivi: {
+        a->kind_ = internal::kKindKivi;
+        fp.kivi_bits = static_cast<int>(spec.key_bits);
+        fp.kivi_group = spec.group_size;
+        fp.kivi_codes_bytes = d * fp.kivi_bits / 8;
+        if (fp.kivi_group % 8 != 0 || (fp.kivi_group % bs != 0 && bs % fp.kivi_group != 0) ||
+            spec.residual_tokens <= 0) {
+          return absl::UnimplementedError(absl::StrCat(
+              "CUDA decode: KIVI needs 8 | G, G and block_size multiples of one another and R > 0 "
+              "(G=", fp.kivi_group, ", bs=", bs, ", R=", spec.residual_tokens, ")"));
+        }
+        break;
+      }
+      case KvFormatKind::kTurbo: {
+        a->kind_ = internal::kKindTurbo;
+        if (spec.qjl_keys) {
+          return absl::UnimplementedError("CUDA decode: TurboQuant QJL keys have no kernel");
+        }
+        RETURN_IF_ERROR_LOCAL(TurboSplit(d, spec.key_bits, &fp.tq_key_hi_channels,
+                                         &fp.tq_key_hi_bits, &fp.tq_key_lo_bits));
+        RETURN_IF_ERROR_LOCAL(TurboSplit(d, spec.value_bits, &fp.tq_value_hi_channels,
+                                         &fp.tq_value_hi_bits, &fp.tq_value_lo_bits));
+        fp.tq_key_code_bytes = (fp.tq_key_hi_channels * fp.tq_key_hi_bits +
+                                (d - fp.tq_key_hi_channels) * fp.tq_key_lo_bits) / 8;
+        fp.tq_value_code_bytes = (fp.tq_value_hi_channels * fp.tq_value_hi_bits +
+                                  (d - fp.tq_value_hi_channels) * fp.tq_value_lo_bits) / 8;
+        if (fp.tq_key_code_bytes + 2 != fp.key_bytes ||
+            fp.tq_value_code_bytes + 2 + fp.key_bytes != fp.record_bytes) {
+          return absl::InternalError("CUDA decode: TurboQuant record layout disagrees with the CPU");
+        }
+        Centroids(fp.tq_key_hi_bits, d, fp.tables);
+        Centroids(fp.tq_key_lo_bits, d, fp.tables + 16);
+        Centroids(fp.tq_value_hi_bits, d, fp.tables + 32);
+        Centroids(fp.tq_value_lo_bits, d, fp.tables + 48);
+        std::vector<float> signs(d);
+        cpu::SplitMix64 rng(cpu::kTurboSignSeed ^ static_cast<uint64_t>(d));
+        for (int i = 0; i < d; ++i) signs[i] = (rng.Next() >> 63) ? -1.0f : 1.0f;
+        cudaError_t e = cudaMalloc(&a->signs_, sizeof(float) * d);
+        if (e != cudaSuccess) return CudaError(e, "cudaMalloc");
+        e = cudaMemcpy(a->signs_, signs.data(), sizeof(float) * d, cudaMemcpyHostToDevice);
+        if (e != cudaSuccess) return CudaError(e, "cudaMemcpy");
+        break;
+      }
+    }
+    // Tile: whole blocks, <= kMaxTileTokens tokens, ~16 KB of records; KIVI: whole key groups.
+    const int seg = bs * fp.record_bytes;
+    int tile_blocks = std::max(1, std::min(internal::kMaxTileTokens / bs, 16384 / seg));
+    if (a->kind_ == internal::kKindKivi && fp.kivi_group > bs) {
+      const int per_group = fp.kivi_group / bs;
+      tile_blocks = std::max(per_group, tile_blocks / per_group * per_group);
+      if (tile_blocks * bs > internal::kMaxTileTokens) {
+        return absl::UnimplementedError("CUDA decode: KIVI group larger than a tile");
+      }
+    }
+    a->tile_blocks_ = tile_blocks;
+    const int stage_bytes = tile_blocks * seg;
+    const int teams = internal::ThreadsPerCta() / (d / 8);
+    int smem = std::max(internal::MaxStages() * stage_bytes, teams * 8 * d * 4);  // reduction
+    if (a->kind_ == internal::kKindKivi) {
+      a->residual_tile_tokens = std::min(internal::kMaxTileTokens, smem / (4 * d));
+    }
+    a->smem_bytes_ = smem;
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&a->num_sms_, cudaDevAttrMultiProcessorCount, dev);
+    for (int gi = 0; gi < 4; ++gi) {
+      cudaError_t e = internal::SetupSplitKernel(a->kind_, d, 1 << gi, smem, &a->ctas_per_sm_[gi]);
+      if (e != cudaSuccess) return CudaError(e, "kernel setup");
+      a->ctas_per_sm_[gi] = std::max(1, a->ctas_per_sm_[gi]);
+    }
+    return std::unique_ptr<CudaDecodeAttention>(std::move(a));
+  }
+
+  int record_bytes() const override { return fp_.record_bytes; }
+  int last_num_splits() const override { return last_splits_; }
+  void set_forced_splits(int splits) override { forced_splits_ = splits; }
+
+  absl::Status Run(const DecodeBatch& b, void* stream_ptr) override {
+    const int d = d_, hkv = num_kv_heads_;
+    if (b.num_seqs <= 0) return absl::OkStatus();
+    if (b.num_q_heads <= 0 || b.num_q_heads % hkv != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("num_q_heads ", b.num_q_heads,
+                                                     " not a multiple of kv heads ", hkv));
+    }
+    const int g = b.num_q_heads / hkv;
+    if (g != 1 && g != 2 && g != 4 && g != 8) {
+      return absl::UnimplementedError(absl::StrCat("CUDA decode: GQA group ", g, " (1/2/4/8)"));
+    }
+    if (!b.pool || !b.block_tables || !b.encoded_lens || !b.q || !b.out ||
+        b.max_encoded_len < 0 || b.max_blocks_per_seq * block_size_ < b.max_encoded_len) {
+      return absl::InvalidArgumentError("DecodeBatch: missing pointers or inconsistent sizes");
+    }
+    if (kind_ == internal::kKindFp8 && !b.head_scales) {
+      return absl::InvalidArgumentError("DecodeBatch: FP8 needs head_scales");
+    }
+    const bool residual = kind_ == internal::kKindKivi && b.residual_lens != nullptr;
+    if (residual && (!b.residual_k || !b.residual_v || b.residual_capacity <= 0)) {
+      return absl::InvalidArgumentError("DecodeBatch: KIVI residual pointers missing");
+    }
+    // Split planning: whole tiles per split, about two waves of CTAs.
+    const int max_blocks = (b.max_encoded_len + block_size_ - 1) / block_size_;
+    const int max_tiles = std::max(1, (max_blocks + tile_blocks_ - 1) / tile_blocks_);
+    const int gi = g == 1 ? 0 : g == 2 ? 1 : g == 4 ? 2 : 3;
+    const int64_t target = 2LL * num_sms_ * ctas_per_sm_[gi];
+    int splits = forced_splits_ > 0
+                     ? forced_splits_
+                     : static_cast<int>((target + int64_t{b.num_seqs} * hkv - 1) /
+                                        (int64_t{b.num_seqs} * hkv));
+    splits = std::clamp(splits, 1, max_tiles);
+    const int tiles_per_split = (max_tiles + splits - 1) / splits;
+    splits = (max_tiles + tiles_per_split - 1) / tiles_per_split;
+    last_splits_ = splits;
+    internal::SplitArgs a;
+    a.pool = b.pool;
+    a.block_stride_bytes = b.block_stride_bytes;
+    a.layer_offset_bytes = b.layer_offset_bytes;
+    a.block_tables = b.block_tables;
+    a.max_blocks_per_seq = b.max_blocks_per_seq;
+    a.encoded_lens = b.encoded_lens;
+    a.residual_lens = residual ? b.residual_lens : nullptr;
+    a.residual_k = b.residual_k;
+    a.residual_v = b.residual_v;
+    a.residual_capacity = b.residual_capacity;
+    a.residual_tile_tokens = residual_tile_tokens;
+    a.head_scales = b.head_scales;
+    a.num_q_heads = b.num_q_heads;
+    a.block_size = block_size_;
+    a.tile_blocks = tile_blocks_;
+    a.blocks_per_split = tiles_per_split * tile_blocks_;
+    a.num_splits = splits;
+    a.total_splits = splits + (residual ? 1 : 0);
+    // Workspace.
+    const size_t q_floats = size_t(b.num_seqs) * b.num_q_heads * d;
+    const size_t acc_floats = size_t(b.num_seqs) * hkv * a.total_splits * g * d;
+    const size_t ml_floats = size_t(b.num_seqs) * hkv * a.total_splits * g * 2;
+    RETURN_IF_ERROR_LOCAL(Grow(&qprep_, &qprep_cap_, q_floats));
+    RETURN_IF_ERROR_LOCAL(Grow(&part_acc_, &part_acc_cap_, acc_floats));
+    RETURN_IF_ERROR_LOCAL(Grow(&part_ml_, &part_ml_cap_, ml_floats));
+    a.qprep = qprep_;
+    a.part_acc = part_acc_;
+    a.part_ml = part_ml_;
+    cudaError_t e = internal::LaunchDecode(kind_, d, g, a, fp_, hkv, b.num_seqs, smem_bytes_, b.q,
+                                           b.out, signs_, b.scale,
+                                           static_cast<cudaStream_t>(stream_ptr));
+    if (e != cudaSuccess) return CudaError(e, "decode attention launch");
+    return absl::OkStatus();
+  }
+
+ private:
+  CudaDecodeAttentionImpl() = default;
+
+  static absl::Status Grow(float** p, size_t* cap, size_t floats) {
+    if (floats <= *cap) return absl::OkStatus();
+    if (*p != nullptr) {
+      cudaDeviceSynchronize();
+      cudaFree(*p);
+      *p = nullptr;
+      *cap = 0;
+    }
+    cudaError_t e = cudaMalloc(p, floats * sizeof(float));
+    if (e != cudaSuccess) return CudaError(e, "cudaMalloc workspace");
+    *cap = floats;
+    return absl::OkStatus();
+  }
+
+  int kind_ = 0, d_ = 0, num_kv_heads_ = 0, block_size_ = 0, tile_blocks_ = 1;
+  int residual_tile_tokens = 0, smem_bytes_ = 0, num_sms_ = 1;
+  int ctas_per_sm_[4] = {1, 1, 1, 1};
+  int forced_splits_ = 0, last_splits_ = 0;
+  FormatParams fp_;
+  float* signs_ = nullptr;
+  float* qprep_ = nullptr;
+  float* part_acc_ = nullptr;
+  float* part_ml_ = nullptr;
+  size_t qprep_cap_ = 0, part_acc_cap_ = 0, part_ml_cap_ = 0;
+};
+
+}  // namespace
+
+absl::Status CudaDeviceStatus() {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    return absl::UnavailableError(absl::StrCat("no CUDA device: ", cudaGetErrorString(e)));
+  }
+  if (count == 0) return absl::UnavailableError("no CUDA device: cudaGetDeviceCount returned 0");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<CudaDecodeAttention>> CudaDecodeAttention::Create(
+    const KvFormatSpec& spec, int head_dim, int num_kv_heads, int block_size) {
+  return CudaDecodeAttentionImpl::Make(spec, head_dim, num_kv_heads, block_size);
+}
+
+}  // namespace kvgate::kernels::cuda

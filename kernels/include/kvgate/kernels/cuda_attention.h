@@ -1,0 +1,79 @@
+// CUDA decode attention over the paged KV cache, for every KV format the CPU reference stores.
+//
+// The device pool has exactly the CPU cache's byte layout (kernels/cpu/cpu_kv_cache.cc):
+// [num_blocks][layer][kv_head][block_size][record_bytes], a record being one token's
+// [key | value] bytes as kernels/cpu/kv_codec.cc encodes them. A block table per sequence maps
+// logical block i (tokens [i*bs, (i+1)*bs)) to a pool block. KIVI's newest tokens live outside the
+// pool in an fp16 residual window per (sequence, kv-head); FP8's scales are per (sequence,
+// kv-head). This header is host-only: every pointer in DecodeBatch is a DEVICE pointer, and the
+// stream is a cudaStream_t passed as void* so that no CUDA header leaks to callers.
+//
+// Kernels: split-KV (each CTA one kv-head group x a range of blocks, all query heads of the group
+// so each KV byte is read once; 16-byte cp.async loads of whole block segments into shared memory,
+// fp32 online softmax), then a reduction kernel over the splits. TurboQuant scores codes against
+// the query rotated once per call and accumulates values in the rotated domain, un-rotating the
+// output once in the reduction.
+//
+//   ASSIGN_OR_RETURN(auto attn, CudaDecodeAttention::Create(spec, /*head_dim=*/128,
+//                                                            /*num_kv_heads=*/8, /*block_size=*/16));
+//   DecodeBatch b{.pool = d_pool, .block_stride_bytes = ..., ...};
+//   RETURN_IF_ERROR(attn->Run(b, /*stream=*/nullptr));
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvgate/kernels/kv_format.h"
+
+namespace kvgate::kernels::cuda {
+
+// OK when a CUDA device is usable; otherwise the reason (no driver, no device, ...).
+absl::Status CudaDeviceStatus();
+
+// One decode call over a batch of sequences, one layer. Device pointers unless noted.
+struct DecodeBatch {
+  const uint8_t* pool = nullptr;   // block pool base
+  int64_t block_stride_bytes = 0;  // bytes of one pool block (all layers)
+  int64_t layer_offset_bytes = 0;  // this layer's offset inside a block
+  const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks_per_seq]
+  int max_blocks_per_seq = 0;
+  const int32_t* encoded_lens = nullptr;  // [num_seqs] tokens stored in blocks
+  int max_encoded_len = 0;                // host value: max of encoded_lens (plans the splits)
+  // KIVI only: fp16 residual window [num_seqs, num_kv_heads, residual_capacity, head_dim].
+  const int32_t* residual_lens = nullptr;  // [num_seqs]; nullptr = no residual tokens
+  const uint16_t* residual_k = nullptr;
+  const uint16_t* residual_v = nullptr;
+  int residual_capacity = 0;
+  // FP8 only: [num_seqs, num_kv_heads, 2] = (key_scale, value_scale).
+  const float* head_scales = nullptr;
+  int num_seqs = 0;
+  int num_q_heads = 0;
+  const float* q = nullptr;  // [num_seqs, num_q_heads, head_dim] fp32
+  float* out = nullptr;      // [num_seqs, num_q_heads, head_dim] fp32
+  float scale = 1.0f;        // softmax scale (1/sqrt(head_dim) usually)
+};
+
+class CudaDecodeAttention {
+ public:
+  virtual ~CudaDecodeAttention() = default;
+  // UnimplementedError for combinations without a kernel (TurboQuant with QJL keys, head_dim
+  // other than 64 / 128, block_size not a multiple of 16, KIVI with G not a multiple of bs).
+  static absl::StatusOr<std::unique_ptr<CudaDecodeAttention>> Create(const KvFormatSpec& spec,
+                                                                     int head_dim, int num_kv_heads,
+                                                                     int block_size);
+  virtual int record_bytes() const = 0;
+  // Enqueues the attention on `stream` (cudaStream_t or nullptr). Grows an internal workspace on
+  // first use (that call synchronizes). InvalidArgumentError for bad shapes; InternalError with
+  // the CUDA error string when a launch fails.
+  virtual absl::Status Run(const DecodeBatch& batch, void* stream) = 0;
+  // Splits per (sequence, kv-head) the last Run used (for reports and tests).
+  virtual int last_num_splits() const = 0;
+  // Forces the number of splits of the block range (0 = automatic); tests use it to exercise
+  // the reduction with many and with one split.
+  virtual void set_forced_splits(int splits) = 0;
+};
+
+}  // namespace kvgate::kernels::cuda

@@ -1,0 +1,247 @@
+// CUDA decode attention (kvgate_kernels_cuda) against the CPU reference cache
+// (CpuKvCache::DecodeAttention) for every KV format: head_dim 64/128, GQA 1/4/8, ragged batches
+// whose lengths are not multiples of the block size (1, 17, 1000, 4097), forced split counts, and
+// long sequences. Both sides read identical stored bytes (PackPagedKv encodes with the CPU codecs
+// under the cache's rules), so the bound is fp32-level: relative L2 error < 1e-3 per sequence.
+// Outputs are poisoned (NaN) before each run. Skipped with a reason when no GPU is present.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kernels/cuda/paged_kv_host.h"
+#include "kvgate/kernels/cuda_attention.h"
+#include "kvgate/kernels/kv_cache.h"
+
+namespace kvgate::kernels::cuda {
+namespace {
+
+#define SKIP_WITHOUT_GPU()                                                     \
+  do {                                                                         \
+    absl::Status gpu = CudaDeviceStatus();                                     \
+    if (!gpu.ok()) GTEST_SKIP() << "no usable GPU: " << gpu.message();         \
+  } while (0)
+
+#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(expr)
+
+template <class T>
+T* Upload(const std::vector<T>& host) {
+  T* p = nullptr;
+  if (host.empty()) return nullptr;
+  if (cudaMalloc(&p, host.size() * sizeof(T)) != cudaSuccess) return nullptr;
+  cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+  return p;
+}
+
+struct Result {
+  double max_rel_l2 = 0;
+  bool all_finite = true;
+  int splits = 0;
+};
+
+// Runs one batch through the CPU cache and the CUDA kernel; returns the worst relative L2 error.
+void RunCase(const std::string& format, int d, int ratio, const std::vector<int>& lens,
+             int forced_splits, uint64_t seed, Result* result) {
+  const int kv_heads = 2, q_heads = kv_heads * ratio, bs = 16;
+  auto spec = ParseKvFormat(format);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const int num_seqs = static_cast<int>(lens.size());
+  std::vector<std::vector<float>> k(num_seqs), v(num_seqs);
+  std::vector<float> q(size_t(num_seqs) * q_heads * d);
+  for (float& x : q) x = normal(rng);
+  std::vector<float> channel_bias(kv_heads * d);
+  for (float& x : channel_bias) x = 0.5f * normal(rng);  // per-channel structure (KIVI keys)
+  int64_t blocks = 0;
+  for (int s = 0; s < num_seqs; ++s) {
+    k[s].resize(size_t(lens[s]) * kv_heads * d);
+    v[s].resize(k[s].size());
+    for (size_t i = 0; i < k[s].size(); ++i) {
+      k[s][i] = normal(rng) + channel_bias[i % (kv_heads * d)];
+      v[s][i] = normal(rng);
+    }
+    blocks += (lens[s] + bs - 1) / bs;
+  }
+  // CPU reference.
+  KvCacheConfig cfg{.num_layers = 1, .num_kv_heads = kv_heads, .head_dim = d, .block_size = bs,
+                    .num_blocks = blocks + 1, .format = *spec};
+  auto cache = CreateCpuKvCache(cfg);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  std::vector<float> expected(q.size());
+  for (int s = 0; s < num_seqs; ++s) {
+    ASSERT_TRUE((*cache)->AddSequence(s, lens[s]).ok());
+    ASSERT_TRUE((*cache)->Append(s, 0, lens[s], k[s].data(), v[s].data()).ok());
+    ASSERT_TRUE((*cache)
+                    ->DecodeAttention(s, 0, q_heads, q.data() + size_t(s) * q_heads * d, scale,
+                                      expected.data() + size_t(s) * q_heads * d)
+                    .ok());
+  }
+  // GPU.
+  auto packed = PackPagedKv(*spec, d, kv_heads, bs, k, v, seed ^ 0x5eed);
+  ASSERT_TRUE(packed.ok()) << packed.status();
+  auto attn = CudaDecodeAttention::Create(*spec, d, kv_heads, bs);
+  ASSERT_TRUE(attn.ok()) << attn.status();
+  (*attn)->set_forced_splits(forced_splits);
+  DecodeBatch b;
+  uint8_t* pool = Upload(packed->pool);
+  int32_t* tables = Upload(packed->block_tables);
+  int32_t* enc = Upload(packed->encoded_lens);
+  int32_t* res_lens = Upload(packed->residual_lens);
+  uint16_t* res_k = Upload(packed->residual_k);
+  uint16_t* res_v = Upload(packed->residual_v);
+  float* scales = Upload(packed->head_scales);
+  float* dq = Upload(q);
+  float* dout = nullptr;
+  CUDA_OK(cudaMalloc(&dout, q.size() * sizeof(float)));
+  CUDA_OK(cudaMemset(dout, 0xFF, q.size() * sizeof(float)));  // NaN poison
+  b.pool = pool;
+  b.block_stride_bytes = packed->block_bytes;
+  b.layer_offset_bytes = 0;
+  b.block_tables = tables;
+  b.max_blocks_per_seq = packed->max_blocks_per_seq;
+  b.encoded_lens = enc;
+  b.max_encoded_len = packed->max_encoded_len;
+  if (packed->residual_capacity > 0) {
+    b.residual_lens = res_lens;
+    b.residual_k = res_k;
+    b.residual_v = res_v;
+    b.residual_capacity = packed->residual_capacity;
+  }
+  b.head_scales = scales;
+  b.num_seqs = num_seqs;
+  b.num_q_heads = q_heads;
+  b.q = dq;
+  b.out = dout;
+  b.scale = scale;
+  absl::Status st = (*attn)->Run(b, nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<float> got(q.size());
+  CUDA_OK(cudaMemcpy(got.data(), dout, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  for (void* p : {static_cast<void*>(pool), static_cast<void*>(tables), static_cast<void*>(enc),
+                  static_cast<void*>(res_lens), static_cast<void*>(res_k),
+                  static_cast<void*>(res_v), static_cast<void*>(scales), static_cast<void*>(dq),
+                  static_cast<void*>(dout)}) {
+    if (p) cudaFree(p);
+  }
+  result->splits = (*attn)->last_num_splits();
+  for (int s = 0; s < num_seqs; ++s) {
+    double err = 0, ref = 0;
+    for (size_t i = size_t(s) * q_heads * d; i < size_t(s + 1) * q_heads * d; ++i) {
+      if (!std::isfinite(got[i])) result->all_finite = false;
+      err += (double(got[i]) - expected[i]) * (double(got[i]) - expected[i]);
+      ref += double(expected[i]) * expected[i];
+    }
+    result->max_rel_l2 = std::max(result->max_rel_l2, std::sqrt(err / std::max(ref, 1e-30)));
+  }
+}
+
+constexpr double kTolerance = 1e-3;  // identical storage: fp32 summation-order differences only
+
+class CudaDecodeTest : public ::testing::TestWithParam<std::tuple<std::string, int, int>> {};
+
+TEST_P(CudaDecodeTest, MatchesCpuReferenceOnRaggedBatch) {
+  SKIP_WITHOUT_GPU();
+  const auto& [format, d, ratio] = GetParam();
+  Result r;
+  RunCase(format, d, ratio, {1, 17, 1000, 4097}, 0, 1000 + d * 10 + ratio, &r);
+  if (HasFatalFailure()) return;
+  EXPECT_TRUE(r.all_finite) << "unwritten or non-finite outputs";
+  EXPECT_LT(r.max_rel_l2, kTolerance) << format << " d=" << d << " gqa=" << ratio;
+  std::printf("[ result ] %s d=%d gqa=%d splits=%d rel_l2=%.3g\n", format.c_str(), d, ratio,
+              r.splits, r.max_rel_l2);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllFormats, CudaDecodeTest,
+    ::testing::Combine(::testing::Values("fp16", "bf16", "fp8", "int8", "kivi2", "kivi4", "tq4",
+                                         "tq3.5", "tq3", "tq2.5"),
+                       ::testing::Values(64, 128), ::testing::Values(1, 4, 8)),
+    [](const auto& info) {
+      std::string name = std::get<0>(info.param) + "_d" + std::to_string(std::get<1>(info.param)) +
+                         "_gqa" + std::to_string(std::get<2>(info.param));
+      for (char& c : name) {
+        if (c == '.') c = 'p';
+      }
+      return name;
+    });
+
+// The split reduction: one split (no reduction work) and many splits must agree with the CPU.
+class CudaDecodeSplitTest : public ::testing::TestWithParam<std::tuple<std::string, int>> {};
+
+TEST_P(CudaDecodeSplitTest, ForcedSplitCountsMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const auto& [format, splits] = GetParam();
+  Result r;
+  RunCase(format, 128, 4, {4097, 333}, splits, 77 + splits, &r);
+  if (HasFatalFailure()) return;
+  EXPECT_TRUE(r.all_finite);
+  EXPECT_LT(r.max_rel_l2, kTolerance) << format << " splits=" << splits;
+  std::printf("[ result ] %s forced_splits=%d used=%d rel_l2=%.3g\n", format.c_str(), splits,
+              r.splits, r.max_rel_l2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Splits, CudaDecodeSplitTest,
+                         ::testing::Combine(::testing::Values("fp16", "tq3.5", "kivi2", "fp8"),
+                                            ::testing::Values(1, 3, 64)),
+                         [](const auto& info) {
+                           std::string name = std::get<0>(info.param) + "_s" +
+                                              std::to_string(std::get<1>(info.param));
+                           for (char& c : name) {
+                             if (c == '.') c = 'p';
+                           }
+                           return name;
+                         });
+
+// Long contexts: fp16 at 128K tokens, compressed formats at 32K.
+class CudaDecodeLongTest : public ::testing::TestWithParam<std::tuple<std::string, int>> {};
+
+TEST_P(CudaDecodeLongTest, LongSequenceMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const auto& [format, len] = GetParam();
+  Result r;
+  RunCase(format, 128, 8, {len}, 0, 4242, &r);
+  if (HasFatalFailure()) return;
+  EXPECT_TRUE(r.all_finite);
+  EXPECT_LT(r.max_rel_l2, kTolerance) << format << " len=" << len;
+  std::printf("[ result ] %s len=%d splits=%d rel_l2=%.3g\n", format.c_str(), len, r.splits,
+              r.max_rel_l2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Long, CudaDecodeLongTest,
+                         ::testing::Values(std::make_tuple(std::string("fp16"), 131071),
+                                           std::make_tuple(std::string("tq4"), 32769),
+                                           std::make_tuple(std::string("kivi2"), 32769)),
+                         [](const auto& info) {
+                           return std::get<0>(info.param) + "_" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
+
+TEST(CudaDecodeApiTest, RejectsUnsupportedAndBadInput) {
+  SKIP_WITHOUT_GPU();
+  auto qjl = ParseKvFormat("tq:k=4,v=3,qjl");
+  ASSERT_TRUE(qjl.ok()) << qjl.status();
+  EXPECT_EQ(CudaDecodeAttention::Create(*qjl, 128, 8, 16).status().code(),
+            absl::StatusCode::kUnimplemented);
+  auto fp16 = ParseKvFormat("fp16");
+  ASSERT_TRUE(fp16.ok());
+  EXPECT_EQ(CudaDecodeAttention::Create(*fp16, 96, 8, 16).status().code(),
+            absl::StatusCode::kUnimplemented);
+  auto attn = CudaDecodeAttention::Create(*fp16, 128, 8, 16);
+  ASSERT_TRUE(attn.ok()) << attn.status();
+  DecodeBatch b;
+  b.num_seqs = 1;
+  b.num_q_heads = 12;  // not a multiple of 8
+  EXPECT_EQ((*attn)->Run(b, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  b.num_q_heads = 32;  // pointers missing
+  EXPECT_EQ((*attn)->Run(b, nullptr).code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kvgate::kernels::cuda
