@@ -73,40 +73,46 @@ absl::StatusOr<std::shared_ptr<const QualityTable>> LoadQualityTable(const std::
   auto table = std::make_shared<QualityTable>();
   table->source = path;
   if (!root.IsMap()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": expected a map with 'entries'"));
+    return absl::InvalidArgumentError(absl::StrCat(path, ": expected a map with 'formats'"));
   }
   try {
     if (root["model"] && root["model"].IsScalar()) table->model = root["model"].Scalar();
-    const YAML::Node entries = root["entries"];
-    if (!entries || !entries.IsSequence()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(Where(path, root), ": 'entries' must be a list of measurements"));
+    const YAML::Node formats = root["formats"];
+    if (!formats || !formats.IsMap()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          Where(path, root), ": 'formats' must map each setting to its measurements by context"));
     }
-    for (const YAML::Node& e : entries) {
-      if (!e.IsMap() || !e["format"] || !e["context"]) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(Where(path, e), ": each entry needs 'format' and 'context'"));
-      }
-      auto format = CanonicalKvFormatName(e["format"].Scalar());
+    for (const auto& setting : formats) {
+      // "FORMAT" or "FORMAT+EVICTION", as `kvgate eval` names settings.
+      const std::string name = setting.first.Scalar();
+      const auto plus = name.find('+');
+      auto format = CanonicalKvFormatName(name.substr(0, plus));
       if (!format.ok()) {
         return absl::InvalidArgumentError(
-            absl::StrCat(Where(path, e["format"]), ": ", format.status().message()));
+            absl::StrCat(Where(path, setting.first), ": ", format.status().message()));
       }
-      std::string eviction = e["eviction"] ? absl::AsciiStrToLower(e["eviction"].Scalar()) : "none";
-      const int64_t context = e["context"].as<int64_t>();
-      if (context <= 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(Where(path, e["context"]), ": context must be > 0"));
+      const std::string eviction =
+          plus == std::string::npos ? "none" : absl::AsciiStrToLower(name.substr(plus + 1));
+      if (!setting.second.IsMap()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            Where(path, setting.second), ": expected context lengths mapped to measurements"));
       }
-      QualityMetrics m;
-      auto read = [&](const char* key, double* out) {
-        if (e[key] && !e[key].IsNull()) *out = e[key].as<double>();
-      };
-      read("ppl_ratio", &m.ppl_ratio);
-      read("kl", &m.kl);
-      read("top1", &m.top1);
-      read("retrieval", &m.retrieval);
-      table->entries[Key(*format, eviction)][context] = m;
+      for (const auto& row : setting.second) {
+        const int64_t context = row.first.as<int64_t>();
+        if (context <= 0 || !row.second.IsMap()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              Where(path, row.first), ": expected a positive context length and its metrics"));
+        }
+        QualityMetrics m;
+        auto read = [&](const char* key, double* out) {
+          if (row.second[key] && !row.second[key].IsNull()) *out = row.second[key].as<double>();
+        };
+        read("ppl_ratio", &m.ppl_ratio);
+        read("kl", &m.kl);
+        read("top1", &m.top1);
+        read("retrieval", &m.retrieval);
+        table->entries[Key(*format, eviction)][context] = m;
+      }
     }
   } catch (const YAML::Exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(path, ":", e.mark.line + 1, ":",

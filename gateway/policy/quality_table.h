@@ -57,7 +57,12 @@ struct QualityTolerance {
 std::string CheckTolerance(const QualityMetrics& metrics, const QualityTolerance& tolerance,
                            std::string* explanation);
 
-// Reads a quality table YAML file. InvalidArgumentError names file:line:col of the problem.
+// Reads a quality table YAML file as `kvgate eval` writes it:
+//   model: reference
+//   formats:
+//     tq3.5:                          # "FORMAT" or "FORMAT+EVICTION"
+//       1024: {ppl_ratio: 1.004, kl: 0.0021, top1: 0.985, retrieval: 0.92}
+// Other keys are ignored. InvalidArgumentError names file:line:col of the problem.
 absl::StatusOr<std::shared_ptr<const QualityTable>> LoadQualityTable(const std::string& path);
 
 }  // namespace kvgate::gateway

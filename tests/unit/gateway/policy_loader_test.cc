@@ -134,8 +134,8 @@ TEST(PolicyLoaderTest, ExamplePoliciesParse) {
 
 TEST(PolicyLoaderTest, FullSchemaParses) {
   const std::string quality = ::testing::TempDir() + "/full_schema_quality.yaml";
-  std::ofstream(quality) << "model: m\nentries:\n  - {format: \"tq:k=4,v=3\", eviction: "
-                            "\"h2o:heavy=0.1,recent=0.2\", context: 512, kl: 0.01}\n";
+  std::ofstream(quality) << "model: m\nformats:\n  tq:k=4,v=3+h2o:heavy=0.1,recent=0.2:\n"
+                            "    512: {kl: 0.01}\n";
   std::string text = R"(version: 1
 pools:
   - name: small

@@ -17,13 +17,18 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
 constexpr char kTable[] = R"(model: test
-entries:
-  - {format: tq4, context: 512, ppl_ratio: 1.002, kl: 0.004, top1: 0.98, retrieval: 1.0}
-  - {format: tq4, context: 1024, ppl_ratio: 1.004, kl: 0.006, top1: 0.97, retrieval: 0.95}
-  - {format: tq4, context: 2048, ppl_ratio: 1.01, kl: 0.02, top1: 0.95, retrieval: 0.80}
-  - {format: kivi2, context: 512, ppl_ratio: 1.2, kl: 0.30, top1: 0.80, retrieval: 0.40}
-  - {format: kivi2, context: 2048, ppl_ratio: 1.3, kl: 0.35, top1: 0.78, retrieval: 0.20}
-  - {format: fp8, context: 2048, ppl_ratio: 1.001, kl: 0.001, top1: 0.99}
+formats:
+  tq4:
+    512: {ppl_ratio: 1.002, kl: 0.004, top1: 0.98, retrieval: 1.0}
+    1024: {ppl_ratio: 1.004, kl: 0.006, top1: 0.97, retrieval: 0.95}
+    2048: {ppl_ratio: 1.01, kl: 0.02, top1: 0.95, retrieval: 0.80}
+  kivi2:
+    512: {ppl_ratio: 1.2, kl: 0.30, top1: 0.80, retrieval: 0.40}
+    2048: {ppl_ratio: 1.3, kl: 0.35, top1: 0.78, retrieval: 0.20}
+  fp8:
+    2048: {ppl_ratio: 1.001, kl: 0.001, top1: 0.99}
+  fp16+h2o:heavy=0.1,recent=0.1:
+    512: {ppl_ratio: 1.05, kl: 0.04, top1: 0.9, retrieval: 0.5}
 )";
 
 constexpr char kPolicy[] = R"(version: 1
@@ -132,16 +137,16 @@ TEST(QualityTableTest, FindPicksTheSmallestContextAtLeastTheRequest) {
   EXPECT_EQ(at, 2048);  // beyond every measurement: the longest one
   EXPECT_EQ((*table)->Find("tq3", "none", 10, &at), nullptr);
   EXPECT_EQ((*table)->Find("tq4", "h2o:heavy=0.1,recent=0.1", 10, &at), nullptr);
+  EXPECT_NE((*table)->Find("fp16", "h2o:heavy=0.1,recent=0.1", 10, &at), nullptr);
 }
 
 TEST(QualityTableTest, BadTablesAreErrorsWithAPosition) {
   const std::string path = ::testing::TempDir() + "/quality_bad.yaml";
-  std::ofstream(path) << "model: m\nentries:\n  - {format: tq4, context: 512}\n  - {format: nope, "
-                         "context: 1}\n";
+  std::ofstream(path) << "model: m\nformats:\n  tq4:\n    512: {kl: 0.1}\n  nope:\n    1: {}\n";
   auto bad = LoadQualityTable(path);
   ASSERT_FALSE(bad.ok());
-  EXPECT_THAT(std::string(bad.status().message()), HasSubstr(path + ":4:"));
-  std::ofstream(path) << "entries: [ {format: tq4\n";
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr(path + ":5:"));
+  std::ofstream(path) << "formats: { tq4: [\n";
   EXPECT_FALSE(LoadQualityTable(path).ok());
   EXPECT_FALSE(LoadQualityTable(::testing::TempDir() + "/does_not_exist.yaml").ok());
   // A policy naming a missing table is rejected at load, with the position of the key.
