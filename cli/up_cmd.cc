@@ -128,9 +128,9 @@ int RunUp(int argc, char** argv) {
   }
   std::printf(
       "\nkvgate is up: gateway on 127.0.0.1:%d (metrics http://127.0.0.1:%d/metrics)\n"
-      "  try:  %s/bin/kvgate generate --target 127.0.0.1:%d \"Hello, how are you?\"\n"
-      "        %s/bin/kvgate generate --target 127.0.0.1:%d --task legal "
-      "\"Review this contract clause: ...\"\n"
+      "  try:  %s/bin/kvgate generate --target 127.0.0.1:%d \"def fibonacci(n):\"\n"
+      "        %s/bin/kvgate generate --target 127.0.0.1:%d --task code_review "
+      "\"def parse(text):\"\n"
       "Ctrl-C stops the stack.\n\n",
       gport, children.back().process->PrintedPort("HTTP"), bin_dir.c_str(), gport,
       bin_dir.c_str(), gport);

@@ -255,6 +255,9 @@ std::string DescribeDecision(const RouteDecision& decision) {
                     FallbackReasonName(skipped.reason), " (", skipped.detail, ")\n");
   }
   absl::StrAppend(&out, "reason:          ", decision.reason, "\n");
+  if (!decision.quality_basis.empty()) {
+    absl::StrAppend(&out, "quality basis:   ", decision.quality_basis, "\n");
+  }
   absl::StrAppend(&out, "policy hash:     ", decision.policy_hash, "\n");
   return out;
 }

@@ -108,7 +108,9 @@ TEST(PolicyLoaderTest, DefaultPolicyParses) {
   ASSERT_NE(compressed, nullptr);
   ASSERT_NE(full, nullptr);
   EXPECT_EQ(compressed->precision, PoolPrecision::kCompressed);
-  EXPECT_EQ(compressed->kv_format, "tq4");
+  EXPECT_EQ(compressed->kv_format, "kivi4");
+  ASSERT_NE(compressed->quality, nullptr);  // models/reference/quality.yaml, loaded with the policy
+  EXPECT_NE(compressed->quality->Find("kivi4", "none", 1000, nullptr), nullptr);
   EXPECT_EQ(full->kv_format, "fp16");
   EXPECT_EQ(compressed->endpoints, std::vector<std::string>{"127.0.0.1:50061"});
   EXPECT_EQ(full->precision, PoolPrecision::kFull);
