@@ -17,6 +17,7 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <CivetServer.h>
 #include <prometheus/exposer.h>
 #include <prometheus/registry.h>
 
@@ -33,6 +34,9 @@
 #include "workers/engine/engine.h"
 #include "workers/server/worker_metrics.h"
 #include "workers/server/worker_service.h"
+#ifdef KVGATE_WORKER_HAVE_CUDA
+#include "workers/backend/cuda/cuda_model_runner.h"
+#endif
 
 ABSL_FLAG(std::string, model, "", "Hugging Face model folder (config.json, *.safetensors, "
                                   "tokenizer.json)");
@@ -53,9 +57,18 @@ ABSL_FLAG(int, max_batch_tokens, 512, "Tokens per forward step (decode + prefill
 ABSL_FLAG(int64_t, max_context, 0, "Maximum tokens per sequence (0: the model's)");
 ABSL_FLAG(int, threads, 0, "CPU threads for the model (0: all cores)");
 ABSL_FLAG(int, drain_timeout_s, 30, "Seconds to let in-flight requests finish on SIGTERM");
-ABSL_FLAG(std::string, backend, "cpu", "Model backend: cpu, or null (benchmark/test tool: no model "
-                                       "math, placeholder tokens; --max_context may exceed the "
-                                       "model's)");
+#ifdef KVGATE_WORKER_HAVE_CPU
+constexpr char kDefaultBackend[] = "cpu";
+#else
+constexpr char kDefaultBackend[] = "cuda";
+#endif
+ABSL_FLAG(std::string, backend, kDefaultBackend,
+          "Model backend: cpu (kvgate-worker), cuda (kvgate-worker-cuda; fp16 KV only for now), or "
+          "null (benchmark/test tool: no model math, placeholder tokens; --max_context may exceed "
+          "the model's)");
+ABSL_FLAG(double, gpu_memory_fraction, 0.85, "cuda backend: fraction of the GPU memory free after "
+                                             "the weights that the KV pool takes (ignored if "
+                                             "--kv_blocks is set; --kv_cache_mb is not used)");
 
 namespace kvgate::worker {
 namespace {
@@ -78,10 +91,24 @@ int Main(int argc, char** argv) {
     return 2;
   }
   const std::string backend = absl::GetFlag(FLAGS_backend);
-  if (backend != "cpu" && backend != "null") {
-    std::fprintf(stderr, "kvgate-worker: --backend must be cpu or null, got %s\n", backend.c_str());
+  if (backend != "cpu" && backend != "cuda" && backend != "null") {
+    std::fprintf(stderr, "kvgate-worker: --backend must be cpu, cuda or null, got %s\n",
+                 backend.c_str());
     return 2;
   }
+#ifndef KVGATE_WORKER_HAVE_CUDA
+  if (backend == "cuda") {
+    std::fprintf(stderr, "kvgate-worker: --backend cuda: use kvgate-worker-cuda (built when the "
+                         "CUDA toolkit is present: configure with -DKVGATE_CUDA=ON)\n");
+    return 2;
+  }
+#endif
+#ifndef KVGATE_WORKER_HAVE_CPU
+  if (backend == "cpu") {
+    std::fprintf(stderr, "kvgate-worker-cuda: --backend cpu: use kvgate-worker\n");
+    return 2;
+  }
+#endif
   auto kv_spec = kernels::ParseKvFormat(absl::GetFlag(FLAGS_kv));
   if (!kv_spec.ok()) {
     std::fprintf(stderr, "kvgate-worker: --kv: %s\n", std::string(kv_spec.status().message()).c_str());
@@ -103,8 +130,14 @@ int Main(int argc, char** argv) {
   int metrics_port = -1;
   if (int mport = absl::GetFlag(FLAGS_metrics_port); mport >= 0) {
     try {
+      // civetweb's own errors (e.g. why a port cannot be served) go to our log.
+      static CivetCallbacks callbacks{};
+      callbacks.log_message = [](const mg_connection*, const char* message) {
+        KVGATE_LOG(WARNING) << "metrics HTTP server: " << message;
+        return 1;
+      };
       exposer = std::make_unique<prometheus::Exposer>(
-          absl::StrCat(absl::GetFlag(FLAGS_host), ":", mport));
+          absl::StrCat(absl::GetFlag(FLAGS_host), ":", mport), 2, &callbacks);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "kvgate-worker: cannot serve metrics on port %d: %s\n", mport, e.what());
       return 1;
@@ -164,8 +197,20 @@ int Main(int argc, char** argv) {
   ropts.num_threads = absl::GetFlag(FLAGS_threads);
   const NullRunnerOptions null_options{.runner = ropts,
                                        .max_position_embeddings = absl::GetFlag(FLAGS_max_context)};
-  auto runner =
-      backend == "null" ? CreateNullModelRunner(null_options) : CreateCpuModelRunner(ropts);
+  absl::StatusOr<std::unique_ptr<ModelRunner>> runner =
+      absl::UnimplementedError("backend " + backend + " is not built in");
+  if (backend == "null") {
+    runner = CreateNullModelRunner(null_options);
+  }
+#ifdef KVGATE_WORKER_HAVE_CPU
+  if (backend == "cpu") runner = CreateCpuModelRunner(ropts);
+#endif
+#ifdef KVGATE_WORKER_HAVE_CUDA
+  if (backend == "cuda") {
+    runner = CreateCudaModelRunner(
+        ropts, {.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction)});
+  }
+#endif
   if (!runner.ok()) {
     KVGATE_LOG(ERROR) << "cannot load model from " << model_dir << ": " << runner.status();
     server->Shutdown();

@@ -49,6 +49,38 @@ void Centroids(int bits, int d, float* out) {
   for (size_t i = 0; i < levels.size(); ++i) out[i] = levels[i] * inv_sqrt_d;
 }
 
+// The v2 kernel's format id for a spec (decode_attention_internal.h), or -1 (v1 only): KIVI needs
+// a power-of-two group in [16, d] dividing the 128-token tile; TurboQuant equal key and value
+// rates of 4, 3.5, 3 or 2.5 bits and no QJL.
+int MmaFormat(const KvFormatSpec& spec, int d, int bs) {
+  switch (spec.kind) {
+    case KvFormatKind::kFp16:
+      return internal::kKindFp16;
+    case KvFormatKind::kBf16:
+      return internal::kKindBf16;
+    case KvFormatKind::kFp8:
+      return internal::kKindFp8;
+    case KvFormatKind::kInt8:
+      return internal::kKindInt8;
+    case KvFormatKind::kKivi: {
+      const int gs = spec.group_size;
+      const int tile = std::max(128, bs);
+      if ((gs & (gs - 1)) != 0 || gs < 16 || gs > d || tile % gs != 0 || 128 % bs != 0) return -1;
+      if (spec.key_bits == 2 && spec.value_bits == 2) return 12;
+      if (spec.key_bits == 4 && spec.value_bits == 4) return 14;
+      return -1;
+    }
+    case KvFormatKind::kTurbo:
+      if (spec.qjl_keys || spec.key_bits != spec.value_bits) return -1;
+      if (spec.key_bits == 4) return 20;
+      if (spec.key_bits == 3.5) return 21;
+      if (spec.key_bits == 3) return 22;
+      if (spec.key_bits == 2.5) return 23;
+      return -1;
+  }
+  return -1;
+}
+
 class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
  public:
   ~CudaDecodeAttentionImpl() override {
@@ -145,13 +177,15 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
         return absl::UnimplementedError("CUDA decode: KIVI group larger than a tile");
       }
     }
-    a->tile_blocks_ = tile_blocks;
+    // v1 (DecodeSplitKernel): every format; KIVI's residual split always runs on it.
     const int stage_bytes = tile_blocks * seg;
     const int teams = internal::ThreadsPerCta() / (d / 8);
     int smem = std::max(internal::MaxStages() * stage_bytes, teams * 8 * d * 4);  // reduction
     if (a->kind_ == internal::kKindKivi) {
       a->residual_tile_tokens = std::min(internal::kMaxTileTokens, smem / (4 * d));
     }
+    a->smem_v1_bytes_ = smem;
+    a->tile_blocks_ = tile_blocks;
     a->smem_bytes_ = smem;
     int dev = 0;
     cudaGetDevice(&dev);
@@ -160,6 +194,27 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
       cudaError_t e = internal::SetupSplitKernel(a->kind_, d, 1 << gi, smem, &a->ctas_per_sm_[gi]);
       if (e != cudaSuccess) return CudaError(e, "kernel setup");
       a->ctas_per_sm_[gi] = std::max(1, a->ctas_per_sm_[gi]);
+    }
+    // v2 (DecodeMmaKernel, tensor cores) where it has an instance: tiles of 64 tokens (records of
+    // >= 256 bytes) or 128, kStagesMma deep.
+    const int fmt = MmaFormat(spec, d, bs);
+    if (fmt >= 0) {
+      const int mma_tile_tokens = fp.record_bytes >= 256 ? 64 : 128;
+      const int mma_tile_blocks = std::max(1, mma_tile_tokens / bs);
+      int mma_smem = internal::MmaStages() * mma_tile_blocks * seg + 16;
+      if (a->kind_ == internal::kKindKivi) {
+        mma_smem += 2 * (mma_tile_blocks * bs / fp.kivi_group) * d * 4;
+      }
+      mma_smem = std::max(mma_smem, internal::MmaMergeBytes(d));
+      int ctas = 0;
+      if (mma_smem <= 160 * 1024 && internal::SetupMmaKernel(fmt, d, mma_smem, &ctas) ==
+                                        cudaSuccess) {
+        a->mma_fmt_ = fmt;
+        a->tile_blocks_ = mma_tile_blocks;
+        a->smem_bytes_ = mma_smem;
+        for (int gi = 0; gi < 4; ++gi) a->ctas_per_sm_[gi] = std::max(1, ctas);
+      }
+      cudaGetLastError();  // a refused setup leaves v1 in place
     }
     return std::unique_ptr<CudaDecodeAttention>(std::move(a));
   }
@@ -190,16 +245,33 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     if (residual && (!b.residual_k || !b.residual_v || b.residual_capacity <= 0)) {
       return absl::InvalidArgumentError("DecodeBatch: KIVI residual pointers missing");
     }
-    // Split planning: whole tiles per split, about two waves of CTAs.
+    // Split planning: whole tiles per split. Automatic: the split count whose estimated time is
+    // least, time = waves of CTAs (ceil(CTAs / resident CTA slots)) x (tiles per split + 1 for
+    // the pipeline's fill), so that the last wave is not a small tail; ties go to fewer splits.
     const int max_blocks = (b.max_encoded_len + block_size_ - 1) / block_size_;
     const int max_tiles = std::max(1, (max_blocks + tile_blocks_ - 1) / tile_blocks_);
     const int gi = g == 1 ? 0 : g == 2 ? 1 : g == 4 ? 2 : 3;
-    const int64_t target = 2LL * num_sms_ * ctas_per_sm_[gi];
-    int splits = forced_splits_ > 0
-                     ? forced_splits_
-                     : static_cast<int>((target + int64_t{b.num_seqs} * hkv - 1) /
-                                        (int64_t{b.num_seqs} * hkv));
-    splits = std::clamp(splits, 1, max_tiles);
+    const int64_t slots = int64_t{num_sms_} * ctas_per_sm_[gi];
+    const int64_t pairs = int64_t{b.num_seqs} * hkv;
+    const int split_cap = internal::kMaxReduceSplits - 1;  // one left for KIVI's residual split
+    int splits = 1;
+    if (forced_splits_ > 0) {
+      splits = forced_splits_;
+    } else {
+      const int64_t most = std::min<int64_t>(
+          {max_tiles, split_cap, std::max<int64_t>(1, (8 * slots + pairs - 1) / pairs)});
+      int64_t best_time = -1;
+      for (int64_t s = 1; s <= most; ++s) {
+        const int64_t tps = (max_tiles + s - 1) / s;
+        const int64_t used = (max_tiles + tps - 1) / tps;
+        const int64_t time = (pairs * used + slots - 1) / slots * (tps + 1);
+        if (best_time < 0 || time < best_time) {
+          best_time = time;
+          splits = static_cast<int>(used);
+        }
+      }
+    }
+    splits = std::clamp(splits, 1, std::min(max_tiles, split_cap));
     const int tiles_per_split = (max_tiles + splits - 1) / splits;
     splits = (max_tiles + tiles_per_split - 1) / tiles_per_split;
     last_splits_ = splits;
@@ -232,7 +304,8 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     a.qprep = qprep_;
     a.part_acc = part_acc_;
     a.part_ml = part_ml_;
-    cudaError_t e = internal::LaunchDecode(kind_, d, g, a, fp_, hkv, b.num_seqs, smem_bytes_, b.q,
+    cudaError_t e = internal::LaunchDecode(kind_, mma_fmt_, d, g, a, fp_, hkv, b.num_seqs,
+                                           smem_bytes_, smem_v1_bytes_, b.q,
                                            b.out, signs_, b.scale,
                                            static_cast<cudaStream_t>(stream_ptr));
     if (e != cudaSuccess) return CudaError(e, "decode attention launch");
@@ -260,6 +333,8 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
   int residual_tile_tokens = 0, smem_bytes_ = 0, num_sms_ = 1;
   int ctas_per_sm_[4] = {1, 1, 1, 1};
   int forced_splits_ = 0, last_splits_ = 0;
+  int mma_fmt_ = -1;  // DecodeMmaKernel (v2) format id; -1: DecodeSplitKernel (v1)
+  int smem_v1_bytes_ = 0;
   FormatParams fp_;
   float* signs_ = nullptr;
   float* qprep_ = nullptr;

@@ -1,15 +1,20 @@
 // Paged split-KV decode attention for every KV format (kvgate/kernels/cuda_attention.h).
+// docs/GPU_NOTES.md has the design, the floors and the measured history of each version.
 //
-// Per call: PrepareQueryKernel (q * scale * log2(e), rotated for TurboQuant) -> DecodeSplitKernel
-// (grid [splits (+1 KIVI residual split), kv_heads, seqs], 128 threads) -> ReduceSplitsKernel
-// (combines the splits' (max, sum, acc), un-rotates TurboQuant outputs).
-//
-// DecodeSplitKernel: a split is a range of whole tiles; a tile is `tile_blocks` blocks. Each block
-// segment (one kv-head of one layer: block_size * record_bytes contiguous bytes, 16-byte aligned)
-// is copied into shared memory with 16-byte cp.async, STAGES tiles in flight. A team of D/8 lanes
-// handles one token, each lane 8 channels: scores are reduced with shuffles inside the team; the
-// online softmax runs per tile (base 2); values accumulate into per-lane [G][8] fp32 registers,
-// summed over teams at the end of the split.
+// Per call: PrepareQueryKernel (q * scale * log2(e), rotated for TurboQuant) -> split kernel ->
+// ReduceSplitsKernel (combines the splits' (max, sum, acc) in parallel over splits, un-rotates
+// TurboQuant outputs). Split kernels, both writing the same partials:
+//  - DecodeMmaKernel (v2, default where an instance exists: fp16, bf16, fp8, int8, kivi2/4 with a
+//    power-of-two group, TurboQuant with equal key/value rates 4/3.5/3/2.5): tensor cores
+//    (mma.sync m16n8k16) for Q K^T and P V with the GQA group as N, per-warp online softmax on
+//    the fragments; its comment below has the fragment mapping.
+//  - DecodeSplitKernel (v1: the other layouts, and KIVI's fp16 residual window as one extra
+//    split): a split is a range of whole tiles; a tile is `tile_blocks` blocks. Each block
+//    segment (one kv-head of one layer: block_size * record_bytes contiguous bytes, 16-byte
+//    aligned) is copied into shared memory with 16-byte cp.async, STAGES tiles in flight. A team
+//    of D/8 lanes handles one token, each lane 8 channels: scores are reduced with shuffles inside
+//    the team; the online softmax runs per tile (base 2); values accumulate into per-lane [G][8]
+//    fp32 registers, summed over teams at the end of the split.
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -267,7 +272,7 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   __shared__ float s_scores[G * kMaxTileTokens];
   __shared__ float s_m[G], s_l[G], s_alpha[G];
   __shared__ float s_tables[64];
-  const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
+  const int split = blockIdx.x + a.split_offset, kvh = blockIdx.y, seq = blockIdx.z;
   const int tid = threadIdx.x, team = tid / kLanes, lane = tid % kLanes;
   const int num_kv_heads = gridDim.y;
   if (tid < 64) s_tables[tid] = fp.tables[tid];
@@ -379,21 +384,21 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   }
 }
 
-// In-place orthonormal Walsh-Hadamard transform of x[D] in shared memory, D threads.
+// In-place orthonormal Walsh-Hadamard transform of x[D] in shared memory; every thread of the
+// block calls it (barriers), threads with active (c = channel < D) do the work.
 template <int D>
-__device__ void Fwht(float* x) {
-  const int c = threadIdx.x;
+__device__ void Fwht(float* x, bool active, int c) {
 #pragma unroll
   for (int h = 1; h < D; h <<= 1) {
     __syncthreads();
-    if ((c & h) == 0) {
+    if (active && (c & h) == 0) {
       const float a = x[c], b = x[c + h];
       x[c] = a + b;
       x[c + h] = a - b;
     }
   }
   __syncthreads();
-  x[c] *= rsqrtf(static_cast<float>(D));
+  if (active) x[c] *= rsqrtf(static_cast<float>(D));
   __syncthreads();
 }
 
@@ -407,40 +412,81 @@ __global__ void PrepareQueryKernel(const float* q, float* qprep, const float* si
   float v = q[row * D + c];
   if (signs != nullptr) {
     x[c] = v * signs[c];
-    Fwht<D>(x);
+    Fwht<D>(x, true, c);
     v = x[c];
   }
   qprep[row * D + c] = v * scale * kLog2e;
 }
 
-// grid [num_q_heads, num_seqs], D threads.
+constexpr int kReduceParts = 4;  // split groups per output row in ReduceSplitsKernel
+
+// Block-wide reduction of one float (max or sum) over all threads of the block; every thread
+// gets the result.
+template <bool MAX>
+__device__ float BlockReduce(float v, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = MAX ? fmaxf(v, o) : v + o;
+  }
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) scratch[warp] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < warps; ++w) v = MAX ? fmaxf(v, scratch[w]) : v + scratch[w];
+  return v;
+}
+
+// grid [num_q_heads, num_seqs], kReduceParts * D threads. The splits' weights exp2(m_s - M) are
+// computed once (in parallel over splits) into shared memory; each of the kReduceParts groups of
+// D threads sums every kReduceParts-th split for its channel (many loads in flight), and the
+// groups are added. total_splits <= kMaxReduceSplits.
 template <int D>
-__global__ void ReduceSplitsKernel(const float* part_acc, const float* part_ml, float* out,
-                                   const float* signs, int num_q_heads, int num_kv_heads,
-                                   int total_splits) {
-  __shared__ float x[D];
-  const int qh = blockIdx.x, seq = blockIdx.y, c = threadIdx.x;
+__global__ void __launch_bounds__(kReduceParts * D) ReduceSplitsKernel(
+    const float* part_acc, const float* part_ml, float* out, const float* signs, int num_q_heads,
+    int num_kv_heads, int total_splits) {
+  __shared__ float s_w[kMaxReduceSplits];
+  __shared__ float s_num[kReduceParts][D];
+  __shared__ float scratch[kReduceParts * D / 32];
+  const int qh = blockIdx.x, seq = blockIdx.y, tid = threadIdx.x;
   const int group = num_q_heads / num_kv_heads, kvh = qh / group, g = qh % group;
   const size_t base = (static_cast<size_t>(seq) * num_kv_heads + kvh) * total_splits;
   float m = -INFINITY;
-  for (int s = 0; s < total_splits; ++s) m = fmaxf(m, part_ml[((base + s) * group + g) * 2]);
-  float denom = 0.f, num = 0.f;
-  if (m != -INFINITY) {
-    for (int s = 0; s < total_splits; ++s) {
-      const float ms = part_ml[((base + s) * group + g) * 2];
-      if (ms == -INFINITY) continue;
-      const float w = exp2f(ms - m);
-      denom += w * part_ml[((base + s) * group + g) * 2 + 1];
-      num += w * part_acc[((base + s) * group + g) * D + c];
-    }
+  for (int s = tid; s < total_splits; s += kReduceParts * D) {
+    m = fmaxf(m, part_ml[((base + s) * group + g) * 2]);
   }
-  float v = denom > 0.f ? num / denom : 0.f;
+  m = BlockReduce<true>(m, scratch);
+  float den = 0.f;
+  for (int s = tid; s < total_splits; s += kReduceParts * D) {
+    const float ms = part_ml[((base + s) * group + g) * 2];
+    const float w = (m == -INFINITY || ms == -INFINITY) ? 0.f : exp2f(ms - m);
+    s_w[s] = w;
+    den += w * part_ml[((base + s) * group + g) * 2 + 1];
+  }
+  den = BlockReduce<false>(den, scratch);  // (its barriers also publish s_w)
+  const int part = tid / D, c = tid % D;
+  float num = 0.f;
+#pragma unroll 8
+  for (int s = part; s < total_splits; s += kReduceParts) {
+    num += s_w[s] * part_acc[((base + s) * group + g) * D + c];
+  }
+  s_num[part][c] = num;
+  __syncthreads();
+  float v = 0.f;
+  if (part == 0) {
+#pragma unroll
+    for (int p = 0; p < kReduceParts; ++p) v += s_num[p][c];
+    v = den > 0.f ? v / den : 0.f;
+  }
   if (signs != nullptr) {
-    x[c] = v;
-    Fwht<D>(x);
-    v = x[c] * signs[c];
+    float* x = s_num[1];  // free after the sum above (every reader passed the barrier in Fwht)
+    __syncthreads();
+    if (part == 0) x[c] = v;
+    Fwht<D>(x, part == 0, c);
+    if (part == 0) v = x[c] * signs[c];
   }
-  out[(static_cast<size_t>(seq) * num_q_heads + qh) * D + c] = v;
+  if (part == 0) out[(static_cast<size_t>(seq) * num_q_heads + qh) * D + c] = v;
 }
 
 template <int KIND, int D, int G>
@@ -506,9 +552,631 @@ cudaError_t Dispatch(bool setup, int kind, int d, int g, const SplitArgs& a, con
   return cudaErrorInvalidValue;
 }
 
+
+// ---- v2: tensor-core split kernel ---------------------------------------------------------------
+//
+// DecodeMmaKernel<FMT, D>: grid [splits, kv_heads, seqs], 128 threads (4 warps); the GQA group
+// (G <= 8 query heads, zero-padded to 8) is the N dimension of mma.sync m16n8k16 (fp16 operands,
+// bf16 for bf16 storage; fp32 accumulate). Tiles (64 or 128 tokens, whole blocks) are staged with
+// cp.async, kStagesMma deep; each warp owns 16-token chunks of a tile and keeps its own online
+// softmax, so the only barrier is the pipeline's one per tile. Per chunk and warp:
+//   S^T[16 tok][8 heads] = K[16 tok][D] x Q^T      (D/16 mma; lane (g, t) holds the keys of
+//                                                   tokens g and g+8 on its KeyChannel list; the
+//                                                   k index is permuted, Q's fragment likewise)
+//   per-token key factor (int8 scale, TurboQuant norm, FP8 head scale) on the scores
+//   online softmax on the fragment (max: 3 shuffles per head pair; sums stay per lane)
+//   P^T fragment = movmatrix.trans of the packed probabilities (x per-token value factor)
+//   O^T[D][8] += V^T[D][16 tok] x P^T              (D/16 mma; lane (g, t) holds the values of
+//                                                   tokens 2t, 2t+1, 2t+8, 2t+9 on its
+//                                                   ValueChannel list)
+// Codes become fp16 in registers: fp8/int8 exactly (cvt / 0x64XX magic), KIVI as
+// code * scale + min (HFMA2; powers of two of the scale absorb the code's bit position),
+// TurboQuant centroids from a 16-entry fp16 table in shared memory (conflict-free).
+// bf16: q and p are split into hi + lo bf16 parts (two mma each) so the result keeps fp32-level
+// accuracy. At the end the 4 warps' (m, l, O) merge through shared memory into the v1 partial
+// format (part_acc [G][D] unnormalised, part_ml (m, l)), so ReduceSplitsKernel is shared.
+constexpr int kStagesMma = 3;
+
+// Format ids of the v2 kernel: the kinds above, KIVI by bits, TurboQuant by (key = value) rate.
+enum : int {
+  kMmaKivi2 = 12,
+  kMmaKivi4 = 14,
+  kMmaTq4 = 20,   // 4 bits everywhere
+  kMmaTq35 = 21,  // d/2 at 4 bits + d/2 at 3
+  kMmaTq3 = 22,   // 3 bits everywhere
+  kMmaTq25 = 23,  // d/4 at 3 bits + 3d/4 at 2
+};
+
+template <int FMT>
+struct MmaFmt {
+  static constexpr bool kKivi = FMT == kMmaKivi2 || FMT == kMmaKivi4;
+  static constexpr bool kTurbo = FMT >= kMmaTq4 && FMT <= kMmaTq25;
+  static constexpr int kKiviBits = FMT == kMmaKivi2 ? 2 : 4;
+  static constexpr int kHiBits = FMT == kMmaTq3 || FMT == kMmaTq25 ? 3 : 4;
+  static constexpr int kLoBits = FMT == kMmaTq35 || FMT == kMmaTq3 ? 3 : FMT == kMmaTq25 ? 2 : 4;
+  static constexpr int kHiDiv = FMT == kMmaTq35 ? 2 : FMT == kMmaTq25 ? 4 : 1;  // hi = D / kHiDiv
+};
+
+template <bool BF>
+__device__ __forceinline__ void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  if constexpr (BF) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t MovTrans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t PackHalf2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// bf16 pair of (lo, hi) rounded to nearest, and the pair of residuals x - bf16(x).
+__device__ __forceinline__ uint32_t PackBf162(float lo, float hi, float* rlo, float* rhi) {
+  const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+  const float2 f = __bfloat1622float2(b);
+  *rlo = lo - f.x;
+  *rhi = hi - f.y;
+  return *reinterpret_cast<const uint32_t*>(&b);
+}
+__device__ __forceinline__ uint32_t PackBf162(float lo, float hi) {
+  const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&b);
+}
+
+__device__ __forceinline__ uint32_t HalfSub2(uint32_t x, uint32_t y) {
+  __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&y));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+__device__ __forceinline__ uint32_t HalfMul2(uint32_t x, uint32_t y) {
+  __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&y));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+__device__ __forceinline__ uint32_t HalfFma2(uint32_t x, uint32_t y, uint32_t z) {
+  __half2 r = __hfma2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&y),
+                      *reinterpret_cast<const __half2*>(&z));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// 4 fp8 E4M3 (one word) -> 2 half2 (exact).
+__device__ __forceinline__ void Fp8x4ToHalf2(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  const __half2_raw a = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xFFFFu),
+                                                   __NV_E4M3);
+  const __half2_raw b = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> 16),
+                                                   __NV_E4M3);
+  lo = static_cast<uint32_t>(a.x) | (static_cast<uint32_t>(a.y) << 16);
+  hi = static_cast<uint32_t>(b.x) | (static_cast<uint32_t>(b.y) << 16);
+}
+
+// 4 int8 (one word) -> 2 half2 (exact): fp16 0x64XX is 1024 + XX; bias the byte by 128.
+__device__ __forceinline__ void Int8x4ToHalf2(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  const uint32_t u = w ^ 0x80808080u;
+  constexpr uint32_t k1152 = 0x64806480u;  // half2(1152, 1152)
+  lo = HalfSub2(__byte_perm(u, 0x64646464u, 0x4140), k1152);
+  hi = HalfSub2(__byte_perm(u, 0x64646464u, 0x4342), k1152);
+}
+
+// N little-endian words starting at p (2-byte aligned at least).
+template <int N>
+__device__ __forceinline__ void LoadWords(const uint8_t* p, uint32_t (&w)[N]) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if ((a & 3) == 0) {
+    const uint32_t* q = reinterpret_cast<const uint32_t*>(p);
+#pragma unroll
+    for (int i = 0; i < N; ++i) w[i] = q[i];
+  } else {
+    const uint32_t* q = reinterpret_cast<const uint32_t*>(a - 2);
+    uint32_t prev = q[0];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const uint32_t next = q[i + 1];
+      w[i] = __byte_perm(prev, next, 0x5432);
+      prev = next;
+    }
+  }
+}
+
+// 64 bits of a packed code stream: bits [bit, bit + 64) after byte pointer p. Reads up to 11
+// bytes past p + bit / 8 (the shared buffers carry 16 bytes of slack).
+__device__ __forceinline__ uint64_t LoadBits64(const uint8_t* p, int bit) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(p) + (bit >> 3);
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(addr & ~uintptr_t{3});
+  const int sh = static_cast<int>(addr & 3) * 8 + (bit & 7);
+  const uint32_t w0 = w[0], w1 = w[1], w2 = w[2];
+  const uint32_t lo = __funnelshift_r(w0, w1, sh), hi = __funnelshift_r(w1, w2, sh);
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+
+// N codes of B bits starting at bit `bit` of p, as N/2 half2 of table[code] (fp16 table of 16
+// entries in shared memory: any pattern of lanes is conflict-free).
+template <int N, int B>
+__device__ __forceinline__ void TurboCodes(const uint8_t* p, int bit, const uint16_t* table,
+                                           uint32_t* out) {
+  constexpr int kPer = 64 / B;  // whole codes per 64-bit load
+  constexpr int kLoads = (N + kPer - 1) / kPer;
+  uint64_t chunk[kLoads];
+#pragma unroll
+  for (int i = 0; i < kLoads; ++i) chunk[i] = LoadBits64(p, bit + i * kPer * B);
+#pragma unroll
+  for (int j = 0; j < N; j += 2) {
+    const uint32_t c0 =
+        static_cast<uint32_t>(chunk[j / kPer] >> ((j % kPer) * B)) & ((1u << B) - 1);
+    const uint32_t c1 =
+        static_cast<uint32_t>(chunk[(j + 1) / kPer] >> (((j + 1) % kPer) * B)) & ((1u << B) - 1);
+    out[j / 2] = static_cast<uint32_t>(table[c0]) | (static_cast<uint32_t>(table[c1]) << 16);
+  }
+}
+
+// KIVI: N codes (N multiple of 8 for 4-bit, 16 for 2-bit) from `words`, as N/2 half2 of the raw
+// code times a power of two: pair j = (code[2j] * f0(j), code[2j+1] * f1(j)) with (f0, f1) =
+// (1, 16) for 4 bits; (1, 4) for even j and (16, 64) for odd j for 2 bits. KiviScale gives the
+// matching scale pairs (scale / f).
+template <int BITS, int N>
+__device__ __forceinline__ void KiviCodePairs(const uint32_t* words, uint32_t* out) {
+#pragma unroll
+  for (int j = 0; j < N / 2; ++j) {
+    const uint32_t w = words[j / (16 / BITS)];
+    uint32_t x;
+    if constexpr (BITS == 4) {
+      const int byte = j % 4;
+      x = __byte_perm(w, 0u, 0x4040 | (byte << 8) | byte) & 0x00F0000Fu;
+    } else {
+      const int byte = (j / 2) % 4;
+      x = __byte_perm(w, 0u, 0x4040 | (byte << 8) | byte) & ((j % 2) ? 0x00C00030u : 0x000C0003u);
+    }
+    out[j] = HalfSub2(x | 0x64006400u, 0x64006400u);  // exact small integers
+  }
+}
+template <int BITS>
+__device__ __forceinline__ uint32_t KiviScale(float sc_lo, float sc_hi, int j) {
+  if constexpr (BITS == 4) return PackHalf2(sc_lo, sc_hi * (1.f / 16));
+  return (j % 2) ? PackHalf2(sc_lo * (1.f / 16), sc_hi * (1.f / 64))
+                 : PackHalf2(sc_lo, sc_hi * (1.f / 4));
+}
+
+template <int FMT>
+__device__ __forceinline__ int ChannelBytes() {
+  return FMT == kKindFp16 || FMT == kKindBf16 ? 2 : 1;
+}
+
+// Channel of entry m of lane t's key list (KEY) or of lane g's value list.
+template <int FMT, int D, bool KEY>
+__device__ __forceinline__ int ListChannel(int lane_part, int m) {
+  constexpr int kLanes = KEY ? 4 : 8;
+  if constexpr (MmaFmt<FMT>::kTurbo) {
+    constexpr int hi = D / MmaFmt<FMT>::kHiDiv, nhi = hi / kLanes, nlo = (D - hi) / kLanes;
+    return m < nhi ? lane_part * nhi + m : hi + lane_part * nlo + (m - nhi);
+  }
+  return lane_part * (D / kLanes) + m;
+}
+
+// CH channels (the lane's list) of one key or value vector of a token -> CH/2 (b)f16x2.
+// rec: the vector's first byte (key: record; value: record + key_bytes). part: t or g.
+template <int FMT, int D, int CH, bool KEY>
+__device__ __forceinline__ void LoadList(const uint8_t* rec, int part, const FormatParams& fp,
+                                         const uint16_t* table, uint32_t (&h)[CH / 2]) {
+  const uint8_t* p = rec + part * CH * ChannelBytes<FMT>();
+  if constexpr (FMT == kKindFp16 || FMT == kKindBf16) {
+#pragma unroll
+    for (int j = 0; j < CH / 8; ++j) {
+      const uint4 u = reinterpret_cast<const uint4*>(p)[j];
+      h[4 * j] = u.x;
+      h[4 * j + 1] = u.y;
+      h[4 * j + 2] = u.z;
+      h[4 * j + 3] = u.w;
+    }
+  } else if constexpr (FMT == kKindFp8) {
+    if constexpr (CH % 16 == 0) {
+#pragma unroll
+      for (int j = 0; j < CH / 16; ++j) {
+        const uint4 u = reinterpret_cast<const uint4*>(p)[j];
+        Fp8x4ToHalf2(u.x, h[8 * j], h[8 * j + 1]);
+        Fp8x4ToHalf2(u.y, h[8 * j + 2], h[8 * j + 3]);
+        Fp8x4ToHalf2(u.z, h[8 * j + 4], h[8 * j + 5]);
+        Fp8x4ToHalf2(u.w, h[8 * j + 6], h[8 * j + 7]);
+      }
+    } else {
+      const uint2 u = *reinterpret_cast<const uint2*>(p);
+      Fp8x4ToHalf2(u.x, h[0], h[1]);
+      Fp8x4ToHalf2(u.y, h[2], h[3]);
+    }
+  } else if constexpr (FMT == kKindInt8) {
+    uint32_t w[CH / 4];
+    LoadWords<CH / 4>(p, w);
+#pragma unroll
+    for (int j = 0; j < CH / 4; ++j) Int8x4ToHalf2(w[j], h[2 * j], h[2 * j + 1]);
+  } else if constexpr (MmaFmt<FMT>::kKivi) {
+    constexpr int B = MmaFmt<FMT>::kKiviBits;
+    uint32_t w[(CH * B + 31) / 32];
+    const uint8_t* c = rec + part * CH * B / 8;
+    if constexpr (CH * B >= 32) {
+      LoadWords<CH * B / 32>(c, w);
+    } else {
+      w[0] = *reinterpret_cast<const uint16_t*>(c);
+    }
+    KiviCodePairs<B, CH>(w, h);
+  } else {  // TurboQuant: hi part then lo part of the lane's list
+    using F = MmaFmt<FMT>;
+    constexpr int kLanes = KEY ? 4 : 8;
+    constexpr int hi = D / F::kHiDiv, nhi = hi / kLanes, nlo = (D - hi) / kLanes;
+    const uint16_t* tab = table + (KEY ? 0 : 32);
+    if constexpr (nhi > 0) TurboCodes<nhi, F::kHiBits>(rec, part * nhi * F::kHiBits, tab, h);
+    if constexpr (nlo > 0) {
+      TurboCodes<nlo, F::kLoBits>(rec, hi * F::kHiBits + part * nlo * F::kLoBits, tab + 16,
+                                  h + nhi / 2);
+    }
+  }
+}
+
+// Per-token factor of a key / value vector (int8 scale, TurboQuant norm; 1 otherwise).
+template <int FMT, int D, bool KEY>
+__device__ __forceinline__ float TokenFactor(const uint8_t* vec, const FormatParams& fp) {
+  if constexpr (FMT == kKindInt8) return LoadHalfF(vec + D);
+  if constexpr (MmaFmt<FMT>::kTurbo) {
+    return LoadHalfF(vec + (KEY ? fp.tq_key_code_bytes : fp.tq_value_code_bytes));
+  }
+  return 1.f;
+}
+
+template <int FMT, int D>
+__global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatParams fp, int G) {
+  using F = MmaFmt<FMT>;
+  constexpr bool kBf = FMT == kKindBf16;
+  constexpr int kKeySteps = D / 16;  // k-steps of Q K^T
+  constexpr int kKeyCh = D / 4;      // key channels per lane
+  constexpr int kValTiles = D / 16;  // m-tiles of V^T P^T
+  constexpr int kValCh = D / 8;      // value channels per lane
+  constexpr int kWarps = kThreads / 32;
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ uint16_t s_table[64];  // TurboQuant fp16 centroids: key hi, key lo, value hi, lo
+  const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int num_kv_heads = gridDim.y;
+  const int rb = fp.record_bytes, kb = fp.key_bytes;
+  if constexpr (F::kTurbo) {
+    if (tid < 64) s_table[tid] = __half_as_ushort(__float2half_rn(fp.tables[tid]));
+  }
+
+  // Q fragments: head g (zero beyond G); pair j of k-step s = list entries 4s + 2j, 4s + 2j + 1.
+  uint32_t qf[kKeySteps][2];
+  uint32_t qf_lo[kBf ? kKeySteps : 1][2];
+  {
+    const float* qp =
+        a.qprep + (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + min(g, G - 1)) * D;
+#pragma unroll
+    for (int s = 0; s < kKeySteps; ++s) {
+      const float4 v = *reinterpret_cast<const float4*>(qp + ListChannel<FMT, D, true>(t, 4 * s));
+      if constexpr (kBf) {
+        float r[4];
+        qf[s][0] = g < G ? PackBf162(v.x, v.y, &r[0], &r[1]) : 0u;
+        qf[s][1] = g < G ? PackBf162(v.z, v.w, &r[2], &r[3]) : 0u;
+        qf_lo[s][0] = g < G ? PackBf162(r[0], r[1]) : 0u;
+        qf_lo[s][1] = g < G ? PackBf162(r[2], r[3]) : 0u;
+      } else {
+        qf[s][0] = g < G ? PackHalf2(v.x, v.y) : 0u;
+        qf[s][1] = g < G ? PackHalf2(v.z, v.w) : 0u;
+      }
+    }
+  }
+  float acc[kValTiles][4];
+#pragma unroll
+  for (int i = 0; i < kValTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // heads 2t, 2t+1
+  float key_scale = 1.f, value_scale = 1.f;
+  if constexpr (FMT == kKindFp8) {
+    key_scale = a.head_scales[(static_cast<size_t>(seq) * num_kv_heads + kvh) * 2];
+    value_scale = a.head_scales[(static_cast<size_t>(seq) * num_kv_heads + kvh) * 2 + 1];
+  }
+
+  const int enc = a.encoded_lens[seq];
+  const int bs = a.block_size;
+  const int seq_blocks = (enc + bs - 1) / bs;
+  const int b0 = split * a.blocks_per_split;
+  const int b1 = min(b0 + a.blocks_per_split, seq_blocks);
+  const int ntiles = b1 > b0 ? (b1 - b0 + a.tile_blocks - 1) / a.tile_blocks : 0;
+  const int seg_bytes = bs * rb;
+  const int stage_bytes = a.tile_blocks * seg_bytes;
+  const int tile_tokens = a.tile_blocks * bs;
+  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.max_blocks_per_seq;
+  // KIVI: key group of 2^lg_group tokens, cpt = D / group channels' metadata per record.
+  const int lg_group = F::kKivi ? __ffs(fp.kivi_group) - 1 : 0;
+  const int cpt = F::kKivi ? D >> lg_group : 1;
+  const int lg_cpt = __ffs(cpt) - 1;
+  const int kivi_meta_words = F::kKivi ? (tile_tokens >> lg_group) * D : 0;
+  uint32_t* kivi_meta = reinterpret_cast<uint32_t*>(smem + kStagesMma * stage_bytes + 16);
+  const int kivi_vgroup = F::kKivi ? (g * kValCh) >> lg_group : 0;  // value channel group
+  // One tile: block by block, 16 bytes per thread and step (no divisions on the issue path).
+  auto load_tile = [&](int tt) {
+    uint8_t* dst = smem + (tt % kStagesMma) * stage_bytes;
+    const int tb0 = b0 + tt * a.tile_blocks;
+    const int nb = min(a.tile_blocks, b1 - tb0);
+    for (int b = 0; b < nb; ++b) {
+      const uint8_t* src = a.pool + static_cast<int64_t>(table[tb0 + b]) * a.block_stride_bytes +
+                           a.layer_offset_bytes + static_cast<int64_t>(kvh) * seg_bytes;
+      uint8_t* d = dst + b * seg_bytes;
+      for (int off = tid * 16; off < seg_bytes; off += kThreads * 16) CpAsync16(d + off, src + off);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kStagesMma - 1; ++s) {
+    if (s < ntiles) load_tile(s);
+    CpAsyncCommit();
+  }
+  for (int tt = 0; tt < ntiles; ++tt) {
+    CpAsyncWait<kStagesMma - 2>();
+    __syncthreads();
+    if (tt + kStagesMma - 1 < ntiles) load_tile(tt + kStagesMma - 1);
+    CpAsyncCommit();
+    const uint8_t* tile = smem + (tt % kStagesMma) * stage_bytes;
+    const int ntok = min(tile_tokens, enc - (b0 + tt * a.tile_blocks) * bs);
+    if constexpr (F::kKivi) {
+      // Stage the tile's key-group metadata as channel pairs: [group][D/2] scale' (divided by the
+      // pair's code position factor, KiviCodePairs) then [D/2] (min, min). Double-buffered, so one
+      // extra barrier per tile.
+      uint32_t* meta = kivi_meta + (tt & 1) * kivi_meta_words;
+      const int groups = (ntok + (1 << lg_group) - 1) >> lg_group;
+      for (int idx = tid; idx < groups * (D / 2); idx += kThreads) {
+        const int gi = idx / (D / 2), pr = idx % (D / 2), c = 2 * pr;
+        const uint8_t* base = tile + (gi << lg_group) * rb + fp.kivi_codes_bytes;
+        const uint32_t w0 =
+            *reinterpret_cast<const uint32_t*>(base + (c >> lg_cpt) * rb + 4 * (c & (cpt - 1)));
+        const uint32_t w1 = *reinterpret_cast<const uint32_t*>(base + ((c + 1) >> lg_cpt) * rb +
+                                                               4 * ((c + 1) & (cpt - 1)));
+        const float sc0 = __half2float(__ushort_as_half(static_cast<unsigned short>(w0 & 0xFFFF)));
+        const float sc1 = __half2float(__ushort_as_half(static_cast<unsigned short>(w1 & 0xFFFF)));
+        meta[gi * D + pr] = KiviScale<F::kKiviBits>(sc0, sc1, pr);
+        meta[gi * D + D / 2 + pr] = __byte_perm(w0, w1, 0x7632);
+      }
+      __syncthreads();
+    }
+    for (int c0 = warp * 16; c0 < ntok; c0 += kWarps * 16) {
+      const bool full = c0 + 16 <= ntok;
+      // ---- scores S^T = K Q^T ----
+      uint32_t ka[kKeyCh / 2], kc[kKeyCh / 2];
+      const uint8_t* rec_g = tile + (c0 + g) * rb;
+      const uint8_t* rec_g8 = tile + (c0 + g + 8) * rb;
+      LoadList<FMT, D, kKeyCh, true>(rec_g, t, fp, s_table, ka);
+      LoadList<FMT, D, kKeyCh, true>(rec_g8, t, fp, s_table, kc);
+      if constexpr (F::kKivi) {
+        // code * scale' + min per channel pair, from the tile's staged group metadata.
+        const uint32_t* meta = kivi_meta + (tt & 1) * kivi_meta_words + (c0 >> lg_group) * D +
+                               t * (kKeyCh / 2);
+#pragma unroll
+        for (int q4 = 0; q4 < kKeyCh / 8; ++q4) {
+          const uint4 sc = reinterpret_cast<const uint4*>(meta)[q4];
+          const uint4 mn = reinterpret_cast<const uint4*>(meta + D / 2)[q4];
+          const uint32_t scs[4] = {sc.x, sc.y, sc.z, sc.w}, mns[4] = {mn.x, mn.y, mn.z, mn.w};
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            ka[4 * q4 + k] = HalfFma2(ka[4 * q4 + k], scs[k], mns[k]);
+            kc[4 * q4 + k] = HalfFma2(kc[4 * q4 + k], scs[k], mns[k]);
+          }
+        }
+      }
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int st = 0; st < kKeySteps; ++st) {
+        Mma16816<kBf>(s, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf[st][0],
+                      qf[st][1]);
+        if constexpr (kBf) {
+          Mma16816<kBf>(s, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf_lo[st][0],
+                        qf_lo[st][1]);
+        }
+      }
+      if constexpr (FMT == kKindFp8) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[i] *= key_scale;
+      } else if constexpr (FMT == kKindInt8 || F::kTurbo) {
+        const float sg = TokenFactor<FMT, D, true>(rec_g, fp);
+        const float sg8 = TokenFactor<FMT, D, true>(rec_g8, fp);
+        s[0] *= sg;
+        s[1] *= sg;
+        s[2] *= sg8;
+        s[3] *= sg8;
+      }
+      if (!full) {
+        if (c0 + g >= ntok) s[0] = s[1] = -INFINITY;
+        if (c0 + g + 8 >= ntok) s[2] = s[3] = -INFINITY;
+      }
+      // ---- online softmax (heads 2t, 2t+1; max over the warp's 16 tokens) ----
+      float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+      }
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      const float mu0 = mn0 == -INFINITY ? 0.f : mn0, mu1 = mn1 == -INFINITY ? 0.f : mn1;
+      if (__any_sync(0xffffffffu, mn0 != m0 || mn1 != m1)) {
+        const float al0 = exp2f(m0 - mu0), al1 = exp2f(m1 - mu1);
+        l0 *= al0;
+        l1 *= al1;
+#pragma unroll
+        for (int i = 0; i < kValTiles; ++i) {
+          acc[i][0] *= al0;
+          acc[i][1] *= al1;
+          acc[i][2] *= al0;
+          acc[i][3] *= al1;
+        }
+        m0 = mn0;
+        m1 = mn1;
+      }
+      float p0 = exp2f(s[0] - mu0), p1 = exp2f(s[1] - mu1);
+      float p2 = exp2f(s[2] - mu0), p3 = exp2f(s[3] - mu1);
+      l0 += p0 + p2;
+      l1 += p1 + p3;
+      // ---- O^T += V^T P^T ----
+      const int tv[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+      uint32_t v[4][kValCh / 2];
+      float vf[4];  // per-token value factor (0 for tokens past the end)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const uint8_t* vec = tile + (c0 + tv[r]) * rb + kb;
+        LoadList<FMT, D, kValCh, false>(vec, g, fp, s_table, v[r]);
+        if constexpr (F::kKivi) {
+          const uint32_t w =
+              *reinterpret_cast<const uint32_t*>(vec + fp.kivi_codes_bytes + 4 * kivi_vgroup);
+          const float2 sm = __half22float2(*reinterpret_cast<const __half2*>(&w));
+          const uint32_t sc_even = KiviScale<F::kKiviBits>(sm.x, sm.x, 0);
+          const uint32_t sc_odd = KiviScale<F::kKiviBits>(sm.x, sm.x, 1);
+          const uint32_t mn = __byte_perm(w, w, 0x7632);
+#pragma unroll
+          for (int j = 0; j < kValCh / 2; ++j) {
+            v[r][j] = HalfFma2(v[r][j], (j % 2) ? sc_odd : sc_even, mn);
+          }
+        }
+        const bool valid = full || c0 + tv[r] < ntok;
+        vf[r] = 1.f;
+        if constexpr (FMT == kKindInt8 || F::kTurbo) {
+          vf[r] = valid ? TokenFactor<FMT, D, false>(vec, fp) : 0.f;
+        }
+        if (!valid) {
+#pragma unroll
+          for (int j = 0; j < kValCh / 2; ++j) v[r][j] = 0u;
+        }
+      }
+      uint32_t pb0, pb1, pb0_lo = 0, pb1_lo = 0;
+      if constexpr (kBf) {
+        float r0, r1, r2, r3;
+        pb0 = MovTrans(PackBf162(p0, p1, &r0, &r1));
+        pb1 = MovTrans(PackBf162(p2, p3, &r2, &r3));
+        pb0_lo = MovTrans(PackBf162(r0, r1));
+        pb1_lo = MovTrans(PackBf162(r2, r3));
+      } else {
+        pb0 = MovTrans(PackHalf2(p0, p1));  // P[tok 2t, 2t+1][head g]
+        pb1 = MovTrans(PackHalf2(p2, p3));  // P[tok 2t+8, 2t+9][head g]
+        if constexpr (FMT == kKindInt8 || F::kTurbo) {
+          // Per-token value factors fold into P (p <= 1 times a scale or a norm, in fp16).
+          pb0 = HalfMul2(pb0, PackHalf2(vf[0], vf[1]));
+          pb1 = HalfMul2(pb1, PackHalf2(vf[2], vf[3]));
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kValTiles; ++i) {
+        const uint32_t a0 = __byte_perm(v[0][i], v[1][i], 0x5410);
+        const uint32_t a1 = __byte_perm(v[0][i], v[1][i], 0x7632);
+        const uint32_t a2 = __byte_perm(v[2][i], v[3][i], 0x5410);
+        const uint32_t a3 = __byte_perm(v[2][i], v[3][i], 0x7632);
+        Mma16816<kBf>(acc[i], a0, a1, a2, a3, pb0, pb1);
+        if constexpr (kBf) Mma16816<kBf>(acc[i], a0, a1, a2, a3, pb0_lo, pb1_lo);
+      }
+    }
+  }
+  CpAsyncWait<0>();
+  // ---- merge the warps: (m, l, O) per head through shared memory ----
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+  }
+  __syncthreads();
+  float* s_acc = reinterpret_cast<float*>(smem);  // [warps][8][D]
+  float* s_ml = s_acc + kWarps * 8 * D;            // [warps][8][2]
+#pragma unroll
+  for (int i = 0; i < kValTiles; ++i) {
+    const int ch0 = ListChannel<FMT, D, false>(g, 2 * i);
+    const int ch1 = ListChannel<FMT, D, false>(g, 2 * i + 1);
+    float* row0 = s_acc + (warp * 8 + 2 * t) * D;
+    float* row1 = row0 + D;
+    row0[ch0] = acc[i][0];
+    row1[ch0] = acc[i][1];
+    row0[ch1] = acc[i][2];
+    row1[ch1] = acc[i][3];
+  }
+  if (g == 0) {
+    s_ml[(warp * 8 + 2 * t) * 2] = m0;
+    s_ml[(warp * 8 + 2 * t) * 2 + 1] = l0;
+    s_ml[(warp * 8 + 2 * t + 1) * 2] = m1;
+    s_ml[(warp * 8 + 2 * t + 1) * 2 + 1] = l1;
+  }
+  __syncthreads();
+  const size_t part = (static_cast<size_t>(seq) * num_kv_heads + kvh) * a.total_splits + split;
+  for (int idx = tid; idx < G * D; idx += kThreads) {
+    const int h = idx / D, c = idx % D;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, s_ml[(w * 8 + h) * 2]);
+    float sum = 0.f, l = 0.f;
+    if (m != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float mw = s_ml[(w * 8 + h) * 2];
+        const float wgt = mw == -INFINITY ? 0.f : exp2f(mw - m);
+        sum += wgt * s_acc[(w * 8 + h) * D + c];
+        l += wgt * s_ml[(w * 8 + h) * 2 + 1];
+      }
+    }
+    a.part_acc[part * G * D + idx] = sum * value_scale;
+    if (c == 0) {
+      a.part_ml[(part * G + h) * 2] = m;
+      a.part_ml[(part * G + h) * 2 + 1] = l;
+    }
+  }
+}
+
+template <int FMT, int D>
+cudaError_t MmaOne(bool setup, const SplitArgs& a, const FormatParams& fp, int g, dim3 grid,
+                   int smem_bytes, cudaStream_t stream, int* blocks_per_sm) {
+  if (setup) {
+    cudaError_t e = cudaFuncSetAttribute(DecodeMmaKernel<FMT, D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (e != cudaSuccess) return e;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, DecodeMmaKernel<FMT, D>,
+                                                         kThreads, smem_bytes);
+  }
+  DecodeMmaKernel<FMT, D><<<grid, kThreads, smem_bytes, stream>>>(a, fp, g);
+  return cudaGetLastError();
+}
+
+template <int FMT>
+cudaError_t DispatchMmaD(bool setup, int d, int g, const SplitArgs& a, const FormatParams& fp,
+                         dim3 grid, int smem_bytes, cudaStream_t stream, int* blocks_per_sm) {
+  if (d == 64) return MmaOne<FMT, 64>(setup, a, fp, g, grid, smem_bytes, stream, blocks_per_sm);
+  if (d == 128) return MmaOne<FMT, 128>(setup, a, fp, g, grid, smem_bytes, stream, blocks_per_sm);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t DispatchMma(bool setup, int fmt, int d, int g, const SplitArgs& a,
+                        const FormatParams& fp, dim3 grid, int smem_bytes, cudaStream_t stream,
+                        int* blocks_per_sm) {
+#define KVGATE_MMA_CASE(F) \
+  case F:                  \
+    return DispatchMmaD<F>(setup, d, g, a, fp, grid, smem_bytes, stream, blocks_per_sm);
+  switch (fmt) {
+    KVGATE_MMA_CASE(kKindFp16)
+    KVGATE_MMA_CASE(kKindBf16)
+    KVGATE_MMA_CASE(kKindFp8)
+    KVGATE_MMA_CASE(kKindInt8)
+    KVGATE_MMA_CASE(kMmaKivi2)
+    KVGATE_MMA_CASE(kMmaKivi4)
+    KVGATE_MMA_CASE(kMmaTq4)
+    KVGATE_MMA_CASE(kMmaTq35)
+    KVGATE_MMA_CASE(kMmaTq3)
+    KVGATE_MMA_CASE(kMmaTq25)
+  }
+#undef KVGATE_MMA_CASE
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 int MaxStages() { return kStages; }
+int MmaStages() { return kStagesMma; }
 int ThreadsPerCta() { return kThreads; }
 
 cudaError_t SetupSplitKernel(int kind, int d, int g, int smem_bytes, int* blocks_per_sm) {
@@ -516,9 +1184,15 @@ cudaError_t SetupSplitKernel(int kind, int d, int g, int smem_bytes, int* blocks
                   blocks_per_sm);
 }
 
-cudaError_t LaunchDecode(int kind, int d, int g, const SplitArgs& a, const FormatParams& fp,
-                         int num_kv_heads, int num_seqs, int smem_bytes, const float* q, float* out,
-                         const float* signs, float scale, cudaStream_t stream) {
+cudaError_t SetupMmaKernel(int fmt, int d, int smem_bytes, int* blocks_per_sm) {
+  return DispatchMma(true, fmt, d, 8, SplitArgs{}, FormatParams{}, dim3(), smem_bytes, nullptr,
+                     blocks_per_sm);
+}
+
+cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a,
+                         const FormatParams& fp, int num_kv_heads, int num_seqs, int smem_bytes,
+                         int smem_v1_bytes, const float* q, float* out, const float* signs,
+                         float scale, cudaStream_t stream) {
   const dim3 rows(a.num_q_heads, num_seqs);
   if (d == 64) {
     PrepareQueryKernel<64><<<rows, 64, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale);
@@ -528,14 +1202,26 @@ cudaError_t LaunchDecode(int kind, int d, int g, const SplitArgs& a, const Forma
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   const dim3 grid(a.total_splits, num_kv_heads, num_seqs);
-  e = Dispatch(false, kind, d, g, a, fp, grid, smem_bytes, stream, nullptr);
+  if (mma_fmt < 0) {
+    e = Dispatch(false, kind, d, g, a, fp, grid, smem_bytes, stream, nullptr);
+  } else {
+    e = DispatchMma(false, mma_fmt, d, g, a, fp, dim3(a.num_splits, num_kv_heads, num_seqs),
+                    smem_bytes, stream, nullptr);
+    if (e == cudaSuccess && a.total_splits > a.num_splits) {  // KIVI residual: v1, last split
+      SplitArgs r = a;
+      r.split_offset = a.num_splits;
+      e = Dispatch(false, kind, d, g, r, fp, dim3(a.total_splits - a.num_splits, num_kv_heads,
+                                                  num_seqs),
+                   smem_v1_bytes, stream, nullptr);
+    }
+  }
   if (e != cudaSuccess) return e;
   if (d == 64) {
-    ReduceSplitsKernel<64><<<rows, 64, 0, stream>>>(a.part_acc, a.part_ml, out, signs,
-                                                    a.num_q_heads, num_kv_heads, a.total_splits);
+    ReduceSplitsKernel<64><<<rows, kReduceParts * 64, 0, stream>>>(
+        a.part_acc, a.part_ml, out, signs, a.num_q_heads, num_kv_heads, a.total_splits);
   } else {
-    ReduceSplitsKernel<128><<<rows, 128, 0, stream>>>(a.part_acc, a.part_ml, out, signs,
-                                                      a.num_q_heads, num_kv_heads, a.total_splits);
+    ReduceSplitsKernel<128><<<rows, kReduceParts * 128, 0, stream>>>(
+        a.part_acc, a.part_ml, out, signs, a.num_q_heads, num_kv_heads, a.total_splits);
   }
   return cudaGetLastError();
 }

@@ -2,7 +2,7 @@
 // (decode_attention.cu) of kvgate_kernels_cuda. Not installed; includes cuda_runtime.h.
 //
 //   SetupSplitKernel(kKindTurbo, 128, 8, smem_bytes, &ctas_per_sm);   // once per (kind, d, g)
-//   LaunchDecode(kKindTurbo, 128, 8, args, params, ...);               // per call
+//   LaunchDecode(kKindTurbo, /*mma_fmt=*/-1, 128, 8, args, params, ...);  // per call
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,6 +15,8 @@ enum : int { kKindFp16 = 0, kKindBf16, kKindFp8, kKindInt8, kKindKivi, kKindTurb
 
 // Scores of one tile live in shared memory [G][kMaxTileTokens].
 inline constexpr int kMaxTileTokens = 128;
+// Splits per (sequence, kv-head) the reduction kernel accepts (KIVI residual split included).
+inline constexpr int kMaxReduceSplits = 2048;
 
 // Per-format constants (passed by value to the kernel).
 struct FormatParams {
@@ -52,13 +54,26 @@ struct SplitArgs {
   int blocks_per_split = 0;
   int num_splits = 0;    // splits over the blocks
   int total_splits = 0;  // + 1 for the KIVI residual split
+  int split_offset = 0;  // v1 kernel: blockIdx.x + split_offset is the split
 };
 
 int MaxStages();
 int ThreadsPerCta();
 cudaError_t SetupSplitKernel(int kind, int d, int g, int smem_bytes, int* blocks_per_sm);
-cudaError_t LaunchDecode(int kind, int d, int g, const SplitArgs& a, const FormatParams& fp,
-                         int num_kv_heads, int num_seqs, int smem_bytes, const float* q, float* out,
-                         const float* signs, float scale, cudaStream_t stream);
+// v2 tensor-core split kernel (DecodeMmaKernel), one instance per (format id, d), any G <= 8.
+// Format ids: kKindFp16/Bf16/Fp8/Int8, KIVI 10 + bits (2, 4), TurboQuant with equal key and value
+// rates 20 (4), 21 (3.5), 22 (3), 23 (2.5). Shared memory: kStagesMma tiles + 16 bytes of slack
+// (+ KIVI's staged group metadata: 2 * (tile_tokens / G) * d words), and at least the warp merge
+// (MmaMergeBytes(d)).
+int MmaStages();
+inline constexpr int MmaMergeBytes(int d) { return 4 * 8 * d * 4 + 4 * 8 * 2 * 4; }
+cudaError_t SetupMmaKernel(int fmt, int d, int smem_bytes, int* blocks_per_sm);
+// mma_fmt < 0: the v1 DecodeSplitKernel over all splits (smem_bytes). Otherwise DecodeMmaKernel
+// over the num_splits block splits (smem_bytes) and, for KIVI's residual split, DecodeSplitKernel
+// (smem_v1_bytes).
+cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a,
+                         const FormatParams& fp, int num_kv_heads, int num_seqs, int smem_bytes,
+                         int smem_v1_bytes, const float* q, float* out, const float* signs,
+                         float scale, cudaStream_t stream);
 
 }  // namespace kvgate::kernels::cuda::internal

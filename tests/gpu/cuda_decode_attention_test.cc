@@ -1,12 +1,16 @@
 // CUDA decode attention (kvgate_kernels_cuda) against the CPU reference cache
 // (CpuKvCache::DecodeAttention) for every KV format: head_dim 64/128, GQA 1/4/8, ragged batches
 // whose lengths are not multiples of the block size (1, 17, 1000, 4097), forced split counts, and
-// long sequences. Both sides read identical stored bytes (PackPagedKv encodes with the CPU codecs
-// under the cache's rules), so the bound is fp32-level: relative L2 error < 1e-3 per sequence.
+// long sequences, garbage in unused slots, and the layouts that take the v1 fallback kernel. Both
+// sides read identical stored bytes (PackPagedKv encodes with the CPU codecs under the cache's
+// rules); the tensor-core kernel rounds q and p to fp16 (2^-11 relative each; bf16 splits them into
+// hi + lo parts), which measured 2.4e-4..6.7e-4 relative L2 (v1 and bf16: <= 4e-6), so the bound
+// is relative L2 error < 1e-3 per sequence.
 // Outputs are poisoned (NaN) before each run. Skipped with a reason when no GPU is present.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <string>
@@ -44,11 +48,17 @@ struct Result {
 };
 
 // Runs one batch through the CPU cache and the CUDA kernel; returns the worst relative L2 error.
+// kivi_group > 0 overrides the KIVI group size G of the parsed format.
+// poison_tail: the unused records after each sequence's last token in its last block are set to
+// 0xFF bytes (NaN for fp16/bf16/fp8 and for int8 scales): kernels must mask them, not weight them
+// by zero (0 * NaN = NaN).
 void RunCase(const std::string& format, int d, int ratio, const std::vector<int>& lens,
-             int forced_splits, uint64_t seed, Result* result) {
+             int forced_splits, uint64_t seed, Result* result, bool poison_tail = false,
+             int kivi_group = 0) {
   const int kv_heads = 2, q_heads = kv_heads * ratio, bs = 16;
   auto spec = ParseKvFormat(format);
   ASSERT_TRUE(spec.ok()) << spec.status();
+  if (kivi_group > 0) spec->group_size = kivi_group;
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
   const int num_seqs = static_cast<int>(lens.size());
@@ -85,6 +95,20 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
   // GPU.
   auto packed = PackPagedKv(*spec, d, kv_heads, bs, k, v, seed ^ 0x5eed);
   ASSERT_TRUE(packed.ok()) << packed.status();
+  if (poison_tail) {
+    for (int s = 0; s < num_seqs; ++s) {
+      const int enc = packed->encoded_lens[s];
+      if (enc % bs == 0) continue;
+      const int64_t blk = packed->block_tables[size_t(s) * packed->max_blocks_per_seq + enc / bs];
+      for (int h = 0; h < kv_heads; ++h) {
+        for (int tok = enc % bs; tok < bs; ++tok) {
+          std::fill_n(packed->pool.begin() + blk * packed->block_bytes +
+                          (int64_t{h} * bs + tok) * packed->record_bytes,
+                      packed->record_bytes, uint8_t{0xFF});
+        }
+      }
+    }
+  }
   auto attn = CudaDecodeAttention::Create(*spec, d, kv_heads, bs);
   ASSERT_TRUE(attn.ok()) << attn.status();
   (*attn)->set_forced_splits(forced_splits);
@@ -142,7 +166,7 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
   }
 }
 
-constexpr double kTolerance = 1e-3;  // identical storage: fp32 summation-order differences only
+constexpr double kTolerance = 1e-3;  // identical storage: fp16 operand rounding + summation order
 
 class CudaDecodeTest : public ::testing::TestWithParam<std::tuple<std::string, int, int>> {};
 
@@ -222,6 +246,56 @@ INSTANTIATE_TEST_SUITE_P(Long, CudaDecodeLongTest,
                            return std::get<0>(info.param) + "_" +
                                   std::to_string(std::get<1>(info.param));
                          });
+
+// Garbage (NaN bytes) in the unused slots of a sequence's last block must not reach the output.
+class CudaDecodePoisonTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaDecodePoisonTest, UnusedSlotsOfLastBlockAreMasked) {
+  SKIP_WITHOUT_GPU();
+  const std::string& format = GetParam();
+  Result r;
+  RunCase(format, 128, 4, {1, 17, 1000, 205}, 0, 99, &r, /*poison_tail=*/true);
+  if (HasFatalFailure()) return;
+  EXPECT_TRUE(r.all_finite) << format << ": NaN from unused slots";
+  EXPECT_LT(r.max_rel_l2, kTolerance) << format;
+  std::printf("[ result ] %s poisoned tail rel_l2=%.3g\n", format.c_str(), r.max_rel_l2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Poison, CudaDecodePoisonTest,
+                         ::testing::Values("fp16", "bf16", "fp8", "int8", "tq4", "kivi2"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           for (char& c : name) {
+                             if (c == '.') c = 'p';
+                           }
+                           return name;
+                         });
+
+// Layouts on the edges of the tensor-core kernel: TurboQuant with different key and value rates
+// and KIVI groups other than 32 (16 and 64 take the tensor-core kernel, 8 the v1 kernel).
+TEST(CudaDecodeLayoutTest, MixedTurboRatesAndKiviGroupsMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  for (const char* format : {"tq:k=4,v=3", "tq:k=2.5,v=4"}) {
+    for (int d : {64, 128}) {
+      Result r;
+      RunCase(format, d, 4, {17, 1000}, 0, 5 + d, &r);
+      if (HasFatalFailure()) return;
+      EXPECT_TRUE(r.all_finite) << format;
+      EXPECT_LT(r.max_rel_l2, kTolerance) << format << " d=" << d;
+      std::printf("[ result ] %s d=%d rel_l2=%.3g\n", format, d, r.max_rel_l2);
+    }
+  }
+  for (int group : {8, 16, 64}) {
+    for (const char* format : {"kivi2", "kivi4"}) {
+      Result r;
+      RunCase(format, 128, 4, {17, 1000, 333}, 0, 11 + group, &r, false, group);
+      if (HasFatalFailure()) return;
+      EXPECT_TRUE(r.all_finite) << format << " G=" << group;
+      EXPECT_LT(r.max_rel_l2, kTolerance) << format << " G=" << group;
+      std::printf("[ result ] %s G=%d rel_l2=%.3g\n", format, group, r.max_rel_l2);
+    }
+  }
+}
 
 TEST(CudaDecodeApiTest, RejectsUnsupportedAndBadInput) {
   SKIP_WITHOUT_GPU();
