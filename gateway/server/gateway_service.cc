@@ -15,6 +15,7 @@
 #include "kvgate/common/grpc_status.h"
 #include "kvgate/common/log.h"
 #include "kvgate/v1/worker.grpc.pb.h"
+#include "proto/public_api.h"
 #include "proto/request_codec.h"
 
 namespace kvgate::gateway {
@@ -524,29 +525,10 @@ grpc::ServerUnaryReactor* GatewayService::CountTokens(grpc::CallbackServerContex
                                                       const grpc::ByteBuffer* wire,
                                                       grpc::ByteBuffer* wire_response) {
   auto* reactor = ctx->DefaultReactor();
-  auto decoded = DecodeCountTokensRequest(*wire);
-  if (!decoded.ok()) {
-    reactor->Finish(ToGrpcStatus(decoded.status()));
-    return reactor;
-  }
-  const pb::CountTokensRequest* request = &*decoded;
-  pb::CountTokensResponse response_message;
-  pb::CountTokensResponse* response = &response_message;
-  if (static_cast<int64_t>(request->prompt().size()) > options_.max_prompt_bytes) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "prompt too large"));
-    return reactor;
-  }
-  auto ids = options_.tokenizer->Encode(request->prompt(),
-                                        {.add_special_tokens = !request->no_bos()});
-  if (!ids.ok()) {
-    reactor->Finish(ToGrpcStatus(ids.status()));
-    return reactor;
-  }
-  response->set_count(static_cast<int32_t>(ids->size()));
-  if (request->return_ids()) *response->mutable_token_ids() = {ids->begin(), ids->end()};
-  response->set_model(options_.model_name);
-  EncodeMessage(response_message, wire_response);
-  reactor->Finish(grpc::Status::OK);
+  auto response =
+      AnswerCountTokens(*wire, *options_.tokenizer, options_.max_prompt_bytes, options_.model_name);
+  if (response.ok()) EncodeMessage(*response, wire_response);
+  reactor->Finish(ToGrpcStatus(response.status()));
   return reactor;
 }
 

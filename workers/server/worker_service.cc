@@ -8,6 +8,7 @@
 #include "absl/synchronization/mutex.h"
 #include "kvgate/common/grpc_status.h"
 #include "kvgate/common/log.h"
+#include "proto/public_api.h"
 #include "proto/request_codec.h"
 
 namespace kvgate::worker {
@@ -16,6 +17,7 @@ namespace {
 namespace pb = ::kvgate::v1;
 
 constexpr size_t kMaxRequestIdBytes = 128;
+constexpr int64_t kMaxPromptBytes = 8 << 20;  // as the gateway's default
 
 pb::FinishReason ToProto(FinishReason reason) {
   switch (reason) {
@@ -366,28 +368,14 @@ class WorkerService::Impl::GatewayApi
                                         const grpc::ByteBuffer* wire,
                                         grpc::ByteBuffer* wire_response) override {
     auto* reactor = ctx->DefaultReactor();
-    auto decoded = DecodeCountTokensRequest(*wire);
-    if (!decoded.ok()) {
-      reactor->Finish(ToGrpcStatus(decoded.status()));
-      return reactor;
-    }
-    const pb::CountTokensRequest* request = &*decoded;
-    pb::CountTokensResponse response_message;
-    pb::CountTokensResponse* response = &response_message;
-    if (impl_->tokenizer.load() == nullptr) {
+    const Tokenizer* tok = impl_->tokenizer.load();
+    if (tok == nullptr) {
       reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "worker is loading its model"));
       return reactor;
     }
-    auto ids = Tokenize(request->prompt(), request->no_bos());
-    if (!ids.ok()) {
-      reactor->Finish(ToGrpcStatus(ids.status()));
-      return reactor;
-    }
-    response->set_count(static_cast<int32_t>(ids->size()));
-    if (request->return_ids()) *response->mutable_token_ids() = {ids->begin(), ids->end()};
-    response->set_model(impl_->options.model_name);
-    EncodeMessage(response_message, wire_response);
-    reactor->Finish(grpc::Status::OK);
+    auto response = AnswerCountTokens(*wire, *tok, kMaxPromptBytes, impl_->options.model_name);
+    if (response.ok()) EncodeMessage(*response, wire_response);
+    reactor->Finish(ToGrpcStatus(response.status()));
     return reactor;
   }
 
