@@ -17,7 +17,7 @@
 namespace kvgate::gateway {
 
 // Accepts what kernels::ParseKvFormat accepts (fp16 bf16 fp8 int8 kivi2 kivi4 tq4 tq3.5 tq3 tq2.5,
-// "tq:k=K,v=V[,qjl]", each optionally "/fp16=F,L"), case-insensitive, surrounding spaces ignored.
+// "tq:k=K,v=V[,qjl]", each optionally "/fp16=F:L"), case-insensitive, surrounding spaces ignored.
 // Returns the canonical name; InvalidArgumentError listing the accepted names otherwise.
 absl::StatusOr<std::string> CanonicalKvFormatName(std::string_view name);
 

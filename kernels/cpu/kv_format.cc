@@ -102,24 +102,24 @@ absl::StatusOr<KvFormatSpec> ParseBaseKvFormat(absl::string_view text);
 
 absl::StatusOr<KvFormatSpec> ParseKvFormat(std::string_view text_in) {
   const absl::string_view text(text_in.data(), text_in.size());
-  // Optional "/fp16=F,L": the first F and the last L layers keep fp16 KV.
+  // Optional "/fp16=F:L": the first F and the last L layers keep fp16 KV.
   const size_t slash = text.find('/');
   if (slash == absl::string_view::npos) return ParseBaseKvFormat(text);
   auto spec = ParseBaseKvFormat(text.substr(0, slash));
   if (!spec.ok()) return spec.status();
   absl::string_view suffix = text.substr(slash + 1);
   std::vector<absl::string_view> counts;
-  if (absl::ConsumePrefix(&suffix, "fp16=")) counts = absl::StrSplit(suffix, ',');
+  if (absl::ConsumePrefix(&suffix, "fp16=")) counts = absl::StrSplit(suffix, ':');
   int first = -1, last = -1;
   if (counts.size() != 2 || !absl::SimpleAtoi(counts[0], &first) ||
       !absl::SimpleAtoi(counts[1], &last) || first < 0 || last < 0 || first > 1024 ||
       last > 1024) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "KV format '", text, "': expected FORMAT/fp16=F,L (the first F and last L layers in fp16)"));
+        "KV format '", text, "': expected FORMAT/fp16=F:L (the first F and last L layers in fp16)"));
   }
   spec->full_precision_first_layers = first;
   spec->full_precision_last_layers = last;
-  if (first > 0 || last > 0) absl::StrAppend(&spec->name, "/fp16=", first, ",", last);
+  if (first > 0 || last > 0) absl::StrAppend(&spec->name, "/fp16=", first, ":", last);
   return spec;
 }
 
@@ -159,7 +159,7 @@ absl::StatusOr<KvFormatSpec> ParseBaseKvFormat(absl::string_view text) {
   if (absl::ConsumePrefix(&params, "tq:")) return ParseTurboParams(text, params);
   return absl::InvalidArgumentError(
       absl::StrCat("unknown KV format '", text, "'; accepted: ", kAcceptedFormats,
-                   ", each optionally followed by /fp16=F,L"));
+                   ", each optionally followed by /fp16=F:L"));
 }
 
 }  // namespace

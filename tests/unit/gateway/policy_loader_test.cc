@@ -424,11 +424,11 @@ TEST(KvFormatNameTest, CanonicalNames) {
   EXPECT_EQ(*CanonicalKvFormatName(" FP16 "), "fp16");
   EXPECT_EQ(*CanonicalKvFormatName("tq:k=4.0,v=3"), "tq:k=4,v=3");
   EXPECT_EQ(*CanonicalKvFormatName("tq:v=2.5,k=4,qjl"), "tq:k=4,v=2.5,qjl");
-  EXPECT_EQ(*CanonicalKvFormatName("TQ4/fp16=1,1"), "tq4/fp16=1,1");
-  EXPECT_EQ(*CanonicalKvFormatName("kivi2/fp16=0,0"), "kivi2");
+  EXPECT_EQ(*CanonicalKvFormatName("TQ4/fp16=1:1"), "tq4/fp16=1:1");
+  EXPECT_EQ(*CanonicalKvFormatName("kivi2/fp16=0:0"), "kivi2");
   for (const char* bad : {"", "fp32", "kivi3", "tq:k=4", "tq:k=4,v=3.3", "tq:k=9,v=4",
-                          "tq:k=8,v=4", "tq:k=4,v=4,zz", "tq4/fp16=1", "tq4/bf16=1,1",
-                          "tq4/fp16=-1,0"}) {
+                          "tq:k=8,v=4", "tq:k=4,v=4,zz", "tq4/fp16=1", "tq4/bf16=1:1",
+                          "tq4/fp16=1,1", "tq4/fp16=-1:0"}) {
     EXPECT_FALSE(CanonicalKvFormatName(bad).ok()) << bad;
   }
 }

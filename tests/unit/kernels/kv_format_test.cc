@@ -92,5 +92,21 @@ TEST(KvFormatTest, DescribeUsesTheDispatchTable) {
   EXPECT_EQ(DescribeKvFormat(odd_kivi, 128).status().code(), absl::StatusCode::kUnimplemented);
 }
 
+TEST(KvFormatTest, FullPrecisionLayersSuffix) {
+  auto spec = ParseKvFormat("tq4/fp16=2:1");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->kind, KvFormatKind::kTurbo);
+  EXPECT_EQ(spec->full_precision_first_layers, 2);
+  EXPECT_EQ(spec->full_precision_last_layers, 1);
+  EXPECT_EQ(spec->name, "tq4/fp16=2:1");
+  // No layers kept: the plain name (what the worker reports and the policy compares).
+  EXPECT_EQ(ParseKvFormat("kivi4/fp16=0:0")->name, "kivi4");
+  EXPECT_EQ(ParseKvFormat("tq:k=4,v=3/fp16=1:1")->name, "tq:k=4,v=3/fp16=1:1");
+  for (const char* bad : {"tq4/fp16=1", "tq4/fp16=1,1", "tq4/fp16=a:1", "tq4/fp16=-1:0",
+                          "tq4/bf16=1:1", "nope/fp16=1:1"}) {
+    EXPECT_EQ(ParseKvFormat(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+}
+
 }  // namespace
 }  // namespace kvgate::kernels

@@ -51,8 +51,8 @@ struct KvFormatSpec {
 };
 
 // Parses "fp16", "bf16", "fp8", "int8", "kivi2", "kivi4", "tq4", "tq3.5", "tq3", "tq2.5",
-// "tq:k=4,v=3[,qjl]", each optionally followed by "/fp16=F,L": the first F and the last L layers
-// keep fp16 KV (e.g. "tq4/fp16=1,1"). The canonical name (spec.name) is what workers report and
+// "tq:k=4,v=3[,qjl]", each optionally followed by "/fp16=F:L": the first F and the last L layers
+// keep fp16 KV (e.g. "tq4/fp16=1:1"). The canonical name (spec.name) is what workers report and
 // policies declare. InvalidArgumentError lists the accepted names otherwise.
 absl::StatusOr<KvFormatSpec> ParseKvFormat(std::string_view text);
 // Parses "none", "h2o:heavy=0.1,recent=0.1", "sink:sinks=4,window=1024".
