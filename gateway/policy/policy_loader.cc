@@ -146,7 +146,7 @@ class Parser {
       return false;
     }
     for (auto it = node.begin(); it != node.end(); ++it) {
-      const YAML::Node& key = it->first;
+      const YAML::Node key = it->first;  // a copy: the iterator yields a temporary pair
       if (!key.IsScalar()) {
         Error(key, absl::StrCat(path, ": keys must be plain names"));
         continue;
