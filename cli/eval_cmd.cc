@@ -3,7 +3,7 @@
 // already in --out are skipped (unless --rerun), and the table is saved after every entry.
 //
 //   kvgate eval --model models/reference --formats fp16,fp8,tq3.5
-//       --evict 'h2o:heavy=0.1,recent=0.1,sink:sinks=4,window=256' --contexts 512,1024,2048 \
+//       --evict 'h2o:heavy=0.1,recent=0.1,sink:sinks=4,window=256' --contexts 512,1024,2048
 //       --out models/reference/quality.yaml
 #include <sys/utsname.h>
 

@@ -2,8 +2,8 @@
 // routes it by the YAML policy (hot-reloaded) to a worker pool, falls back across pools, and
 // streams the completion back.
 //
-//   kvgate-gateway --policy policies/default.yaml --tokenizer models/tiny/tokenizer.json \
-//       --port 50051 --http_port 9150
+//   kvgate-gateway --policy policies/default.yaml --model models/reference --port 50051
+//       --http_port 9150
 //
 // Refuses to start on an invalid policy (every error printed as file:line:col). SIGTERM/SIGINT:
 // readiness goes 503, in-flight streams get up to --drain_timeout_s, then exit 0.

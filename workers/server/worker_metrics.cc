@@ -121,7 +121,9 @@ void WorkerMetrics::OnLoad(const EngineLoad& load) {
 void WorkerMetrics::OnPreemption() { preemptions_.Increment(); }
 
 void WorkerMetrics::OnRejected(absl::StatusCode code) {
-  OnRequestDone(StepOutput{.status = absl::Status(code, "")});
+  StepOutput rejected;
+  rejected.status = absl::Status(code, "");
+  OnRequestDone(rejected);
 }
 
 }  // namespace kvgate::worker

@@ -71,8 +71,11 @@ class QualityRoutingTest : public ::testing::Test {
   }
 
   RouteDecision Decide(int64_t prompt_tokens, int64_t max_tokens, std::string task = "retrieval") {
-    RouteRequest req{.prompt_text = "x", .prompt_tokens = prompt_tokens, .max_tokens = max_tokens,
-                     .task_type = task};
+    RouteRequest req;
+    req.prompt_text = "x";
+    req.prompt_tokens = prompt_tokens;
+    req.max_tokens = max_tokens;
+    req.task_type = task;
     auto d = ScoreRequest(*policy_, req);
     EXPECT_TRUE(d.ok()) << d.status();
     return d.ok() ? *d : RouteDecision{};
