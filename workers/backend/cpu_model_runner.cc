@@ -296,36 +296,14 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCpuModelRunnerWithCache(
     const RunnerOptions& options, KvCacheFactory make_cache) {
   const std::filesystem::path dir(options.model_dir);
   ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig((dir / "config.json").string()));
-  if (options.kv_block_size <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("kv_block_size must be positive, got ", options.kv_block_size));
-  }
   if (options.num_threads < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("num_threads must be >= 0, got ", options.num_threads));
   }
-  kernels::KvCacheConfig cache_config{.num_layers = config.num_hidden_layers,
-                                      .num_kv_heads = config.num_key_value_heads,
-                                      .head_dim = config.head_dim,
-                                      .block_size = options.kv_block_size,
-                                      .num_blocks = 1,
-                                      .format = options.kv_format};
-  int64_t num_blocks = options.kv_num_blocks;
-  if (num_blocks <= 0) {
-    // A one-block cache of the same shape tells the exact bytes per token of the format.
-    ASSIGN_OR_RETURN(std::unique_ptr<kernels::KvCache> probe, make_cache(cache_config));
-    const int64_t block_bytes = probe->bytes_per_token() * options.kv_block_size;
-    if (block_bytes <= 0) return absl::InternalError("KV cache reports 0 bytes per token");
-    num_blocks = options.kv_cache_bytes / block_bytes;
-    if (num_blocks < 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("kv_cache_bytes ", options.kv_cache_bytes, " is less than one block (",
-                       block_bytes, " bytes for ", options.kv_block_size, " tokens)"));
-    }
-  }
-  cache_config.num_blocks = num_blocks;
   ASSIGN_OR_RETURN(LlamaWeights weights, LoadLlamaWeights(options.model_dir, config));
-  ASSIGN_OR_RETURN(std::unique_ptr<kernels::KvCache> cache, make_cache(cache_config));
+  ASSIGN_OR_RETURN(std::unique_ptr<kernels::KvCache> cache,
+                   CreateSizedKvCache(config, options, make_cache));
+  const int64_t num_blocks = cache->total_blocks();
   if (options.num_threads > 0) openblas_set_num_threads(options.num_threads);
   const int num_threads = options.num_threads > 0
                               ? options.num_threads

@@ -32,9 +32,6 @@
 
 namespace kvgate::worker {
 
-using KvCacheFactory =
-    std::function<absl::StatusOr<std::unique_ptr<kernels::KvCache>>(const kernels::KvCacheConfig&)>;
-
 // Loads config.json and the safetensors of options.model_dir, then sizes the KV pool:
 // options.kv_num_blocks if > 0, else options.kv_cache_bytes / (bytes_per_token * kv_block_size),
 // where bytes_per_token comes from a one-block cache made by `make_cache` for the same config.

@@ -39,4 +39,33 @@ absl::Status ValidateForwardChunks(std::span<const ForwardChunk> chunks, const L
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::unique_ptr<kernels::KvCache>> CreateSizedKvCache(
+    const LlamaConfig& config, const RunnerOptions& options, const KvCacheFactory& make_cache) {
+  if (options.kv_block_size <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv_block_size must be positive, got ", options.kv_block_size));
+  }
+  kernels::KvCacheConfig cache_config{.num_layers = config.num_hidden_layers,
+                                      .num_kv_heads = config.num_key_value_heads,
+                                      .head_dim = config.head_dim,
+                                      .block_size = options.kv_block_size,
+                                      .num_blocks = 1,
+                                      .format = options.kv_format};
+  int64_t num_blocks = options.kv_num_blocks;
+  if (num_blocks <= 0) {
+    absl::StatusOr<std::unique_ptr<kernels::KvCache>> probe = make_cache(cache_config);
+    if (!probe.ok()) return probe.status();
+    const int64_t block_bytes = (*probe)->bytes_per_token() * options.kv_block_size;
+    if (block_bytes <= 0) return absl::InternalError("KV cache reports 0 bytes per token");
+    num_blocks = options.kv_cache_bytes / block_bytes;
+    if (num_blocks < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("kv_cache_bytes ", options.kv_cache_bytes, " is less than one block (",
+                       block_bytes, " bytes for ", options.kv_block_size, " tokens)"));
+    }
+  }
+  cache_config.num_blocks = num_blocks;
+  return make_cache(cache_config);
+}
+
 }  // namespace kvgate::worker

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -56,6 +57,17 @@ class ModelRunner {
 };
 
 absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCpuModelRunner(const RunnerOptions& options);
+
+using KvCacheFactory =
+    std::function<absl::StatusOr<std::unique_ptr<kernels::KvCache>>(const kernels::KvCacheConfig&)>;
+
+// Makes the KV pool of a host-side cache for `config`: options.kv_num_blocks blocks if > 0, else
+// options.kv_cache_bytes / (bytes_per_token * kv_block_size), with bytes_per_token read off a
+// one-block cache of the same shape made by `make_cache` (exact for every format and layer mix).
+// InvalidArgumentError for a non-positive block size or a pool smaller than one block.
+absl::StatusOr<std::unique_ptr<kernels::KvCache>> CreateSizedKvCache(const LlamaConfig& config,
+                                                                     const RunnerOptions& options,
+                                                                     const KvCacheFactory& make_cache);
 
 // The checks every backend's Forward makes before touching its cache: each chunk non-empty, each
 // sequence known to `cache` and present once, positions within max_position_embeddings, token ids

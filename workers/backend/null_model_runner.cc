@@ -151,32 +151,9 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> CreateNullModelRunner(
   if (options.max_position_embeddings > 0) {
     config.max_position_embeddings = options.max_position_embeddings;
   }
-  if (ro.kv_block_size <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("kv_block_size must be positive, got ", ro.kv_block_size));
-  }
-  kernels::KvCacheConfig cache_config{.num_layers = config.num_hidden_layers,
-                                      .num_kv_heads = config.num_key_value_heads,
-                                      .head_dim = config.head_dim,
-                                      .block_size = ro.kv_block_size,
-                                      .num_blocks = 1,
-                                      .format = ro.kv_format};
-  int64_t num_blocks = ro.kv_num_blocks;
-  if (num_blocks <= 0) {
-    ASSIGN_OR_RETURN(std::unique_ptr<kernels::KvCache> probe,
-                     kernels::CreateCpuKvCache(cache_config));
-    const int64_t block_bytes = probe->bytes_per_token() * ro.kv_block_size;
-    if (block_bytes <= 0) return absl::InternalError("KV cache reports 0 bytes per token");
-    num_blocks = ro.kv_cache_bytes / block_bytes;
-    if (num_blocks < 1) {
-      return absl::InvalidArgumentError(absl::StrCat("kv_cache_bytes ", ro.kv_cache_bytes,
-                                                     " is less than one block (", block_bytes,
-                                                     " bytes for ", ro.kv_block_size, " tokens)"));
-    }
-  }
-  cache_config.num_blocks = num_blocks;
   ASSIGN_OR_RETURN(std::unique_ptr<kernels::KvCache> cache,
-                   kernels::CreateCpuKvCache(cache_config));
+                   CreateSizedKvCache(config, ro, kernels::CreateCpuKvCache));
+  const int64_t num_blocks = cache->total_blocks();
   KVGATE_LOG(WARNING) << "NULL backend (benchmark/test tool: no model math, deterministic "
                          "placeholder tokens): config from "
                       << ro.model_dir << ", vocab " << config.vocab_size << ", max context "
