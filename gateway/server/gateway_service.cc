@@ -63,7 +63,16 @@ struct Scored {
   int64_t overhead_us = 0;
 };
 
+// Request headers that policy `metadata:` rules can match: ASCII-valued client metadata, minus the
+// transport's own (":authority", "grpc-*", "user-agent", "content-type", "te", binary "-bin").
+bool IsRoutableHeader(const std::string& key) {
+  if (key.empty() || key[0] == ':' || key.rfind("grpc-", 0) == 0) return false;
+  if (key == "user-agent" || key == "content-type" || key == "te") return false;
+  return !(key.size() > 4 && key.compare(key.size() - 4, 4, "-bin") == 0);
+}
+
 absl::StatusOr<Scored> ScoreAndRoute(const GatewayServiceOptions& opts,
+                                     const grpc::CallbackServerContext& ctx,
                                      const pb::GenerateRequest& req) {
   const auto t0 = SteadyClock::now();
   Scored s;
@@ -98,7 +107,12 @@ absl::StatusOr<Scored> ScoreAndRoute(const GatewayServiceOptions& opts,
   rr.task_type = req.task_type();
   rr.precision = PrecisionOf(req.precision());
   rr.tenant = req.tenant();
-  for (const auto& [k, v] : req.metadata()) rr.metadata[k] = v;
+  for (const auto& [k, v] : ctx.client_metadata()) {
+    std::string key(k.data(), k.size());
+    if (!IsRoutableHeader(key) || v.size() > kMaxMetadataBytes) continue;
+    rr.metadata[key] = std::string(v.data(), v.size());
+  }
+  for (const auto& [k, v] : req.metadata()) rr.metadata[k] = v;  // the request's fields win
   auto decision = ScoreRequest(*s.policy, rr);
   if (!decision.ok()) {
     return absl::Status(decision.status().code(),
@@ -466,7 +480,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GatewayService::Generate(
     grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* wire) {
   auto request = DecodeGenerateRequest(*wire);
   absl::StatusOr<Scored> scored =
-      request.ok() ? ScoreAndRoute(options_, *request) : absl::StatusOr<Scored>(request.status());
+      request.ok() ? ScoreAndRoute(options_, *ctx, *request) : absl::StatusOr<Scored>(request.status());
   if (!scored.ok()) {
     if (options_.metrics != nullptr) {
       options_.metrics->RequestDone(
@@ -493,7 +507,7 @@ grpc::ServerUnaryReactor* GatewayService::Route(grpc::CallbackServerContext* ctx
   }
   pb::RouteResponse response_message;
   pb::RouteResponse* response = &response_message;
-  auto scored = ScoreAndRoute(options_, *request);
+  auto scored = ScoreAndRoute(options_, *ctx, *request);
   if (!scored.ok()) {
     reactor->Finish(ToGrpcStatus(scored.status()));
     return reactor;

@@ -44,6 +44,8 @@ task_types:
     rules:
       - name: contract_terms
         keywords: [contract, governing law, indemnify]
+      - name: legal_team_header
+        metadata: {x-team: legal}
 routes:
   - name: explicit_full
     when: {precision: full}
@@ -188,6 +190,28 @@ TEST_F(GatewayTest, ContractReviewIsServedByTheFullPool) {
   EXPECT_EQ(s.last.route().matched_route(), "accuracy_sensitive");
   EXPECT_EQ(s.last.route().task_type(), "legal");
   EXPECT_EQ(s.last.route().task_type_source(), "rule:contract_terms");
+}
+
+TEST_F(GatewayTest, RequestHeadersAndMetadataFeedClassification) {
+  // A gRPC request header matches a policy `metadata:` rule...
+  grpc::ClientContext ctx;
+  ctx.AddMetadata("x-team", "legal");
+  pb::RouteResponse by_header;
+  ASSERT_TRUE(stub_->Route(&ctx, Chat(), &by_header).ok());
+  EXPECT_EQ(by_header.route().task_type(), "legal");
+  EXPECT_EQ(by_header.route().task_type_source(), "rule:legal_team_header");
+  EXPECT_EQ(by_header.route().pool(), "full");
+  // ... and so does the request's own metadata field, which wins over a header of the same name.
+  pb::GenerateRequest req = Chat();
+  (*req.mutable_metadata())["x-team"] = "legal";
+  EXPECT_EQ(RouteOf(req).route().task_type(), "legal");
+  grpc::ClientContext ctx2;
+  ctx2.AddMetadata("x-team", "legal");
+  pb::GenerateRequest overridden = Chat();
+  (*overridden.mutable_metadata())["x-team"] = "search";
+  pb::RouteResponse resp;
+  ASSERT_TRUE(stub_->Route(&ctx2, overridden, &resp).ok());
+  EXPECT_EQ(resp.route().task_type(), "chat");
 }
 
 TEST_F(GatewayTest, LongPromptIsServedByTheFullPool) {

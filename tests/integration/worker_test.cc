@@ -352,13 +352,24 @@ TEST_F(WorkerTest, MetricsExposeEveryFamily) {
 TEST_F(WorkerTest, ZzSigtermDrainsInFlightRequests) {
   pb::WorkerGenerateRequest req;
   req.add_prompt_token_ids(1);
-  req.mutable_sampling()->set_max_tokens(60);
+  req.mutable_sampling()->set_max_tokens(300);
   req.mutable_sampling()->set_ignore_eos(true);
   grpc::ClientContext ctx;
   auto reader = worker_stub_->Generate(&ctx, req);
   pb::GenerateChunk chunk;
   ASSERT_TRUE(reader->Read(&chunk));  // in flight
   worker_->Signal(SIGTERM);
+  // Health turns NOT_SERVING while the in-flight request drains.
+  auto health = grpc::health::v1::Health::NewStub(*channel_);
+  bool not_serving = false;
+  for (int i = 0; i < 100 && !not_serving; ++i) {
+    grpc::ClientContext hctx;
+    grpc::health::v1::HealthCheckResponse resp;
+    not_serving = health->Check(&hctx, grpc::health::v1::HealthCheckRequest(), &resp).ok() &&
+                  resp.status() == grpc::health::v1::HealthCheckResponse::NOT_SERVING;
+    if (!not_serving) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_TRUE(not_serving);
   // New work is refused while draining.
   bool refused = false;
   for (int i = 0; i < 50 && !refused; ++i) {
@@ -370,7 +381,7 @@ TEST_F(WorkerTest, ZzSigtermDrainsInFlightRequests) {
   while (reader->Read(&chunk)) tokens += chunk.token_ids_size();
   grpc::Status status = reader->Finish();
   EXPECT_TRUE(status.ok()) << status.error_message();
-  EXPECT_EQ(tokens, 60);
+  EXPECT_EQ(tokens, 300);
   EXPECT_TRUE(refused);
   EXPECT_EQ(worker_->Wait(std::chrono::seconds(20)), 0);
 }
