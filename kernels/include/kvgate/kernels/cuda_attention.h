@@ -49,6 +49,11 @@ struct DecodeBatch {
   int residual_capacity = 0;
   // FP8 only: [num_seqs, num_kv_heads, 2] = (key_scale, value_scale).
   const float* head_scales = nullptr;
+  // Per-sequence state slots: when non-null, batch entry s reads head_scales and the residual
+  // window (residual_k/v) at slot seq_slots[s] instead of s (those arrays are then [slots, ...]);
+  // block_tables, encoded_lens, residual_lens, q and out stay indexed by s. Lets a runner keep
+  // state at fixed slots (kvgate/kernels/cuda_kv_append.h) and batch any subset of sequences.
+  const int32_t* seq_slots = nullptr;
   int num_seqs = 0;
   int num_q_heads = 0;
   const float* q = nullptr;  // [num_seqs, num_q_heads, head_dim] fp32

@@ -1,0 +1,114 @@
+// CUDA append (encode) and read-back (dequantize) of the paged KV cache, for every KV format the
+// CPU reference stores, so that a GPU worker never encodes on the host.
+//
+// Same device pool as kvgate/kernels/cuda_attention.h: [num_blocks][layer][kv_head][block_size]
+// [record_bytes], a record being one token's [key | value] bytes exactly as kernels/cpu/kv_codec.cc
+// encodes them, and the same per-sequence side state:
+//   - FP8: (key_scale, value_scale) per (sequence, kv-head); 0 = not chosen yet. An append chooses
+//     them like CpuKvCache::Append (KvCodec::ChooseScales): from the amax of the sequence's rows in
+//     that call (keys amax/200, values amax/100), only while still 0 and only from a nonzero
+//     finite amax; then every row is encoded with them.
+//   - KIVI: the fp16 residual window [kv_heads][residual_capacity = R + G][head_dim] per sequence
+//     (keys and values apart) and its length. An append follows CpuKvCache::Append: new tokens are
+//     rounded to fp16 into the window; while the window holds >= R + G tokens its oldest G are
+//     encoded as one key group into the next G block slots (from their fp16 values) and the window
+//     shifts down by G. The caller tracks encoded/residual counts on the host (they follow from
+//     the token counts alone: see KiviCounts below) and passes them in.
+// Per-sequence state arrays are indexed by a SLOT: seq_slots[s] for batch entry s (nullptr: slot =
+// s), so a runner can keep state for its sequences at fixed slots and batch any subset of them.
+//
+// Every pointer in the batches is a DEVICE pointer; streams are cudaStream_t passed as void*.
+//
+//   ASSIGN_OR_RETURN(auto append, CudaKvAppend::Create(spec, /*head_dim=*/128, /*kv_heads=*/8, 16));
+//   AppendBatch a{.pool = d_pool, ...};
+//   RETURN_IF_ERROR(append->Append(a, stream));
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvgate/kernels/kv_format.h"
+
+namespace kvgate::kernels::cuda {
+
+// KIVI's split of a sequence's `stored` tokens (per layer) between the blocks and the fp16
+// residual window, as CpuKvCache::Append leaves it after any sequence of appends totalling
+// `stored` tokens: encoded = 0 if stored < R + G, else G * floor((stored - R) / G); the rest is in
+// the window. For formats without a residual window: encoded = stored, residual = 0.
+struct KiviCounts {
+  int64_t encoded = 0;
+  int64_t residual = 0;
+};
+KiviCounts SplitStoredTokens(const KvFormatSpec& spec, int64_t stored);
+
+// One append call: for one layer, rows of several sequences. Sequence s (batch entry) owns rows
+// [row_begin[s], row_begin[s + 1]) of k / v, which follow the `stored_before[s]` tokens it already
+// holds for this layer (encoded + residual).
+struct AppendBatch {
+  uint8_t* pool = nullptr;                // block pool base (written)
+  int64_t block_stride_bytes = 0;         // bytes of one pool block (all layers)
+  int64_t layer_offset_bytes = 0;         // this layer's offset inside a block
+  const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks_per_seq] pool block ids
+  int max_blocks_per_seq = 0;
+  int num_seqs = 0;
+  const int32_t* seq_slots = nullptr;      // [num_seqs] state slot of each entry (nullptr: s)
+  const int32_t* row_begin = nullptr;      // [num_seqs + 1]
+  const int32_t* stored_before = nullptr;  // [num_seqs] tokens held before this call
+  int num_rows = 0;                        // row_begin[num_seqs] (host value)
+  int max_rows_per_seq = 0;                // host value: max over s of its row count
+  // k, v: row r, kv-head h at k[r * row_stride + h * head_dim] (float32, post-RoPE). row_stride
+  // lets the caller pass slices of a fused qkv buffer.
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t row_stride = 0;
+  // FP8 only: [slots, kv_heads, 2] (read and, while 0, chosen).
+  float* head_scales = nullptr;
+  // KIVI only: [slots, kv_heads, residual_capacity, head_dim] fp16 (read and written).
+  uint16_t* residual_k = nullptr;
+  uint16_t* residual_v = nullptr;
+  int residual_capacity = 0;
+};
+
+// Reads (dequantizes) what attention sees for the first `lens[s]` tokens of sequences, one layer,
+// in the ORIGINAL basis (TurboQuant un-rotated; norms applied), as float32:
+//   out_k/out_v[s][kv_head][t][head_dim], t < lens[s], with out_stride_tokens slots per (s, head).
+// Tokens below the sequence's encoded count come from the blocks, the rest (KIVI) from the
+// residual window. Used by the runner for prefill over a cached prefix, and by tests.
+struct ReadBatch {
+  const uint8_t* pool = nullptr;
+  int64_t block_stride_bytes = 0;
+  int64_t layer_offset_bytes = 0;
+  const int32_t* block_tables = nullptr;
+  int max_blocks_per_seq = 0;
+  int num_seqs = 0;
+  const int32_t* seq_slots = nullptr;  // nullptr: slot = s
+  const int32_t* lens = nullptr;       // [num_seqs] tokens to read (= stored)
+  int max_len = 0;                     // host value
+  const float* head_scales = nullptr;  // FP8
+  const uint16_t* residual_k = nullptr;  // KIVI (as in AppendBatch)
+  const uint16_t* residual_v = nullptr;
+  int residual_capacity = 0;
+  float* out_k = nullptr;  // [num_seqs, kv_heads, out_stride_tokens, head_dim]
+  float* out_v = nullptr;
+  int64_t out_stride_tokens = 0;
+};
+
+class CudaKvAppend {
+ public:
+  virtual ~CudaKvAppend() = default;
+  // UnimplementedError for formats without a device encoder (TurboQuant QJL keys; any eviction:
+  // eviction is the cache's job, not the codec's), InvalidArgumentError for bad shapes.
+  static absl::StatusOr<std::unique_ptr<CudaKvAppend>> Create(const KvFormatSpec& spec,
+                                                              int head_dim, int num_kv_heads,
+                                                              int block_size);
+  virtual int record_bytes() const = 0;
+  // KIVI: R + G (the residual window's capacity in tokens); 0 for other formats.
+  virtual int residual_capacity() const = 0;
+  // Enqueues the encode on `stream`. The caller has reserved blocks for every written slot.
+  virtual absl::Status Append(const AppendBatch& batch, void* stream) = 0;
+  virtual absl::Status Read(const ReadBatch& batch, void* stream) = 0;
+};
+
+}  // namespace kvgate::kernels::cuda
