@@ -63,12 +63,14 @@ constexpr char kDefaultBackend[] = "cpu";
 constexpr char kDefaultBackend[] = "cuda";
 #endif
 ABSL_FLAG(std::string, backend, kDefaultBackend,
-          "Model backend: cpu (kvgate-worker), cuda (kvgate-worker-cuda; fp16 KV only for now), or "
+          "Model backend: cpu (kvgate-worker), cuda (kvgate-worker-cuda; no KV eviction), or "
           "null (benchmark/test tool: no model math, placeholder tokens; --max_context may exceed "
           "the model's)");
 ABSL_FLAG(double, gpu_memory_fraction, 0.85, "cuda backend: fraction of the GPU memory free after "
-                                             "the weights that the KV pool takes (ignored if "
-                                             "--kv_blocks is set; --kv_cache_mb is not used)");
+                                             "the weights that the KV pool and the per-sequence "
+                                             "KV state of --max_running sequences take (pool "
+                                             "size ignored if --kv_blocks is set; --kv_cache_mb "
+                                             "is not used)");
 
 namespace kvgate::worker {
 namespace {
@@ -207,8 +209,10 @@ int Main(int argc, char** argv) {
 #endif
 #ifdef KVGATE_WORKER_HAVE_CUDA
   if (backend == "cuda") {
+    // One sequence slot of per-sequence KV state (KIVI windows, FP8 scales) per running sequence.
     runner = CreateCudaModelRunner(
-        ropts, {.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction)});
+        ropts, {.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction),
+                .max_sequences = absl::GetFlag(FLAGS_max_running)});
   }
 #endif
   if (!runner.ok()) {

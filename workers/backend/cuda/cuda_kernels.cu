@@ -1,5 +1,6 @@
-// Device kernels of the CUDA ModelRunner; contracts in cuda_kernels.h. Simple and correct first:
-// one CTA (or warp) per row/head, fp32 arithmetic, 2-byte coalesced loads of the fp16 pool.
+// Device kernels of the CUDA ModelRunner; contracts in cuda_kernels.h. fp32 arithmetic throughout;
+// the matrix products are cuBLAS's (cuda_model_runner.cc) and the KV pool belongs to
+// kvgate_kernels_cuda.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -16,29 +17,11 @@ __device__ __forceinline__ float Bf16ToFloat(uint16_t bits) {
 __device__ __forceinline__ uint16_t FloatToBf16(float x) {
   return __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
-__device__ __forceinline__ float HalfToFloat(uint16_t bits) {
-  return __half2float(__ushort_as_half(bits));
-}
-__device__ __forceinline__ uint16_t FloatToHalf(float x) {
-  return __half_as_ushort(__float2half_rn(x));
-}
 
 __device__ __forceinline__ float WarpSum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
-}
-
-// Offset (in halves) of token `position`'s record of (layer, k|v, kv_head) in the pool.
-__device__ __forceinline__ int64_t PoolOffset(const KvPoolLayout& kv, const int32_t* table,
-                                              int64_t position, int layer, int kv_or_v,
-                                              int kv_head) {
-  const int64_t block = table[position / kv.block_size];
-  const int64_t slot = position % kv.block_size;
-  return block * kv.block_elems() +
-         ((int64_t{layer} * 2 + kv_or_v) * kv.num_kv_heads + kv_head) * kv.block_size *
-             kv.head_dim +
-         slot * kv.head_dim;
 }
 
 __global__ void EmbeddingKernel(const uint16_t* embed, const int32_t* tokens, float* x,
@@ -74,20 +57,24 @@ __global__ void RmsNormKernel(const float* x, const float* weight, const int32_t
   }
 }
 
-// grid (rows, Hq + 2 Hkv), one warp: one head vector of one row.
-__global__ void QkvEpilogueKernel(float* qkv, const float* bias, const float* q_norm,
-                                  const float* k_norm, const double* inv_freq, float norm_eps,
-                                  StepLayout step, KvPoolLayout kv, int layer, int num_q_heads,
-                                  float* q_out, float* fresh_k, float* fresh_v) {
+constexpr int kEpilogueWarps = 4;
+
+// grid (rows, ceil((Hq + 2 Hkv) / kEpilogueWarps)); each warp one head vector of one row.
+__global__ void __launch_bounds__(kEpilogueWarps * 32)
+    QkvEpilogueKernel(float* qkv, const float* bias, const float* q_norm, const float* k_norm,
+                      const double* inv_freq, float norm_eps, const int32_t* row_position,
+                      QkvShape shape, float* q_out) {
   const int row = blockIdx.x;
-  const int head = blockIdx.y;  // [0, Hq): q; [Hq, Hq + Hkv): k; then v
-  const int lane = threadIdx.x;
-  const int d = kv.head_dim, half = d / 2, hkv = kv.num_kv_heads;
-  const int64_t qkv_dim = int64_t{num_q_heads + 2 * hkv} * d;
+  const int head = blockIdx.y * kEpilogueWarps + threadIdx.x / 32;  // [0, Hq): q; then k; then v
+  const int lane = threadIdx.x % 32;
+  const int hq = shape.num_q_heads, hkv = shape.num_kv_heads;
+  if (head >= hq + 2 * hkv) return;
+  const int d = shape.head_dim, half = d / 2;
+  const int64_t qkv_dim = int64_t{hq + 2 * hkv} * d;
   float* src = qkv + row * qkv_dim + int64_t{head} * d;
   const float* b = bias != nullptr ? bias + int64_t{head} * d : nullptr;
-  const bool is_q = head < num_q_heads;
-  const bool is_k = !is_q && head < num_q_heads + hkv;
+  const bool is_q = head < hq;
+  const bool is_k = !is_q && head < hq + hkv;
   const float* norm = is_q ? q_norm : (is_k ? k_norm : nullptr);
   constexpr int kMaxPairs = 4;  // half <= 128
   float lo[kMaxPairs], hi[kMaxPairs];
@@ -113,31 +100,26 @@ __global__ void QkvEpilogueKernel(float* qkv, const float* bias, const float* q_
       }
     }
   }
-  const int64_t position = step.row_position[row];
   if (is_q || is_k) {
+    const double position = row_position[row];
 #pragma unroll
     for (int i = 0; i < kMaxPairs; ++i) {
       const int j = lane + 32 * i;
       if (j < half) {
         double s, c;
-        sincos(static_cast<double>(position) * inv_freq[j], &s, &c);
+        sincos(position * inv_freq[j], &s, &c);
         const float cf = static_cast<float>(c), sf = static_cast<float>(s);
-        const float a = lo[i], bb = hi[i];
-        lo[i] = a * cf - bb * sf;
-        hi[i] = bb * cf + a * sf;
+        const float x0 = lo[i], x1 = hi[i];
+        lo[i] = x0 * cf - x1 * sf;
+        hi[i] = x1 * cf + x0 * sf;
       }
     }
   }
-  float* dst;
-  uint16_t* cache = nullptr;
+  float* dst = src;  // k and v stay in place
   if (is_q) {
-    dst = q_out + (int64_t{row} * num_q_heads + head) * d;
-  } else {
-    const int kv_head = is_k ? head - num_q_heads : head - num_q_heads - hkv;
-    dst = (is_k ? fresh_k : fresh_v) + (int64_t{row} * hkv + kv_head) * d;
-    const int chunk = step.row_chunk[row];
-    cache = kv.pool + PoolOffset(kv, step.block_tables + int64_t{chunk} * step.max_blocks, position,
-                                 layer, is_k ? 0 : 1, kv_head);
+    const int group = hq / hkv;
+    const int slot = (head / group) * shape.group_pad + head % group;
+    dst = q_out + (int64_t{row} * hkv * shape.group_pad + slot) * d;
   }
 #pragma unroll
   for (int i = 0; i < kMaxPairs; ++i) {
@@ -145,111 +127,216 @@ __global__ void QkvEpilogueKernel(float* qkv, const float* bias, const float* q_
     if (j < half) {
       dst[j] = lo[i];
       dst[j + half] = hi[i];
-      if (cache != nullptr) {
-        cache[j] = FloatToHalf(lo[i]);
-        cache[j + half] = FloatToHalf(hi[i]);
+    }
+  }
+}
+
+__device__ __forceinline__ float4 Load4(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
+__device__ __forceinline__ float Dot4(float4 a, float4 b) {
+  return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+}
+__device__ __forceinline__ void Fma4(float p, float4 v, float4& acc) {
+  acc.x += p * v.x;
+  acc.y += p * v.y;
+  acc.z += p * v.z;
+  acc.w += p * v.w;
+}
+
+constexpr int kPrefillThreads = 128;
+constexpr int kPrefillKeys = 32;  // keys per shared-memory tile
+
+template <int D>
+constexpr int PrefillSmemFloats() {
+  return (kPrefillTileRows + 2 * kPrefillKeys) * (D + 4) + kPrefillTileRows * (kPrefillKeys + 1);
+}
+
+// grid (num_tiles, Hq), 128 threads. Thread t owns query rows 2 (t / 8) and 2 (t / 8) + 1 of the
+// tile; for scores the keys t % 8 + 8 j (j < 4) of each 32-key tile, for the output the columns
+// 4 (t % 8) + 32 c (c < D / 32, float4 each). The 8 lanes sharing a row pair are one aligned
+// group of a warp: row max and sum reduce over them with three shuffles, and the probabilities go
+// through shared memory rows that only that group writes and reads. Rows of shared arrays are
+// padded to D + 4 floats so that the float4 accesses of a quarter-warp hit distinct banks.
+template <int D>
+__global__ void __launch_bounds__(kPrefillThreads) PrefillAttentionKernel(PrefillAttentionArgs a) {
+  constexpr int QT = kPrefillTileRows, KT = kPrefillKeys, LD = D + 4, PL = KT + 1;
+  constexpr int C4 = D / 32;  // output float4 columns per thread
+  extern __shared__ float4 smem4[];
+  float* q_s = reinterpret_cast<float*>(smem4);  // [QT][LD]
+  float* k_s = q_s + QT * LD;                    // [KT][LD]
+  float* v_s = k_s + KT * LD;                    // [KT][LD]
+  float* p_s = v_s + KT * LD;                    // [QT][PL]
+
+  const PrefillTile tile = a.tiles[blockIdx.x];
+  const int head = blockIdx.y;
+  const int hkv = a.shape.num_kv_heads, group = a.shape.num_q_heads / hkv;
+  const int kv_head = head / group;
+  const int q_slot = kv_head * a.shape.group_pad + head % group;
+  const int64_t q_row_floats = int64_t{hkv} * a.shape.group_pad * D;
+  const int tid = threadIdx.x, rg = tid >> 3, kl = tid & 7;
+
+  for (int i = tid; i < QT * D / 4; i += kPrefillThreads) {
+    const int r = i / (D / 4), c = (i % (D / 4)) * 4;
+    float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < tile.tile_rows) {
+      const int64_t row = int64_t{tile.first_row} + tile.tile_begin + r;
+      val = Load4(a.q + row * q_row_floats + int64_t{q_slot} * D + c);
+      val.x *= a.scale, val.y *= a.scale, val.z *= a.scale, val.w *= a.scale;
+    }
+    *reinterpret_cast<float4*>(q_s + r * LD + c) = val;
+  }
+
+  const int64_t pos0 = int64_t{tile.past} + tile.tile_begin;  // position of the first query
+  const int64_t num_keys = pos0 + tile.tile_rows;
+  const float* prefix_k = nullptr;
+  const float* prefix_v = nullptr;
+  if (tile.prefix_index >= 0) {
+    const int64_t base = (int64_t{tile.prefix_index} * hkv + kv_head) * a.prefix_stride_tokens * D;
+    prefix_k = a.prefix_k + base;
+    prefix_v = a.prefix_v + base;
+  }
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float4 acc[2][C4];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int c = 0; c < C4; ++c) acc[r][c] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+
+  for (int64_t k0 = 0; k0 < num_keys; k0 += KT) {
+    __syncthreads();  // the previous tile's values are consumed (first pass: q_s is stored)
+    for (int i = tid; i < KT * D / 4; i += kPrefillThreads) {
+      const int kk = i / (D / 4), c = (i % (D / 4)) * 4;
+      const int64_t t = k0 + kk;
+      float4 kval = make_float4(0.f, 0.f, 0.f, 0.f), vval = kval;
+      if (t < num_keys) {
+        if (t < tile.past) {
+          kval = Load4(prefix_k + t * D + c);
+          vval = Load4(prefix_v + t * D + c);
+        } else {
+          const int64_t off =
+              (tile.first_row + (t - tile.past)) * a.fresh_row_stride + int64_t{kv_head} * D + c;
+          kval = Load4(a.fresh_k + off);
+          vval = Load4(a.fresh_v + off);
+        }
+      }
+      *reinterpret_cast<float4*>(k_s + kk * LD + c) = kval;
+      *reinterpret_cast<float4*>(v_s + kk * LD + c) = vval;
+    }
+    __syncthreads();
+
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    const float* q0 = q_s + (2 * rg) * LD;
+    const float* q1 = q0 + LD;
+#pragma unroll 4
+    for (int c = 0; c < D; c += 4) {
+      const float4 a0 = Load4(q0 + c), a1 = Load4(q1 + c);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float4 b = Load4(k_s + (kl + 8 * j) * LD + c);
+        s[0][j] += Dot4(a0, b);
+        s[1][j] += Dot4(a1, b);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int qr = 2 * rg + r;
+      const int64_t pos = pos0 + qr;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t t = k0 + kl + 8 * j;
+        if (qr >= tile.tile_rows || t > pos) s[r][j] = -INFINITY;
+        mx = fmaxf(mx, s[r][j]);
+      }
+#pragma unroll
+      for (int o = 1; o < 8; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_new = fmaxf(m[r], mx);
+      float corr = 1.0f, sum = 0.0f;
+      if (m_new != -INFINITY) {
+        corr = expf(m[r] - m_new);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          s[r][j] = expf(s[r][j] - m_new);
+          sum += s[r][j];
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[r][j] = 0.0f;
+      }
+#pragma unroll
+      for (int o = 1; o < 8; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      l[r] = l[r] * corr + sum;
+      m[r] = m_new;
+#pragma unroll
+      for (int c = 0; c < C4; ++c) {
+        acc[r][c].x *= corr, acc[r][c].y *= corr, acc[r][c].z *= corr, acc[r][c].w *= corr;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) p_s[qr * PL + kl + 8 * j] = s[r][j];
+    }
+    __syncwarp();  // p_s rows of this lane group are written by the group itself
+#pragma unroll 4
+    for (int kk = 0; kk < KT; ++kk) {
+      const float p0 = p_s[(2 * rg) * PL + kk], p1 = p_s[(2 * rg + 1) * PL + kk];
+#pragma unroll
+      for (int c = 0; c < C4; ++c) {
+        const float4 v = Load4(v_s + kk * LD + kl * 4 + 32 * c);
+        Fma4(p0, v, acc[0][c]);
+        Fma4(p1, v, acc[1][c]);
+      }
+    }
+    __syncwarp();  // the next tile's p_s writes come after these reads
+  }
+
+  const int hq = a.shape.num_q_heads;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int qr = 2 * rg + r;
+    if (qr >= tile.tile_rows) continue;
+    const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+    const int64_t row = int64_t{tile.first_row} + tile.tile_begin + qr;
+    const int64_t out = (row * hq + head) * D;
+#pragma unroll
+    for (int c = 0; c < C4; ++c) {
+      const int col = kl * 4 + 32 * c;
+      const float4 o =
+          make_float4(acc[r][c].x * inv, acc[r][c].y * inv, acc[r][c].z * inv, acc[r][c].w * inv);
+      if (a.out_f32 != nullptr) {
+        *reinterpret_cast<float4*>(a.out_f32 + out + col) = o;
+      } else {
+        uint16_t* dst = a.out_bf16 + out + col;
+        dst[0] = FloatToBf16(o.x);
+        dst[1] = FloatToBf16(o.y);
+        dst[2] = FloatToBf16(o.z);
+        dst[3] = FloatToBf16(o.w);
       }
     }
   }
 }
 
-constexpr int kAttnWarps = 8;
-constexpr int kMaxPerLane = 8;  // head_dim <= 256
+template <int D>
+cudaError_t LaunchPrefillFor(const PrefillAttentionArgs& args, cudaStream_t stream) {
+  constexpr int smem = PrefillSmemFloats<D>() * static_cast<int>(sizeof(float));
+  // Above 48 KB a kernel's dynamic shared memory must be opted into, once per kernel.
+  static const cudaError_t setup = cudaFuncSetAttribute(
+      PrefillAttentionKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (setup != cudaSuccess) return setup;
+  const dim3 grid(args.num_tiles, args.shape.num_q_heads);
+  PrefillAttentionKernel<D><<<grid, kPrefillThreads, smem, stream>>>(args);
+  return cudaGetLastError();
+}
 
-// grid (rows, Hq), kAttnWarps warps; warp w takes keys w, w + kAttnWarps, ...; online softmax
-// per warp, then the warps' partial results are merged in shared memory.
-__global__ void __launch_bounds__(kAttnWarps * 32)
-    PagedAttentionKernel(const float* q, const float* fresh_k, const float* fresh_v,
-                         StepLayout step, KvPoolLayout kv, int layer, int num_q_heads, float scale,
-                         uint16_t* out, float* out_f32) {
-  __shared__ float warp_max[kAttnWarps], warp_sum[kAttnWarps];
-  __shared__ float warp_acc[kAttnWarps][kMaxPerLane * 32];
-  const int row = blockIdx.x, head = blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int d = kv.head_dim, per_lane = d / 32, hkv = kv.num_kv_heads;
-  const int kv_head = head / (num_q_heads / hkv);
-  const int chunk = step.row_chunk[row];
-  const int64_t position = step.row_position[row];
-  const int64_t past = step.chunk_past[chunk];
-  const bool all_cached = step.chunk_all_cached[chunk] != 0;
-  const int64_t first_fresh_row = step.row_begin[chunk];
-  const int32_t* table = step.block_tables + int64_t{chunk} * step.max_blocks;
-
-  float qv[kMaxPerLane], acc[kMaxPerLane];
-  const float* qrow = q + (int64_t{row} * num_q_heads + head) * d;
-#pragma unroll
-  for (int i = 0; i < kMaxPerLane; ++i) {
-    qv[i] = i < per_lane ? qrow[lane + 32 * i] * scale : 0.0f;
-    acc[i] = 0.0f;
-  }
-  float m = -INFINITY, l = 0.0f;
-  for (int64_t t = warp; t <= position; t += kAttnWarps) {
-    float kvals[kMaxPerLane], vvals[kMaxPerLane];
-    if (t < past || all_cached) {
-      const int64_t k_off = PoolOffset(kv, table, t, layer, 0, kv_head);
-      const int64_t v_off = k_off + int64_t{hkv} * kv.block_size * d;
-#pragma unroll
-      for (int i = 0; i < kMaxPerLane; ++i) {
-        if (i < per_lane) {
-          kvals[i] = HalfToFloat(kv.pool[k_off + lane + 32 * i]);
-          vvals[i] = HalfToFloat(kv.pool[v_off + lane + 32 * i]);
-        }
-      }
-    } else {
-      const int64_t fresh_row = first_fresh_row + (t - past);
-      const float* krow = fresh_k + (fresh_row * hkv + kv_head) * d;
-      const float* vrow = fresh_v + (fresh_row * hkv + kv_head) * d;
-#pragma unroll
-      for (int i = 0; i < kMaxPerLane; ++i) {
-        if (i < per_lane) {
-          kvals[i] = krow[lane + 32 * i];
-          vvals[i] = vrow[lane + 32 * i];
-        }
-      }
-    }
-    float dot = 0;
-#pragma unroll
-    for (int i = 0; i < kMaxPerLane; ++i) {
-      if (i < per_lane) dot += qv[i] * kvals[i];
-    }
-    const float s = WarpSum(dot);
-    const float m_new = fmaxf(m, s);
-    const float correction = __expf(m - m_new);
-    const float p = __expf(s - m_new);
-    l = l * correction + p;
-#pragma unroll
-    for (int i = 0; i < kMaxPerLane; ++i) {
-      if (i < per_lane) acc[i] = acc[i] * correction + p * vvals[i];
-    }
-    m = m_new;
-  }
-  if (lane == 0) {
-    warp_max[warp] = m;
-    warp_sum[warp] = l;
-  }
-#pragma unroll
-  for (int i = 0; i < kMaxPerLane; ++i) {
-    if (i < per_lane) warp_acc[warp][lane + 32 * i] = acc[i];
-  }
-  __syncthreads();
-  float total_max = -INFINITY;
-  for (int w = 0; w < kAttnWarps; ++w) total_max = fmaxf(total_max, warp_max[w]);
-  float total_sum = 0;
-  for (int w = 0; w < kAttnWarps; ++w) {
-    if (warp_sum[w] > 0) total_sum += warp_sum[w] * __expf(warp_max[w] - total_max);
-  }
-  const int64_t out_row = (int64_t{row} * num_q_heads + head) * d;
-  for (int j = threadIdx.x; j < d; j += blockDim.x) {
-    float value = 0;
-    for (int w = 0; w < kAttnWarps; ++w) {
-      if (warp_sum[w] > 0) value += warp_acc[w][j] * __expf(warp_max[w] - total_max);
-    }
-    value /= total_sum;
-    if (out_f32 != nullptr) {
-      out_f32[out_row + j] = value;
-    } else {
-      out[out_row + j] = FloatToBf16(value);
-    }
+__global__ void GatherHeadsKernel(const float* in, uint16_t* out, int64_t total, QkvShape shape) {
+  const int d = shape.head_dim, hq = shape.num_q_heads;
+  const int group = hq / shape.num_kv_heads;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = i / (int64_t{hq} * d);
+    const int head = static_cast<int>((i / d) % hq), e = static_cast<int>(i % d);
+    const int slot = (head / group) * shape.group_pad + head % group;
+    out[i] = FloatToBf16(in[(row * shape.num_kv_heads * shape.group_pad + slot) * int64_t{d} + e]);
   }
 }
 
@@ -272,36 +359,34 @@ __global__ void AddBiasKernel(float* x, const float* bias, int num_rows, int col
   }
 }
 
-__global__ void FloatToBf16Kernel(const float* src, uint16_t* dst, int64_t n) {
+// SplitMix64's output function over the counter seed + (i + 1) * golden ratio: a stateless hash,
+// so every element is independent of the launch shape.
+__device__ __forceinline__ float UniformAt(uint64_t seed, int64_t i) {
+  uint64_t z = seed + (static_cast<uint64_t>(i) + 1) * 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f;  // [-1, 1)
+}
+
+__global__ void FillUniformBf16Kernel(uint16_t* dst, int64_t n, uint64_t seed, float bound) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    dst[i] = FloatToBf16(src[i]);
+    dst[i] = FloatToBf16(bound * UniformAt(seed, i));
   }
 }
 
-// grid (n, Hkv), D threads (strided).
-__global__ void AppendKvKernel(const float* k, const float* v, int64_t first_position,
-                               const int32_t* table, KvPoolLayout kv, int layer) {
-  const int64_t token = blockIdx.x;
-  const int kv_head = blockIdx.y, d = kv.head_dim;
-  const int64_t k_off = PoolOffset(kv, table, first_position + token, layer, 0, kv_head);
-  const int64_t v_off = k_off + int64_t{kv.num_kv_heads} * kv.block_size * d;
-  const int64_t src = (token * kv.num_kv_heads + kv_head) * d;
-  for (int j = threadIdx.x; j < d; j += blockDim.x) {
-    kv.pool[k_off + j] = FloatToHalf(k[src + j]);
-    kv.pool[v_off + j] = FloatToHalf(v[src + j]);
+__global__ void FillUniformFloatKernel(float* dst, int64_t n, uint64_t seed, float bound) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    dst[i] = bound * UniformAt(seed, i);
   }
 }
 
-__global__ void ReadKvKernel(const int32_t* table, KvPoolLayout kv, int layer, int kv_head,
-                             float* k, float* v) {
-  const int64_t token = blockIdx.x;
-  const int d = kv.head_dim;
-  const int64_t k_off = PoolOffset(kv, table, token, layer, 0, kv_head);
-  const int64_t v_off = k_off + int64_t{kv.num_kv_heads} * kv.block_size * d;
-  for (int j = threadIdx.x; j < d; j += blockDim.x) {
-    k[token * d + j] = HalfToFloat(kv.pool[k_off + j]);
-    v[token * d + j] = HalfToFloat(kv.pool[v_off + j]);
+__global__ void FillFloatKernel(float* dst, int64_t n, float value) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    dst[i] = value;
   }
 }
 
@@ -329,26 +414,41 @@ cudaError_t LaunchRmsNormToBf16(const float* x, const float* weight, const int32
 
 cudaError_t LaunchQkvEpilogue(float* qkv, const float* bias, const float* q_norm,
                               const float* k_norm, const double* inv_freq, float norm_eps,
-                              const StepLayout& step, const KvPoolLayout& kv, int layer,
-                              int num_q_heads, float* q, float* fresh_k, float* fresh_v,
-                              cudaStream_t stream) {
-  if (step.num_rows <= 0) return cudaSuccess;
-  if (kv.head_dim % 2 != 0 || kv.head_dim > 256) return cudaErrorInvalidValue;
-  const dim3 grid(step.num_rows, num_q_heads + 2 * kv.num_kv_heads);
-  QkvEpilogueKernel<<<grid, 32, 0, stream>>>(qkv, bias, q_norm, k_norm, inv_freq, norm_eps, step,
-                                             kv, layer, num_q_heads, q, fresh_k, fresh_v);
+                              const int32_t* row_position, int num_rows, const QkvShape& shape,
+                              float* q_out, cudaStream_t stream) {
+  if (num_rows <= 0) return cudaSuccess;
+  if (shape.head_dim % 2 != 0 || shape.head_dim > 256 || shape.num_kv_heads <= 0 ||
+      shape.num_q_heads % shape.num_kv_heads != 0 ||
+      shape.group_pad < shape.num_q_heads / shape.num_kv_heads) {
+    return cudaErrorInvalidValue;
+  }
+  const int heads = shape.num_q_heads + 2 * shape.num_kv_heads;
+  const dim3 grid(num_rows, (heads + kEpilogueWarps - 1) / kEpilogueWarps);
+  QkvEpilogueKernel<<<grid, kEpilogueWarps * 32, 0, stream>>>(qkv, bias, q_norm, k_norm, inv_freq,
+                                                              norm_eps, row_position, shape, q_out);
   return cudaGetLastError();
 }
 
-cudaError_t LaunchPagedAttention(const float* q, const float* fresh_k, const float* fresh_v,
-                                 const StepLayout& step, const KvPoolLayout& kv, int layer,
-                                 int num_q_heads, float scale, uint16_t* out, float* out_f32,
-                                 cudaStream_t stream) {
-  if (step.num_rows <= 0) return cudaSuccess;
-  if (kv.head_dim % 32 != 0 || kv.head_dim > 32 * kMaxPerLane) return cudaErrorInvalidValue;
-  const dim3 grid(step.num_rows, num_q_heads);
-  PagedAttentionKernel<<<grid, kAttnWarps * 32, 0, stream>>>(q, fresh_k, fresh_v, step, kv, layer,
-                                                             num_q_heads, scale, out, out_f32);
+cudaError_t LaunchPrefillAttention(const PrefillAttentionArgs& args, cudaStream_t stream) {
+  if (args.num_tiles <= 0) return cudaSuccess;
+  if (args.shape.num_kv_heads <= 0 || args.shape.num_q_heads % args.shape.num_kv_heads != 0) {
+    return cudaErrorInvalidValue;
+  }
+  switch (args.shape.head_dim) {
+    case 64:
+      return LaunchPrefillFor<64>(args, stream);
+    case 128:
+      return LaunchPrefillFor<128>(args, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t LaunchGatherHeadsToBf16(const float* in, uint16_t* out, int num_rows,
+                                    const QkvShape& shape, cudaStream_t stream) {
+  if (num_rows <= 0) return cudaSuccess;
+  const int64_t total = int64_t{num_rows} * shape.num_q_heads * shape.head_dim;
+  GatherHeadsKernel<<<GridFor(total, 256), 256, 0, stream>>>(in, out, total, shape);
   return cudaGetLastError();
 }
 
@@ -368,25 +468,23 @@ cudaError_t LaunchAddBias(float* x, const float* bias, int num_rows, int cols,
   return cudaGetLastError();
 }
 
-cudaError_t LaunchFloatToBf16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream) {
+cudaError_t LaunchFillUniformBf16(uint16_t* dst, int64_t n, uint64_t seed, float bound,
+                                  cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  FloatToBf16Kernel<<<GridFor(n, 256), 256, 0, stream>>>(src, dst, n);
+  FillUniformBf16Kernel<<<GridFor(n, 256), 256, 0, stream>>>(dst, n, seed, bound);
   return cudaGetLastError();
 }
 
-cudaError_t LaunchAppendKv(const float* k, const float* v, int n, int64_t first_position,
-                           const int32_t* table, const KvPoolLayout& kv, int layer,
-                           cudaStream_t stream) {
+cudaError_t LaunchFillUniformFloat(float* dst, int64_t n, uint64_t seed, float bound,
+                                   cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  AppendKvKernel<<<dim3(n, kv.num_kv_heads), 128, 0, stream>>>(k, v, first_position, table, kv,
-                                                               layer);
+  FillUniformFloatKernel<<<GridFor(n, 256), 256, 0, stream>>>(dst, n, seed, bound);
   return cudaGetLastError();
 }
 
-cudaError_t LaunchReadKv(const int32_t* table, int64_t n, const KvPoolLayout& kv, int layer,
-                         int kv_head, float* k, float* v, cudaStream_t stream) {
+cudaError_t LaunchFillFloat(float* dst, int64_t n, float value, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  ReadKvKernel<<<static_cast<unsigned>(n), 128, 0, stream>>>(table, kv, layer, kv_head, k, v);
+  FillFloatKernel<<<GridFor(n, 256), 256, 0, stream>>>(dst, n, value);
   return cudaGetLastError();
 }
 

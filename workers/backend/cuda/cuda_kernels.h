@@ -1,15 +1,15 @@
 // Device kernels of the CUDA ModelRunner (workers/backend/cuda/cuda_kernels.cu): embedding,
-// RMSNorm, the fused q/k/v epilogue (bias, QK-norm, RoPE, KV append in fp16), paged attention
-// over the fp16 KV pool for prefill chunks and decode tokens of one step, SwiGLU, and small
-// helpers. Host-callable launchers; every pointer is a DEVICE pointer unless noted, every launcher
-// enqueues on `stream` and returns the launch error (cudaGetLastError) as cudaError_t, so callers
-// turn it into an absl::Status. Activations are fp32 row-major [rows, ...]; weights and GEMM
-// inputs bf16 (stored as uint16_t bit patterns); the KV pool fp16 (uint16_t).
+// RMSNorm, the fused q/k/v epilogue (bias, QK-norm, RoPE), causal prefill attention over a prefix
+// read out of the KV pool plus the step's fresh tokens, SwiGLU, the decode-output conversion, and
+// the hash-based random fills that make weights and synthetic KV on the GPU. The KV pool itself is
+// written and read by kvgate_kernels_cuda (kvgate/kernels/cuda_kv_append.h,
+// kvgate/kernels/cuda_attention.h), not here.
 //
-// KV pool layout (CudaKvCache): [num_blocks][layers][2 (k, v)][kv_heads][block_size][head_dim]
-// fp16, so one (block, layer, k|v, kv_head) segment is block_size * head_dim contiguous halves.
+// Host-callable launchers; every pointer is a DEVICE pointer unless noted, every launcher enqueues
+// on `stream` and returns the launch error (cudaGetLastError) as cudaError_t, so callers turn it
+// into an absl::Status. Activations are fp32 row-major [rows, ...]; weights and GEMM inputs bf16
+// (stored as uint16_t bit patterns).
 //
-//   StepRows rows{...};  // per-row chunk index and position, per-chunk tables (device)
 //   LaunchEmbedding(embed, tokens, x, num_rows, hidden, stream);
 //   LaunchRmsNormToBf16(x, weight, nullptr, normed, num_rows, hidden, eps, stream);
 #pragma once
@@ -19,33 +19,6 @@
 #include <cstdint>
 
 namespace kvgate::worker::cuda {
-
-// Per-step metadata, all device arrays. Chunk c owns token rows [row_begin[c], row_begin[c+1]).
-struct StepLayout {
-  int num_rows = 0;
-  int num_chunks = 0;
-  const int32_t* row_chunk = nullptr;     // [num_rows] chunk of each row
-  const int32_t* row_position = nullptr;  // [num_rows] absolute position of each row's token
-  const int32_t* row_begin = nullptr;     // [num_chunks + 1]
-  const int32_t* chunk_past = nullptr;    // [num_chunks] tokens cached before this step
-  // [num_chunks] 1: every key (including the step's own token) is read from the fp16 pool
-  // (decode: one token after a cached prefix, as CpuKvCache::DecodeAttention); 0: the prefix from
-  // the pool and the step's own tokens in fp32 from fresh_k/fresh_v (CpuKvCache::PrefillAttention).
-  const int32_t* chunk_all_cached = nullptr;
-  const int32_t* block_tables = nullptr;  // [num_chunks, max_blocks] pool block ids
-  int max_blocks = 0;
-};
-
-struct KvPoolLayout {
-  uint16_t* pool = nullptr;  // fp16 [num_blocks][layers][2][kv_heads][block_size][head_dim]
-  int num_layers = 0;
-  int num_kv_heads = 0;
-  int head_dim = 0;
-  int block_size = 0;
-  __host__ __device__ int64_t block_elems() const {
-    return int64_t{num_layers} * 2 * num_kv_heads * block_size * head_dim;
-  }
-};
 
 // x[r, :] = float(embed[tokens[r], :]).
 cudaError_t LaunchEmbedding(const uint16_t* embed_bf16, const int32_t* tokens, float* x,
@@ -57,26 +30,70 @@ cudaError_t LaunchRmsNormToBf16(const float* x, const float* weight, const int32
                                 uint16_t* out, int num_rows, int hidden, float eps,
                                 cudaStream_t stream);
 
-// The q/k/v epilogue of one layer. qkv: [rows, (Hq + 2 Hkv) * D] fp32 GEMM output. Adds bias
-// (optional, [(Hq + 2 Hkv) * D]), applies per-head RMSNorm to q and k when q_norm/k_norm are
-// non-null ([D]), rotates q and k with rotate-half RoPE at each row's position (angles in double:
-// position * inv_freq[j], inv_freq [D/2]), writes q [rows, Hq, D], fresh_k/fresh_v
-// [rows, Hkv, D] fp32, and appends k/v as fp16 into the pool at (chunk's block table, position).
+// Shapes of the q/k/v epilogue: Hq query heads in groups of G = Hq / Hkv per kv-head, head_dim D.
+struct QkvShape {
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  // Query heads per kv-head in the q output (>= G): head j of group h is written to output head
+  // h * group_pad + j; heads [G, group_pad) of each group are left untouched (the caller keeps
+  // them zero), so that a decode kernel that supports only some group sizes can run on them.
+  int group_pad = 0;
+};
+
+// The q/k/v epilogue of one layer. qkv: [rows, (Hq + 2 Hkv) * D] fp32 GEMM output, modified in
+// place: adds the bias (optional, [(Hq + 2 Hkv) * D]), applies per-head RMSNorm to q and k when
+// q_norm/k_norm are non-null ([D]), rotates q and k with rotate-half RoPE at row_position[r]
+// (angles in double: position * inv_freq[j], inv_freq [D/2]). The final k and v stay in qkv (the
+// KV append and the prefill attention read them there, row stride (Hq + 2 Hkv) * D); q goes to
+// q_out [rows, Hkv * group_pad, D].
 cudaError_t LaunchQkvEpilogue(float* qkv, const float* bias, const float* q_norm,
                               const float* k_norm, const double* inv_freq, float norm_eps,
-                              const StepLayout& step, const KvPoolLayout& kv, int layer,
-                              int num_q_heads, float* q, float* fresh_k, float* fresh_v,
-                              cudaStream_t stream);
+                              const int32_t* row_position, int num_rows, const QkvShape& shape,
+                              float* q_out, cudaStream_t stream);
 
-// Causal paged attention for every row of the step: row r (chunk c, position p) attends to
-// positions [0, p]. Keys/values below chunk_past[c] come from the fp16 pool; those of the step
-// from fresh_k/fresh_v unless chunk_all_cached[c]. fp32 scores, softmax and accumulation.
-// out: bf16 [rows, Hq, D] (the o_proj GEMM input), or fp32 into out_f32 when that is non-null
-// (the KvCache interface). D must be a multiple of 32 and <= 256.
-cudaError_t LaunchPagedAttention(const float* q, const float* fresh_k, const float* fresh_v,
-                                 const StepLayout& step, const KvPoolLayout& kv, int layer,
-                                 int num_q_heads, float scale, uint16_t* out, float* out_f32,
-                                 cudaStream_t stream);
+// One tile of query rows of a prefill chunk for LaunchPrefillAttention (int32 fields, in order).
+struct PrefillTile {
+  int32_t first_row;     // step row of the chunk's first fresh token
+  int32_t tile_begin;    // index of the tile's first query inside the chunk
+  int32_t tile_rows;     // queries in this tile (<= kPrefillTileRows)
+  int32_t past;          // cached tokens before the chunk (its first position)
+  int32_t prefix_index;  // entry of the prefix arrays holding the cached tokens; -1 if past == 0
+};
+inline constexpr int kPrefillTileRows = 32;
+
+struct PrefillAttentionArgs {
+  const PrefillTile* tiles = nullptr;  // [num_tiles]
+  int num_tiles = 0;
+  QkvShape shape;
+  // Queries: row r, head h at q[(r * Hkv * group_pad + (h / G) * group_pad + h % G) * D].
+  const float* q = nullptr;
+  // Fresh keys/values of the step: row r, kv-head h at fresh_k[r * fresh_row_stride + h * D].
+  const float* fresh_k = nullptr;
+  const float* fresh_v = nullptr;
+  int64_t fresh_row_stride = 0;
+  // The cached prefix read out of the pool (CudaKvAppend::Read): entry e, kv-head h, token t at
+  // prefix_k[((e * Hkv + h) * prefix_stride_tokens + t) * D].
+  const float* prefix_k = nullptr;
+  const float* prefix_v = nullptr;
+  int64_t prefix_stride_tokens = 0;
+  float scale = 1.0f;
+  // Output row r, head h at [(r * Hq + h) * D]: bf16 into out_bf16, or fp32 into out_f32 when
+  // that is non-null.
+  uint16_t* out_bf16 = nullptr;
+  float* out_f32 = nullptr;
+};
+
+// Causal attention of every query of the tiles: query i of a chunk (position past + i) attends to
+// positions [0, past + i]; positions below past come from the prefix arrays (the cache read through
+// its format), the others from the fresh fp32 keys/values (CpuKvCache::PrefillAttention's
+// semantics). fp32 scores, online softmax and accumulation. D must be 64 or 128.
+cudaError_t LaunchPrefillAttention(const PrefillAttentionArgs& args, cudaStream_t stream);
+
+// out[r, h, :] = bf16(in[r, (h / G) * group_pad + h % G, :]) for the Hq real heads of each row:
+// the fp32 decode-attention output (padded groups) -> the o_proj GEMM input.
+cudaError_t LaunchGatherHeadsToBf16(const float* in, uint16_t* out, int num_rows,
+                                    const QkvShape& shape, cudaStream_t stream);
 
 // act[r, j] = bf16(silu(gate[r, j]) * up[r, j]); gate_up: [rows, 2 * inter] (gate then up).
 cudaError_t LaunchSwiGlu(const float* gate_up, uint16_t* act, int num_rows, int inter,
@@ -85,18 +102,13 @@ cudaError_t LaunchSwiGlu(const float* gate_up, uint16_t* act, int num_rows, int 
 // x[r, :] += bias (bias [cols]).
 cudaError_t LaunchAddBias(float* x, const float* bias, int num_rows, int cols, cudaStream_t stream);
 
-// dst[i] = bf16(src[i]) for n floats.
-cudaError_t LaunchFloatToBf16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream);
-
-// For the KvCache interface: copies k/v [n, Hkv, D] fp32 into the pool at positions
-// first_position ... of one sequence (block table `table`, device) for one layer, as fp16.
-cudaError_t LaunchAppendKv(const float* k, const float* v, int n, int64_t first_position,
-                           const int32_t* table, const KvPoolLayout& kv, int layer,
-                           cudaStream_t stream);
-
-// For the KvCache interface: reads one (sequence, layer, kv_head)'s first `n` tokens back as
-// fp32 k/v [n, D].
-cudaError_t LaunchReadKv(const int32_t* table, int64_t n, const KvPoolLayout& kv, int layer,
-                         int kv_head, float* k, float* v, cudaStream_t stream);
+// Counter-based random fills (a SplitMix64-style hash of (seed, i); the same values on every run
+// and device): dst[i] uniform in [-bound, bound).
+cudaError_t LaunchFillUniformBf16(uint16_t* dst, int64_t n, uint64_t seed, float bound,
+                                  cudaStream_t stream);
+cudaError_t LaunchFillUniformFloat(float* dst, int64_t n, uint64_t seed, float bound,
+                                   cudaStream_t stream);
+// dst[i] = value.
+cudaError_t LaunchFillFloat(float* dst, int64_t n, float value, cudaStream_t stream);
 
 }  // namespace kvgate::worker::cuda

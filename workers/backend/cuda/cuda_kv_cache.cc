@@ -1,14 +1,18 @@
 #include "workers/backend/cuda/cuda_kv_cache.h"
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "kvgate/common/status_macros.h"
+#include "workers/backend/cuda/cuda_kernels.h"
 #include "workers/backend/cuda/cuda_status.h"
 
 namespace kvgate::worker::cuda {
 namespace {
+
+using kernels::cuda::SplitStoredTokens;
 
 // A cudaMalloc'd array freed on scope exit (staging for the host-pointer methods).
 template <class T>
@@ -36,73 +40,165 @@ class DeviceArray {
   T* ptr_ = nullptr;
 };
 
+// The decode kernels run GQA groups of 1, 2, 4 or 8 query heads per kv-head.
+int PadGroup(int group) {
+  int pad = 1;
+  while (pad < group) pad *= 2;
+  return pad;
+}
+
+constexpr int kMaxDecodeGroup = 8;
+// Tokens per append call of AppendSynthetic (its random K/V source: 32 MiB at 8 x 128 heads).
+constexpr int64_t kSyntheticChunk = 4096;
+
 }  // namespace
 
-int64_t CudaKvCache::BytesPerToken(const kernels::KvCacheConfig& config) {
-  return int64_t{config.num_layers} * 2 * config.num_kv_heads * config.head_dim * 2;
+absl::Status CudaKvCache::InitLayout() {
+  const kernels::KvCacheConfig& c = config_;
+  if (c.num_layers <= 0 || c.num_kv_heads <= 0 || c.head_dim <= 0 || c.block_size <= 0 ||
+      c.num_blocks < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV cache config: num_layers, num_kv_heads, head_dim, block_size must be > 0 and "
+        "num_blocks >= 0 (got ",
+        c.num_layers, ", ", c.num_kv_heads, ", ", c.head_dim, ", ", c.block_size, ", ",
+        c.num_blocks, ")"));
+  }
+  const kernels::KvFormatSpec& fmt = c.format;
+  if (fmt.eviction.kind != kernels::EvictionSpec::Kind::kNone) {
+    return absl::UnimplementedError(
+        absl::StrCat("the CUDA KV cache does not implement eviction (got ",
+                     kernels::EvictionToString(fmt.eviction), " with ", fmt.name,
+                     "): use --evict none, or --backend cpu for H2O / sink eviction"));
+  }
+  if (fmt.full_precision_first_layers < 0 || fmt.full_precision_last_layers < 0) {
+    return absl::InvalidArgumentError("full-precision layer counts must be >= 0");
+  }
+  if (c.head_dim != 64 && c.head_dim != 128) {
+    return absl::UnimplementedError(absl::StrCat(
+        "the CUDA KV cache and attention kernels support head_dim 64 and 128, got ", c.head_dim));
+  }
+  ASSIGN_OR_RETURN(desc_, kernels::DescribeKvFormat(fmt, c.head_dim));
+  // The format of the quantized layers without the layer option (a per-layer codec), and fp16.
+  kernels::KvFormatSpec quantized = fmt;
+  quantized.full_precision_first_layers = quantized.full_precision_last_layers = 0;
+  const kernels::KvFormatSpec fp16;
+  int quantized_index = -1, fp16_index = -1;
+  auto add_format = [&](const kernels::KvFormatSpec& spec) -> absl::StatusOr<int> {
+    Format f;
+    f.spec = spec;
+    ASSIGN_OR_RETURN(f.append, kernels::cuda::CudaKvAppend::Create(spec, c.head_dim, c.num_kv_heads,
+                                                                   c.block_size));
+    ASSIGN_OR_RETURN(f.decode, kernels::cuda::CudaDecodeAttention::Create(
+                                   spec, c.head_dim, c.num_kv_heads, c.block_size));
+    if (f.append->record_bytes() != f.decode->record_bytes()) {
+      return absl::InternalError(
+          absl::StrCat("KV format ", spec.name, ": append writes ", f.append->record_bytes(),
+                       "-byte records, decode reads ", f.decode->record_bytes()));
+    }
+    formats_.push_back(std::move(f));
+    return static_cast<int>(formats_.size()) - 1;
+  };
+  int64_t offset = 0, residual_halves = 0;
+  for (int l = 0; l < c.num_layers; ++l) {
+    const bool full =
+        l < fmt.full_precision_first_layers || l >= c.num_layers - fmt.full_precision_last_layers;
+    int& index = full ? fp16_index : quantized_index;
+    if (index < 0) {
+      ASSIGN_OR_RETURN(index, add_format(full ? fp16 : quantized));
+    }
+    const Format& f = formats_[index];
+    layer_format_.push_back(index);
+    layer_offset_.push_back(offset);
+    offset += int64_t{c.num_kv_heads} * c.block_size * f.append->record_bytes();
+    geometry_.bytes_per_token += int64_t{c.num_kv_heads} * f.append->record_bytes();
+    const int capacity = f.append->residual_capacity();
+    residual_capacity_.push_back(capacity);
+    // Per-slot halves for now; Create scales them by the slot count.
+    residual_offset_.push_back(residual_halves);
+    residual_halves += int64_t{c.num_kv_heads} * capacity * c.head_dim;
+  }
+  geometry_.block_bytes = offset;
+  geometry_.residual_bytes_per_sequence = residual_halves * 2 * 2;  // k and v, 2 bytes each
+  geometry_.slot_bytes = geometry_.residual_bytes_per_sequence +
+                         int64_t{c.num_layers} * c.num_kv_heads * 2 * int64_t{sizeof(float)};
+  return absl::OkStatus();
+}
+
+absl::StatusOr<KvCacheGeometry> CudaKvCache::Measure(const kernels::KvCacheConfig& config) {
+  CudaKvCache probe(config, nullptr);
+  RETURN_IF_ERROR(probe.InitLayout());
+  return probe.geometry_;
 }
 
 absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
-    const kernels::KvCacheConfig& config, cudaStream_t stream) {
-  if (config.format.kind != kernels::KvFormatKind::kFp16 ||
-      config.format.eviction.kind != kernels::EvictionSpec::Kind::kNone) {
-    return absl::UnimplementedError(absl::StrCat(
-        "the CUDA backend stores KV in fp16 only for now (issue 5, phase 1); got '",
-        config.format.name, "' with eviction ", kernels::EvictionToString(config.format.eviction),
-        ": use --kv fp16 --evict none, or --backend cpu for other formats"));
-  }
-  if (config.head_dim % 32 != 0 || config.head_dim > 256) {
-    return absl::UnimplementedError(
-        absl::StrCat("the CUDA attention kernels need head_dim a multiple of 32 and <= 256, got ",
-                     config.head_dim));
-  }
-  if (config.num_layers <= 0 || config.num_kv_heads <= 0 || config.block_size <= 0 ||
-      config.num_blocks <= 0) {
+    const kernels::KvCacheConfig& config, cudaStream_t stream, int max_sequences) {
+  if (max_sequences <= 0) {
     return absl::InvalidArgumentError(
-        "KV cache config: layers, kv heads, block size and block "
-        "count must be positive");
+        absl::StrCat("max_sequences must be positive, got ", max_sequences));
   }
-  if (config.num_blocks > INT32_MAX) {
-    return absl::InvalidArgumentError(absl::StrCat("too many KV blocks: ", config.num_blocks));
+  std::unique_ptr<CudaKvCache> cache(new CudaKvCache(config, stream));
+  RETURN_IF_ERROR(cache->InitLayout());
+  if (config.num_blocks <= 0 || config.num_blocks > INT32_MAX) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV pool block count must be in [1, 2^31), got ", config.num_blocks));
   }
-  ASSIGN_OR_RETURN(kernels::KvFormatDesc desc,
-                   kernels::DescribeKvFormat(config.format, config.head_dim));
-  std::unique_ptr<CudaKvCache> cache(new CudaKvCache(config, std::move(desc), stream));
-  const int64_t bytes = cache->allocated_bytes();
-  void* pool = nullptr;
-  const cudaError_t error = cudaMalloc(&pool, static_cast<size_t>(bytes));
-  if (error != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free allocation error
-    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate the KV pool: ", bytes,
-                                                     " bytes (", config.num_blocks,
-                                                     " blocks): ", cudaGetErrorString(error)));
+  cache->max_sequences_ = max_sequences;
+  auto allocate = [](void** p, int64_t bytes, const char* what) -> absl::Status {
+    const cudaError_t error = cudaMalloc(p, static_cast<size_t>(std::max<int64_t>(bytes, 1)));
+    if (error == cudaSuccess) return absl::OkStatus();
+    cudaGetLastError();  // clear the allocation error
+    *p = nullptr;
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot allocate ", what, ": ", bytes, " bytes: ", cudaGetErrorString(error)));
+  };
+  RETURN_IF_ERROR(
+      allocate(reinterpret_cast<void**>(&cache->pool_), cache->allocated_bytes(), "the KV pool"));
+  const int64_t scale_floats = int64_t{config.num_layers} * max_sequences * config.num_kv_heads * 2;
+  RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->scales_),
+                           scale_floats * int64_t{sizeof(float)}, "the FP8 scale slots"));
+  CUDA_RETURN_IF_ERROR(
+      cudaMemsetAsync(cache->scales_, 0, scale_floats * sizeof(float), cache->stream_));
+  const int64_t residual_halves =
+      cache->geometry_.residual_bytes_per_sequence / 4 * int64_t{max_sequences};
+  if (residual_halves > 0) {
+    RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->residual_k_), residual_halves * 2,
+                             "the KIVI residual windows"));
+    RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->residual_v_), residual_halves * 2,
+                             "the KIVI residual windows"));
   }
-  cache->pool_ = static_cast<uint16_t*>(pool);
+  for (int64_t& offset : cache->residual_offset_) offset *= max_sequences;
   cache->free_list_.resize(config.num_blocks);
   for (int64_t b = 0; b < config.num_blocks; ++b) {
     cache->free_list_[b] = static_cast<int32_t>(config.num_blocks - 1 - b);  // pop 0 first
   }
+  cache->free_slots_.resize(max_sequences);
+  for (int s = 0; s < max_sequences; ++s) cache->free_slots_[s] = max_sequences - 1 - s;
   return cache;
 }
 
 CudaKvCache::~CudaKvCache() {
-  if (pool_ != nullptr) cudaFree(pool_);
+  if (pool_ != nullptr) cudaStreamSynchronize(stream_);  // no kernel may still use the buffers
+  for (void* p : {static_cast<void*>(pool_), static_cast<void*>(scales_),
+                  static_cast<void*>(residual_k_), static_cast<void*>(residual_v_)}) {
+    if (p != nullptr) cudaFree(p);
+  }
 }
 
 int64_t CudaKvCache::BlocksForTokens(int64_t num_tokens) const {
-  return (num_tokens + config_.block_size - 1) / config_.block_size;
+  return num_tokens <= 0 ? 0 : (num_tokens + config_.block_size - 1) / config_.block_size;
 }
 
-int64_t CudaKvCache::allocated_bytes() const {
-  return bytes_per_token() * config_.block_size * config_.num_blocks;
+int CudaKvCache::group_pad(int num_q_heads) const {
+  return PadGroup(num_q_heads / config_.num_kv_heads);
 }
 
-KvPoolLayout CudaKvCache::layout() const {
-  return KvPoolLayout{.pool = pool_,
-                      .num_layers = config_.num_layers,
-                      .num_kv_heads = config_.num_kv_heads,
-                      .head_dim = config_.head_dim,
-                      .block_size = config_.block_size};
+float* CudaKvCache::head_scales(int layer) const {
+  return scales_ + int64_t{layer} * max_sequences_ * config_.num_kv_heads * 2;
+}
+
+uint16_t* CudaKvCache::residual(int layer, bool values) const {
+  if (residual_capacity_[layer] == 0) return nullptr;
+  return (values ? residual_v_ : residual_k_) + residual_offset_[layer];
 }
 
 absl::Status CudaKvCache::GrowTo(Sequence& s, int64_t num_tokens) {
@@ -110,7 +206,7 @@ absl::Status CudaKvCache::GrowTo(Sequence& s, int64_t num_tokens) {
   if (need <= 0) return absl::OkStatus();
   if (need > free_blocks()) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("KV cache: ", need, " blocks needed, ", free_blocks(), " free"));
+        absl::StrCat("KV cache: need ", need, " more blocks, ", free_blocks(), " free"));
   }
   for (int64_t i = 0; i < need; ++i) {
     s.blocks.push_back(free_list_.back());
@@ -122,9 +218,23 @@ absl::Status CudaKvCache::GrowTo(Sequence& s, int64_t num_tokens) {
 absl::Status CudaKvCache::AddSequence(kernels::SeqId seq, int64_t reserve_tokens) {
   if (reserve_tokens < 0) return absl::InvalidArgumentError("reserve_tokens < 0");
   if (seqs_.count(seq)) return absl::AlreadyExistsError(absl::StrCat("sequence ", seq));
+  if (free_slots_.empty()) {
+    return absl::ResourceExhaustedError(absl::StrCat("KV cache: all ", max_sequences_,
+                                                     " sequence slots are in use (max_sequences)"));
+  }
   Sequence s;
-  s.length.assign(config_.num_layers, 0);
-  RETURN_IF_ERROR(GrowTo(s, reserve_tokens));
+  s.stored.assign(config_.num_layers, 0);
+  if (absl::Status status = GrowTo(s, reserve_tokens); !status.ok()) {
+    for (int32_t b : s.blocks) free_list_.push_back(b);
+    return status;
+  }
+  s.slot = free_slots_.back();
+  free_slots_.pop_back();
+  // FP8 scales of the slot back to "not chosen": [layers][slots][kv_heads][2], one row per layer.
+  const size_t row = size_t{static_cast<size_t>(config_.num_kv_heads)} * 2 * sizeof(float);
+  CUDA_RETURN_IF_ERROR(cudaMemset2DAsync(scales_ + int64_t{s.slot} * config_.num_kv_heads * 2,
+                                         row * max_sequences_, 0, row, config_.num_layers,
+                                         stream_));
   seqs_.emplace(seq, std::move(s));
   return absl::OkStatus();
 }
@@ -139,18 +249,24 @@ void CudaKvCache::FreeSequence(kernels::SeqId seq) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
   for (int32_t b : it->second.blocks) free_list_.push_back(b);
+  free_slots_.push_back(it->second.slot);
   seqs_.erase(it);
 }
 
 int64_t CudaKvCache::Length(kernels::SeqId seq, int layer) const {
   auto it = seqs_.find(seq);
   if (it == seqs_.end() || layer < 0 || layer >= config_.num_layers) return -1;
-  return it->second.length[layer];
+  return it->second.stored[layer];
 }
 
 const std::vector<int32_t>* CudaKvCache::BlockTable(kernels::SeqId seq) const {
   auto it = seqs_.find(seq);
   return it == seqs_.end() ? nullptr : &it->second.blocks;
+}
+
+int CudaKvCache::Slot(kernels::SeqId seq) const {
+  auto it = seqs_.find(seq);
+  return it == seqs_.end() ? -1 : it->second.slot;
 }
 
 int64_t CudaKvCache::Capacity(kernels::SeqId seq) const {
@@ -162,93 +278,201 @@ int64_t CudaKvCache::Capacity(kernels::SeqId seq) const {
 void CudaKvCache::CommitAppend(kernels::SeqId seq, int64_t n) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
-  for (int64_t& length : it->second.length) length += n;
+  for (int64_t& stored : it->second.stored) stored += n;
+}
+
+// ---- Device methods -----------------------------------------------------------------------------
+
+absl::Status CudaKvCache::AppendLayer(int layer, const DeviceSeqBatch& seqs,
+                                      const int32_t* row_begin, const int32_t* stored_before,
+                                      int num_rows, int max_rows_per_seq, const float* k,
+                                      const float* v, int64_t row_stride) {
+  kernels::cuda::AppendBatch b;
+  b.pool = pool_;
+  b.block_stride_bytes = geometry_.block_bytes;
+  b.layer_offset_bytes = layer_offset_[layer];
+  b.block_tables = seqs.block_tables;
+  b.max_blocks_per_seq = seqs.max_blocks;
+  b.num_seqs = seqs.num_seqs;
+  b.seq_slots = seqs.slots;
+  b.row_begin = row_begin;
+  b.stored_before = stored_before;
+  b.num_rows = num_rows;
+  b.max_rows_per_seq = max_rows_per_seq;
+  b.k = k;
+  b.v = v;
+  b.row_stride = row_stride;
+  b.head_scales = head_scales(layer);
+  b.residual_k = residual(layer, false);
+  b.residual_v = residual(layer, true);
+  b.residual_capacity = residual_capacity_[layer];
+  return format_of(layer).append->Append(b, stream_);
+}
+
+absl::Status CudaKvCache::DecodeLayer(int layer, const DeviceSeqBatch& seqs,
+                                      const int32_t* encoded_lens, int max_encoded_len,
+                                      const int32_t* residual_lens, const float* q,
+                                      int num_q_heads_padded, float scale, float* out) {
+  kernels::cuda::DecodeBatch b;
+  b.pool = pool_;
+  b.block_stride_bytes = geometry_.block_bytes;
+  b.layer_offset_bytes = layer_offset_[layer];
+  b.block_tables = seqs.block_tables;
+  b.max_blocks_per_seq = seqs.max_blocks;
+  b.encoded_lens = encoded_lens;
+  b.max_encoded_len = max_encoded_len;
+  if (residual_capacity_[layer] > 0) {
+    b.residual_lens = residual_lens;
+    b.residual_k = residual(layer, false);
+    b.residual_v = residual(layer, true);
+    b.residual_capacity = residual_capacity_[layer];
+  }
+  b.head_scales = head_scales(layer);
+  b.seq_slots = seqs.slots;
+  b.num_seqs = seqs.num_seqs;
+  b.num_q_heads = num_q_heads_padded;
+  b.q = q;
+  b.out = out;
+  b.scale = scale;
+  return format_of(layer).decode->Run(b, stream_);
+}
+
+absl::Status CudaKvCache::ReadLayer(int layer, const DeviceSeqBatch& seqs, const int32_t* lens,
+                                    int max_len, float* out_k, float* out_v,
+                                    int64_t stride_tokens) {
+  kernels::cuda::ReadBatch b;
+  b.pool = pool_;
+  b.block_stride_bytes = geometry_.block_bytes;
+  b.layer_offset_bytes = layer_offset_[layer];
+  b.block_tables = seqs.block_tables;
+  b.max_blocks_per_seq = seqs.max_blocks;
+  b.num_seqs = seqs.num_seqs;
+  b.seq_slots = seqs.slots;
+  b.lens = lens;
+  b.max_len = max_len;
+  b.head_scales = head_scales(layer);
+  b.residual_k = residual(layer, false);
+  b.residual_v = residual(layer, true);
+  b.residual_capacity = residual_capacity_[layer];
+  b.out_k = out_k;
+  b.out_v = out_v;
+  b.out_stride_tokens = stride_tokens;
+  return format_of(layer).append->Read(b, stream_);
+}
+
+absl::Status CudaKvCache::AppendSynthetic(kernels::SeqId seq, int64_t n, uint64_t seed) {
+  ASSIGN_OR_RETURN(Sequence * s, Find(seq, 0));
+  if (n < 0) return absl::InvalidArgumentError("AppendSynthetic: n < 0");
+  if (n == 0) return absl::OkStatus();
+  const int64_t capacity = static_cast<int64_t>(s->blocks.size()) * config_.block_size;
+  for (int l = 0; l < config_.num_layers; ++l) {
+    if (s->stored[l] + n > capacity || s->stored[l] + n > INT32_MAX) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "AppendSynthetic: sequence ", seq, " layer ", l, " holds ", s->stored[l],
+          " tokens and has room for ", capacity, "; Reserve(", s->stored[l] + n, ") first"));
+    }
+  }
+  const int64_t chunk = std::min(n, kSyntheticChunk);
+  const int64_t row_floats = int64_t{config_.num_kv_heads} * config_.head_dim;
+  DeviceArray<float> k, v;
+  RETURN_IF_ERROR(k.Allocate(chunk * row_floats));
+  RETURN_IF_ERROR(v.Allocate(chunk * row_floats));
+  const float bound = std::sqrt(3.0f);
+  CUDA_RETURN_IF_ERROR(LaunchFillUniformFloat(k.get(), chunk * row_floats, seed, bound, stream_));
+  CUDA_RETURN_IF_ERROR(LaunchFillUniformFloat(v.get(), chunk * row_floats, ~seed, bound, stream_));
+  // Per (layer, chunk): {row_begin = 0, row_end, stored_before}.
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  std::vector<int32_t> meta;
+  meta.reserve(static_cast<size_t>(config_.num_layers * chunks * 3));
+  for (int l = 0; l < config_.num_layers; ++l) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      meta.push_back(0);
+      meta.push_back(static_cast<int32_t>(std::min(chunk, n - c * chunk)));
+      meta.push_back(static_cast<int32_t>(s->stored[l] + c * chunk));
+    }
+  }
+  DeviceArray<int32_t> dmeta, table, slot;
+  RETURN_IF_ERROR(dmeta.Upload(meta.data(), meta.size(), stream_));
+  RETURN_IF_ERROR(table.Upload(s->blocks.data(), s->blocks.size(), stream_));
+  RETURN_IF_ERROR(slot.Upload(&s->slot, 1, stream_));
+  const DeviceSeqBatch batch{.num_seqs = 1,
+                             .block_tables = table.get(),
+                             .max_blocks = static_cast<int>(s->blocks.size()),
+                             .slots = slot.get()};
+  for (int l = 0; l < config_.num_layers; ++l) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int32_t* m = dmeta.get() + (l * chunks + c) * 3;
+      const int rows = meta[(l * chunks + c) * 3 + 1];
+      RETURN_IF_ERROR(AppendLayer(l, batch, m, m + 2, rows, rows, k.get(), v.get(), row_floats));
+    }
+  }
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  for (int64_t& stored : s->stored) stored += n;
+  return absl::OkStatus();
+}
+
+// ---- Host-pointer KvCache methods ---------------------------------------------------------------
+
+absl::StatusOr<CudaKvCache::Sequence*> CudaKvCache::Find(kernels::SeqId seq, int layer) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("sequence ", seq));
+  if (layer < 0 || layer >= config_.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
+  }
+  return &it->second;
+}
+
+absl::StatusOr<const CudaKvCache::Sequence*> CudaKvCache::Find(kernels::SeqId seq,
+                                                               int layer) const {
+  return const_cast<CudaKvCache*>(this)->Find(seq, layer);
 }
 
 absl::Status CudaKvCache::Append(kernels::SeqId seq, int layer, int64_t n, const float* k,
                                  const float* v) {
-  auto it = seqs_.find(seq);
-  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("sequence ", seq));
-  if (layer < 0 || layer >= config_.num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
-  }
+  ASSIGN_OR_RETURN(Sequence * s, Find(seq, layer));
   if (n < 0) return absl::InvalidArgumentError("Append: n < 0");
   if (n == 0) return absl::OkStatus();
   if (k == nullptr || v == nullptr) return absl::InvalidArgumentError("Append: null k or v");
-  Sequence& s = it->second;
-  const int64_t capacity = static_cast<int64_t>(s.blocks.size()) * config_.block_size;
-  if (s.length[layer] + n > capacity) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "Append: sequence ", seq, " layer ", layer, " holds ", s.length[layer],
-        " tokens and has room for ", capacity, "; Reserve(", s.length[layer] + n, ") first"));
+  const int64_t capacity = static_cast<int64_t>(s->blocks.size()) * config_.block_size;
+  const int64_t stored = s->stored[layer];
+  if (stored + n > capacity) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("Append: sequence ", seq, " layer ", layer, " holds ", stored,
+                     " tokens and has room for ", capacity, "; Reserve(", stored + n, ") first"));
   }
-  const size_t elems = static_cast<size_t>(n) * config_.num_kv_heads * config_.head_dim;
+  const int64_t row_floats = int64_t{config_.num_kv_heads} * config_.head_dim;
+  const std::vector<int32_t> meta = {0, static_cast<int32_t>(n), static_cast<int32_t>(stored)};
   DeviceArray<float> dk, dv;
-  DeviceArray<int32_t> table;
-  RETURN_IF_ERROR(dk.Upload(k, elems, stream_));
-  RETURN_IF_ERROR(dv.Upload(v, elems, stream_));
-  RETURN_IF_ERROR(table.Upload(s.blocks.data(), s.blocks.size(), stream_));
-  CUDA_RETURN_IF_ERROR(LaunchAppendKv(dk.get(), dv.get(), static_cast<int>(n), s.length[layer],
-                                      table.get(), layout(), layer, stream_));
+  DeviceArray<int32_t> dmeta, table, slot;
+  RETURN_IF_ERROR(dk.Upload(k, n * row_floats, stream_));
+  RETURN_IF_ERROR(dv.Upload(v, n * row_floats, stream_));
+  RETURN_IF_ERROR(dmeta.Upload(meta.data(), meta.size(), stream_));
+  RETURN_IF_ERROR(table.Upload(s->blocks.data(), s->blocks.size(), stream_));
+  RETURN_IF_ERROR(slot.Upload(&s->slot, 1, stream_));
+  const DeviceSeqBatch batch{.num_seqs = 1,
+                             .block_tables = table.get(),
+                             .max_blocks = static_cast<int>(s->blocks.size()),
+                             .slots = slot.get()};
+  RETURN_IF_ERROR(AppendLayer(layer, batch, dmeta.get(), dmeta.get() + 2, static_cast<int>(n),
+                              static_cast<int>(n), dk.get(), dv.get(), row_floats));
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-  s.length[layer] += n;
+  s->stored[layer] += n;
   return absl::OkStatus();
 }
 
-absl::Status CudaKvCache::HostAttention(kernels::SeqId seq, int layer, int64_t n, int num_q_heads,
-                                        const float* q, const float* k, const float* v, float scale,
-                                        bool all_cached, float* out) {
-  auto it = seqs_.find(seq);
-  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("sequence ", seq));
-  if (layer < 0 || layer >= config_.num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
-  }
-  if (num_q_heads <= 0 || num_q_heads % config_.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "num_q_heads ", num_q_heads, " is not a multiple of num_kv_heads ", config_.num_kv_heads));
-  }
-  const Sequence& s = it->second;
-  const int64_t length = s.length[layer];
-  if (n <= 0 || n > length) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("attention over ", n, " new tokens with ", length, " stored; Append first"));
-  }
-  if (q == nullptr || out == nullptr || (!all_cached && (k == nullptr || v == nullptr))) {
-    return absl::InvalidArgumentError("null q, k, v or out");
-  }
-  const int64_t past = length - n;
-  std::vector<int32_t> meta;  // row_chunk[n], row_position[n], row_begin[2], past, all_cached
-  for (int64_t i = 0; i < n; ++i) meta.push_back(0);
-  for (int64_t i = 0; i < n; ++i) meta.push_back(static_cast<int32_t>(past + i));
-  meta.push_back(0);
-  meta.push_back(static_cast<int32_t>(n));
-  meta.push_back(static_cast<int32_t>(past));
-  meta.push_back(all_cached ? 1 : 0);
-  const size_t q_elems = static_cast<size_t>(n) * num_q_heads * config_.head_dim;
-  const size_t kv_elems = static_cast<size_t>(n) * config_.num_kv_heads * config_.head_dim;
-  DeviceArray<int32_t> dmeta, table;
-  DeviceArray<float> dq, dk, dv, dout;
-  RETURN_IF_ERROR(dmeta.Upload(meta.data(), meta.size(), stream_));
+absl::Status CudaKvCache::ReadAll(const Sequence& s, int layer, float* k, float* v) const {
+  const int32_t len = static_cast<int32_t>(s.stored[layer]);
+  DeviceArray<int32_t> lens, table, slot;
+  RETURN_IF_ERROR(lens.Upload(&len, 1, stream_));
   RETURN_IF_ERROR(table.Upload(s.blocks.data(), s.blocks.size(), stream_));
-  RETURN_IF_ERROR(dq.Upload(q, q_elems, stream_));
-  if (!all_cached) {
-    RETURN_IF_ERROR(dk.Upload(k, kv_elems, stream_));
-    RETURN_IF_ERROR(dv.Upload(v, kv_elems, stream_));
-  }
-  RETURN_IF_ERROR(dout.Allocate(q_elems));
-  StepLayout step{.num_rows = static_cast<int>(n),
-                  .num_chunks = 1,
-                  .row_chunk = dmeta.get(),
-                  .row_position = dmeta.get() + n,
-                  .row_begin = dmeta.get() + 2 * n,
-                  .chunk_past = dmeta.get() + 2 * n + 2,
-                  .chunk_all_cached = dmeta.get() + 2 * n + 3,
-                  .block_tables = table.get(),
-                  .max_blocks = static_cast<int>(s.blocks.size())};
-  CUDA_RETURN_IF_ERROR(LaunchPagedAttention(dq.get(), dk.get(), dv.get(), step, layout(), layer,
-                                            num_q_heads, scale, nullptr, dout.get(), stream_));
-  CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(out, dout.get(), q_elems * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  RETURN_IF_ERROR(slot.Upload(&s.slot, 1, stream_));
+  const DeviceSeqBatch batch{.num_seqs = 1,
+                             .block_tables = table.get(),
+                             .max_blocks = static_cast<int>(s.blocks.size()),
+                             .slots = slot.get()};
+  RETURN_IF_ERROR(
+      const_cast<CudaKvCache*>(this)->ReadLayer(layer, batch, lens.get(), len, k, v, len));
+  // The staging arrays die with this scope: finish with them first.
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   return absl::OkStatus();
 }
@@ -256,39 +480,134 @@ absl::Status CudaKvCache::HostAttention(kernels::SeqId seq, int layer, int64_t n
 absl::Status CudaKvCache::PrefillAttention(kernels::SeqId seq, int layer, int64_t n,
                                            int num_q_heads, const float* q, const float* k,
                                            const float* v, float scale, float* out) {
+  ASSIGN_OR_RETURN(Sequence * s, Find(seq, layer));
+  const int hkv = config_.num_kv_heads, d = config_.head_dim;
+  if (num_q_heads <= 0 || num_q_heads % hkv != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("PrefillAttention: num_q_heads ", num_q_heads,
+                                                   " is not a multiple of num_kv_heads ", hkv));
+  }
+  if (n < 0) return absl::InvalidArgumentError("PrefillAttention: n < 0");
   if (n == 0) return absl::OkStatus();
-  return HostAttention(seq, layer, n, num_q_heads, q, k, v, scale, /*all_cached=*/false, out);
+  if (!q || !k || !v || !out) return absl::InvalidArgumentError("null q, k, v or out");
+  const int64_t stored = s->stored[layer];
+  if (n > stored) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "PrefillAttention: ", n, " fresh tokens but only ", stored, " stored; Append first"));
+  }
+  const int64_t past = stored - n;
+  DeviceArray<float> prefix_k, prefix_v, dq, dk, dv, dout;
+  if (past > 0) {
+    RETURN_IF_ERROR(prefix_k.Allocate(stored * hkv * d));
+    RETURN_IF_ERROR(prefix_v.Allocate(stored * hkv * d));
+    RETURN_IF_ERROR(ReadAll(*s, layer, prefix_k.get(), prefix_v.get()));
+  }
+  std::vector<PrefillTile> tiles;
+  for (int64_t t = 0; t < n; t += kPrefillTileRows) {
+    tiles.push_back({.first_row = 0,
+                     .tile_begin = static_cast<int32_t>(t),
+                     .tile_rows = static_cast<int32_t>(std::min<int64_t>(kPrefillTileRows, n - t)),
+                     .past = static_cast<int32_t>(past),
+                     .prefix_index = past > 0 ? 0 : -1});
+  }
+  DeviceArray<int32_t> dtiles;
+  static_assert(sizeof(PrefillTile) == 5 * sizeof(int32_t));
+  RETURN_IF_ERROR(
+      dtiles.Upload(reinterpret_cast<const int32_t*>(tiles.data()), tiles.size() * 5, stream_));
+  const size_t q_floats = static_cast<size_t>(n) * num_q_heads * d;
+  RETURN_IF_ERROR(dq.Upload(q, q_floats, stream_));
+  RETURN_IF_ERROR(dk.Upload(k, static_cast<size_t>(n) * hkv * d, stream_));
+  RETURN_IF_ERROR(dv.Upload(v, static_cast<size_t>(n) * hkv * d, stream_));
+  RETURN_IF_ERROR(dout.Allocate(q_floats));
+  PrefillAttentionArgs args;
+  args.tiles = reinterpret_cast<const PrefillTile*>(dtiles.get());
+  args.num_tiles = static_cast<int>(tiles.size());
+  args.shape = {.num_q_heads = num_q_heads,
+                .num_kv_heads = hkv,
+                .head_dim = d,
+                .group_pad = num_q_heads / hkv};
+  args.q = dq.get();
+  args.fresh_k = dk.get();
+  args.fresh_v = dv.get();
+  args.fresh_row_stride = int64_t{hkv} * d;
+  args.prefix_k = prefix_k.get();
+  args.prefix_v = prefix_v.get();
+  args.prefix_stride_tokens = stored;
+  args.scale = scale;
+  args.out_f32 = dout.get();
+  CUDA_RETURN_IF_ERROR(LaunchPrefillAttention(args, stream_));
+  CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(out, dout.get(), q_floats * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return absl::OkStatus();
 }
 
 absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num_q_heads,
                                           const float* q, float scale, float* out) {
-  return HostAttention(seq, layer, 1, num_q_heads, q, nullptr, nullptr, scale,
-                       /*all_cached=*/true, out);
+  ASSIGN_OR_RETURN(Sequence * s, Find(seq, layer));
+  const int hkv = config_.num_kv_heads, d = config_.head_dim;
+  if (num_q_heads <= 0 || num_q_heads % hkv != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("DecodeAttention: num_q_heads ", num_q_heads,
+                                                   " is not a multiple of num_kv_heads ", hkv));
+  }
+  const int group = num_q_heads / hkv, pad = PadGroup(group);
+  if (pad > kMaxDecodeGroup) {
+    return absl::UnimplementedError(
+        absl::StrCat("CUDA decode attention: GQA group ", group, " (at most 8)"));
+  }
+  if (q == nullptr || out == nullptr) return absl::InvalidArgumentError("null q or out");
+  const int64_t stored = s->stored[layer];
+  if (stored == 0) {
+    return absl::FailedPreconditionError("DecodeAttention: nothing stored; Append first");
+  }
+  // Queries in padded groups: head j of group h at h * pad + j; padding heads zero.
+  std::vector<float> padded(static_cast<size_t>(hkv) * pad * d, 0.0f);
+  for (int h = 0; h < num_q_heads; ++h) {
+    std::copy(q + int64_t{h} * d, q + int64_t{h + 1} * d,
+              padded.begin() + ((h / group) * pad + h % group) * int64_t{d});
+  }
+  const kernels::cuda::KiviCounts counts = SplitStoredTokens(layer_spec(layer), stored);
+  const std::vector<int32_t> lens = {static_cast<int32_t>(counts.encoded),
+                                     static_cast<int32_t>(counts.residual)};
+  DeviceArray<float> dq, dout;
+  DeviceArray<int32_t> dlens, table, slot;
+  RETURN_IF_ERROR(dq.Upload(padded.data(), padded.size(), stream_));
+  RETURN_IF_ERROR(dout.Allocate(padded.size()));
+  RETURN_IF_ERROR(dlens.Upload(lens.data(), lens.size(), stream_));
+  RETURN_IF_ERROR(table.Upload(s->blocks.data(), s->blocks.size(), stream_));
+  RETURN_IF_ERROR(slot.Upload(&s->slot, 1, stream_));
+  const DeviceSeqBatch batch{.num_seqs = 1,
+                             .block_tables = table.get(),
+                             .max_blocks = static_cast<int>(s->blocks.size()),
+                             .slots = slot.get()};
+  RETURN_IF_ERROR(DecodeLayer(layer, batch, dlens.get(), lens[0], dlens.get() + 1, dq.get(),
+                              hkv * pad, scale, dout.get()));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(padded.data(), dout.get(), padded.size() * sizeof(float),
+                                       cudaMemcpyDeviceToHost, stream_));
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  for (int h = 0; h < num_q_heads; ++h) {
+    const float* src = padded.data() + ((h / group) * pad + h % group) * int64_t{d};
+    std::copy(src, src + d, out + int64_t{h} * d);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status CudaKvCache::ReadStored(kernels::SeqId seq, int layer, int kv_head, float* k, float* v,
                                      int64_t* positions) const {
-  auto it = seqs_.find(seq);
-  if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("sequence ", seq));
-  if (layer < 0 || layer >= config_.num_layers || kv_head < 0 || kv_head >= config_.num_kv_heads) {
-    return absl::InvalidArgumentError("ReadStored: layer or kv_head out of range");
+  ASSIGN_OR_RETURN(const Sequence* s, Find(seq, layer));
+  if (kv_head < 0 || kv_head >= config_.num_kv_heads) {
+    return absl::InvalidArgumentError("ReadStored: kv_head out of range");
   }
-  const Sequence& s = it->second;
-  const int64_t n = s.length[layer];
+  const int64_t n = s->stored[layer];
   if (n == 0) return absl::OkStatus();
-  const size_t elems = static_cast<size_t>(n) * config_.head_dim;
-  DeviceArray<int32_t> table;
+  const int64_t head_floats = n * config_.head_dim;
   DeviceArray<float> dk, dv;
-  RETURN_IF_ERROR(table.Upload(s.blocks.data(), s.blocks.size(), stream_));
-  RETURN_IF_ERROR(dk.Allocate(elems));
-  RETURN_IF_ERROR(dv.Allocate(elems));
-  CUDA_RETURN_IF_ERROR(
-      LaunchReadKv(table.get(), n, layout(), layer, kv_head, dk.get(), dv.get(), stream_));
-  CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(k, dk.get(), elems * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-  CUDA_RETURN_IF_ERROR(
-      cudaMemcpyAsync(v, dv.get(), elems * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  RETURN_IF_ERROR(dk.Allocate(head_floats * config_.num_kv_heads));
+  RETURN_IF_ERROR(dv.Allocate(head_floats * config_.num_kv_heads));
+  RETURN_IF_ERROR(ReadAll(*s, layer, dk.get(), dv.get()));
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(k, dk.get() + kv_head * head_floats, head_floats * sizeof(float),
+                                  cudaMemcpyDeviceToHost));
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(v, dv.get() + kv_head * head_floats, head_floats * sizeof(float),
+                                  cudaMemcpyDeviceToHost));
   for (int64_t i = 0; i < n; ++i) positions[i] = i;
   return absl::OkStatus();
 }

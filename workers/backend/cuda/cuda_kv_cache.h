@@ -1,18 +1,29 @@
-// CudaKvCache: the paged KV cache of the CUDA ModelRunner, fp16 only (phase 1 of issue 5). The
-// block allocator and block tables live on the host; the pool is one cudaMalloc'd array
-// [num_blocks][layers][2 (k, v)][kv_heads][block_size][head_dim] fp16 (cuda_kernels.h,
-// KvPoolLayout). It implements kernels::KvCache with the CPU reference's fp16 semantics: keys and
-// values are rounded to fp16 when appended; PrefillAttention reads the cached prefix through fp16
-// and the fresh tokens in fp32; DecodeAttention reads every token through fp16.
+// CudaKvCache: the paged KV cache of the CUDA ModelRunner, for every KV format the CPU reference
+// stores (fp16, bf16, fp8, int8, KIVI, TurboQuant without QJL), with the "/fp16=F:L" layer option.
 //
-// The CUDA runner bypasses the host-pointer methods: it appends inside its fused q/k/v kernel and
-// runs attention for a whole step (BlockTable, layout, CommitAppend). The host-pointer methods
-// (Append, PrefillAttention, DecodeAttention, ReadStored) stage through device buffers and
-// synchronize: for tests and tools, not for speed.
+// The pool is one cudaMalloc'd byte array with the CPU cache's layout byte for byte
+// (kernels/cpu/cpu_kv_cache.cc): [num_blocks][layer][kv_head][block_size][record_bytes(layer)],
+// the first F and last L layers in fp16 records, the others in the format's. Blocks, block tables
+// and token counts live on the host; per-sequence device state lives at a fixed SLOT per sequence
+// (at most max_sequences slots): FP8's (key, value) scales per (layer, kv-head) and KIVI's fp16
+// residual window per layer. Appends and reads go through kvgate_kernels_cuda's CudaKvAppend,
+// decode attention through CudaDecodeAttention, one object of each per distinct layer format. The
+// host knows each sequence's stored tokens per layer and derives KIVI's encoded/residual split from
+// it (kernels::cuda::SplitStoredTokens), so a step never reads counts back from the device.
 //
-//   ASSIGN_OR_RETURN(auto cache, CudaKvCache::Create(config, stream));
+// Semantics are CpuKvCache's: Append encodes through the format (FP8 scales chosen by the first
+// append with a nonzero amax; KIVI's newest tokens in the fp16 window, flushed G at a time);
+// DecodeAttention reads every stored token through the format; PrefillAttention reads the cached
+// prefix through the format and the fresh tokens in fp32. Eviction (H2O, sink) is not implemented
+// on the GPU: Create returns UnimplementedError for it.
+//
+// The CUDA runner drives the device methods (AppendLayer, DecodeLayer, ReadLayer) for whole steps
+// with its own device metadata and then CommitAppend. The host-pointer KvCache methods stage
+// through temporary device buffers and synchronize: for tests and tools, not for speed.
+//
+//   ASSIGN_OR_RETURN(auto cache, CudaKvCache::Create(config, stream, /*max_sequences=*/64));
 //   RETURN_IF_ERROR(cache->AddSequence(seq, prompt_len));
-//   ... runner appends on the device for every layer, then cache->CommitAppend(seq, n);
+//   ... runner: AppendLayer / DecodeLayer / ReadLayer for every layer, then CommitAppend(seq, n)
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,20 +35,44 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kvgate/kernels/cuda_attention.h"
+#include "kvgate/kernels/cuda_kv_append.h"
 #include "kvgate/kernels/kv_cache.h"
-#include "workers/backend/cuda/cuda_kernels.h"
 
 namespace kvgate::worker::cuda {
 
+// Sizes of a cache configuration, known before the pool is allocated.
+struct KvCacheGeometry {
+  int64_t block_bytes = 0;      // one pool block, all layers
+  int64_t bytes_per_token = 0;  // block_bytes / block_size
+  // KIVI's fp16 residual windows of one sequence over all layers (KvCache's
+  // residual_bytes_per_sequence).
+  int64_t residual_bytes_per_sequence = 0;
+  // Everything one sequence slot holds outside the pool: the residual windows and FP8's scales.
+  int64_t slot_bytes = 0;
+};
+
+// Sequences of a batch as the device kernels see them (device arrays).
+struct DeviceSeqBatch {
+  int num_seqs = 0;
+  const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks] pool block ids
+  int max_blocks = 0;
+  const int32_t* slots = nullptr;  // [num_seqs] state slot of each sequence
+};
+
 class CudaKvCache final : public kernels::KvCache {
  public:
-  // UnimplementedError for any format but fp16 without eviction (other formats on the GPU are
-  // later phases of issue 5), head_dim not a multiple of 32 or above 256. ResourceExhaustedError
-  // when the pool cannot be allocated. `stream` is used for every kernel and copy (not owned).
+  // UnimplementedError for eviction, TurboQuant QJL keys, head_dim other than 64/128 and block
+  // sizes that are not a multiple of 16 (no kernels; DecodeAttention also refuses GQA groups
+  // above 8). ResourceExhausted when the pool or the slots cannot be allocated. `stream` (not
+  // owned) carries every kernel and copy. max_sequences: sequences that can be registered at once
+  // (slots of per-sequence state).
   static absl::StatusOr<std::unique_ptr<CudaKvCache>> Create(const kernels::KvCacheConfig& config,
-                                                             cudaStream_t stream);
-  // Bytes one token occupies for this config (all layers, k and v, fp16), without allocating.
-  static int64_t BytesPerToken(const kernels::KvCacheConfig& config);
+                                                             cudaStream_t stream,
+                                                             int max_sequences = 256);
+  // The geometry of `config` (num_blocks ignored) without allocating a pool; needs a device (the
+  // format objects are built to read their record sizes).
+  static absl::StatusOr<KvCacheGeometry> Measure(const kernels::KvCacheConfig& config);
   ~CudaKvCache() override;
 
   const kernels::KvCacheConfig& config() const override { return config_; }
@@ -45,9 +80,13 @@ class CudaKvCache final : public kernels::KvCache {
   int64_t free_blocks() const override { return static_cast<int64_t>(free_list_.size()); }
   int64_t total_blocks() const override { return config_.num_blocks; }
   int64_t BlocksForTokens(int64_t num_tokens) const override;
-  int64_t bytes_per_token() const override { return BytesPerToken(config_); }
-  int64_t allocated_bytes() const override;
+  int64_t bytes_per_token() const override { return geometry_.bytes_per_token; }
+  int64_t allocated_bytes() const override { return geometry_.block_bytes * config_.num_blocks; }
+  int64_t residual_bytes_per_sequence() const override {
+    return geometry_.residual_bytes_per_sequence;
+  }
 
+  // ResourceExhaustedError also when all max_sequences slots are taken.
   absl::Status AddSequence(kernels::SeqId seq, int64_t reserve_tokens) override;
   absl::Status Reserve(kernels::SeqId seq, int64_t num_tokens) override;
   void FreeSequence(kernels::SeqId seq) override;
@@ -64,32 +103,92 @@ class CudaKvCache final : public kernels::KvCache {
                           int64_t* positions) const override;
 
   // ---- For the CUDA runner ----
-  KvPoolLayout layout() const;
+  const KvCacheGeometry& geometry() const { return geometry_; }
+  int max_sequences() const { return max_sequences_; }
+  // Query heads per kv-head the decode kernel runs with: the GQA group rounded up to 1, 2, 4 or 8
+  // (queries of the padding heads are zero and their outputs ignored).
+  int group_pad(int num_q_heads) const;
+  // Distinct layer formats (1, or 2 with the "/fp16=F:L" option), the index of a layer's, and
+  // its spec (the configured format without the layer option, or fp16).
+  int num_formats() const { return static_cast<int>(formats_.size()); }
+  int format_index(int layer) const { return layer_format_[layer]; }
+  const kernels::KvFormatSpec& format_spec(int index) const { return formats_[index].spec; }
+  const kernels::KvFormatSpec& layer_spec(int layer) const { return format_of(layer).spec; }
   // Host block table of a known sequence (pool block ids, in logical order); nullptr if unknown.
   const std::vector<int32_t>* BlockTable(kernels::SeqId seq) const;
+  // State slot of a known sequence; -1 if unknown.
+  int Slot(kernels::SeqId seq) const;
   // Reserved token capacity of a known sequence (blocks * block_size); -1 if unknown.
   int64_t Capacity(kernels::SeqId seq) const;
   // Records that `n` tokens were appended on the device to every layer of `seq`.
   void CommitAppend(kernels::SeqId seq, int64_t n);
 
+  // Enqueues the append of rows to `layer` for a batch: sequence s owns rows
+  // [row_begin[s], row_begin[s + 1]) of k / v (device, row r and kv-head h at
+  // k[r * row_stride + h * head_dim]) and holds stored_before[s] tokens of that layer already.
+  absl::Status AppendLayer(int layer, const DeviceSeqBatch& seqs, const int32_t* row_begin,
+                           const int32_t* stored_before, int num_rows, int max_rows_per_seq,
+                           const float* k, const float* v, int64_t row_stride);
+  // Enqueues decode attention of one query token per sequence over everything stored for
+  // `layer`: encoded_lens / residual_lens [num_seqs] (device) as SplitStoredTokens gives them for
+  // layer_spec(layer) (residual_lens may be null without a residual window), q / out
+  // [num_seqs, num_kv_heads * group_pad, head_dim] fp32.
+  absl::Status DecodeLayer(int layer, const DeviceSeqBatch& seqs, const int32_t* encoded_lens,
+                           int max_encoded_len, const int32_t* residual_lens, const float* q,
+                           int num_q_heads_padded, float scale, float* out);
+  // Enqueues the read of the first lens[s] (= stored) tokens of each sequence for `layer`, in the
+  // original basis: out_k / out_v [num_seqs, kv_heads, stride_tokens, head_dim] fp32.
+  absl::Status ReadLayer(int layer, const DeviceSeqBatch& seqs, const int32_t* lens, int max_len,
+                         float* out_k, float* out_v, int64_t stride_tokens);
+
+  // Appends `n` tokens of synthetic keys and values (uniform in [-sqrt 3, sqrt 3): unit variance,
+  // a fixed pattern from `seed`) to every layer of `seq` through the format's append, as the
+  // runner would append computed ones; the sequence must have room reserved. For benchmarks that
+  // need long contexts without prefilling them through the model. Synchronizes.
+  absl::Status AppendSynthetic(kernels::SeqId seq, int64_t n, uint64_t seed);
+
  private:
   struct Sequence {
+    int slot = -1;
     std::vector<int32_t> blocks;
-    std::vector<int64_t> length;  // per layer
+    std::vector<int64_t> stored;  // per layer
   };
-  CudaKvCache(const kernels::KvCacheConfig& config, kernels::KvFormatDesc desc, cudaStream_t stream)
-      : config_(config), desc_(std::move(desc)), stream_(stream) {}
+  // One distinct layer format: its spec and device objects.
+  struct Format {
+    kernels::KvFormatSpec spec;
+    std::unique_ptr<kernels::cuda::CudaKvAppend> append;
+    std::unique_ptr<kernels::cuda::CudaDecodeAttention> decode;
+  };
+  CudaKvCache(const kernels::KvCacheConfig& config, cudaStream_t stream)
+      : config_(config), stream_(stream) {}
+  // Validates config_ and builds everything but the device allocations: formats, per-layer
+  // offsets and residual capacities, geometry_.
+  absl::Status InitLayout();
   absl::Status GrowTo(Sequence& s, int64_t num_tokens);
-  // Runs the attention kernel for one sequence's n queries (host pointers), fp32 out.
-  absl::Status HostAttention(kernels::SeqId seq, int layer, int64_t n, int num_q_heads,
-                             const float* q, const float* k, const float* v, float scale,
-                             bool all_cached, float* out);
+  absl::StatusOr<Sequence*> Find(kernels::SeqId seq, int layer);
+  absl::StatusOr<const Sequence*> Find(kernels::SeqId seq, int layer) const;
+  const Format& format_of(int layer) const { return formats_[layer_format_[layer]]; }
+  float* head_scales(int layer) const;
+  uint16_t* residual(int layer, bool values) const;
+  // Reads every stored token of (seq, layer) to device buffers [kv_heads, stored, head_dim].
+  absl::Status ReadAll(const Sequence& s, int layer, float* k, float* v) const;
 
   kernels::KvCacheConfig config_;
   kernels::KvFormatDesc desc_;
+  KvCacheGeometry geometry_;
   cudaStream_t stream_ = nullptr;
-  uint16_t* pool_ = nullptr;
+  int max_sequences_ = 0;
+  std::vector<Format> formats_;
+  std::vector<int> layer_format_;         // [num_layers] index into formats_
+  std::vector<int64_t> layer_offset_;     // [num_layers] bytes into a block
+  std::vector<int> residual_capacity_;    // [num_layers] KIVI R + G, else 0
+  std::vector<int64_t> residual_offset_;  // [num_layers] halves into residual_k_ / residual_v_
+  uint8_t* pool_ = nullptr;
+  float* scales_ = nullptr;         // [layers][slots][kv_heads][2] (FP8 layers' scales)
+  uint16_t* residual_k_ = nullptr;  // per KIVI layer: [slots][kv_heads][capacity][head_dim] fp16
+  uint16_t* residual_v_ = nullptr;
   std::vector<int32_t> free_list_;  // LIFO of free block ids
+  std::vector<int> free_slots_;     // LIFO of free state slots
   std::map<kernels::SeqId, Sequence> seqs_;
 };
 

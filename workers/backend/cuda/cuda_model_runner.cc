@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvgate/common/log.h"
 #include "kvgate/common/status_macros.h"
+#include "kvgate/kernels/cuda_kv_append.h"
 #include "workers/backend/cuda/cublas_api.h"
 #include "workers/backend/cuda/cuda_kernels.h"
 #include "workers/backend/cuda/cuda_kv_cache.h"
@@ -35,7 +36,7 @@ uint16_t ToBf16(float x) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// Owns every device allocation of the runner (weights and workspace); freed together.
+// Owns device allocations (weights and workspace); freed together.
 class DeviceArena {
  public:
   DeviceArena() = default;
@@ -47,21 +48,26 @@ class DeviceArena {
   template <class T>
   absl::StatusOr<T*> Allocate(size_t count) {
     void* p = nullptr;
-    const cudaError_t error = cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T));
+    const size_t bytes = std::max<size_t>(count, 1) * sizeof(T);
+    const cudaError_t error = cudaMalloc(&p, bytes);
     if (error != cudaSuccess) {
       cudaGetLastError();
       return absl::ResourceExhaustedError(
-          absl::StrCat("cudaMalloc of ", count * sizeof(T), " bytes: ", cudaGetErrorString(error)));
+          absl::StrCat("cudaMalloc of ", bytes, " bytes: ", cudaGetErrorString(error)));
     }
     allocations_.push_back(p);
-    bytes_ += count * sizeof(T);
+    sizes_.push_back(bytes);
+    bytes_ += bytes;
     return static_cast<T*>(p);
   }
   void Free(void* p) {
     auto it = std::find(allocations_.begin(), allocations_.end(), p);
     if (it == allocations_.end()) return;
+    const size_t i = static_cast<size_t>(it - allocations_.begin());
     cudaFree(p);
+    bytes_ -= sizes_[i];
     allocations_.erase(it);
+    sizes_.erase(sizes_.begin() + static_cast<std::ptrdiff_t>(i));
   }
   // Uploads fp32 host data as bf16 (nullptr for an empty vector).
   absl::StatusOr<uint16_t*> UploadBf16(const std::vector<float>& host) {
@@ -87,6 +93,7 @@ class DeviceArena {
 
  private:
   std::vector<void*> allocations_;
+  std::vector<size_t> sizes_;
   size_t bytes_ = 0;
 };
 
@@ -105,9 +112,14 @@ struct DeviceLayer {
 
 class CudaModelRunner final : public ModelRunner {
  public:
+  // config's query heads must be a multiple of its kv heads.
   CudaModelRunner(LlamaConfig config, cudaStream_t stream, cublasHandle_t blas)
-      : config_(std::move(config)), stream_(stream), blas_(blas) {}
+      : config_(std::move(config)), stream_(stream), blas_(blas) {
+    const int group = config_.num_attention_heads / config_.num_key_value_heads;
+    while (group_pad_ < group) group_pad_ *= 2;
+  }
   ~CudaModelRunner() override {
+    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     cache_.reset();
     if (pinned_ != nullptr) cudaFreeHost(pinned_);
     if (blas_ != nullptr) (*cuda::LoadCublas())->destroy(blas_);
@@ -120,8 +132,13 @@ class CudaModelRunner final : public ModelRunner {
   absl::Status Forward(std::span<const ForwardChunk> chunks, float* logits) override;
 
   absl::Status UploadWeights(const LlamaWeights& weights);
+  absl::Status GenerateWeights(uint64_t seed);
   absl::Status EnsureWorkspace(int64_t rows);
-  void SetCache(std::unique_ptr<CudaKvCache> cache) { cache_ = std::move(cache); }
+  // Sizes and creates the KV cache (after the weights and the initial workspace).
+  absl::Status CreateCache(const RunnerOptions& options, const CudaRunnerOptions& cuda_options);
+  CudaKvCache& cache() { return *cache_; }
+  const CudaKvCache& cache() const { return *cache_; }
+  int64_t weight_bytes() const { return weight_bytes_; }
   size_t device_bytes() const { return arena_.bytes(); }
 
  private:
@@ -129,12 +146,21 @@ class CudaModelRunner final : public ModelRunner {
   absl::Status Gemm(const uint16_t* x, const uint16_t* w, float* y, int m, int n, int k,
                     float beta);
   absl::Status EnsurePinned(size_t int32s);
+  absl::Status EnsureLogits(int64_t rows);
+  absl::Status EnsurePrefixScratch(int64_t floats);
+  cuda::QkvShape shape() const {
+    return {.num_q_heads = config_.num_attention_heads,
+            .num_kv_heads = config_.num_key_value_heads,
+            .head_dim = config_.head_dim,
+            .group_pad = group_pad_};
+  }
 
   LlamaConfig config_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   DeviceArena arena_;
   std::unique_ptr<CudaKvCache> cache_;
+  int group_pad_ = 1;  // query heads per kv-head in q_ (the GQA group rounded up; see QkvShape)
 
   // Weights.
   const uint16_t* embed_ = nullptr;    // bf16 [vocab, hidden]
@@ -142,18 +168,37 @@ class CudaModelRunner final : public ModelRunner {
   const float* final_norm_ = nullptr;
   const double* inv_freq_ = nullptr;  // [head_dim / 2]
   std::vector<DeviceLayer> layers_;
+  int64_t weight_bytes_ = 0;
 
   // Step workspace for up to workspace_rows_ token rows.
   int64_t workspace_rows_ = 0;
-  float *x_ = nullptr, *qkv_ = nullptr, *q_ = nullptr, *fresh_k_ = nullptr, *fresh_v_ = nullptr,
-        *gate_up_ = nullptr, *logits_ = nullptr;
-  uint16_t *normed_ = nullptr, *attn_ = nullptr, *act_ = nullptr;
+  float* x_ = nullptr;         // [rows, hidden] residual stream
+  float* qkv_ = nullptr;       // [rows, (Hq + 2 Hkv) D]: GEMM output; k, v final after the epilogue
+  float* q_ = nullptr;         // [rows, Hkv, group_pad, D]; padding heads stay zero
+  float* attn_f32_ = nullptr;  // [rows, Hkv, group_pad, D] decode attention output
+  float* gate_up_ = nullptr;   // [rows, 2 inter]
+  uint16_t* normed_ = nullptr;  // bf16 [rows, hidden]
+  uint16_t* attn_ = nullptr;    // bf16 [rows, Hq D]
+  uint16_t* act_ = nullptr;     // bf16 [rows, inter]
+  float* logits_ = nullptr;     // [logits_rows_, vocab]
+  int64_t logits_rows_ = 0;
+  // Cached prefixes of prefill chunks read through the format: keys and values.
+  float* prefix_k_ = nullptr;
+  float* prefix_v_ = nullptr;
+  int64_t prefix_floats_ = 0;
   // Step metadata: pinned host staging and its device copy (int32s).
   int32_t* pinned_ = nullptr;
   size_t pinned_capacity_ = 0;
   int32_t* meta_ = nullptr;
   size_t meta_capacity_ = 0;
 };
+
+// A seed per tensor, so that tensors are independent whatever their sizes.
+uint64_t TensorSeed(uint64_t seed, uint64_t index) {
+  uint64_t z = seed * 0x9e3779b97f4a7c15ull + index * 0xd1b54a32d192ed03ull + 1;
+  z = (z ^ (z >> 31)) * 0xbf58476d1ce4e5b9ull;
+  return z ^ (z >> 29);
+}
 
 absl::Status CudaModelRunner::UploadWeights(const LlamaWeights& w) {
   ASSIGN_OR_RETURN(uint16_t * embed, arena_.UploadBf16(w.embed));
@@ -182,6 +227,63 @@ absl::Status CudaModelRunner::UploadWeights(const LlamaWeights& w) {
     ASSIGN_OR_RETURN(d.down, arena_.UploadBf16(lw.down));
     layers_.push_back(d);
   }
+  weight_bytes_ = static_cast<int64_t>(arena_.bytes());
+  return absl::OkStatus();
+}
+
+absl::Status CudaModelRunner::GenerateWeights(uint64_t seed) {
+  const LlamaConfig& c = config_;
+  const int64_t hidden = c.hidden_size, inter = c.intermediate_size;
+  const int64_t q_dim = int64_t{c.num_attention_heads} * c.head_dim;
+  const int64_t qkv_dim = q_dim + 2 * int64_t{c.num_key_value_heads} * c.head_dim;
+  uint64_t tensor = 0;
+  // Uniform in [-b, b) has variance b^2 / 3: b = sqrt(3 / fan_in) gives variance 1 / fan_in.
+  auto matrix = [&](int64_t rows, int64_t cols, double variance) -> absl::StatusOr<uint16_t*> {
+    ASSIGN_OR_RETURN(uint16_t * p, arena_.Allocate<uint16_t>(rows * cols));
+    CUDA_RETURN_IF_ERROR(cuda::LaunchFillUniformBf16(p, rows * cols, TensorSeed(seed, tensor++),
+                                                     static_cast<float>(std::sqrt(3 * variance)),
+                                                     stream_));
+    return p;
+  };
+  auto constant = [&](int64_t n, float value) -> absl::StatusOr<float*> {
+    ASSIGN_OR_RETURN(float* p, arena_.Allocate<float>(n));
+    CUDA_RETURN_IF_ERROR(cuda::LaunchFillFloat(p, n, value, stream_));
+    return p;
+  };
+  ASSIGN_OR_RETURN(uint16_t * embed, matrix(c.vocab_size, hidden, 1.0));
+  embed_ = embed;
+  if (c.tie_word_embeddings) {
+    lm_head_ = embed_;
+  } else {
+    ASSIGN_OR_RETURN(uint16_t * head, matrix(c.vocab_size, hidden, 1.0 / hidden));
+    lm_head_ = head;
+  }
+  ASSIGN_OR_RETURN(float* final_norm, constant(hidden, 1.0f));
+  final_norm_ = final_norm;
+  ASSIGN_OR_RETURN(double* inv_freq, arena_.Upload(RopeInverseFrequencies(config_)));
+  inv_freq_ = inv_freq;
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    DeviceLayer d;
+    ASSIGN_OR_RETURN(d.input_norm, constant(hidden, 1.0f));
+    ASSIGN_OR_RETURN(d.qkv, matrix(qkv_dim, hidden, 1.0 / hidden));
+    if (c.attention_bias) {
+      ASSIGN_OR_RETURN(d.qkv_bias, constant(qkv_dim, 0.0f));
+    }
+    if (c.qk_norm) {
+      ASSIGN_OR_RETURN(d.q_norm, constant(c.head_dim, 1.0f));
+      ASSIGN_OR_RETURN(d.k_norm, constant(c.head_dim, 1.0f));
+    }
+    ASSIGN_OR_RETURN(d.o_proj, matrix(hidden, q_dim, 1.0 / q_dim));
+    if (c.o_proj_bias) {
+      ASSIGN_OR_RETURN(d.o_bias, constant(hidden, 0.0f));
+    }
+    ASSIGN_OR_RETURN(d.post_attention_norm, constant(hidden, 1.0f));
+    ASSIGN_OR_RETURN(d.gate_up, matrix(2 * inter, hidden, 1.0 / hidden));
+    ASSIGN_OR_RETURN(d.down, matrix(hidden, inter, 1.0 / inter));
+    layers_.push_back(d);
+  }
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  weight_bytes_ = static_cast<int64_t>(arena_.bytes());
   return absl::OkStatus();
 }
 
@@ -189,22 +291,22 @@ absl::Status CudaModelRunner::EnsureWorkspace(int64_t rows) {
   if (rows <= workspace_rows_) return absl::OkStatus();
   const LlamaConfig& c = config_;
   const int64_t q_dim = int64_t{c.num_attention_heads} * c.head_dim;
+  const int64_t padded_q_dim = int64_t{c.num_key_value_heads} * group_pad_ * c.head_dim;
   const int64_t kv_dim = int64_t{c.num_key_value_heads} * c.head_dim;
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   for (void* p :
        {static_cast<void*>(x_), static_cast<void*>(qkv_), static_cast<void*>(q_),
-        static_cast<void*>(fresh_k_), static_cast<void*>(fresh_v_), static_cast<void*>(gate_up_),
-        static_cast<void*>(logits_), static_cast<void*>(normed_), static_cast<void*>(attn_),
-        static_cast<void*>(act_)}) {
+        static_cast<void*>(attn_f32_), static_cast<void*>(gate_up_), static_cast<void*>(normed_),
+        static_cast<void*>(attn_), static_cast<void*>(act_)}) {
     if (p != nullptr) arena_.Free(p);
   }
   workspace_rows_ = 0;
   ASSIGN_OR_RETURN(x_, arena_.Allocate<float>(rows * c.hidden_size));
   ASSIGN_OR_RETURN(qkv_, arena_.Allocate<float>(rows * (q_dim + 2 * kv_dim)));
-  ASSIGN_OR_RETURN(q_, arena_.Allocate<float>(rows * q_dim));
-  ASSIGN_OR_RETURN(fresh_k_, arena_.Allocate<float>(rows * kv_dim));
-  ASSIGN_OR_RETURN(fresh_v_, arena_.Allocate<float>(rows * kv_dim));
+  ASSIGN_OR_RETURN(q_, arena_.Allocate<float>(rows * padded_q_dim));
+  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(q_, 0, rows * padded_q_dim * sizeof(float), stream_));
+  ASSIGN_OR_RETURN(attn_f32_, arena_.Allocate<float>(rows * padded_q_dim));
   ASSIGN_OR_RETURN(gate_up_, arena_.Allocate<float>(rows * 2 * c.intermediate_size));
-  ASSIGN_OR_RETURN(logits_, arena_.Allocate<float>(rows * c.vocab_size));
   ASSIGN_OR_RETURN(normed_, arena_.Allocate<uint16_t>(rows * c.hidden_size));
   ASSIGN_OR_RETURN(attn_, arena_.Allocate<uint16_t>(rows * q_dim));
   ASSIGN_OR_RETURN(act_, arena_.Allocate<uint16_t>(rows * c.intermediate_size));
@@ -212,23 +314,87 @@ absl::Status CudaModelRunner::EnsureWorkspace(int64_t rows) {
   return absl::OkStatus();
 }
 
+absl::Status CudaModelRunner::EnsureLogits(int64_t rows) {
+  if (rows <= logits_rows_) return absl::OkStatus();
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  if (logits_ != nullptr) arena_.Free(logits_);
+  logits_ = nullptr;
+  logits_rows_ = 0;
+  ASSIGN_OR_RETURN(logits_, arena_.Allocate<float>(rows * config_.vocab_size));
+  logits_rows_ = rows;
+  return absl::OkStatus();
+}
+
+absl::Status CudaModelRunner::EnsurePrefixScratch(int64_t floats) {
+  if (floats <= prefix_floats_) return absl::OkStatus();
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  for (float* p : {prefix_k_, prefix_v_}) {
+    if (p != nullptr) arena_.Free(p);
+  }
+  prefix_k_ = prefix_v_ = nullptr;
+  prefix_floats_ = 0;
+  ASSIGN_OR_RETURN(prefix_k_, arena_.Allocate<float>(floats));
+  ASSIGN_OR_RETURN(prefix_v_, arena_.Allocate<float>(floats));
+  prefix_floats_ = floats;
+  return absl::OkStatus();
+}
+
 absl::Status CudaModelRunner::EnsurePinned(size_t int32s) {
   if (int32s > pinned_capacity_) {
+    const size_t want = std::max(int32s, pinned_capacity_ * 2);
     if (pinned_ != nullptr) cudaFreeHost(pinned_);
     pinned_ = nullptr;
     pinned_capacity_ = 0;
-    const size_t want = std::max(int32s, pinned_capacity_ * 2);
     CUDA_RETURN_IF_ERROR(cudaMallocHost(&pinned_, want * sizeof(int32_t)));
     pinned_capacity_ = want;
   }
   if (int32s > meta_capacity_) {
+    const size_t want = std::max<size_t>(int32s, 4096);
     if (meta_ != nullptr) arena_.Free(meta_);
     meta_ = nullptr;
     meta_capacity_ = 0;
-    const size_t want = std::max<size_t>(int32s, 4096);
     ASSIGN_OR_RETURN(meta_, arena_.Allocate<int32_t>(want));
     meta_capacity_ = want;
   }
+  return absl::OkStatus();
+}
+
+absl::Status CudaModelRunner::CreateCache(const RunnerOptions& options,
+                                          const CudaRunnerOptions& cuda_options) {
+  const LlamaConfig& c = config_;
+  kernels::KvCacheConfig cache_config{.num_layers = c.num_hidden_layers,
+                                      .num_kv_heads = c.num_key_value_heads,
+                                      .head_dim = c.head_dim,
+                                      .block_size = options.kv_block_size,
+                                      .num_blocks = options.kv_num_blocks,
+                                      .format = options.kv_format};
+  ASSIGN_OR_RETURN(const cuda::KvCacheGeometry geometry, CudaKvCache::Measure(cache_config));
+  size_t free_bytes = 0, total_bytes = 0;
+  CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
+  if (cache_config.num_blocks <= 0) {
+    const double budget = static_cast<double>(free_bytes) * cuda_options.gpu_memory_fraction -
+                          static_cast<double>(geometry.slot_bytes) * cuda_options.max_sequences;
+    cache_config.num_blocks =
+        static_cast<int64_t>(budget / static_cast<double>(geometry.block_bytes));
+    if (cache_config.num_blocks < 1) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "no GPU memory left for the KV pool: ", free_bytes, " bytes free after the weights, ",
+          cuda_options.max_sequences, " sequence slots of ", geometry.slot_bytes, " bytes, ",
+          geometry.block_bytes, " bytes per block"));
+    }
+  }
+  ASSIGN_OR_RETURN(cache_, CudaKvCache::Create(cache_config, stream_, cuda_options.max_sequences));
+  KVGATE_LOG(INFO) << c.model_type << " model on the GPU (bf16 weights " << (weight_bytes_ >> 20)
+                   << " MiB, " << (arena_.bytes() >> 20)
+                   << " MiB with workspace): " << c.num_hidden_layers << " layers, hidden "
+                   << c.hidden_size << ", heads " << c.num_attention_heads << "/"
+                   << c.num_key_value_heads << ", vocab " << c.vocab_size << "; KV "
+                   << options.kv_format.name << ", " << cache_config.num_blocks << " blocks of "
+                   << options.kv_block_size << " tokens (" << (cache_->allocated_bytes() >> 20)
+                   << " MiB, " << geometry.bytes_per_token << " bytes/token; "
+                   << cuda_options.max_sequences << " sequence slots of " << geometry.slot_bytes
+                   << " bytes; " << (free_bytes >> 20) << " MiB were free of "
+                   << (total_bytes >> 20) << ")";
   return absl::OkStatus();
 }
 
@@ -237,9 +403,10 @@ absl::Status CudaModelRunner::Gemm(const uint16_t* x, const uint16_t* w, float* 
   // Row-major y[m, n] = x[m, k] w[n, k]^T is column-major y^T[n, m] = w^T... : C = op(A) B with
   // A = w (column-major [k, n], transposed), B = x (column-major [k, m]).
   const float alpha = 1.0f;
-  CUBLAS_RETURN_IF_ERROR((*cuda::LoadCublas())->gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w,
-                                      CUDA_R_16BF, k, x, CUDA_R_16BF, k, &beta, y, CUDA_R_32F, n,
-                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  CUBLAS_RETURN_IF_ERROR((*cuda::LoadCublas())
+                             ->gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w,
+                                       CUDA_R_16BF, k, x, CUDA_R_16BF, k, &beta, y, CUDA_R_32F, n,
+                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   return absl::OkStatus();
 }
 
@@ -251,80 +418,169 @@ absl::Status CudaModelRunner::Forward(std::span<const ForwardChunk> chunks, floa
   const LlamaConfig& c = config_;
   const int hidden = c.hidden_size;
   const int num_heads = c.num_attention_heads, num_kv_heads = c.num_key_value_heads;
-  const int q_dim = num_heads * c.head_dim;
-  const int kv_dim = num_kv_heads * c.head_dim;
+  const int d = c.head_dim;
+  const int q_dim = num_heads * d;
+  const int kv_dim = num_kv_heads * d;
   const int qkv_dim = q_dim + 2 * kv_dim;
   const int inter = c.intermediate_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  CudaKvCache& cache = *cache_;
 
-  // Host metadata of the step, checked against each sequence's reserved blocks first.
+  // Chunk order of the step: decode tokens (one token after a cached prefix: attention reads every
+  // token through the format), then prefill chunks with a cached prefix, then fresh prompts. Rows
+  // follow that order, so the decode rows are rows [0, num_decode).
   const int num_chunks = static_cast<int>(chunks.size());
   std::vector<int64_t> past(num_chunks);
+  std::vector<int> order;
+  order.reserve(num_chunks);
+  int num_decode = 0, num_prefix = 0;
   int64_t rows = 0, out_rows = 0;
-  int max_blocks = 1;
-  for (int ci = 0; ci < num_chunks; ++ci) {
-    const int64_t n = static_cast<int64_t>(chunks[ci].tokens.size());
-    past[ci] = cache_->Length(chunks[ci].seq, 0);
-    const int64_t capacity = cache_->Capacity(chunks[ci].seq);
-    if (past[ci] + n > capacity) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "sequence ", chunks[ci].seq, " holds ", past[ci], " tokens and has room for ", capacity,
-          "; Reserve(", past[ci] + n, ") first"));
+  int max_blocks = 1, max_rows = 1;
+  for (int pass = 0; pass < 3; ++pass) {
+    for (int ci = 0; ci < num_chunks; ++ci) {
+      const int64_t n = static_cast<int64_t>(chunks[ci].tokens.size());
+      const int64_t p = cache.Length(chunks[ci].seq, 0);
+      const int kind = (n == 1 && p > 0) ? 0 : (p > 0 ? 1 : 2);
+      if (kind != pass) continue;
+      past[ci] = p;
+      order.push_back(ci);
+      num_decode += kind == 0;
+      num_prefix += kind == 1;
+      const int64_t capacity = cache.Capacity(chunks[ci].seq);
+      if (p + n > capacity) {
+        return absl::FailedPreconditionError(absl::StrCat("sequence ", chunks[ci].seq, " holds ", p,
+                                                          " tokens and has room for ", capacity,
+                                                          "; Reserve(", p + n, ") first"));
+      }
+      rows += n;
+      out_rows += chunks[ci].all_logits ? n : 1;
+      max_rows = std::max(max_rows, static_cast<int>(n));
+      max_blocks = std::max(max_blocks, static_cast<int>(cache.BlockTable(chunks[ci].seq)->size()));
     }
-    rows += n;
-    out_rows += chunks[ci].all_logits ? n : 1;
-    max_blocks = std::max(max_blocks, static_cast<int>(cache_->BlockTable(chunks[ci].seq)->size()));
   }
   if (rows > INT32_MAX / std::max(qkv_dim, 2 * inter)) {
     return absl::InvalidArgumentError(absl::StrCat("step of ", rows, " tokens is too large"));
   }
   RETURN_IF_ERROR(EnsureWorkspace(rows));
+  RETURN_IF_ERROR(EnsureLogits(out_rows));
 
-  // Pinned layout (int32): tokens[rows], row_chunk[rows], row_position[rows],
-  // row_begin[chunks + 1], chunk_past[chunks], chunk_all_cached[chunks], gather[out_rows],
-  // block_tables[chunks * max_blocks].
-  const size_t off_tokens = 0, off_row_chunk = rows, off_row_pos = 2 * rows;
-  const size_t off_row_begin = 3 * rows;
-  const size_t off_past = off_row_begin + num_chunks + 1;
-  const size_t off_all_cached = off_past + num_chunks;
-  const size_t off_gather = off_all_cached + num_chunks;
+  // Prefill query tiles (chunks after the decode ones).
+  int64_t num_tiles = 0, max_read = 0;
+  for (int oi = num_decode; oi < num_chunks; ++oi) {
+    const int64_t n = static_cast<int64_t>(chunks[order[oi]].tokens.size());
+    num_tiles += (n + cuda::kPrefillTileRows - 1) / cuda::kPrefillTileRows;
+    if (oi < num_decode + num_prefix) max_read = std::max(max_read, past[order[oi]] + n);
+  }
+  const int num_formats = cache.num_formats();
+
+  // Pinned layout (int32): tokens[rows], positions[rows], gather[out_rows],
+  // tables[chunks * max_blocks], slots[chunks], row_begin[chunks + 1], stored_before[chunks],
+  // per format: encoded[num_decode], residual[num_decode]; read_lens[num_prefix],
+  // tiles[num_tiles * 5].
+  const size_t off_tokens = 0, off_pos = rows, off_gather = 2 * rows;
   const size_t off_tables = off_gather + out_rows;
-  const size_t total = off_tables + size_t{static_cast<size_t>(num_chunks)} * max_blocks;
+  const size_t off_slots = off_tables + size_t{static_cast<size_t>(num_chunks)} * max_blocks;
+  const size_t off_row_begin = off_slots + num_chunks;
+  const size_t off_stored = off_row_begin + num_chunks + 1;
+  const size_t off_lens = off_stored + num_chunks;
+  const size_t off_read = off_lens + size_t{2} * num_formats * num_decode;
+  const size_t off_tiles = off_read + num_prefix;
+  const size_t total = off_tiles + size_t{5} * num_tiles;
   RETURN_IF_ERROR(EnsurePinned(total));
   int32_t* h = pinned_;
-  int64_t row = 0, out_row = 0;
-  for (int ci = 0; ci < num_chunks; ++ci) {
+  std::vector<int64_t> first_row(num_chunks);
+  int64_t row = 0;
+  for (int oi = 0; oi < num_chunks; ++oi) {
+    const int ci = order[oi];
     const ForwardChunk& chunk = chunks[ci];
     const int64_t n = static_cast<int64_t>(chunk.tokens.size());
-    h[off_row_begin + ci] = static_cast<int32_t>(row);
-    h[off_past + ci] = static_cast<int32_t>(past[ci]);
-    h[off_all_cached + ci] = (n == 1 && past[ci] > 0) ? 1 : 0;
+    first_row[ci] = row;
+    h[off_row_begin + oi] = static_cast<int32_t>(row);
+    h[off_stored + oi] = static_cast<int32_t>(past[ci]);
+    h[off_slots + oi] = cache.Slot(chunk.seq);
     for (int64_t i = 0; i < n; ++i, ++row) {
       h[off_tokens + row] = chunk.tokens[i];
-      h[off_row_chunk + row] = ci;
-      h[off_row_pos + row] = static_cast<int32_t>(past[ci] + i);
-      if (chunk.all_logits || i == n - 1) h[off_gather + out_row++] = static_cast<int32_t>(row);
+      h[off_pos + row] = static_cast<int32_t>(past[ci] + i);
     }
-    const std::vector<int32_t>& table = *cache_->BlockTable(chunk.seq);
-    int32_t* dst = h + off_tables + size_t{static_cast<size_t>(ci)} * max_blocks;
+    const std::vector<int32_t>& table = *cache.BlockTable(chunk.seq);
+    int32_t* dst = h + off_tables + size_t{static_cast<size_t>(oi)} * max_blocks;
     std::copy(table.begin(), table.end(), dst);
     std::fill(dst + table.size(), dst + max_blocks, 0);
   }
   h[off_row_begin + num_chunks] = static_cast<int32_t>(rows);
+  int64_t out_row = 0;
+  for (int ci = 0; ci < num_chunks; ++ci) {  // logits rows in the caller's chunk order
+    const int64_t n = static_cast<int64_t>(chunks[ci].tokens.size());
+    for (int64_t i = chunks[ci].all_logits ? 0 : n - 1; i < n; ++i) {
+      h[off_gather + out_row++] = static_cast<int32_t>(first_row[ci] + i);
+    }
+  }
+  // Decode rows after this step's append: stored = past + 1, split per layer format.
+  std::vector<int> max_encoded(num_formats, 0);
+  for (int f = 0; f < num_formats; ++f) {
+    int32_t* encoded = h + off_lens + size_t{2} * f * num_decode;
+    int32_t* residual = encoded + num_decode;
+    for (int oi = 0; oi < num_decode; ++oi) {
+      const kernels::cuda::KiviCounts counts =
+          kernels::cuda::SplitStoredTokens(cache.format_spec(f), past[order[oi]] + 1);
+      encoded[oi] = static_cast<int32_t>(counts.encoded);
+      residual[oi] = static_cast<int32_t>(counts.residual);
+      max_encoded[f] = std::max(max_encoded[f], encoded[oi]);
+    }
+  }
+  // Prefill chunks with a prefix read their whole stored length after the append (the prefix
+  // then is what CpuKvCache::PrefillAttention reads: e.g. KIVI tokens flushed by this append are
+  // read quantized); tiles.
+  auto* tiles = reinterpret_cast<cuda::PrefillTile*>(h + off_tiles);
+  static_assert(sizeof(cuda::PrefillTile) == 5 * sizeof(int32_t));
+  int64_t tile = 0;
+  for (int oi = num_decode; oi < num_chunks; ++oi) {
+    const int ci = order[oi];
+    const int64_t n = static_cast<int64_t>(chunks[ci].tokens.size());
+    const bool has_prefix = oi < num_decode + num_prefix;
+    if (has_prefix) h[off_read + (oi - num_decode)] = static_cast<int32_t>(past[ci] + n);
+    for (int64_t t = 0; t < n; t += cuda::kPrefillTileRows) {
+      tiles[tile++] = {
+          .first_row = static_cast<int32_t>(first_row[ci]),
+          .tile_begin = static_cast<int32_t>(t),
+          .tile_rows = static_cast<int32_t>(std::min<int64_t>(cuda::kPrefillTileRows, n - t)),
+          .past = static_cast<int32_t>(past[ci]),
+          .prefix_index = has_prefix ? oi - num_decode : -1};
+    }
+  }
   CUDA_RETURN_IF_ERROR(
       cudaMemcpyAsync(meta_, pinned_, total * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
-  const cuda::StepLayout step{.num_rows = static_cast<int>(rows),
-                              .num_chunks = num_chunks,
-                              .row_chunk = meta_ + off_row_chunk,
-                              .row_position = meta_ + off_row_pos,
-                              .row_begin = meta_ + off_row_begin,
-                              .chunk_past = meta_ + off_past,
-                              .chunk_all_cached = meta_ + off_all_cached,
-                              .block_tables = meta_ + off_tables,
-                              .max_blocks = max_blocks};
-  const cuda::KvPoolLayout kv = cache_->layout();
+  RETURN_IF_ERROR(EnsurePrefixScratch(int64_t{num_prefix} * num_kv_heads * max_read * d));
+
+  const cuda::DeviceSeqBatch all{.num_seqs = num_chunks,
+                                 .block_tables = meta_ + off_tables,
+                                 .max_blocks = max_blocks,
+                                 .slots = meta_ + off_slots};
+  const cuda::DeviceSeqBatch decode{.num_seqs = num_decode,
+                                    .block_tables = all.block_tables,
+                                    .max_blocks = max_blocks,
+                                    .slots = all.slots};
+  const cuda::DeviceSeqBatch prefix{
+      .num_seqs = num_prefix,
+      .block_tables = all.block_tables + size_t{static_cast<size_t>(num_decode)} * max_blocks,
+      .max_blocks = max_blocks,
+      .slots = all.slots + num_decode};
+  cuda::PrefillAttentionArgs prefill;
+  prefill.tiles = reinterpret_cast<const cuda::PrefillTile*>(meta_ + off_tiles);
+  prefill.num_tiles = static_cast<int>(num_tiles);
+  prefill.shape = shape();
+  prefill.q = q_;
+  prefill.fresh_k = qkv_ + q_dim;
+  prefill.fresh_v = qkv_ + q_dim + kv_dim;
+  prefill.fresh_row_stride = qkv_dim;
+  prefill.prefix_k = prefix_k_;
+  prefill.prefix_v = prefix_v_;
+  prefill.prefix_stride_tokens = max_read;
+  prefill.scale = scale;
+  prefill.out_bf16 = attn_;
   const int m = static_cast<int>(rows);
+  const int padded_heads = num_kv_heads * group_pad_;
 
   CUDA_RETURN_IF_ERROR(cuda::LaunchEmbedding(embed_, meta_ + off_tokens, x_, m, hidden, stream_));
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
@@ -333,10 +589,22 @@ absl::Status CudaModelRunner::Forward(std::span<const ForwardChunk> chunks, floa
         cuda::LaunchRmsNormToBf16(x_, w.input_norm, nullptr, normed_, m, hidden, eps, stream_));
     RETURN_IF_ERROR(Gemm(normed_, w.qkv, qkv_, m, qkv_dim, hidden, 0.0f));
     CUDA_RETURN_IF_ERROR(cuda::LaunchQkvEpilogue(qkv_, w.qkv_bias, w.q_norm, w.k_norm, inv_freq_,
-                                                 eps, step, kv, layer, num_heads, q_, fresh_k_,
-                                                 fresh_v_, stream_));
-    CUDA_RETURN_IF_ERROR(cuda::LaunchPagedAttention(q_, fresh_k_, fresh_v_, step, kv, layer,
-                                                    num_heads, scale, attn_, nullptr, stream_));
+                                                 eps, meta_ + off_pos, m, shape(), q_, stream_));
+    RETURN_IF_ERROR(cache.AppendLayer(layer, all, meta_ + off_row_begin, meta_ + off_stored, m,
+                                      max_rows, qkv_ + q_dim, qkv_ + q_dim + kv_dim, qkv_dim));
+    if (num_decode > 0) {
+      const int f = cache.format_index(layer);
+      const int32_t* encoded = meta_ + off_lens + size_t{2} * f * num_decode;
+      RETURN_IF_ERROR(cache.DecodeLayer(layer, decode, encoded, max_encoded[f],
+                                        encoded + num_decode, q_, padded_heads, scale, attn_f32_));
+      CUDA_RETURN_IF_ERROR(
+          cuda::LaunchGatherHeadsToBf16(attn_f32_, attn_, num_decode, shape(), stream_));
+    }
+    if (num_prefix > 0) {
+      RETURN_IF_ERROR(cache.ReadLayer(layer, prefix, meta_ + off_read, static_cast<int>(max_read),
+                                      prefix_k_, prefix_v_, max_read));
+    }
+    CUDA_RETURN_IF_ERROR(cuda::LaunchPrefillAttention(prefill, stream_));
     if (w.o_bias != nullptr) {
       CUDA_RETURN_IF_ERROR(cuda::LaunchAddBias(x_, w.o_bias, m, hidden, stream_));
     }
@@ -356,32 +624,45 @@ absl::Status CudaModelRunner::Forward(std::span<const ForwardChunk> chunks, floa
       cudaMemcpyDeviceToHost, stream_));
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   for (const ForwardChunk& chunk : chunks) {
-    cache_->CommitAppend(chunk.seq, static_cast<int64_t>(chunk.tokens.size()));
+    cache.CommitAppend(chunk.seq, static_cast<int64_t>(chunk.tokens.size()));
   }
   return absl::OkStatus();
 }
 
-}  // namespace
-
-absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCudaModelRunner(
-    const RunnerOptions& options, const CudaRunnerOptions& cuda_options) {
-  // Format checks first: they need no GPU and no model.
-  if (options.kv_format.kind != kernels::KvFormatKind::kFp16 ||
-      options.kv_format.eviction.kind != kernels::EvictionSpec::Kind::kNone) {
-    return absl::UnimplementedError(absl::StrCat(
-        "the CUDA backend supports only --kv fp16 without eviction in this phase (issue 5); got '",
-        options.kv_format.name, "', eviction ",
-        kernels::EvictionToString(options.kv_format.eviction),
-        ". Use --backend cpu for compressed formats"));
+// The checks that need neither a GPU nor a model.
+absl::Status CheckOptions(const RunnerOptions& options, const CudaRunnerOptions& cuda_options) {
+  const kernels::KvFormatSpec& format = options.kv_format;
+  if (format.eviction.kind != kernels::EvictionSpec::Kind::kNone) {
+    return absl::UnimplementedError(
+        absl::StrCat("the CUDA backend does not implement KV eviction (got ",
+                     kernels::EvictionToString(format.eviction), " with ", format.name,
+                     "): use --evict none, or --backend cpu for H2O / sink eviction"));
+  }
+  if (format.kind == kernels::KvFormatKind::kTurbo && format.qjl_keys) {
+    return absl::UnimplementedError(
+        absl::StrCat("the CUDA backend has no kernel for TurboQuant QJL keys (", format.name,
+                     "): use a tq format without qjl, or --backend cpu"));
   }
   if (!(cuda_options.gpu_memory_fraction > 0 && cuda_options.gpu_memory_fraction <= 1)) {
     return absl::InvalidArgumentError(absl::StrCat("gpu_memory_fraction must be in (0, 1], got ",
                                                    cuda_options.gpu_memory_fraction));
   }
+  if (cuda_options.max_sequences <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_sequences must be positive, got ", cuda_options.max_sequences));
+  }
   if (options.kv_block_size <= 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("kv_block_size must be positive, got ", options.kv_block_size));
   }
+  return absl::OkStatus();
+}
+
+// Checks the device and the model's shapes; makes the runner without weights or cache.
+absl::StatusOr<std::unique_ptr<CudaModelRunner>> NewRunner(const LlamaConfig& config,
+                                                           const RunnerOptions& options,
+                                                           const CudaRunnerOptions& cuda_options) {
+  RETURN_IF_ERROR(CheckOptions(options, cuda_options));
   int device_count = 0;
   if (cudaError_t e = cudaGetDeviceCount(&device_count); e != cudaSuccess || device_count == 0) {
     cudaGetLastError();
@@ -394,15 +675,15 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCudaModelRunner(
                                                    " out of range (", device_count, " devices)"));
   }
   CUDA_RETURN_IF_ERROR(cudaSetDevice(cuda_options.device));
-
-  const std::filesystem::path dir(options.model_dir);
-  ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig((dir / "config.json").string()));
-  if (config.head_dim % 32 != 0 || config.head_dim > 256) {
+  if (config.head_dim != 64 && config.head_dim != 128) {
     return absl::UnimplementedError(absl::StrCat(
-        "the CUDA backend needs head_dim a multiple of 32 and <= 256, got ", config.head_dim));
+        "the CUDA backend's attention kernels need head_dim 64 or 128, got ", config.head_dim));
   }
-  ASSIGN_OR_RETURN(LlamaWeights weights, LoadLlamaWeights(options.model_dir, config));
-
+  const int group = config.num_attention_heads / config.num_key_value_heads;
+  if (group > 8) {
+    return absl::UnimplementedError(absl::StrCat(
+        "the CUDA backend's decode kernel runs GQA groups of at most 8 query heads, got ", group));
+  }
   ASSIGN_OR_RETURN(const cuda::CublasApi* cublas, cuda::LoadCublas());
   cudaStream_t stream = nullptr;
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -413,40 +694,158 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCudaModelRunner(
   }
   auto runner = std::make_unique<CudaModelRunner>(config, stream, blas);
   CUBLAS_RETURN_IF_ERROR(cublas->set_stream(blas, stream));
-  RETURN_IF_ERROR(runner->UploadWeights(weights));
-  weights = LlamaWeights();  // host copy no longer needed
-  RETURN_IF_ERROR(runner->EnsureWorkspace(std::max(1, cuda_options.initial_step_tokens)));
+  return runner;
+}
 
-  kernels::KvCacheConfig cache_config{.num_layers = config.num_hidden_layers,
-                                      .num_kv_heads = config.num_key_value_heads,
-                                      .head_dim = config.head_dim,
-                                      .block_size = options.kv_block_size,
-                                      .num_blocks = options.kv_num_blocks,
-                                      .format = options.kv_format};
-  const int64_t block_bytes = CudaKvCache::BytesPerToken(cache_config) * options.kv_block_size;
+absl::StatusOr<std::unique_ptr<ModelRunner>> Finish(std::unique_ptr<CudaModelRunner> runner,
+                                                    const RunnerOptions& options,
+                                                    const CudaRunnerOptions& cuda_options) {
+  RETURN_IF_ERROR(runner->EnsureWorkspace(std::max(1, cuda_options.initial_step_tokens)));
+  RETURN_IF_ERROR(runner->CreateCache(options, cuda_options));
+  return std::unique_ptr<ModelRunner>(std::move(runner));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCudaModelRunner(
+    const RunnerOptions& options, const CudaRunnerOptions& cuda_options) {
+  RETURN_IF_ERROR(CheckOptions(options, cuda_options));  // before touching the model or a GPU
+  const std::filesystem::path dir(options.model_dir);
+  ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig((dir / "config.json").string()));
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaModelRunner> runner,
+                   NewRunner(config, options, cuda_options));
+  {
+    ASSIGN_OR_RETURN(LlamaWeights weights, LoadLlamaWeights(options.model_dir, config));
+    RETURN_IF_ERROR(runner->UploadWeights(weights));
+  }  // the host copy is freed here
+  return Finish(std::move(runner), options, cuda_options);
+}
+
+LlamaConfig Llama3_8BConfig() {
+  LlamaConfig c;
+  c.model_type = "llama";
+  c.vocab_size = 128256;
+  c.hidden_size = 4096;
+  c.intermediate_size = 14336;
+  c.num_hidden_layers = 32;
+  c.num_attention_heads = 32;
+  c.num_key_value_heads = 8;
+  c.head_dim = 128;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 500000.0;
+  c.rope_scaling = {.type = "llama3",
+                    .factor = 8.0,
+                    .low_freq_factor = 1.0,
+                    .high_freq_factor = 4.0,
+                    .original_max_position_embeddings = 8192};
+  c.max_position_embeddings = 131072;
+  c.tie_word_embeddings = false;
+  c.bos_token_id = 128000;
+  c.eos_token_ids = {128001};
+  c.torch_dtype = "bfloat16";
+  return c;
+}
+
+absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCudaModelRunnerWithRandomWeights(
+    const LlamaConfig& config, const RunnerOptions& options, const CudaRunnerOptions& cuda_options,
+    uint64_t seed) {
+  if (config.num_hidden_layers <= 0 || config.hidden_size <= 0 || config.vocab_size <= 0 ||
+      config.intermediate_size <= 0 || config.num_key_value_heads <= 0 ||
+      config.num_attention_heads % config.num_key_value_heads != 0) {
+    return absl::InvalidArgumentError(
+        "random-weight model: layers, hidden, vocab and intermediate sizes must be positive and "
+        "the kv heads must divide the query heads");
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaModelRunner> runner,
+                   NewRunner(config, options, cuda_options));
+  RETURN_IF_ERROR(runner->GenerateWeights(seed));
+  return Finish(std::move(runner), options, cuda_options);
+}
+
+int64_t CudaRunnerWeightBytes(const ModelRunner& runner) {
+  const auto* cuda_runner = dynamic_cast<const CudaModelRunner*>(&runner);
+  return cuda_runner != nullptr ? cuda_runner->weight_bytes() : 0;
+}
+
+absl::Status AppendSyntheticKv(ModelRunner& runner, kernels::SeqId seq, int64_t tokens,
+                               uint64_t seed) {
+  auto* cuda_runner = dynamic_cast<CudaModelRunner*>(&runner);
+  if (cuda_runner == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("AppendSyntheticKv needs a CUDA runner, got ", runner.backend_name()));
+  }
+  return cuda_runner->cache().AppendSynthetic(seq, tokens, seed);
+}
+
+absl::StatusOr<CudaKvCapacity> GetCudaKvCapacity(const ModelRunner& runner) {
+  const auto* cuda_runner = dynamic_cast<const CudaModelRunner*>(&runner);
+  if (cuda_runner == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GetCudaKvCapacity needs a CUDA runner, got ", runner.backend_name()));
+  }
+  const CudaKvCache& cache = cuda_runner->cache();
+  return CudaKvCapacity{.block_bytes = cache.geometry().block_bytes,
+                        .slot_bytes = cache.geometry().slot_bytes,
+                        .blocks = cache.total_blocks(),
+                        .max_sequences = cache.max_sequences()};
+}
+
+absl::StatusOr<GpuInfo> QueryGpu() {
+  int device = 0, count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return absl::FailedPreconditionError("no usable CUDA device");
+  }
+  CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  cudaDeviceProp prop{};
+  CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device));
   size_t free_bytes = 0, total_bytes = 0;
   CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
-  if (cache_config.num_blocks <= 0) {
-    cache_config.num_blocks =
-        static_cast<int64_t>(static_cast<double>(free_bytes) * cuda_options.gpu_memory_fraction) /
-        block_bytes;
-    if (cache_config.num_blocks < 1) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("no GPU memory left for the KV pool: ", free_bytes,
-                       " bytes free after weights, ", block_bytes, " bytes per block"));
-    }
+  return GpuInfo{.name = prop.name,
+                 .free_bytes = static_cast<int64_t>(free_bytes),
+                 .total_bytes = static_cast<int64_t>(total_bytes)};
+}
+
+absl::StatusOr<double> MeasureCopyBandwidth(int64_t bytes) {
+  if (bytes <= 0) return absl::InvalidArgumentError("MeasureCopyBandwidth: bytes <= 0");
+  void* src = nullptr;
+  void* dst = nullptr;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  auto release = [&] {
+    if (src != nullptr) cudaFree(src);
+    if (dst != nullptr) cudaFree(dst);
+    if (start != nullptr) cudaEventDestroy(start);
+    if (stop != nullptr) cudaEventDestroy(stop);
+  };
+  absl::Status status = [&]() -> absl::Status {
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&src, static_cast<size_t>(bytes)));
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&dst, static_cast<size_t>(bytes)));
+    CUDA_RETURN_IF_ERROR(cudaMemset(src, 1, static_cast<size_t>(bytes)));
+    CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
+    CUDA_RETURN_IF_ERROR(cudaEventCreate(&stop));
+    return absl::OkStatus();
+  }();
+  if (!status.ok()) {
+    release();
+    return status;
   }
-  ASSIGN_OR_RETURN(std::unique_ptr<CudaKvCache> cache, CudaKvCache::Create(cache_config, stream));
-  KVGATE_LOG(INFO) << "loaded " << config.model_type << " model from " << options.model_dir
-                   << " on the GPU (bf16 weights, " << (runner->device_bytes() >> 20)
-                   << " MiB with workspace): " << config.num_hidden_layers << " layers, hidden "
-                   << config.hidden_size << ", heads " << config.num_attention_heads << "/"
-                   << config.num_key_value_heads << ", vocab " << config.vocab_size << "; KV fp16, "
-                   << cache_config.num_blocks << " blocks of " << options.kv_block_size
-                   << " tokens (" << (cache->allocated_bytes() >> 20) << " MiB; "
-                   << (free_bytes >> 20) << " MiB were free of " << (total_bytes >> 20) << ")";
-  runner->SetCache(std::move(cache));
-  return std::unique_ptr<ModelRunner>(std::move(runner));
+  float best_ms = 0;
+  for (int i = 0; i < 6 && status.ok(); ++i) {  // the first copy warms up
+    status = [&]() -> absl::Status {
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(start));
+      CUDA_RETURN_IF_ERROR(
+          cudaMemcpy(dst, src, static_cast<size_t>(bytes), cudaMemcpyDeviceToDevice));
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(stop));
+      CUDA_RETURN_IF_ERROR(cudaEventSynchronize(stop));
+      float ms = 0;
+      CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start, stop));
+      if (i > 0 && (best_ms == 0 || ms < best_ms)) best_ms = ms;
+      return absl::OkStatus();
+    }();
+  }
+  release();
+  if (!status.ok()) return status;
+  return 2.0 * static_cast<double>(bytes) / (best_ms * 1e-3);
 }
 
 }  // namespace kvgate::worker

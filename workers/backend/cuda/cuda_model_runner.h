@@ -1,49 +1,109 @@
-// CUDA backend of ModelRunner (issue 5, phase 1): the same forward as the CPU runner
+// CUDA backend of ModelRunner: the same forward as the CPU runner
 // (workers/backend/cpu_model_runner.h) on one NVIDIA GPU, behind the same interface, so the engine
-// and the gRPC server run unchanged on it.
+// and the gRPC server run unchanged on it, with the KV cache in any format the CPU reference stores
+// (CudaKvCache, cuda_kv_cache.h).
 //
-// Weights live on the GPU in bf16 (converted from the loader's float32; norms, biases and RoPE
-// frequencies stay fp32/fp64). All tokens of all chunks of a Forward call (prefill chunks and
-// decode tokens alike) form one [tokens, hidden] batch: one cuBLAS GEMM per projection (bf16
-// inputs, fp32 accumulation and fp32 output; o_proj and down_proj accumulate into the fp32
-// residual stream with beta = 1, which is the residual add), fused kernels for the embedding,
-// RMSNorm (emitting the bf16 GEMM input), the q/k/v epilogue (bias, QK-norm, RoPE with the
-// config's scaling, fp16 KV append) and SwiGLU, and one paged attention kernel for every row of
-// the step (workers/backend/cuda/cuda_kernels.h). The final norm and lm_head run only on the rows
-// whose logits are returned; logits are copied back to the host as fp32 rows: the engine samples
-// on the host for now (GPU sampling is a later phase).
+// Weights live on the GPU in bf16 (converted from the loader's float32, or generated on the GPU by
+// CreateCudaModelRunnerWithRandomWeights; norms, biases and RoPE frequencies stay fp32/fp64). All
+// tokens of all chunks of a Forward call form one [tokens, hidden] batch, decode tokens first: one
+// cuBLAS GEMM per projection (bf16 inputs, fp32 accumulation and output; o_proj and down_proj
+// accumulate into the fp32 residual stream with beta = 1), fused kernels for the embedding,
+// RMSNorm (emitting the bf16 GEMM input), the q/k/v epilogue (bias, QK-norm, RoPE) and SwiGLU
+// (cuda_kernels.h). Per layer, the step's fp32 keys and values are appended to the cache in one
+// call for all sequences (CudaKvAppend); the decode tokens run one CudaDecodeAttention call over
+// every decode sequence (every stored token read through the format); prefill chunks attend to
+// their cached prefix, read out of the pool through the format (CudaKvAppend::Read) into an fp32
+// scratch, and to the step's own tokens in fp32 (CpuKvCache::PrefillAttention's semantics). The
+// final norm and lm_head run only on the rows whose logits are returned; logits are copied back
+// to the host as fp32 rows: the engine samples on the host.
 //
-// KV: fp16 only in this phase (CudaKvCache); any other --kv format or eviction is
-// UnimplementedError from CreateCudaModelRunner. The pool is options.kv_num_blocks blocks if > 0,
-// else gpu_memory_fraction of the GPU memory free after the weights and the step workspace are
-// allocated (RunnerOptions::kv_cache_bytes is not used by this backend). No managed memory; every
-// CUDA / cuBLAS call is checked and returned as a Status. A runner is used by one thread at a time.
+// Memory: the KV pool is options.kv_num_blocks blocks if > 0, else gpu_memory_fraction of the GPU
+// memory free after the weights and the step workspace, less max_sequences x the per-sequence
+// state outside the pool (KIVI's fp16 residual windows, FP8 scales). RunnerOptions::kv_cache_bytes
+// is not used by this backend. The prefix scratch of prefill chunks ([chunks with a prefix,
+// kv_heads, longest stored length, head_dim] fp32, keys and values) grows on demand. No managed
+// memory; every CUDA / cuBLAS call is checked and returned as a Status. A runner is used by one
+// thread at a time; sequences must be fed through Forward only (not the cache's host methods).
 //
 //   ASSIGN_OR_RETURN(auto runner, CreateCudaModelRunner(options, {.gpu_memory_fraction = 0.85}));
 //   RETURN_IF_ERROR(runner->kv_cache().AddSequence(seq, prompt.size()));
 //   RETURN_IF_ERROR(runner->Forward({&chunk, 1}, logits.data()));
 #pragma once
 
+#include <cstdint>
 #include <memory>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "workers/backend/model_runner.h"
+#include "workers/model/llama_config.h"
 
 namespace kvgate::worker {
 
 struct CudaRunnerOptions {
-  // Fraction (0, 1] of the GPU memory still free after weights and workspace that the KV pool
-  // takes, when RunnerOptions::kv_num_blocks is 0.
+  // Fraction (0, 1] of the GPU memory still free after weights and workspace that the KV pool and
+  // the per-sequence state take, when RunnerOptions::kv_num_blocks is 0.
   double gpu_memory_fraction = 0.85;
   int device = 0;  // CUDA device ordinal
   // Token rows of the step workspace allocated up front (grown on demand by larger steps).
   int initial_step_tokens = 512;
+  // Sequences the cache can hold at once (per-sequence device state is allocated for each); the
+  // worker passes its --max_running. AddSequence beyond it is ResourceExhaustedError.
+  int max_sequences = 256;
 };
 
-// FailedPreconditionError when no CUDA device is usable; UnimplementedError for KV formats other
-// than fp16 (and for eviction); InvalidArgumentError for a bad model folder or options;
+// FailedPreconditionError when no CUDA device is usable; UnimplementedError for eviction and for
+// shapes without kernels (head_dim other than 64/128, GQA group above 8, block size not a multiple
+// of 16, TurboQuant QJL keys); InvalidArgumentError for a bad model folder or options;
 // ResourceExhaustedError when the weights or the pool do not fit.
 absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCudaModelRunner(
     const RunnerOptions& options, const CudaRunnerOptions& cuda_options = {});
+
+// Llama-3.1-8B's shapes: 32 layers, hidden 4096, 32 query / 8 kv heads of 128, intermediate 14336,
+// vocab 128256, untied lm_head, RoPE theta 500000 with Llama-3 scaling (factor 8, original 8192),
+// 131072 positions.
+LlamaConfig Llama3_8BConfig();
+
+// A runner for `config` whose bf16 weights are generated on the GPU from `seed` (a counter-based
+// hash: no host copy, no download): every matrix uniform with variance 1 / fan_in (so each
+// projection keeps unit-scale activations and the residual stream stays finite through many
+// layers), the embedding with unit variance, norms 1, biases 0. options.model_dir is ignored.
+// Errors as CreateCudaModelRunner.
+absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCudaModelRunnerWithRandomWeights(
+    const LlamaConfig& config, const RunnerOptions& options,
+    const CudaRunnerOptions& cuda_options = {}, uint64_t seed = 1);
+
+// Bytes of the runner's weights on the GPU (a CUDA runner; 0 for any other).
+int64_t CudaRunnerWeightBytes(const ModelRunner& runner);
+
+// Appends `tokens` tokens of synthetic keys and values (a fixed pattern from `seed`, unit
+// variance) to every layer of `seq` in a CUDA runner's cache, through the format's append as a
+// forward would, without running the model: for benchmarks that need long contexts. The sequence
+// must have room reserved. InvalidArgumentError for a runner that is not a CUDA one.
+absl::Status AppendSyntheticKv(ModelRunner& runner, kernels::SeqId seq, int64_t tokens,
+                               uint64_t seed);
+
+// The KV pool of a CUDA runner: bytes per block, bytes of per-sequence state outside the pool
+// (KIVI residual windows, FP8 scales) per slot, blocks and slots. InvalidArgumentError for a
+// runner that is not a CUDA one.
+struct CudaKvCapacity {
+  int64_t block_bytes = 0;
+  int64_t slot_bytes = 0;
+  int64_t blocks = 0;
+  int max_sequences = 0;
+};
+absl::StatusOr<CudaKvCapacity> GetCudaKvCapacity(const ModelRunner& runner);
+
+// The current device: its name and cudaMemGetInfo. FailedPreconditionError without a device.
+struct GpuInfo {
+  std::string name;
+  int64_t free_bytes = 0;
+  int64_t total_bytes = 0;
+};
+absl::StatusOr<GpuInfo> QueryGpu();
+
+// Device-to-device copy bandwidth of the current device in bytes/s (bytes read + bytes written
+// per second, the best of several cudaMemcpy calls of `bytes`): the roofline's memory ceiling.
+absl::StatusOr<double> MeasureCopyBandwidth(int64_t bytes = int64_t{1} << 30);
 
 }  // namespace kvgate::worker
