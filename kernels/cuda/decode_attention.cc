@@ -15,10 +15,10 @@
 namespace kvgate::kernels::cuda {
 namespace {
 
-#define RETURN_IF_ERROR_LOCAL(expr)        \
-  do {                                     \
-    absl::Status _st = (expr);             \
-    if (!_st.ok()) return _st;             \
+#define RETURN_IF_ERROR_LOCAL(expr) \
+  do {                              \
+    absl::Status _st = (expr);      \
+    if (!_st.ok()) return _st;      \
   } while (0)
 
 using internal::FormatParams;
@@ -71,6 +71,8 @@ int MmaFormat(const KvFormatSpec& spec, int d, int bs) {
       return -1;
     }
     case KvFormatKind::kTurbo:
+      // Equal key and value rates share one centroid table (Make also needs records of a
+      // multiple of 4 bytes: the code reader loads aligned 32-bit words).
       if (spec.qjl_keys || spec.key_bits != spec.value_bits) return -1;
       if (spec.key_bits == 4) return 20;
       if (spec.key_bits == 3.5) return 21;
@@ -132,7 +134,8 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
             spec.residual_tokens <= 0) {
           return absl::UnimplementedError(absl::StrCat(
               "CUDA decode: KIVI needs 8 | G, G and block_size multiples of one another and R > 0 "
-              "(G=", fp.kivi_group, ", bs=", bs, ", R=", spec.residual_tokens, ")"));
+              "(G=",
+              fp.kivi_group, ", bs=", bs, ", R=", spec.residual_tokens, ")"));
         }
         break;
       }
@@ -146,12 +149,15 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
         RETURN_IF_ERROR_LOCAL(TurboSplit(d, spec.value_bits, &fp.tq_value_hi_channels,
                                          &fp.tq_value_hi_bits, &fp.tq_value_lo_bits));
         fp.tq_key_code_bytes = (fp.tq_key_hi_channels * fp.tq_key_hi_bits +
-                                (d - fp.tq_key_hi_channels) * fp.tq_key_lo_bits) / 8;
+                                (d - fp.tq_key_hi_channels) * fp.tq_key_lo_bits) /
+                               8;
         fp.tq_value_code_bytes = (fp.tq_value_hi_channels * fp.tq_value_hi_bits +
-                                  (d - fp.tq_value_hi_channels) * fp.tq_value_lo_bits) / 8;
+                                  (d - fp.tq_value_hi_channels) * fp.tq_value_lo_bits) /
+                                 8;
         if (fp.tq_key_code_bytes + 2 != fp.key_bytes ||
             fp.tq_value_code_bytes + 2 + fp.key_bytes != fp.record_bytes) {
-          return absl::InternalError("CUDA decode: TurboQuant record layout disagrees with the CPU");
+          return absl::InternalError(
+              "CUDA decode: TurboQuant record layout disagrees with the CPU");
         }
         Centroids(fp.tq_key_hi_bits, d, fp.tables);
         Centroids(fp.tq_key_lo_bits, d, fp.tables + 16);
@@ -197,7 +203,8 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     }
     // v2 (DecodeMmaKernel, tensor cores) where it has an instance: tiles of 64 tokens (records of
     // >= 256 bytes) or 128, kStagesMma deep.
-    const int fmt = MmaFormat(spec, d, bs);
+    int fmt = MmaFormat(spec, d, bs);
+    if (a->kind_ == internal::kKindTurbo && fp.record_bytes % 4 != 0) fmt = -1;
     if (fmt >= 0) {
       const int mma_tile_tokens = fp.record_bytes >= 256 ? 64 : 128;
       const int mma_tile_blocks = std::max(1, mma_tile_tokens / bs);
@@ -207,8 +214,8 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
       }
       mma_smem = std::max(mma_smem, internal::MmaMergeBytes(d));
       int ctas = 0;
-      if (mma_smem <= 160 * 1024 && internal::SetupMmaKernel(fmt, d, mma_smem, &ctas) ==
-                                        cudaSuccess) {
+      if (mma_smem <= 160 * 1024 &&
+          internal::SetupMmaKernel(fmt, d, mma_smem, &ctas) == cudaSuccess) {
         a->mma_fmt_ = fmt;
         a->tile_blocks_ = mma_tile_blocks;
         a->smem_bytes_ = mma_smem;
@@ -227,16 +234,24 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     const int d = d_, hkv = num_kv_heads_;
     if (b.num_seqs <= 0) return absl::OkStatus();
     if (b.num_q_heads <= 0 || b.num_q_heads % hkv != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("num_q_heads ", b.num_q_heads,
-                                                     " not a multiple of kv heads ", hkv));
+      return absl::InvalidArgumentError(
+          absl::StrCat("num_q_heads ", b.num_q_heads, " not a multiple of kv heads ", hkv));
     }
     const int g = b.num_q_heads / hkv;
     if (g != 1 && g != 2 && g != 4 && g != 8) {
       return absl::UnimplementedError(absl::StrCat("CUDA decode: GQA group ", g, " (1/2/4/8)"));
     }
-    if (!b.pool || !b.block_tables || !b.encoded_lens || !b.q || !b.out ||
-        b.max_encoded_len < 0 || b.max_blocks_per_seq * block_size_ < b.max_encoded_len) {
+    if (!b.pool || !b.block_tables || !b.encoded_lens || !b.q || !b.out || b.max_encoded_len < 0 ||
+        b.max_blocks_per_seq * block_size_ < b.max_encoded_len) {
       return absl::InvalidArgumentError("DecodeBatch: missing pointers or inconsistent sizes");
+    }
+    // Block segments are copied in 16-byte units (bulk copies / cp.async): every segment start
+    // must be 16-byte aligned.
+    if (reinterpret_cast<uintptr_t>(b.pool) % 16 != 0 || b.block_stride_bytes % 16 != 0 ||
+        b.layer_offset_bytes % 16 != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "DecodeBatch: pool, block_stride_bytes (", b.block_stride_bytes,
+          ") and layer_offset_bytes (", b.layer_offset_bytes, ") must be 16-byte aligned"));
     }
     if (kind_ == internal::kKindFp8 && !b.head_scales) {
       return absl::InvalidArgumentError("DecodeBatch: FP8 needs head_scales");
@@ -288,6 +303,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     a.residual_capacity = b.residual_capacity;
     a.residual_tile_tokens = residual_tile_tokens;
     a.head_scales = b.head_scales;
+    a.seq_slots = b.seq_slots;
     a.num_q_heads = b.num_q_heads;
     a.block_size = block_size_;
     a.tile_blocks = tile_blocks_;
@@ -305,8 +321,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     a.part_acc = part_acc_;
     a.part_ml = part_ml_;
     cudaError_t e = internal::LaunchDecode(kind_, mma_fmt_, d, g, a, fp_, hkv, b.num_seqs,
-                                           smem_bytes_, smem_v1_bytes_, b.q,
-                                           b.out, signs_, b.scale,
+                                           smem_bytes_, smem_v1_bytes_, b.q, b.out, signs_, b.scale,
                                            static_cast<cudaStream_t>(stream_ptr));
     if (e != cudaSuccess) return CudaError(e, "decode attention launch");
     return absl::OkStatus();

@@ -3,8 +3,10 @@
 //
 // Per call: PrepareQueryKernel (q * scale * log2(e), rotated for TurboQuant) -> split kernel ->
 // ReduceSplitsKernel (combines the splits' (max, sum, acc) in parallel over splits, un-rotates
-// TurboQuant outputs). Split kernels, both writing the same partials:
-//  - DecodeMmaKernel (v2, default where an instance exists: fp16, bf16, fp8, int8, kivi2/4 with a
+// TurboQuant outputs); the split and reduction kernels are programmatic dependent launches
+// (GridDepWait). Split kernels, both writing the same partials:
+//  - DecodeMmaKernel (v2/v3, default where an instance exists: fp16, bf16, fp8, int8, kivi2/4 with
+//  a
 //    power-of-two group, TurboQuant with equal key/value rates 4/3.5/3/2.5): tensor cores
 //    (mma.sync m16n8k16) for Q K^T and P V with the GQA group as N, per-warp online softmax on
 //    the fragments; its comment below has the fragment mapping.
@@ -20,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "kernels/cuda/decode_attention_internal.h"
 
@@ -35,9 +38,68 @@ __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Programmatic dependent launch (sm_90): the split and reduction kernels are launched with
+// programmatic stream serialization, so that each starts while its predecessor finishes; a
+// kernel calls GridDepWait() before it reads what the predecessor wrote (that waits for the
+// predecessor grid's completion and memory flush), and GridDepLaunch() once the rest of its work
+// no longer needs a resource the dependent grid could take. Inputs of the whole call (pool,
+// tables, lengths, scales) may be read before the wait: the call's first kernel is launched
+// normally, after all earlier work.
+__device__ __forceinline__ void GridDepWait() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+}
+__device__ __forceinline__ void GridDepLaunch() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
+// Bulk copies (the copy engine, sm_90) completing on an mbarrier: one instruction per block
+// segment, issued by one lane, instead of a 16-byte cp.async per thread and 16 bytes.
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count));
+}
+// Makes the initialized mbarriers visible to the copy engine (the async proxy).
+__device__ __forceinline__ void MbarInitFence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Arrives once and expects `bytes` more bytes of bulk copies before the phase completes.
+__device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT;\n"
+      "}\n" ::"r"(SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// bytes (a multiple of 16; both addresses 16-byte aligned) from global to shared memory.
+__device__ __forceinline__ void BulkCopy(void* dst, const void* src, uint32_t bytes,
+                                         uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(SmemAddr(dst)),
+      "l"(src), "r"(bytes), "r"(SmemAddr(bar))
+      : "memory");
+}
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Row of batch entry `seq` in the per-sequence state arrays (FP8 head_scales, KIVI residual
+// window): seq_slots[seq] when the caller keeps state at fixed slots, else seq itself.
+__device__ __forceinline__ size_t StateSlot(const SplitArgs& a, int seq) {
+  return static_cast<size_t>(a.seq_slots != nullptr ? a.seq_slots[seq] : seq);
 }
 
 __device__ __forceinline__ float LoadHalfF(const uint8_t* p) {
@@ -93,7 +155,8 @@ __device__ __forceinline__ void Fp8x8(const uint8_t* p, float o[8]) {
   Load8(p, b);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>(b[2 * i] | (b[2 * i + 1] << 8));
+    const __nv_fp8x2_storage_t pair =
+        static_cast<__nv_fp8x2_storage_t>(b[2 * i] | (b[2 * i + 1] << 8));
     const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
     const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&raw));
     o[2 * i] = f.x;
@@ -108,7 +171,8 @@ __device__ __forceinline__ void Turbo8(const uint8_t* rec, int lane, int hi_chan
                                        float scale, float o[8]) {
   const bool hi = 8 * lane < hi_channels;
   const int bits = hi ? hi_bits : lo_bits;
-  const int off = hi ? lane * hi_bits : hi_channels * hi_bits / 8 + (lane - hi_channels / 8) * lo_bits;
+  const int off =
+      hi ? lane * hi_bits : hi_channels * hi_bits / 8 + (lane - hi_channels / 8) * lo_bits;
   const uint32_t w = LoadBytes(rec + off, bits);
   const float* c = hi ? hi_c : lo_c;
   const uint32_t mask = (1u << bits) - 1;
@@ -275,6 +339,7 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   const int split = blockIdx.x + a.split_offset, kvh = blockIdx.y, seq = blockIdx.z;
   const int tid = threadIdx.x, team = tid / kLanes, lane = tid % kLanes;
   const int num_kv_heads = gridDim.y;
+  GridDepWait();  // qprep
   if (tid < 64) s_tables[tid] = fp.tables[tid];
   if (tid < G) {
     s_m[tid] = -INFINITY;
@@ -283,7 +348,8 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   float q[G][8], acc[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    const float* qp = a.qprep + (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + g) * D + 8 * lane;
+    const float* qp =
+        a.qprep + (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + g) * D + 8 * lane;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       q[g][i] = qp[i];
@@ -292,8 +358,9 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   }
   float key_scale = 1.f, value_scale = 1.f;
   if constexpr (KIND == kKindFp8) {
-    key_scale = a.head_scales[(static_cast<size_t>(seq) * num_kv_heads + kvh) * 2];
-    value_scale = a.head_scales[(static_cast<size_t>(seq) * num_kv_heads + kvh) * 2 + 1];
+    const float* hs = a.head_scales + (StateSlot(a, seq) * num_kv_heads + kvh) * 2;
+    key_scale = hs[0];
+    value_scale = hs[1];
   }
   const SoftmaxState st{s_scores, s_m, s_l, s_alpha};
   __syncthreads();
@@ -341,10 +408,9 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
     // The fp16 residual window, staged as fp16 records [k | v] (4 D bytes per token).
     const int r = a.residual_lens[seq];
     const int tile_tokens = a.residual_tile_tokens;
-    const uint8_t* rk = reinterpret_cast<const uint8_t*>(
-        a.residual_k + (static_cast<size_t>(seq) * num_kv_heads + kvh) * a.residual_capacity * D);
-    const uint8_t* rv = reinterpret_cast<const uint8_t*>(
-        a.residual_v + (static_cast<size_t>(seq) * num_kv_heads + kvh) * a.residual_capacity * D);
+    const size_t window = (StateSlot(a, seq) * num_kv_heads + kvh) * a.residual_capacity * D;
+    const uint8_t* rk = reinterpret_cast<const uint8_t*>(a.residual_k + window);
+    const uint8_t* rv = reinterpret_cast<const uint8_t*>(a.residual_v + window);
     FormatParams half_fp = fp;
     half_fp.record_bytes = 4 * D;
     half_fp.key_bytes = 2 * D;
@@ -353,7 +419,8 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
       const int ntok = min(tile_tokens, r - t0);
       __syncthreads();
       for (int c = tid; c < ntok * 2 * kRowChunks; c += kThreads) {
-        const int tok = c / (2 * kRowChunks), part = (c / kRowChunks) % 2, off = (c % kRowChunks) * 16;
+        const int tok = c / (2 * kRowChunks), part = (c / kRowChunks) % 2,
+                  off = (c % kRowChunks) * 16;
         const uint8_t* src = (part ? rv : rk) + static_cast<size_t>(t0 + tok) * 2 * D + off;
         *reinterpret_cast<uint4*>(smem + tok * 4 * D + part * 2 * D + off) =
             *reinterpret_cast<const uint4*>(src);
@@ -362,6 +429,7 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
       ComputeTile<kKindFp16, D, G>(smem, ntok, half_fp, s_tables, 1.f, q, acc, st);
     }
   }
+  GridDepLaunch();
   __syncthreads();
   // Sum the teams' partial accumulators; write this split's (acc, m, l).
   float* red = reinterpret_cast<float*>(smem);
@@ -404,9 +472,10 @@ __device__ void Fwht(float* x, bool active, int c) {
 
 // grid [num_q_heads, num_seqs], D threads: qprep = (rotated) q * scale * log2(e).
 template <int D>
-__global__ void PrepareQueryKernel(const float* q, float* qprep, const float* signs, int num_q_heads,
-                                   float scale) {
+__global__ void PrepareQueryKernel(const float* q, float* qprep, const float* signs,
+                                   int num_q_heads, float scale) {
   __shared__ float x[D];
+  GridDepLaunch();  // the split kernel may start its loads; it waits for qprep itself
   const size_t row = static_cast<size_t>(blockIdx.y) * num_q_heads + blockIdx.x;
   const int c = threadIdx.x;
   float v = q[row * D + c];
@@ -443,14 +512,15 @@ __device__ float BlockReduce(float v, float* scratch) {
 // D threads sums every kReduceParts-th split for its channel (many loads in flight), and the
 // groups are added. total_splits <= kMaxReduceSplits.
 template <int D>
-__global__ void __launch_bounds__(kReduceParts * D) ReduceSplitsKernel(
-    const float* part_acc, const float* part_ml, float* out, const float* signs, int num_q_heads,
-    int num_kv_heads, int total_splits) {
+__global__ void __launch_bounds__(kReduceParts* D)
+    ReduceSplitsKernel(const float* part_acc, const float* part_ml, float* out, const float* signs,
+                       int num_q_heads, int num_kv_heads, int total_splits) {
   __shared__ float s_w[kMaxReduceSplits];
   __shared__ float s_num[kReduceParts][D];
   __shared__ float scratch[kReduceParts * D / 32];
   const int qh = blockIdx.x, seq = blockIdx.y, tid = threadIdx.x;
   const int group = num_q_heads / num_kv_heads, kvh = qh / group, g = qh % group;
+  GridDepWait();  // the split kernels' partials
   const size_t base = (static_cast<size_t>(seq) * num_kv_heads + kvh) * total_splits;
   float m = -INFINITY;
   for (int s = tid; s < total_splits; s += kReduceParts * D) {
@@ -489,11 +559,29 @@ __global__ void __launch_bounds__(kReduceParts * D) ReduceSplitsKernel(
   if (part == 0) out[(static_cast<size_t>(seq) * num_q_heads + qh) * D + c] = v;
 }
 
+// Launches kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent of the
+// stream's previous kernel (see GridDepWait).
+template <class... Params, class... Args>
+cudaError_t LaunchDependent(void (*kernel)(Params...), dim3 grid, dim3 block, int smem_bytes,
+                            cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
 template <int KIND, int D, int G>
 cudaError_t LaunchSplit(const SplitArgs& a, const FormatParams& fp, dim3 grid, int smem_bytes,
                         cudaStream_t stream) {
-  DecodeSplitKernel<KIND, D, G><<<grid, kThreads, smem_bytes, stream>>>(a, fp);
-  return cudaGetLastError();
+  return LaunchDependent(DecodeSplitKernel<KIND, D, G>, grid, dim3(kThreads), smem_bytes, stream, a,
+                         fp);
 }
 
 template <int KIND, int D, int G>
@@ -529,7 +617,8 @@ template <int KIND>
 cudaError_t DispatchD(bool setup, int d, int g, const SplitArgs& a, const FormatParams& fp,
                       dim3 grid, int smem_bytes, cudaStream_t stream, int* blocks_per_sm) {
   if (d == 64) return DispatchG<KIND, 64>(setup, g, a, fp, grid, smem_bytes, stream, blocks_per_sm);
-  if (d == 128) return DispatchG<KIND, 128>(setup, g, a, fp, grid, smem_bytes, stream, blocks_per_sm);
+  if (d == 128)
+    return DispatchG<KIND, 128>(setup, g, a, fp, grid, smem_bytes, stream, blocks_per_sm);
   return cudaErrorInvalidValue;
 }
 
@@ -552,14 +641,14 @@ cudaError_t Dispatch(bool setup, int kind, int d, int g, const SplitArgs& a, con
   return cudaErrorInvalidValue;
 }
 
-
-// ---- v2: tensor-core split kernel ---------------------------------------------------------------
+// ---- v2/v3: tensor-core split kernel------------------------------------------------------------
 //
 // DecodeMmaKernel<FMT, D>: grid [splits, kv_heads, seqs], 128 threads (4 warps); the GQA group
 // (G <= 8 query heads, zero-padded to 8) is the N dimension of mma.sync m16n8k16 (fp16 operands,
-// bf16 for bf16 storage; fp32 accumulate). Tiles (64 or 128 tokens, whole blocks) are staged with
-// cp.async, kStagesMma deep; each warp owns 16-token chunks of a tile and keeps its own online
-// softmax, so the only barrier is the pipeline's one per tile. Per chunk and warp:
+// bf16 for bf16 storage; fp32 accumulate). Tiles (64 or 128 tokens, whole blocks) arrive by bulk
+// copies (one per block segment, on one mbarrier per stage), kStagesMma deep; each warp owns
+// 16-token chunks of a tile and keeps its own online softmax, so the only barrier is the
+// pipeline's one per tile. Per chunk and warp:
 //   S^T[16 tok][8 heads] = K[16 tok][D] x Q^T      (D/16 mma; lane (g, t) holds the keys of
 //                                                   tokens g and g+8 on its KeyChannel list; the
 //                                                   k index is permuted, Q's fragment likewise)
@@ -571,7 +660,7 @@ cudaError_t Dispatch(bool setup, int kind, int d, int g, const SplitArgs& a, con
 //                                                   ValueChannel list)
 // Codes become fp16 in registers: fp8/int8 exactly (cvt / 0x64XX magic), KIVI as
 // code * scale + min (HFMA2; powers of two of the scale absorb the code's bit position),
-// TurboQuant centroids from a 16-entry fp16 table in shared memory (conflict-free).
+// TurboQuant centroids by prmt lookups in tables held in registers (TurboTable).
 // bf16: q and p are split into hi + lo bf16 parts (two mma each) so the result keeps fp32-level
 // accuracy. At the end the 4 warps' (m, l, O) merge through shared memory into the v1 partial
 // format (part_acc [G][D] unnormalised, part_ml (m, l)), so ReduceSplitsKernel is shared.
@@ -587,14 +676,19 @@ enum : int {
   kMmaTq25 = 23,  // d/4 at 3 bits + 3d/4 at 2
 };
 
+// Layout constants per format id. The family-specific ones are functions, so that an instance
+// of another family does not instantiate (and nvcc does not flag) them.
 template <int FMT>
 struct MmaFmt {
   static constexpr bool kKivi = FMT == kMmaKivi2 || FMT == kMmaKivi4;
   static constexpr bool kTurbo = FMT >= kMmaTq4 && FMT <= kMmaTq25;
-  static constexpr int kKiviBits = FMT == kMmaKivi2 ? 2 : 4;
-  static constexpr int kHiBits = FMT == kMmaTq3 || FMT == kMmaTq25 ? 3 : 4;
-  static constexpr int kLoBits = FMT == kMmaTq35 || FMT == kMmaTq3 ? 3 : FMT == kMmaTq25 ? 2 : 4;
-  static constexpr int kHiDiv = FMT == kMmaTq35 ? 2 : FMT == kMmaTq25 ? 4 : 1;  // hi = D / kHiDiv
+  static constexpr int KiviBits() { return FMT == kMmaKivi2 ? 2 : 4; }
+  static constexpr int HiBits() { return FMT == kMmaTq3 || FMT == kMmaTq25 ? 3 : 4; }
+  static constexpr int LoBits() {
+    return FMT == kMmaTq35 || FMT == kMmaTq3 ? 3 : FMT == kMmaTq25 ? 2 : 4;
+  }
+  // hi = D / kHiDiv channels at HiBits(), the rest at LoBits() (1: all channels, other formats)
+  static constexpr int kHiDiv = FMT == kMmaTq35 ? 2 : FMT == kMmaTq25 ? 4 : 1;
 };
 
 template <bool BF>
@@ -655,10 +749,10 @@ __device__ __forceinline__ uint32_t HalfFma2(uint32_t x, uint32_t y, uint32_t z)
 
 // 4 fp8 E4M3 (one word) -> 2 half2 (exact).
 __device__ __forceinline__ void Fp8x4ToHalf2(uint32_t w, uint32_t& lo, uint32_t& hi) {
-  const __half2_raw a = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xFFFFu),
-                                                   __NV_E4M3);
-  const __half2_raw b = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> 16),
-                                                   __NV_E4M3);
+  const __half2_raw a =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xFFFFu), __NV_E4M3);
+  const __half2_raw b =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w >> 16), __NV_E4M3);
   lo = static_cast<uint32_t>(a.x) | (static_cast<uint32_t>(a.y) << 16);
   hi = static_cast<uint32_t>(b.x) | (static_cast<uint32_t>(b.y) << 16);
 }
@@ -671,7 +765,8 @@ __device__ __forceinline__ void Int8x4ToHalf2(uint32_t w, uint32_t& lo, uint32_t
   hi = HalfSub2(__byte_perm(u, 0x64646464u, 0x4342), k1152);
 }
 
-// N little-endian words starting at p (2-byte aligned at least).
+// N little-endian words starting at p (2-byte aligned at least). Pointer arithmetic only (no
+// integer round trip), so that shared-memory pointers stay LDS and do not become generic loads.
 template <int N>
 __device__ __forceinline__ void LoadWords(const uint8_t* p, uint32_t (&w)[N]) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
@@ -680,7 +775,7 @@ __device__ __forceinline__ void LoadWords(const uint8_t* p, uint32_t (&w)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) w[i] = q[i];
   } else {
-    const uint32_t* q = reinterpret_cast<const uint32_t*>(a - 2);
+    const uint32_t* q = reinterpret_cast<const uint32_t*>(p - 2);
     uint32_t prev = q[0];
 #pragma unroll
     for (int i = 0; i < N; ++i) {
@@ -691,35 +786,126 @@ __device__ __forceinline__ void LoadWords(const uint8_t* p, uint32_t (&w)[N]) {
   }
 }
 
-// 64 bits of a packed code stream: bits [bit, bit + 64) after byte pointer p. Reads up to 11
-// bytes past p + bit / 8 (the shared buffers carry 16 bytes of slack).
-__device__ __forceinline__ uint64_t LoadBits64(const uint8_t* p, int bit) {
-  const uintptr_t addr = reinterpret_cast<uintptr_t>(p) + (bit >> 3);
-  const uint32_t* w = reinterpret_cast<const uint32_t*>(addr & ~uintptr_t{3});
-  const int sh = static_cast<int>(addr & 3) * 8 + (bit & 7);
-  const uint32_t w0 = w[0], w1 = w[1], w2 = w[2];
-  const uint32_t lo = __funnelshift_r(w0, w1, sh), hi = __funnelshift_r(w1, w2, sh);
-  return (static_cast<uint64_t>(hi) << 32) | lo;
+// ---- TurboQuant codes -> fp16 without table loads ----
+// A centroid table of up to 8 fp16 entries lives in 4 registers as byte planes (TurboTable: lo
+// bytes of entries 0-3, 4-7, hi bytes of 0-3, 4-7), so that one `prmt` looks up 4 codes' lo (or
+// hi) bytes with a selector of 4 nibbles, and two more interleave them into 2 half2. 4-bit codes
+// use the symmetric Lloyd-Max table (level[c] = -level[15 - c]): a 3-bit magnitude index into the
+// positive half and the sign from the code's top bit. 2- and 3-bit codes are first spread to one
+// nibble each. Codes come out in their stored order, pair j = codes (2j, 2j + 1).
+struct TurboTable {
+  uint32_t p[4];
+};
+
+// Table of `n` (<= 8) entries of `levels` as byte planes.
+__device__ __forceinline__ TurboTable MakeTurboTable(const float* levels, int n) {
+  TurboTable t{};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t h = i < n ? __half_as_ushort(__float2half_rn(levels[i])) : 0u;
+    t.p[i / 4] |= (h & 0xFFu) << (8 * (i % 4));
+    t.p[2 + i / 4] |= (h >> 8) << (8 * (i % 4));
+  }
+  return t;
 }
 
-// N codes of B bits starting at bit `bit` of p, as N/2 half2 of table[code] (fp16 table of 16
-// entries in shared memory: any pattern of lanes is conflict-free).
-template <int N, int B>
-__device__ __forceinline__ void TurboCodes(const uint8_t* p, int bit, const uint16_t* table,
-                                           uint32_t* out) {
-  constexpr int kPer = 64 / B;  // whole codes per 64-bit load
-  constexpr int kLoads = (N + kPer - 1) / kPer;
-  uint64_t chunk[kLoads];
-#pragma unroll
-  for (int i = 0; i < kLoads; ++i) chunk[i] = LoadBits64(p, bit + i * kPer * B);
-#pragma unroll
-  for (int j = 0; j < N; j += 2) {
-    const uint32_t c0 =
-        static_cast<uint32_t>(chunk[j / kPer] >> ((j % kPer) * B)) & ((1u << B) - 1);
-    const uint32_t c1 =
-        static_cast<uint32_t>(chunk[(j + 1) / kPer] >> (((j + 1) % kPer) * B)) & ((1u << B) - 1);
-    out[j / 2] = static_cast<uint32_t>(table[c0]) | (static_cast<uint32_t>(table[c1]) << 16);
+// NP (1, 2 or 4) half2 of table[nibble j of sel] for codes 0 .. 2 NP - 1 (bit 3 of every nibble
+// clear). kSigned: bit 7 of byte k of sign_lo (codes 0-3) / sign_hi (codes 4-7) flips code k's
+// sign.
+template <int NP, bool kSigned>
+__device__ __forceinline__ void TurboLookup(uint32_t sel, const TurboTable& tb, uint32_t sign_lo,
+                                            uint32_t sign_hi, uint32_t* out) {
+  uint32_t lo = __byte_perm(tb.p[0], tb.p[1], sel);
+  uint32_t hi = __byte_perm(tb.p[2], tb.p[3], sel);
+  if constexpr (kSigned) hi ^= sign_lo & 0x80808080u;
+  out[0] = __byte_perm(lo, hi, 0x5140);
+  if constexpr (NP >= 2) out[1] = __byte_perm(lo, hi, 0x7362);
+  if constexpr (NP == 4) {
+    const uint32_t sel_hi = sel >> 16;
+    lo = __byte_perm(tb.p[0], tb.p[1], sel_hi);
+    hi = __byte_perm(tb.p[2], tb.p[3], sel_hi);
+    if constexpr (kSigned) hi ^= sign_hi & 0x80808080u;
+    out[2] = __byte_perm(lo, hi, 0x5140);
+    out[3] = __byte_perm(lo, hi, 0x7362);
   }
+}
+
+// The 2 NP codes (NP = 1, 2 or 4) of B bits at the low end of x -> NP half2 of their centroids.
+template <int B, int NP>
+__device__ __forceinline__ void TurboDecode8(uint32_t x, const TurboTable& tb, uint32_t* out) {
+  if constexpr (B == 4) {
+    // c >= 8: +table[c - 8]; c < 8: -table[7 - c]. neg marks bit 3 of the nibbles with c < 8.
+    const uint32_t neg = ~x & 0x88888888u;
+    const uint32_t idx = (x ^ (neg - (neg >> 3))) & 0x77777777u;
+    // Bit 7 of byte k = neg bit of code k: codes 0, 2 from neg << 4, codes 1, 3 from neg.
+    const uint32_t neg4 = neg << 4;
+    TurboLookup<NP, true>(idx, tb, __byte_perm(neg, neg4, 0x1504), __byte_perm(neg, neg4, 0x3726),
+                          out);
+  } else {
+    uint32_t y;
+    if constexpr (B == 3) {  // 8 x 3 bits -> 8 nibbles
+      y = (x & 0xFFFu) | ((x << 4) & 0x0FFF0000u);
+      y = (y & 0x003F003Fu) | ((y << 2) & 0x3F003F00u);
+      y = (y & 0x07070707u) | ((y << 1) & 0x70707070u);
+    } else {  // 8 x 2 bits -> 8 nibbles
+      static_assert(B == 2, "TurboQuant codes of 2, 3 or 4 bits");
+      y = (x & 0xFFu) | ((x << 8) & 0x00FF0000u);
+      y = (y & 0x000F000Fu) | ((y << 4) & 0x0F000F00u);
+      y = (y & 0x03030303u) | ((y << 2) & 0x30303030u);
+    }
+    TurboLookup<NP, false>(y, tb, 0u, 0u, out);
+  }
+}
+
+// Where a lane's codes of one part start: 32-bit word index in the (4-byte aligned) record and
+// the bit shift inside it. Loop-invariant per lane.
+struct BitPos {
+  int word, shift;
+};
+__device__ __forceinline__ BitPos MakeBitPos(int bit) { return BitPos{bit >> 5, bit & 31}; }
+
+// Group K (8 codes, or the 2, 4 or 6 left) of the N codes held in 32-bit windows `win`, and the
+// groups after it, -> half2 pairs from out[4 K] on.
+template <int B, int N, int K = 0>
+__device__ __forceinline__ void TurboGroups(const uint32_t* win, const TurboTable& tb,
+                                            uint32_t* out) {
+  if constexpr (8 * K < N) {
+    constexpr int kWin = (N * B + 31) / 32, kBit = 8 * B * K, kWi = kBit / 32, kSh = kBit % 32;
+    uint32_t x;
+    if constexpr (kSh == 0) {
+      x = win[kWi];
+    } else if constexpr (kWi + 1 < kWin) {
+      x = __funnelshift_r(win[kWi], win[kWi + 1], kSh);
+    } else {
+      x = win[kWi] >> kSh;
+    }
+    constexpr int kLeft = N - 8 * K;
+    if constexpr (kLeft >= 8) {
+      TurboDecode8<B, 4>(x, tb, out + 4 * K);
+    } else if constexpr (kLeft == 6) {
+      TurboDecode8<B, 2>(x, tb, out + 4 * K);
+      TurboDecode8<B, 1>(x >> (4 * B), tb, out + 4 * K + 2);
+    } else {
+      TurboDecode8<B, kLeft / 2>(x, tb, out + 4 * K);
+    }
+    TurboGroups<B, N, K + 1>(win, tb, out);
+  }
+}
+
+// N codes (N even) of B bits at `pos` of the record words `rw` -> N/2 half2. Loads the covering
+// words (and one past the last: the shared buffers have slack), funnel-shifts them by the lane's
+// shift into windows, then takes 8-code groups at compile-time offsets.
+template <int B, int N>
+__device__ __forceinline__ void TurboCodes(const uint32_t* rw, BitPos pos, const TurboTable& tb,
+                                           uint32_t* out) {
+  constexpr int kWin = (N * B + 31) / 32;
+  uint32_t w[kWin + 1];
+#pragma unroll
+  for (int j = 0; j <= kWin; ++j) w[j] = rw[pos.word + j];
+  uint32_t win[kWin];
+#pragma unroll
+  for (int j = 0; j < kWin; ++j) win[j] = __funnelshift_r(w[j], w[j + 1], pos.shift);
+  TurboGroups<B, N>(win, tb, out);
 }
 
 // KIVI: N codes (N multiple of 8 for 4-bit, 16 for 2-bit) from `words`, as N/2 half2 of the raw
@@ -754,22 +940,22 @@ __device__ __forceinline__ int ChannelBytes() {
   return FMT == kKindFp16 || FMT == kKindBf16 ? 2 : 1;
 }
 
-// Channel of entry m of lane t's key list (KEY) or of lane g's value list.
+// Channel of entry m of lane t's key list (KEY) or of lane g's value list: the lane's share of
+// the hi channels [0, hi), then its share of [hi, D) (TurboQuant's split; other formats: hi = D,
+// one contiguous share).
 template <int FMT, int D, bool KEY>
 __device__ __forceinline__ int ListChannel(int lane_part, int m) {
   constexpr int kLanes = KEY ? 4 : 8;
-  if constexpr (MmaFmt<FMT>::kTurbo) {
-    constexpr int hi = D / MmaFmt<FMT>::kHiDiv, nhi = hi / kLanes, nlo = (D - hi) / kLanes;
-    return m < nhi ? lane_part * nhi + m : hi + lane_part * nlo + (m - nhi);
-  }
-  return lane_part * (D / kLanes) + m;
+  constexpr int hi = D / MmaFmt<FMT>::kHiDiv, nhi = hi / kLanes, nlo = (D - hi) / kLanes;
+  return m < nhi ? lane_part * nhi + m : hi + lane_part * nlo + (m - nhi);
 }
 
 // CH channels (the lane's list) of one key or value vector of a token -> CH/2 (b)f16x2.
 // rec: the vector's first byte (key: record; value: record + key_bytes). part: t or g.
 template <int FMT, int D, int CH, bool KEY>
 __device__ __forceinline__ void LoadList(const uint8_t* rec, int part, const FormatParams& fp,
-                                         const uint16_t* table, uint32_t (&h)[CH / 2]) {
+                                         uint32_t (&h)[CH / 2]) {
+  static_assert(!MmaFmt<FMT>::kTurbo, "TurboQuant lists: TurboList");
   const uint8_t* p = rec + part * CH * ChannelBytes<FMT>();
   if constexpr (FMT == kKindFp16 || FMT == kKindBf16) {
 #pragma unroll
@@ -801,7 +987,7 @@ __device__ __forceinline__ void LoadList(const uint8_t* rec, int part, const For
 #pragma unroll
     for (int j = 0; j < CH / 4; ++j) Int8x4ToHalf2(w[j], h[2 * j], h[2 * j + 1]);
   } else if constexpr (MmaFmt<FMT>::kKivi) {
-    constexpr int B = MmaFmt<FMT>::kKiviBits;
+    constexpr int B = MmaFmt<FMT>::KiviBits();
     uint32_t w[(CH * B + 31) / 32];
     const uint8_t* c = rec + part * CH * B / 8;
     if constexpr (CH * B >= 32) {
@@ -810,17 +996,37 @@ __device__ __forceinline__ void LoadList(const uint8_t* rec, int part, const For
       w[0] = *reinterpret_cast<const uint16_t*>(c);
     }
     KiviCodePairs<B, CH>(w, h);
-  } else {  // TurboQuant: hi part then lo part of the lane's list
-    using F = MmaFmt<FMT>;
-    constexpr int kLanes = KEY ? 4 : 8;
-    constexpr int hi = D / F::kHiDiv, nhi = hi / kLanes, nlo = (D - hi) / kLanes;
-    const uint16_t* tab = table + (KEY ? 0 : 32);
-    if constexpr (nhi > 0) TurboCodes<nhi, F::kHiBits>(rec, part * nhi * F::kHiBits, tab, h);
-    if constexpr (nlo > 0) {
-      TurboCodes<nlo, F::kLoBits>(rec, hi * F::kHiBits + part * nlo * F::kLoBits, tab + 16,
-                                  h + nhi / 2);
-    }
   }
+}
+
+// Where a lane's TurboQuant codes start in a record: its share of the hi-bit channels and of the
+// lo-bit channels of the key (KEY, lane part t of 4) or of the value (lane part g of 8).
+struct TurboLane {
+  BitPos hi, lo;
+};
+template <int FMT, int D, bool KEY>
+__device__ __forceinline__ TurboLane MakeTurboLane(int part, int key_bytes) {
+  using F = MmaFmt<FMT>;
+  constexpr int kLanes = KEY ? 4 : 8;
+  constexpr int hi = D / F::kHiDiv, nhi = hi / kLanes, nlo = (D - hi) / kLanes;
+  const int base = KEY ? 0 : 8 * key_bytes;
+  return TurboLane{MakeBitPos(base + part * nhi * F::HiBits()),
+                   MakeBitPos(base + hi * F::HiBits() + part * nlo * F::LoBits())};
+}
+
+// The lane's CH-entry list (hi part, then lo part) of a TurboQuant record (4-byte aligned) ->
+// CH/2 half2 of centroids.
+template <int FMT, int D, int CH, bool KEY>
+__device__ __forceinline__ void TurboList(const uint8_t* rec, const TurboLane& lane,
+                                          const TurboTable& hi_table, const TurboTable& lo_table,
+                                          uint32_t (&h)[CH / 2]) {
+  using F = MmaFmt<FMT>;
+  constexpr int kLanes = KEY ? 4 : 8;
+  constexpr int hi = D / F::kHiDiv, nhi = hi / kLanes, nlo = (D - hi) / kLanes;
+  static_assert(nhi + nlo == CH && nhi % 2 == 0 && nlo % 2 == 0, "TurboQuant lane split");
+  const uint32_t* rw = reinterpret_cast<const uint32_t*>(rec);
+  if constexpr (nhi > 0) TurboCodes<F::HiBits(), nhi>(rw, lane.hi, hi_table, h);
+  if constexpr (nlo > 0) TurboCodes<F::LoBits(), nlo>(rw, lane.lo, lo_table, h + nhi / 2);
 }
 
 // Per-token factor of a key / value vector (int8 scale, TurboQuant norm; 1 otherwise).
@@ -843,15 +1049,85 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
   constexpr int kValCh = D / 8;      // value channels per lane
   constexpr int kWarps = kThreads / 32;
   extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ uint16_t s_table[64];  // TurboQuant fp16 centroids: key hi, key lo, value hi, lo
+  __shared__ __align__(8) uint64_t s_full[kStagesMma];  // stage s holds its tile (bulk copies)
   const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int num_kv_heads = gridDim.y;
   const int rb = fp.record_bytes, kb = fp.key_bytes;
+  if (tid == 0) {
+#pragma unroll
+    for (int st = 0; st < kStagesMma; ++st) MbarInit(&s_full[st], 1);
+    MbarInitFence();
+  }
+  // TurboQuant: centroid tables in registers (key and value rates are equal, so are the tables;
+  // 4-bit: the 8 positive levels), and where this lane's codes start.
+  TurboTable tq_hi{}, tq_lo{};
+  TurboLane tq_key{}, tq_val{};
   if constexpr (F::kTurbo) {
-    if (tid < 64) s_table[tid] = __half_as_ushort(__float2half_rn(fp.tables[tid]));
+    tq_hi = MakeTurboTable(fp.tables + (F::HiBits() == 4 ? 8 : 0),
+                           F::HiBits() == 4 ? 8 : 1 << F::HiBits());
+    tq_lo = MakeTurboTable(fp.tables + 16 + (F::LoBits() == 4 ? 8 : 0),
+                           F::LoBits() == 4 ? 8 : 1 << F::LoBits());
+    tq_key = MakeTurboLane<FMT, D, true>(t, kb);
+    tq_val = MakeTurboLane<FMT, D, false>(g, kb);
   }
 
+  float acc[kValTiles][4];
+#pragma unroll
+  for (int i = 0; i < kValTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // heads 2t, 2t+1
+  float key_scale = 1.f, value_scale = 1.f;
+  if constexpr (FMT == kKindFp8) {
+    const float* hs = a.head_scales + (StateSlot(a, seq) * num_kv_heads + kvh) * 2;
+    key_scale = hs[0];
+    value_scale = hs[1];
+  }
+
+  const int enc = a.encoded_lens[seq];
+  const int bs = a.block_size;
+  const int seq_blocks = (enc + bs - 1) / bs;
+  const int b0 = split * a.blocks_per_split;
+  const int b1 = min(b0 + a.blocks_per_split, seq_blocks);
+  const int ntiles = b1 > b0 ? (b1 - b0 + a.tile_blocks - 1) / a.tile_blocks : 0;
+  const int seg_bytes = bs * rb;
+  const int stage_bytes = a.tile_blocks * seg_bytes;
+  const int tile_tokens = a.tile_blocks * bs;
+  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.max_blocks_per_seq;
+  // KIVI: key group of 2^lg_group tokens, cpt = D / group channels' metadata per record.
+  const int lg_group = F::kKivi ? __ffs(fp.kivi_group) - 1 : 0;
+  const int cpt = F::kKivi ? D >> lg_group : 1;
+  const int lg_cpt = __ffs(cpt) - 1;
+  const int kivi_meta_words = F::kKivi ? (tile_tokens >> lg_group) * D : 0;
+  uint32_t* kivi_meta = reinterpret_cast<uint32_t*>(smem + kStagesMma * stage_bytes + 16);
+  const int kivi_vgroup = F::kKivi ? (g * kValCh) >> lg_group : 0;  // value channel group
+  // Tiles arrive by bulk copies, one per block segment: lane b of warp 0 copies block b of a
+  // tile, lane 0 arms the stage's mbarrier with the tile's bytes. The block-table entries of the
+  // next tile to issue are loaded one tile ahead, so the issuing warp never waits on them.
+  const int64_t seg_offset = a.layer_offset_bytes + static_cast<int64_t>(kvh) * seg_bytes;
+  auto table_entry = [&](int tt) {
+    const int b = b0 + tt * a.tile_blocks + lane;
+    return tt < ntiles && lane < a.tile_blocks && b < b1 ? table[b] : 0;
+  };
+  auto issue_tile = [&](int tt, int entry) {
+    const int st = tt % kStagesMma;
+    const int nb = min(a.tile_blocks, b1 - (b0 + tt * a.tile_blocks));
+    if (lane == 0) MbarArriveExpectTx(&s_full[st], static_cast<uint32_t>(nb * seg_bytes));
+    if (lane < nb) {
+      BulkCopy(smem + st * stage_bytes + lane * seg_bytes,
+               a.pool + static_cast<int64_t>(entry) * a.block_stride_bytes + seg_offset,
+               static_cast<uint32_t>(seg_bytes), &s_full[st]);
+    }
+  };
+  __syncthreads();  // mbarriers initialized
+  int next_entry = 0;
+  if (warp == 0) {
+#pragma unroll
+    for (int st = 0; st < kStagesMma - 1; ++st) {
+      if (st < ntiles) issue_tile(st, table_entry(st));
+    }
+    next_entry = table_entry(kStagesMma - 1);
+  }
+  GridDepWait();  // qprep (PrepareQueryKernel); the first tiles are already on their way
   // Q fragments: head g (zero beyond G); pair j of k-step s = list entries 4s + 2j, 4s + 2j + 1.
   uint32_t qf[kKeySteps][2];
   uint32_t qf_lo[kBf ? kKeySteps : 1][2];
@@ -873,55 +1149,13 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
       }
     }
   }
-  float acc[kValTiles][4];
-#pragma unroll
-  for (int i = 0; i < kValTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // heads 2t, 2t+1
-  float key_scale = 1.f, value_scale = 1.f;
-  if constexpr (FMT == kKindFp8) {
-    key_scale = a.head_scales[(static_cast<size_t>(seq) * num_kv_heads + kvh) * 2];
-    value_scale = a.head_scales[(static_cast<size_t>(seq) * num_kv_heads + kvh) * 2 + 1];
-  }
-
-  const int enc = a.encoded_lens[seq];
-  const int bs = a.block_size;
-  const int seq_blocks = (enc + bs - 1) / bs;
-  const int b0 = split * a.blocks_per_split;
-  const int b1 = min(b0 + a.blocks_per_split, seq_blocks);
-  const int ntiles = b1 > b0 ? (b1 - b0 + a.tile_blocks - 1) / a.tile_blocks : 0;
-  const int seg_bytes = bs * rb;
-  const int stage_bytes = a.tile_blocks * seg_bytes;
-  const int tile_tokens = a.tile_blocks * bs;
-  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.max_blocks_per_seq;
-  // KIVI: key group of 2^lg_group tokens, cpt = D / group channels' metadata per record.
-  const int lg_group = F::kKivi ? __ffs(fp.kivi_group) - 1 : 0;
-  const int cpt = F::kKivi ? D >> lg_group : 1;
-  const int lg_cpt = __ffs(cpt) - 1;
-  const int kivi_meta_words = F::kKivi ? (tile_tokens >> lg_group) * D : 0;
-  uint32_t* kivi_meta = reinterpret_cast<uint32_t*>(smem + kStagesMma * stage_bytes + 16);
-  const int kivi_vgroup = F::kKivi ? (g * kValCh) >> lg_group : 0;  // value channel group
-  // One tile: block by block, 16 bytes per thread and step (no divisions on the issue path).
-  auto load_tile = [&](int tt) {
-    uint8_t* dst = smem + (tt % kStagesMma) * stage_bytes;
-    const int tb0 = b0 + tt * a.tile_blocks;
-    const int nb = min(a.tile_blocks, b1 - tb0);
-    for (int b = 0; b < nb; ++b) {
-      const uint8_t* src = a.pool + static_cast<int64_t>(table[tb0 + b]) * a.block_stride_bytes +
-                           a.layer_offset_bytes + static_cast<int64_t>(kvh) * seg_bytes;
-      uint8_t* d = dst + b * seg_bytes;
-      for (int off = tid * 16; off < seg_bytes; off += kThreads * 16) CpAsync16(d + off, src + off);
-    }
-  };
-#pragma unroll
-  for (int s = 0; s < kStagesMma - 1; ++s) {
-    if (s < ntiles) load_tile(s);
-    CpAsyncCommit();
-  }
   for (int tt = 0; tt < ntiles; ++tt) {
-    CpAsyncWait<kStagesMma - 2>();
-    __syncthreads();
-    if (tt + kStagesMma - 1 < ntiles) load_tile(tt + kStagesMma - 1);
-    CpAsyncCommit();
+    MbarWait(&s_full[tt % kStagesMma], static_cast<uint32_t>(tt / kStagesMma) & 1u);
+    __syncthreads();  // every warp is done with tile tt - 1, whose stage the next issue refills
+    if (warp == 0 && tt + kStagesMma - 1 < ntiles) {
+      issue_tile(tt + kStagesMma - 1, next_entry);
+      next_entry = table_entry(tt + kStagesMma);
+    }
     const uint8_t* tile = smem + (tt % kStagesMma) * stage_bytes;
     const int ntok = min(tile_tokens, enc - (b0 + tt * a.tile_blocks) * bs);
     if constexpr (F::kKivi) {
@@ -939,7 +1173,7 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
                                                                4 * ((c + 1) & (cpt - 1)));
         const float sc0 = __half2float(__ushort_as_half(static_cast<unsigned short>(w0 & 0xFFFF)));
         const float sc1 = __half2float(__ushort_as_half(static_cast<unsigned short>(w1 & 0xFFFF)));
-        meta[gi * D + pr] = KiviScale<F::kKiviBits>(sc0, sc1, pr);
+        meta[gi * D + pr] = KiviScale<F::KiviBits()>(sc0, sc1, pr);
         meta[gi * D + D / 2 + pr] = __byte_perm(w0, w1, 0x7632);
       }
       __syncthreads();
@@ -950,12 +1184,17 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
       uint32_t ka[kKeyCh / 2], kc[kKeyCh / 2];
       const uint8_t* rec_g = tile + (c0 + g) * rb;
       const uint8_t* rec_g8 = tile + (c0 + g + 8) * rb;
-      LoadList<FMT, D, kKeyCh, true>(rec_g, t, fp, s_table, ka);
-      LoadList<FMT, D, kKeyCh, true>(rec_g8, t, fp, s_table, kc);
+      if constexpr (F::kTurbo) {
+        TurboList<FMT, D, kKeyCh, true>(rec_g, tq_key, tq_hi, tq_lo, ka);
+        TurboList<FMT, D, kKeyCh, true>(rec_g8, tq_key, tq_hi, tq_lo, kc);
+      } else {
+        LoadList<FMT, D, kKeyCh, true>(rec_g, t, fp, ka);
+        LoadList<FMT, D, kKeyCh, true>(rec_g8, t, fp, kc);
+      }
       if constexpr (F::kKivi) {
         // code * scale' + min per channel pair, from the tile's staged group metadata.
-        const uint32_t* meta = kivi_meta + (tt & 1) * kivi_meta_words + (c0 >> lg_group) * D +
-                               t * (kKeyCh / 2);
+        const uint32_t* meta =
+            kivi_meta + (tt & 1) * kivi_meta_words + (c0 >> lg_group) * D + t * (kKeyCh / 2);
 #pragma unroll
         for (int q4 = 0; q4 < kKeyCh / 8; ++q4) {
           const uint4 sc = reinterpret_cast<const uint4*>(meta)[q4];
@@ -968,16 +1207,20 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
           }
         }
       }
-      float s[4] = {0.f, 0.f, 0.f, 0.f};
+      // Two accumulator chains (even / odd k-steps) halve the dependent mma latency.
+      float s[4] = {0.f, 0.f, 0.f, 0.f}, s_odd[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int st = 0; st < kKeySteps; ++st) {
-        Mma16816<kBf>(s, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf[st][0],
+        float(&sa)[4] = st % 2 ? s_odd : s;
+        Mma16816<kBf>(sa, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf[st][0],
                       qf[st][1]);
         if constexpr (kBf) {
-          Mma16816<kBf>(s, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf_lo[st][0],
+          Mma16816<kBf>(sa, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf_lo[st][0],
                         qf_lo[st][1]);
         }
       }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[i] += s_odd[i];
       if constexpr (FMT == kKindFp8) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[i] *= key_scale;
@@ -1021,33 +1264,36 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
       l0 += p0 + p2;
       l1 += p1 + p3;
       // ---- O^T += V^T P^T ----
+      // Rows past the end read the last valid token instead (finite data; its p is 0), which
+      // masks garbage without touching the decoded registers.
       const int tv[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
       uint32_t v[4][kValCh / 2];
       float vf[4];  // per-token value factor (0 for tokens past the end)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        const uint8_t* vec = tile + (c0 + tv[r]) * rb + kb;
-        LoadList<FMT, D, kValCh, false>(vec, g, fp, s_table, v[r]);
+        const bool valid = full || c0 + tv[r] < ntok;
+        const int row = full ? c0 + tv[r] : min(c0 + tv[r], ntok - 1);
+        const uint8_t* vec = tile + row * rb + kb;
+        if constexpr (F::kTurbo) {
+          TurboList<FMT, D, kValCh, false>(tile + row * rb, tq_val, tq_hi, tq_lo, v[r]);
+        } else {
+          LoadList<FMT, D, kValCh, false>(vec, g, fp, v[r]);
+        }
         if constexpr (F::kKivi) {
           const uint32_t w =
               *reinterpret_cast<const uint32_t*>(vec + fp.kivi_codes_bytes + 4 * kivi_vgroup);
           const float2 sm = __half22float2(*reinterpret_cast<const __half2*>(&w));
-          const uint32_t sc_even = KiviScale<F::kKiviBits>(sm.x, sm.x, 0);
-          const uint32_t sc_odd = KiviScale<F::kKiviBits>(sm.x, sm.x, 1);
+          const uint32_t sc_even = KiviScale<F::KiviBits()>(sm.x, sm.x, 0);
+          const uint32_t sc_odd = KiviScale<F::KiviBits()>(sm.x, sm.x, 1);
           const uint32_t mn = __byte_perm(w, w, 0x7632);
 #pragma unroll
           for (int j = 0; j < kValCh / 2; ++j) {
             v[r][j] = HalfFma2(v[r][j], (j % 2) ? sc_odd : sc_even, mn);
           }
         }
-        const bool valid = full || c0 + tv[r] < ntok;
         vf[r] = 1.f;
         if constexpr (FMT == kKindInt8 || F::kTurbo) {
           vf[r] = valid ? TokenFactor<FMT, D, false>(vec, fp) : 0.f;
-        }
-        if (!valid) {
-#pragma unroll
-          for (int j = 0; j < kValCh / 2; ++j) v[r][j] = 0u;
         }
       }
       uint32_t pb0, pb1, pb0_lo = 0, pb1_lo = 0;
@@ -1077,7 +1323,7 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
       }
     }
   }
-  CpAsyncWait<0>();
+  GridDepLaunch();
   // ---- merge the warps: (m, l, O) per head through shared memory ----
 #pragma unroll
   for (int off = 4; off < 32; off <<= 1) {
@@ -1086,7 +1332,7 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
   }
   __syncthreads();
   float* s_acc = reinterpret_cast<float*>(smem);  // [warps][8][D]
-  float* s_ml = s_acc + kWarps * 8 * D;            // [warps][8][2]
+  float* s_ml = s_acc + kWarps * 8 * D;           // [warps][8][2]
 #pragma unroll
   for (int i = 0; i < kValTiles; ++i) {
     const int ch0 = ListChannel<FMT, D, false>(g, 2 * i);
@@ -1139,8 +1385,8 @@ cudaError_t MmaOne(bool setup, const SplitArgs& a, const FormatParams& fp, int g
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, DecodeMmaKernel<FMT, D>,
                                                          kThreads, smem_bytes);
   }
-  DecodeMmaKernel<FMT, D><<<grid, kThreads, smem_bytes, stream>>>(a, fp, g);
-  return cudaGetLastError();
+  return LaunchDependent(DecodeMmaKernel<FMT, D>, grid, dim3(kThreads), smem_bytes, stream, a, fp,
+                         g);
 }
 
 template <int FMT>
@@ -1210,20 +1456,20 @@ cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a
     if (e == cudaSuccess && a.total_splits > a.num_splits) {  // KIVI residual: v1, last split
       SplitArgs r = a;
       r.split_offset = a.num_splits;
-      e = Dispatch(false, kind, d, g, r, fp, dim3(a.total_splits - a.num_splits, num_kv_heads,
-                                                  num_seqs),
-                   smem_v1_bytes, stream, nullptr);
+      e = Dispatch(false, kind, d, g, r, fp,
+                   dim3(a.total_splits - a.num_splits, num_kv_heads, num_seqs), smem_v1_bytes,
+                   stream, nullptr);
     }
   }
   if (e != cudaSuccess) return e;
+  const float* acc = a.part_acc;
+  const float* ml = a.part_ml;
   if (d == 64) {
-    ReduceSplitsKernel<64><<<rows, kReduceParts * 64, 0, stream>>>(
-        a.part_acc, a.part_ml, out, signs, a.num_q_heads, num_kv_heads, a.total_splits);
-  } else {
-    ReduceSplitsKernel<128><<<rows, kReduceParts * 128, 0, stream>>>(
-        a.part_acc, a.part_ml, out, signs, a.num_q_heads, num_kv_heads, a.total_splits);
+    return LaunchDependent(ReduceSplitsKernel<64>, rows, dim3(kReduceParts * 64), 0, stream, acc,
+                           ml, out, signs, a.num_q_heads, num_kv_heads, a.total_splits);
   }
-  return cudaGetLastError();
+  return LaunchDependent(ReduceSplitsKernel<128>, rows, dim3(kReduceParts * 128), 0, stream, acc,
+                         ml, out, signs, a.num_q_heads, num_kv_heads, a.total_splits);
 }
 
 }  // namespace kvgate::kernels::cuda::internal

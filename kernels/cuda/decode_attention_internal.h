@@ -26,8 +26,7 @@ struct FormatParams {
   int kivi_bits = 0, kivi_group = 0, kivi_codes_bytes = 0;
   // TurboQuant: channels [0, hi) at hi_bits, [hi, d) at lo_bits; fp16 norm after the codes.
   int tq_key_hi_channels = 0, tq_key_hi_bits = 0, tq_key_lo_bits = 0, tq_key_code_bytes = 0;
-  int tq_value_hi_channels = 0, tq_value_hi_bits = 0, tq_value_lo_bits = 0,
-      tq_value_code_bytes = 0;
+  int tq_value_hi_channels = 0, tq_value_hi_bits = 0, tq_value_lo_bits = 0, tq_value_code_bytes = 0;
   // Centroids: [0,16) key hi, [16,32) key lo, [32,48) value hi, [48,64) value lo.
   float tables[64] = {};
 };
@@ -45,9 +44,11 @@ struct SplitArgs {
   int residual_capacity = 0;
   int residual_tile_tokens = 0;
   const float* head_scales = nullptr;
-  float* qprep = nullptr;  // [seqs, q_heads, d]
-  float* part_acc = nullptr;     // [seqs, kv_heads, total_splits, G, d]
-  float* part_ml = nullptr;      // [seqs, kv_heads, total_splits, G, 2]
+  // Per-sequence state slot of batch entry s (head_scales, residual_k/v); nullptr: slot s.
+  const int32_t* seq_slots = nullptr;
+  float* qprep = nullptr;     // [seqs, q_heads, d]
+  float* part_acc = nullptr;  // [seqs, kv_heads, total_splits, G, d]
+  float* part_ml = nullptr;   // [seqs, kv_heads, total_splits, G, 2]
   int num_q_heads = 0;
   int block_size = 0;
   int tile_blocks = 0;

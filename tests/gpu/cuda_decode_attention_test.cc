@@ -1,7 +1,8 @@
 // CUDA decode attention (kvgate_kernels_cuda) against the CPU reference cache
 // (CpuKvCache::DecodeAttention) for every KV format: head_dim 64/128, GQA 1/4/8, ragged batches
 // whose lengths are not multiples of the block size (1, 17, 1000, 4097), forced split counts, and
-// long sequences, garbage in unused slots, and the layouts that take the v1 fallback kernel. Both
+// long sequences, garbage in unused slots, the layouts that take the v1 fallback kernel, and
+// per-sequence state at scattered slots (DecodeBatch::seq_slots). Both
 // sides read identical stored bytes (PackPagedKv encodes with the CPU codecs under the cache's
 // rules); the tensor-core kernel rounds q and p to fp16 (2^-11 relative each; bf16 splits them into
 // hi + lo parts), which measured 2.4e-4..6.7e-4 relative L2 (v1 and bf16: <= 4e-6), so the bound
@@ -24,10 +25,10 @@
 namespace kvgate::kernels::cuda {
 namespace {
 
-#define SKIP_WITHOUT_GPU()                                                     \
-  do {                                                                         \
-    absl::Status gpu = CudaDeviceStatus();                                     \
-    if (!gpu.ok()) GTEST_SKIP() << "no usable GPU: " << gpu.message();         \
+#define SKIP_WITHOUT_GPU()                                             \
+  do {                                                                 \
+    absl::Status gpu = CudaDeviceStatus();                             \
+    if (!gpu.ok()) GTEST_SKIP() << "no usable GPU: " << gpu.message(); \
   } while (0)
 
 #define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(expr)
@@ -47,18 +48,25 @@ struct Result {
   int splits = 0;
 };
 
+struct CaseOptions {
+  // The unused records after each sequence's last token in its last block are set to 0xFF bytes
+  // (NaN for fp16/bf16/fp8 and for int8 scales): kernels must mask them, not weight them by zero
+  // (0 * NaN = NaN).
+  bool poison_tail = false;
+  int kivi_group = 0;  // > 0: overrides the KIVI group size G of the parsed format
+  // Per-sequence state (FP8 head scales, KIVI residual window) at scattered slots of arrays twice
+  // the batch size plus one (DecodeBatch::seq_slots, entry s at slot 2 (n - 1 - s) + 1); the other
+  // slots hold NaN, so reading the wrong slot shows in the output.
+  bool slotted = false;
+};
+
 // Runs one batch through the CPU cache and the CUDA kernel; returns the worst relative L2 error.
-// kivi_group > 0 overrides the KIVI group size G of the parsed format.
-// poison_tail: the unused records after each sequence's last token in its last block are set to
-// 0xFF bytes (NaN for fp16/bf16/fp8 and for int8 scales): kernels must mask them, not weight them
-// by zero (0 * NaN = NaN).
 void RunCase(const std::string& format, int d, int ratio, const std::vector<int>& lens,
-             int forced_splits, uint64_t seed, Result* result, bool poison_tail = false,
-             int kivi_group = 0) {
+             int forced_splits, uint64_t seed, Result* result, CaseOptions opt = {}) {
   const int kv_heads = 2, q_heads = kv_heads * ratio, bs = 16;
   auto spec = ParseKvFormat(format);
   ASSERT_TRUE(spec.ok()) << spec.status();
-  if (kivi_group > 0) spec->group_size = kivi_group;
+  if (opt.kivi_group > 0) spec->group_size = opt.kivi_group;
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
   const int num_seqs = static_cast<int>(lens.size());
@@ -78,8 +86,12 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
     blocks += (lens[s] + bs - 1) / bs;
   }
   // CPU reference.
-  KvCacheConfig cfg{.num_layers = 1, .num_kv_heads = kv_heads, .head_dim = d, .block_size = bs,
-                    .num_blocks = blocks + 1, .format = *spec};
+  KvCacheConfig cfg{.num_layers = 1,
+                    .num_kv_heads = kv_heads,
+                    .head_dim = d,
+                    .block_size = bs,
+                    .num_blocks = blocks + 1,
+                    .format = *spec};
   auto cache = CreateCpuKvCache(cfg);
   ASSERT_TRUE(cache.ok()) << cache.status();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -95,7 +107,7 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
   // GPU.
   auto packed = PackPagedKv(*spec, d, kv_heads, bs, k, v, seed ^ 0x5eed);
   ASSERT_TRUE(packed.ok()) << packed.status();
-  if (poison_tail) {
+  if (opt.poison_tail) {
     for (int s = 0; s < num_seqs; ++s) {
       const int enc = packed->encoded_lens[s];
       if (enc % bs == 0) continue;
@@ -109,6 +121,29 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
       }
     }
   }
+  std::vector<int32_t> slots;
+  if (opt.slotted) {
+    const int num_slots = 2 * num_seqs + 1;
+    const float nan = std::nanf("");
+    std::vector<float> scales(size_t(num_slots) * kv_heads * 2, nan);
+    const size_t window = size_t(kv_heads) * packed->residual_capacity * d;
+    std::vector<uint16_t> rk(num_slots * window, 0x7FFF), rv(num_slots * window, 0x7FFF);  // NaN
+    for (int s = 0; s < num_seqs; ++s) {
+      const int slot = 2 * (num_seqs - 1 - s) + 1;
+      slots.push_back(slot);
+      if (!packed->head_scales.empty()) {
+        std::copy_n(packed->head_scales.begin() + size_t(s) * kv_heads * 2, kv_heads * 2,
+                    scales.begin() + size_t(slot) * kv_heads * 2);
+      }
+      if (window > 0) {
+        std::copy_n(packed->residual_k.begin() + s * window, window, rk.begin() + slot * window);
+        std::copy_n(packed->residual_v.begin() + s * window, window, rv.begin() + slot * window);
+      }
+    }
+    packed->head_scales = std::move(scales);
+    packed->residual_k = std::move(rk);
+    packed->residual_v = std::move(rv);
+  }
   auto attn = CudaDecodeAttention::Create(*spec, d, kv_heads, bs);
   ASSERT_TRUE(attn.ok()) << attn.status();
   (*attn)->set_forced_splits(forced_splits);
@@ -120,6 +155,7 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
   uint16_t* res_k = Upload(packed->residual_k);
   uint16_t* res_v = Upload(packed->residual_v);
   float* scales = Upload(packed->head_scales);
+  int32_t* dslots = Upload(slots);
   float* dq = Upload(q);
   float* dout = nullptr;
   CUDA_OK(cudaMalloc(&dout, q.size() * sizeof(float)));
@@ -138,6 +174,7 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
     b.residual_capacity = packed->residual_capacity;
   }
   b.head_scales = scales;
+  b.seq_slots = dslots;
   b.num_seqs = num_seqs;
   b.num_q_heads = q_heads;
   b.q = dq;
@@ -150,8 +187,8 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
   CUDA_OK(cudaMemcpy(got.data(), dout, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
   for (void* p : {static_cast<void*>(pool), static_cast<void*>(tables), static_cast<void*>(enc),
                   static_cast<void*>(res_lens), static_cast<void*>(res_k),
-                  static_cast<void*>(res_v), static_cast<void*>(scales), static_cast<void*>(dq),
-                  static_cast<void*>(dout)}) {
+                  static_cast<void*>(res_v), static_cast<void*>(scales), static_cast<void*>(dslots),
+                  static_cast<void*>(dq), static_cast<void*>(dout)}) {
     if (p) cudaFree(p);
   }
   result->splits = (*attn)->last_num_splits();
@@ -182,19 +219,20 @@ TEST_P(CudaDecodeTest, MatchesCpuReferenceOnRaggedBatch) {
               r.splits, r.max_rel_l2);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllFormats, CudaDecodeTest,
-    ::testing::Combine(::testing::Values("fp16", "bf16", "fp8", "int8", "kivi2", "kivi4", "tq4",
-                                         "tq3.5", "tq3", "tq2.5"),
-                       ::testing::Values(64, 128), ::testing::Values(1, 4, 8)),
-    [](const auto& info) {
-      std::string name = std::get<0>(info.param) + "_d" + std::to_string(std::get<1>(info.param)) +
-                         "_gqa" + std::to_string(std::get<2>(info.param));
-      for (char& c : name) {
-        if (c == '.') c = 'p';
-      }
-      return name;
-    });
+INSTANTIATE_TEST_SUITE_P(AllFormats, CudaDecodeTest,
+                         ::testing::Combine(::testing::Values("fp16", "bf16", "fp8", "int8",
+                                                              "kivi2", "kivi4", "tq4", "tq3.5",
+                                                              "tq3", "tq2.5"),
+                                            ::testing::Values(64, 128), ::testing::Values(1, 4, 8)),
+                         [](const auto& info) {
+                           std::string name = std::get<0>(info.param) + "_d" +
+                                              std::to_string(std::get<1>(info.param)) + "_gqa" +
+                                              std::to_string(std::get<2>(info.param));
+                           for (char& c : name) {
+                             if (c == '.') c = 'p';
+                           }
+                           return name;
+                         });
 
 // The split reduction: one split (no reduction work) and many splits must agree with the CPU.
 class CudaDecodeSplitTest : public ::testing::TestWithParam<std::tuple<std::string, int>> {};
@@ -254,7 +292,7 @@ TEST_P(CudaDecodePoisonTest, UnusedSlotsOfLastBlockAreMasked) {
   SKIP_WITHOUT_GPU();
   const std::string& format = GetParam();
   Result r;
-  RunCase(format, 128, 4, {1, 17, 1000, 205}, 0, 99, &r, /*poison_tail=*/true);
+  RunCase(format, 128, 4, {1, 17, 1000, 205}, 0, 99, &r, {.poison_tail = true});
   if (HasFatalFailure()) return;
   EXPECT_TRUE(r.all_finite) << format << ": NaN from unused slots";
   EXPECT_LT(r.max_rel_l2, kTolerance) << format;
@@ -288,11 +326,33 @@ TEST(CudaDecodeLayoutTest, MixedTurboRatesAndKiviGroupsMatchCpu) {
   for (int group : {8, 16, 64}) {
     for (const char* format : {"kivi2", "kivi4"}) {
       Result r;
-      RunCase(format, 128, 4, {17, 1000, 333}, 0, 11 + group, &r, false, group);
+      RunCase(format, 128, 4, {17, 1000, 333}, 0, 11 + group, &r, {.kivi_group = group});
       if (HasFatalFailure()) return;
       EXPECT_TRUE(r.all_finite) << format << " G=" << group;
       EXPECT_LT(r.max_rel_l2, kTolerance) << format << " G=" << group;
       std::printf("[ result ] %s G=%d rel_l2=%.3g\n", format, group, r.max_rel_l2);
+    }
+  }
+}
+
+// State slots (DecodeBatch::seq_slots): each batch entry reads its FP8 head scales and its KIVI
+// residual window from its own slot (the other slots hold NaN), in the tensor-core kernel, the v1
+// kernel (KIVI G=8) and KIVI's residual split, with one split and with many.
+TEST(CudaDecodeSlotTest, ScatteredStateSlotsMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  for (const char* format : {"fp8", "kivi2", "kivi4"}) {
+    for (int group : {0, 8}) {
+      if (group == 8 && std::string(format) == "fp8") continue;
+      for (int splits : {0, 1}) {
+        Result r;
+        RunCase(format, 128, 4, {1, 17, 1000, 333, 200}, splits, 31 + group + splits, &r,
+                {.kivi_group = group, .slotted = true});
+        if (HasFatalFailure()) return;
+        EXPECT_TRUE(r.all_finite) << format << " G=" << group << ": read a wrong slot";
+        EXPECT_LT(r.max_rel_l2, kTolerance) << format << " G=" << group << " splits=" << splits;
+        std::printf("[ result ] %s slotted G=%d splits=%d rel_l2=%.3g\n", format, group, r.splits,
+                    r.max_rel_l2);
+      }
     }
   }
 }

@@ -28,13 +28,13 @@ using kvgate::kernels::KvFormatSpec;
 using kvgate::kernels::ParseKvFormat;
 using namespace kvgate::kernels::cuda;
 
-#define CHECK_CUDA(expr)                                                                    \
-  do {                                                                                      \
-    cudaError_t _e = (expr);                                                                \
-    if (_e != cudaSuccess) {                                                                \
+#define CHECK_CUDA(expr)                                                                         \
+  do {                                                                                           \
+    cudaError_t _e = (expr);                                                                     \
+    if (_e != cudaSuccess) {                                                                     \
       std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(_e)); \
-      std::exit(1);                                                                         \
-    }                                                                                       \
+      std::exit(1);                                                                              \
+    }                                                                                            \
   } while (0)
 
 struct Case {
@@ -117,7 +117,8 @@ void RunFormat(const std::string& format, const std::vector<std::string>& cases)
   }
   auto& attn = *attn_or;
   const int cap = tmpl->residual_capacity;
-  const int residual_r = spec->kind == kvgate::kernels::KvFormatKind::kKivi ? spec->residual_tokens : 0;
+  const int residual_r =
+      spec->kind == kvgate::kernels::KvFormatKind::kKivi ? spec->residual_tokens : 0;
   const int group = spec->group_size;
   for (const Case& c : kCases) {
     if (std::find(cases.begin(), cases.end(), c.name) == cases.end()) continue;
@@ -159,15 +160,18 @@ void RunFormat(const std::string& format, const std::vector<std::string>& cases)
     uint16_t *rk = nullptr, *rv = nullptr;
     if (cap > 0) {
       std::vector<uint16_t> host(size_t(rot) * c.batch * kKvHeads * cap * kHeadDim);
-      for (size_t i = 0; i < host.size(); ++i) host[i] = tmpl->residual_k[i % tmpl->residual_k.size()];
+      for (size_t i = 0; i < host.size(); ++i)
+        host[i] = tmpl->residual_k[i % tmpl->residual_k.size()];
       CHECK_CUDA(cudaMalloc(&rk, host.size() * 2));
       CHECK_CUDA(cudaMalloc(&rv, host.size() * 2));
       CHECK_CUDA(cudaMemcpy(rk, host.data(), host.size() * 2, cudaMemcpyHostToDevice));
-      for (size_t i = 0; i < host.size(); ++i) host[i] = tmpl->residual_v[i % tmpl->residual_v.size()];
+      for (size_t i = 0; i < host.size(); ++i)
+        host[i] = tmpl->residual_v[i % tmpl->residual_v.size()];
       CHECK_CUDA(cudaMemcpy(rv, host.data(), host.size() * 2, cudaMemcpyHostToDevice));
     }
     std::vector<float> scales(size_t(c.batch) * kKvHeads * 2);
-    for (size_t i = 0; i < scales.size(); ++i) scales[i] = tmpl->head_scales[i % tmpl->head_scales.size()];
+    for (size_t i = 0; i < scales.size(); ++i)
+      scales[i] = tmpl->head_scales[i % tmpl->head_scales.size()];
     float* d_scales = nullptr;
     CHECK_CUDA(cudaMalloc(&d_scales, scales.size() * 4));
     CHECK_CUDA(cudaMemcpy(d_scales, scales.data(), scales.size() * 4, cudaMemcpyHostToDevice));
@@ -231,14 +235,16 @@ void RunFormat(const std::string& format, const std::vector<std::string>& cases)
     }
     const float us = Median(per_call_us);
     std::printf("%s,%s,%d,%d,%.2f,%lld,%.1f,%d\n", format.c_str(), c.name, c.batch, c.context, us,
-                static_cast<long long>(bytes_call), bytes_call / (us * 1e3), attn->last_num_splits());
+                static_cast<long long>(bytes_call), bytes_call / (us * 1e3),
+                attn->last_num_splits());
     std::fflush(stdout);
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
     cudaStreamDestroy(stream);
-    for (void* p : {static_cast<void*>(pool), static_cast<void*>(tables), static_cast<void*>(d_enc),
-                    static_cast<void*>(d_res), static_cast<void*>(rk), static_cast<void*>(rv),
-                    static_cast<void*>(d_scales), static_cast<void*>(d_q), static_cast<void*>(d_out)}) {
+    for (void* p :
+         {static_cast<void*>(pool), static_cast<void*>(tables), static_cast<void*>(d_enc),
+          static_cast<void*>(d_res), static_cast<void*>(rk), static_cast<void*>(rv),
+          static_cast<void*>(d_scales), static_cast<void*>(d_q), static_cast<void*>(d_out)}) {
       if (p) cudaFree(p);
     }
   }

@@ -9,8 +9,8 @@
 // stream is a cudaStream_t passed as void* so that no CUDA header leaks to callers.
 //
 // Kernels: split-KV (each CTA one kv-head group x a range of blocks, all query heads of the group
-// so each KV byte is read once; 16-byte cp.async loads of whole block segments into shared memory,
-// fp32 online softmax), then a reduction kernel over the splits. TurboQuant scores codes against
+// so each KV byte is read once; whole block segments copied into shared memory by bulk copies,
+// fp32 online softmax), then a reduction kernel over the splits (docs/GPU_NOTES.md). TurboQuant scores codes against
 // the query rotated once per call and accumulates values in the rotated domain, un-rotating the
 // output once in the reduction.
 //
@@ -71,8 +71,9 @@ class CudaDecodeAttention {
                                                                      int block_size);
   virtual int record_bytes() const = 0;
   // Enqueues the attention on `stream` (cudaStream_t or nullptr). Grows an internal workspace on
-  // first use (that call synchronizes). InvalidArgumentError for bad shapes; InternalError with
-  // the CUDA error string when a launch fails.
+  // first use (that call synchronizes). InvalidArgumentError for bad shapes or a pool, block
+  // stride or layer offset that is not 16-byte aligned; InternalError with the CUDA error string
+  // when a launch fails.
   virtual absl::Status Run(const DecodeBatch& batch, void* stream) = 0;
   // Splits per (sequence, kv-head) the last Run used (for reports and tests).
   virtual int last_num_splits() const = 0;
