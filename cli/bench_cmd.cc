@@ -6,6 +6,8 @@
 //       [--contexts 32768,131072] [--decode-steps 8] [--warmup-steps 2]
 //       [--prefill-prompts 8] [--prefill-tokens 2048] [--prefill-chunk 512]
 //       [--gpu-memory-fraction 0.9] [--equal-batch N] [--max-batch N]
+//       [--mixed-batch 32] [--mixed-context 8192] [--mixed-prompt 2048] [--mixed-chunk 512]
+//       [--mixed-every 4] [--mixed-steps 48]   (--mixed-batch 0: no mixed trace)
 //
 // Per format:
 //   capacity: KV bytes per token (all layers) and the sequences of each context that fit: the
@@ -23,6 +25,13 @@
 //   prefill (workload 3): --prefill-prompts prompts of --prefill-tokens tokens through the real
 //     model, in chunks of --prefill-chunk tokens per prompt per step (chunked prefill: every
 //     chunk after the first attends to its cached prefix through the format).
+//   mixed trace (workload 4): --mixed-batch sequences decode at --mixed-context (synthetic
+//     prefix) while a prompt of --mixed-prompt tokens arrives every --mixed-every steps; each step
+//     runs every decode token plus at most one --mixed-chunk-token prefill chunk (oldest prompt
+//     first), as the engine's chunked prefill does, and a prompt whose prefill completes joins the
+//     decoding batch. Reports
+//     mean and p90 step time (the TPOT decoding sequences see under arrivals), decode and
+//     prefill tokens/s. The same load for every format.
 //   roofline: bytes one decode step must move (the weights but the embedding, once, plus every
 //     stored KV byte of the batch) over the measured device-to-device copy bandwidth.
 // Each Forward includes its host work and the copy of the logits to the host (the engine samples
@@ -57,7 +66,9 @@ constexpr char kUsage[] =
     "usage: kvgate bench engine [--formats fp16,fp8,int8,kivi4,kivi2,tq4,tq3.5,tq2.5]\n"
     "    [--contexts 32768,131072] [--decode-steps 8] [--warmup-steps 2]\n"
     "    [--prefill-prompts 8] [--prefill-tokens 2048] [--prefill-chunk 512]\n"
-    "    [--gpu-memory-fraction 0.9] [--equal-batch N] [--max-batch N]\n";
+    "    [--gpu-memory-fraction 0.9] [--equal-batch N] [--max-batch N]\n"
+    "    [--mixed-batch 32] [--mixed-context 8192] [--mixed-prompt 2048] [--mixed-chunk 512]\n"
+    "    [--mixed-every 4] [--mixed-steps 48]\n";
 
 #ifdef KVGATE_CLI_HAVE_CUDA
 
@@ -81,6 +92,22 @@ struct BenchOptions {
   double gpu_memory_fraction = 0.9;
   int equal_batch = 0;  // 0: fp16's batch at each context
   int max_batch = 0;    // 0: no cap
+  // Mixed trace (0 sequences: off).
+  int mixed_batch = 32;
+  int64_t mixed_context = 8192;
+  int mixed_prompt = 2048;
+  int mixed_chunk = 512;
+  int mixed_every = 4;
+  int mixed_steps = 48;
+};
+
+struct MixedResult {
+  int steps = 0;
+  double mean_step_ms = 0;
+  double p90_step_ms = 0;
+  double decode_tokens_per_s = 0;
+  double prefill_tokens_per_s = 0;
+  int prompts_done = 0;
 };
 
 struct DecodeResult {
@@ -102,6 +129,7 @@ struct FormatResult {
   std::vector<DecodeResult> decode;
   double prefill_tokens_per_s = 0;
   double prefill_memory_gb = 0;
+  MixedResult mixed;
 };
 
 // Bytes of the matrices a decode step streams once: every layer's projections and lm_head (the
@@ -276,6 +304,96 @@ absl::Status RunPrefill(const worker::LlamaConfig& config, const std::string& fo
   return absl::OkStatus();
 }
 
+// Workload 4 (see the top of the file).
+absl::Status RunMixed(const worker::LlamaConfig& config, const std::string& format,
+                      const BenchOptions& opts, FormatResult& out) {
+  const int batch = opts.mixed_batch, prompt = opts.mixed_prompt;
+  const int arrivals = opts.mixed_steps / opts.mixed_every + 1;
+  const int max_sequences = batch + arrivals;
+  auto runner = MakeRunner(config, format, opts, max_sequences, batch + opts.mixed_chunk);
+  if (!runner.ok()) return runner.status();
+  ModelRunner& m = **runner;
+  const int vocab = config.vocab_size;
+  const int64_t filled = opts.mixed_context - opts.mixed_steps - 1;
+  if (filled <= 0) return absl::InvalidArgumentError("--mixed-context is shorter than the steps");
+  struct Live {
+    kernels::SeqId id;
+    int64_t prefilled = 0;  // prompt tokens computed (prompt: arriving; == prompt: decoding)
+    bool prompt_seq = false;
+    int32_t token = 0;
+  };
+  std::vector<Live> live;
+  for (int s = 0; s < batch; ++s) {
+    if (absl::Status st = m.kv_cache().AddSequence(s, opts.mixed_context); !st.ok()) return st;
+    if (absl::Status st = worker::AppendSyntheticKv(m, s, filled, 3000 + s); !st.ok()) return st;
+    live.push_back({.id = s, .prefilled = 0, .prompt_seq = false, .token = (s * 31) % vocab});
+  }
+  std::vector<int32_t> prompt_ids(prompt);
+  for (int i = 0; i < prompt; ++i) prompt_ids[i] = (i * 104729 + 17) % vocab;
+  std::vector<double> step_ms;
+  std::vector<float> logits;
+  int64_t decode_tokens = 0, prefill_tokens = 0;
+  kernels::SeqId next_id = batch;
+  double total_s = 0;
+  for (int step = 0; step < opts.mixed_steps; ++step) {
+    if (step % opts.mixed_every == 0) {
+      if (absl::Status st = m.kv_cache().AddSequence(next_id, prompt + opts.mixed_steps);
+          !st.ok()) {
+        return st;
+      }
+      live.push_back({.id = next_id++, .prefilled = 0, .prompt_seq = true, .token = 0});
+    }
+    std::vector<ForwardChunk> chunks;
+    std::vector<int32_t> tokens(live.size());
+    bool chunk_taken = false;
+    int64_t step_prefill = 0, step_decode = 0;
+    for (size_t i = 0; i < live.size(); ++i) {
+      Live& l = live[i];
+      const bool decoding = !l.prompt_seq || l.prefilled == prompt;
+      if (decoding) {
+        const int64_t length = m.kv_cache().Length(l.id, 0);
+        if (absl::Status st = m.kv_cache().Reserve(l.id, length + 1); !st.ok()) return st;
+        tokens[i] = l.token;
+        chunks.push_back({.seq = l.id, .tokens = std::span<const int32_t>(&tokens[i], 1)});
+        ++step_decode;
+      } else if (!chunk_taken) {
+        const int n = static_cast<int>(std::min<int64_t>(opts.mixed_chunk, prompt - l.prefilled));
+        chunks.push_back(
+            {.seq = l.id, .tokens = std::span<const int32_t>(prompt_ids.data() + l.prefilled, n)});
+        l.prefilled += n;
+        step_prefill += n;
+        chunk_taken = true;
+      }
+    }
+    logits.resize(chunks.size() * static_cast<size_t>(vocab));
+    const auto start = std::chrono::steady_clock::now();
+    if (absl::Status st = m.Forward(chunks, logits.data()); !st.ok()) return st;
+    const double seconds = Seconds(start);
+    total_s += seconds;
+    step_ms.push_back(seconds * 1e3);
+    decode_tokens += step_decode;
+    prefill_tokens += step_prefill;
+    for (Live& l : live) l.token = (l.token * 7 + 13) % vocab;
+    if (absl::Status st = CheckFinite(logits, format + " mixed"); !st.ok()) return st;
+  }
+  MixedResult& r = out.mixed;
+  r.steps = opts.mixed_steps;
+  std::vector<double> sorted = step_ms;
+  std::sort(sorted.begin(), sorted.end());
+  r.mean_step_ms = total_s * 1e3 / r.steps;
+  r.p90_step_ms = sorted[std::min<size_t>(sorted.size() - 1, sorted.size() * 9 / 10)];
+  r.decode_tokens_per_s = decode_tokens / total_s;
+  r.prefill_tokens_per_s = prefill_tokens / total_s;
+  for (const Live& l : live) r.prompts_done += l.prompt_seq && l.prefilled == prompt ? 1 : 0;
+  std::fprintf(stderr,
+               "[bench] %s mixed: %d decoding at %lld + a %d-token prompt every %d steps: "
+               "step %.2f ms (p90 %.2f), decode %.0f tok/s, prefill %.0f tok/s\n",
+               format.c_str(), batch, static_cast<long long>(opts.mixed_context), prompt,
+               opts.mixed_every, r.mean_step_ms, r.p90_step_ms, r.decode_tokens_per_s,
+               r.prefill_tokens_per_s);
+  return absl::OkStatus();
+}
+
 std::string ContextName(int64_t context) {
   return context % 1024 == 0 ? absl::StrCat(context / 1024, "K") : absl::StrCat(context);
 }
@@ -332,6 +450,20 @@ void PrintTables(const std::vector<FormatResult>& results, const BenchOptions& o
                   d.equal_step_ms);
     }
   }
+  if (opts.mixed_batch <= 0) return;
+  std::printf(
+      "\nMixed trace: %d sequences decoding at %s, a %d-token prompt arriving every %d steps "
+      "(prefilled %d tokens per step), %d steps:\n\n"
+      "| format | mean ms/step | p90 ms/step | decode tok/s | prefill tok/s | prompts done |\n"
+      "|---|---:|---:|---:|---:|---:|\n",
+      opts.mixed_batch, ContextName(opts.mixed_context).c_str(), opts.mixed_prompt,
+      opts.mixed_every, opts.mixed_chunk, opts.mixed_steps);
+  for (const FormatResult& r : results) {
+    if (r.mixed.steps == 0) continue;
+    std::printf("| %s | %.2f | %.2f | %.0f | %.0f | %d |\n", r.format.c_str(), r.mixed.mean_step_ms,
+                r.mixed.p90_step_ms, r.mixed.decode_tokens_per_s, r.mixed.prefill_tokens_per_s,
+                r.mixed.prompts_done);
+  }
 }
 
 // Capacity, decode at every context and prefill for one format.
@@ -356,7 +488,10 @@ absl::Status BenchFormat(const worker::LlamaConfig& config, const std::string& f
     if (format == "fp16") fp16_batch[context] = decode->batch;
     result.decode.push_back(*decode);
   }
-  if (opts.prefill_prompts > 0) return RunPrefill(config, format, opts, result);
+  if (opts.prefill_prompts > 0) {
+    if (absl::Status st = RunPrefill(config, format, opts, result); !st.ok()) return st;
+  }
+  if (opts.mixed_batch > 0) return RunMixed(config, format, opts, result);
   return absl::OkStatus();
 }
 
@@ -384,12 +519,21 @@ int RunEngineBench(Args& args) {
   opts.gpu_memory_fraction = args.GetDouble("gpu-memory-fraction", opts.gpu_memory_fraction);
   opts.equal_batch = static_cast<int>(args.GetInt("equal-batch", 0));
   opts.max_batch = static_cast<int>(args.GetInt("max-batch", 0));
+  opts.mixed_batch = static_cast<int>(args.GetInt("mixed-batch", opts.mixed_batch));
+  opts.mixed_context = args.GetInt("mixed-context", opts.mixed_context);
+  opts.mixed_prompt = static_cast<int>(args.GetInt("mixed-prompt", opts.mixed_prompt));
+  opts.mixed_chunk = static_cast<int>(args.GetInt("mixed-chunk", opts.mixed_chunk));
+  opts.mixed_every = static_cast<int>(args.GetInt("mixed-every", opts.mixed_every));
+  opts.mixed_steps = static_cast<int>(args.GetInt("mixed-steps", opts.mixed_steps));
   if (!args.ok()) {
     std::fprintf(stderr, "kvgate bench engine: %s\n%s", args.error().c_str(), kUsage);
     return 2;
   }
   if (opts.formats.empty() || opts.decode_steps <= 0 || opts.warmup_steps < 0 ||
-      opts.prefill_prompts < 0 || opts.prefill_tokens <= 0 || opts.prefill_chunk <= 0) {
+      opts.prefill_prompts < 0 || opts.prefill_tokens <= 0 || opts.prefill_chunk <= 0 ||
+      opts.mixed_batch < 0 ||
+      (opts.mixed_batch > 0 && (opts.mixed_prompt <= 0 || opts.mixed_chunk <= 0 ||
+                                opts.mixed_every <= 0 || opts.mixed_steps <= 0))) {
     std::fprintf(stderr,
                  "kvgate bench engine: formats must be non-empty, steps and token "
                  "counts positive\n%s",
@@ -457,7 +601,9 @@ int RunEngineBench(Args& args) {
 int RunBench(int argc, char** argv) {
   Args args(argc, argv,
             {"formats", "contexts", "decode-steps", "warmup-steps", "prefill-prompts",
-             "prefill-tokens", "prefill-chunk", "gpu-memory-fraction", "equal-batch", "max-batch"},
+             "prefill-tokens", "prefill-chunk", "gpu-memory-fraction", "equal-batch", "max-batch",
+             "mixed-batch", "mixed-context", "mixed-prompt", "mixed-chunk", "mixed-every",
+             "mixed-steps"},
             {});
   if (args.help()) {
     std::fprintf(stdout, "%s", kUsage);
