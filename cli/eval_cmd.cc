@@ -22,6 +22,9 @@
 #include "kvgate/common/tokenizer.h"
 #include "workers/eval/quality_eval.h"
 #include "workers/eval/quality_table.h"
+#ifdef KVGATE_CLI_HAVE_CUDA
+#include "workers/backend/cuda/cuda_model_runner.h"
+#endif
 
 namespace kvgate::cli {
 namespace {
@@ -38,6 +41,23 @@ std::vector<std::string> SplitEvictions(const std::string& text) {
       out.push_back(p);
     } else {
       out.back() += "," + p;
+    }
+  }
+  return out;
+}
+
+// Splits --formats on commas, keeping TurboQuant's own parameters with their format:
+// "fp16,tq:k=4,v=4,r=0,kivi2" -> fp16 | tq:k=4,v=4,r=0 | kivi2.
+std::vector<std::string> SplitFormats(const std::string& text) {
+  std::vector<std::string> out;
+  for (absl::string_view piece : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    const std::string p(piece);
+    const bool tq_param = p == "qjl" || p.rfind("k=", 0) == 0 || p.rfind("v=", 0) == 0 ||
+                          p.rfind("r=", 0) == 0;
+    if (!out.empty() && tq_param && out.back().rfind("tq:", 0) == 0) {
+      out.back() += "," + p;
+    } else {
+      out.push_back(p);
     }
   }
   return out;
@@ -73,7 +93,7 @@ void PrintTable(const eval::QualityTable& table, const std::vector<int>& context
 int RunEval(int argc, char** argv) {
   Args args(argc, argv,
             {"model", "data", "formats", "evict", "evict-format", "contexts", "windows",
-             "score-tokens", "probes", "threads", "seed", "out"},
+             "score-tokens", "probes", "threads", "seed", "out", "backend"},
             {"rerun", "quiet"});
   if (args.help() || !args.ok() || args.Get("model").empty()) {
     if (!args.ok()) std::fprintf(stderr, "kvgate eval: %s\n", args.error().c_str());
@@ -82,7 +102,8 @@ int RunEval(int argc, char** argv) {
         "usage: kvgate eval --model DIR [--data FILE|DIR] [--formats %s]\n"
         "         [--evict 'h2o:heavy=0.1,recent=0.1,sink:sinks=4,window=256'] [--evict-format fp16]\n"
         "         [--contexts 512,1024,2048] [--windows 8] [--score-tokens 64] [--probes 8]\n"
-        "         [--threads N] [--seed 1] [--out DIR/quality.yaml] [--rerun] [--quiet]\n"
+        "         [--threads N] [--seed 1] [--out DIR/quality.yaml] [--backend cpu|cuda]\n"
+        "         [--rerun] [--quiet]\n"
         "Measures perplexity (and its ratio to fp16), KL divergence and top-1 agreement with\n"
         "fp16, and retrieval of early context, for each KV setting at each context length.\n"
         "--data: {\"files\":[{\"ids\":[...]}]} JSON or a folder of text files (default\n"
@@ -98,6 +119,21 @@ int RunEval(int argc, char** argv) {
   opts.probes = static_cast<int>(args.GetInt("probes", 8));
   opts.num_threads = static_cast<int>(args.GetInt("threads", 0));
   opts.seed = static_cast<uint64_t>(args.GetInt("seed", 1));
+  const std::string backend = args.Get("backend", "cpu");
+  if (backend == "cuda") {
+#ifdef KVGATE_CLI_HAVE_CUDA
+    opts.make_runner = [](const worker::RunnerOptions& runner_options) {
+      return worker::CreateCudaModelRunner(runner_options);
+    };
+#else
+    std::fprintf(stderr, "kvgate eval: --backend cuda: this kvgate was built without CUDA\n");
+    return 2;
+#endif
+  } else if (backend != "cpu") {
+    std::fprintf(stderr, "kvgate eval: --backend must be cpu or cuda (got '%s')\n",
+                 backend.c_str());
+    return 2;
+  }
   std::vector<int> contexts;
   for (absl::string_view c : absl::StrSplit(args.Get("contexts", "512,1024,2048"), ',',
                                             absl::SkipEmpty())) {
@@ -114,9 +150,8 @@ int RunEval(int argc, char** argv) {
   }
 
   std::vector<eval::EvalSetting> settings;
-  for (absl::string_view f : absl::StrSplit(args.Get("formats", kDefaultFormats), ',',
-                                            absl::SkipEmpty())) {
-    auto s = eval::ParseEvalSetting(std::string(f));
+  for (const std::string& f : SplitFormats(args.Get("formats", kDefaultFormats))) {
+    auto s = eval::ParseEvalSetting(f);
     if (!s.ok()) {
       std::fprintf(stderr, "kvgate eval: %s\n", std::string(s.status().message()).c_str());
       return 2;
@@ -162,6 +197,7 @@ int RunEval(int argc, char** argv) {
   table.model = model;
   table.meta["date"] = Today();
   table.meta["machine"] = Machine();
+  table.meta["backend"] = backend;
   table.meta["options"] =
       absl::StrFormat("windows=%d score_tokens=%d probes=%d seed=%d", opts.windows,
                       opts.score_tokens, opts.probes, static_cast<int>(opts.seed));

@@ -217,7 +217,8 @@ class QualityEvaluatorImpl final : public QualityEvaluator {
     opts.kv_block_size = 16;
     opts.kv_num_blocks = (context + 1 + 15) / 16 + 2;
     opts.num_threads = options_.num_threads;
-    auto runner = worker::CreateCpuModelRunner(opts);
+    auto runner = options_.make_runner ? options_.make_runner(opts)
+                                       : worker::CreateCpuModelRunner(opts);
     if (!runner.ok()) {
       return absl::Status(runner.status().code(),
                           absl::StrCat("setting ", name, ": ", runner.status().message()));

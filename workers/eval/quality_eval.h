@@ -32,6 +32,7 @@
 #include "absl/status/statusor.h"
 #include "kvgate/common/tokenizer.h"
 #include "kvgate/kernels/kv_format.h"
+#include "workers/backend/model_runner.h"
 
 namespace kvgate::eval {
 
@@ -60,6 +61,10 @@ struct QualityOptions {
   int probes = 8;         // retrieval probes per context
   int num_threads = 0;    // runner threads (0: hardware concurrency)
   uint64_t seed = 1;      // retrieval probe names and values
+  // Makes the runner of each (setting, context); empty: the CPU runner. The options it gets name
+  // the model, the setting's format and a pool just large enough for the context.
+  std::function<absl::StatusOr<std::unique_ptr<worker::ModelRunner>>(const worker::RunnerOptions&)>
+      make_runner;
 };
 
 struct QualityEntry {

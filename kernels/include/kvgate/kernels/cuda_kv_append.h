@@ -16,8 +16,17 @@
 //     the token counts alone: see KiviCounts below) and passes them in.
 // Per-sequence state arrays are indexed by a SLOT: seq_slots[s] for batch entry s (nullptr: slot =
 // s), so a runner can keep state for its sequences at fixed slots and batch any subset of them.
+// The slots of one batch must be distinct.
 //
 // Every pointer in the batches is a DEVICE pointer; streams are cudaStream_t passed as void*.
+// Append and Read only enqueue (no host synchronization, no allocation). The records are the CPU
+// codec's bytes exactly (tests/gpu/cuda_kv_append_test.cc compares them): the kernels repeat the
+// CPU's float operations in its order, TurboQuant's norms and Walsh-Hadamard transform included.
+// While one Append runs, an FP8 scale being chosen transiently holds -amax (sign bit set); work
+// ordered after the Append on its stream sees the final scale.
+//
+// Supported: head_dim 64, 128, 256; any block_size; every format of kernels/cpu except
+// TurboQuant with QJL keys and eviction (UnimplementedError); KIVI needs 8 | G and R > 0.
 //
 //   ASSIGN_OR_RETURN(auto append, CudaKvAppend::Create(spec, /*head_dim=*/128, /*kv_heads=*/8, 16));
 //   AppendBatch a{.pool = d_pool, ...};
@@ -45,7 +54,8 @@ KiviCounts SplitStoredTokens(const KvFormatSpec& spec, int64_t stored);
 
 // One append call: for one layer, rows of several sequences. Sequence s (batch entry) owns rows
 // [row_begin[s], row_begin[s + 1]) of k / v, which follow the `stored_before[s]` tokens it already
-// holds for this layer (encoded + residual).
+// holds for this layer (encoded + residual). At most 65535 sequences per call. A token whose
+// block-table entry is missing (beyond max_blocks_per_seq, or negative) is not written.
 struct AppendBatch {
   uint8_t* pool = nullptr;                // block pool base (written)
   int64_t block_stride_bytes = 0;         // bytes of one pool block (all layers)
@@ -57,7 +67,7 @@ struct AppendBatch {
   const int32_t* row_begin = nullptr;      // [num_seqs + 1]
   const int32_t* stored_before = nullptr;  // [num_seqs] tokens held before this call
   int num_rows = 0;                        // row_begin[num_seqs] (host value)
-  int max_rows_per_seq = 0;                // host value: max over s of its row count
+  int max_rows_per_seq = 0;                // host value: >= every sequence's row count
   // k, v: row r, kv-head h at k[r * row_stride + h * head_dim] (float32, post-RoPE). row_stride
   // lets the caller pass slices of a fused qkv buffer.
   const float* k = nullptr;
@@ -65,7 +75,8 @@ struct AppendBatch {
   int64_t row_stride = 0;
   // FP8 only: [slots, kv_heads, 2] (read and, while 0, chosen).
   float* head_scales = nullptr;
-  // KIVI only: [slots, kv_heads, residual_capacity, head_dim] fp16 (read and written).
+  // KIVI only: [slots, kv_heads, residual_capacity, head_dim] fp16 (read and written), 16-byte
+  // aligned.
   uint16_t* residual_k = nullptr;
   uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
@@ -84,8 +95,9 @@ struct ReadBatch {
   int max_blocks_per_seq = 0;
   int num_seqs = 0;
   const int32_t* seq_slots = nullptr;  // nullptr: slot = s
-  const int32_t* lens = nullptr;       // [num_seqs] tokens to read (= stored)
-  int max_len = 0;                     // host value
+  const int32_t* lens = nullptr;       // [num_seqs] tokens to read (= stored: KIVI's split
+                                       // between blocks and window follows from it)
+  int max_len = 0;                     // host value: >= every lens[s]
   const float* head_scales = nullptr;  // FP8
   const uint16_t* residual_k = nullptr;  // KIVI (as in AppendBatch)
   const uint16_t* residual_v = nullptr;
