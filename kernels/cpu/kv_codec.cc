@@ -817,8 +817,16 @@ absl::StatusOr<std::unique_ptr<KvCodec>> CreateKvCodec(const KvFormatSpec& spec,
             absl::StrFormat("KIVI supports 2 or 4 bits for keys and values alike (got k=%g v=%g)",
                             spec.key_bits, spec.value_bits));
       }
-      if (group <= 0 || head_dim % group != 0 || spec.residual_tokens < 0 ||
-          spec.residual_tokens % group != 0) {
+      // R = 0 would leave no window to gather whole key groups in: the cache would encode each
+      // append's rows directly, in groups that run past the end of a call that is not a multiple
+      // of G.
+      if (spec.residual_tokens <= 0) {
+        return absl::UnimplementedError(absl::StrFormat(
+            "KIVI needs an fp16 residual window of R > 0 tokens to gather its key groups of G "
+            "tokens in (got R=%d, G=%d)",
+            spec.residual_tokens, group));
+      }
+      if (group <= 0 || head_dim % group != 0 || spec.residual_tokens % group != 0) {
         return absl::UnimplementedError(
             absl::StrFormat("KIVI needs G | head_dim and G | R (G=%d, R=%d, head_dim=%d)", group,
                             spec.residual_tokens, head_dim));
