@@ -51,11 +51,24 @@ T* Grow(std::vector<T>& v, size_t n) {
 // Per-thread scratch: grows to the largest call seen, then decode allocates nothing.
 struct Scratch {
   std::vector<const uint8_t*> records;
-  std::vector<float> keys, values, scores, prepared, max, sum, acc, row;
+  std::vector<float> keys, values, scores, prepared, sink_prepared, shifted, max, sum, acc, row;
 };
 Scratch& ThreadScratch() {
   thread_local Scratch scratch;
   return scratch;
+}
+
+// out = q rotated by -delta RoPE positions (rotate-half layout: pairs (j, j + d/2) at angle
+// theta_j = inv_freq[j]): a post-RoPE query at position p becomes the same query at p - delta.
+void ShiftRope(const float* q, const std::vector<double>& inv_freq, int64_t delta, int d,
+               float* out) {
+  const int half = d / 2;
+  for (int j = 0; j < half; ++j) {
+    const double angle = -static_cast<double>(delta) * inv_freq[j];
+    const float c = static_cast<float>(std::cos(angle)), s = static_cast<float>(std::sin(angle));
+    out[j] = q[j] * c - q[j + half] * s;
+    out[j + half] = q[j + half] * c + q[j] * s;
+  }
 }
 
 // One online-softmax step for one query: scores s[count] (already scaled, count <=
@@ -132,7 +145,7 @@ class CpuKvCache final : public KvCache {
   const KvCodec& codec(int layer) const { return *layer_codec_[layer]; }
   int residual_capacity(int layer) const {
     const KvCodec& c = codec(layer);
-    return c.residual_tokens() > 0 ? c.residual_tokens() + c.key_group_tokens() : 0;
+    return c.residual_tokens() > 0 ? c.residual_tokens() + c.residual_flush_tokens() : 0;
   }
 
   uint8_t* Record(const Sequence& s, int layer, int head, int64_t slot) const {
@@ -158,10 +171,28 @@ class CpuKvCache final : public KvCache {
   // Calls fn(first_slot, count, scores, score_stride, values) over slots [0, end) of one head:
   // scores [num_queries][score_stride] (first `count` valid, multiplied by `scale`), values
   // [count, head_dim] (nullptr unless need_values; in the original basis if values_original).
+  // Slots [0, sink_slots) are scored against sink_prepared instead of prepared (SinkShift).
   template <class Fn>
   void ForEachChunk(const Sequence& s, int layer, int head, int64_t end, int num_queries,
                     const float* prepared, float scale, bool need_values, bool values_original,
-                    Fn&& fn) const;
+                    Fn&& fn, const float* sink_prepared = nullptr, int64_t sink_slots = 0) const;
+  // Sink eviction with RoPE frequencies: the number of evicted tokens (the query shift for the
+  // sink scores) and the sink slots; {0, 0} when nothing applies.
+  struct SinkShift {
+    int64_t delta = 0;
+    int64_t slots = 0;
+  };
+  SinkShift SinkShiftFor(const LayerState& ls) const {
+    const EvictionSpec& e = config_.format.eviction;
+    if (e.kind != EvictionSpec::Kind::kSink || config_.rope_inv_freq.empty()) return {};
+    const int64_t delta = ls.length - ls.stored;
+    if (delta <= 0) return {};
+    return {delta, std::min<int64_t>(e.sink_tokens, ls.stored)};
+  }
+  // Fills prepared [count, pq] with the prepared queries q_i (rows of q at q_stride, d floats
+  // each) shifted back by `delta` RoPE positions.
+  void PrepareShifted(const KvCodec& c, const float* q, int64_t q_stride, int count, int64_t delta,
+                      float* prepared) const;
 
   KvCacheConfig config_;
   KvFormatDesc desc_;
@@ -201,7 +232,8 @@ absl::StatusOr<std::unique_ptr<KvCache>> CpuKvCache::Create(const KvCacheConfig&
   if (cache->format_codec_->residual_tokens() > 0 && cache->evicting()) {
     return absl::UnimplementedError(absl::StrCat(
         "eviction is not supported with ", fmt.name,
-        " (per-channel key groups span tokens; an evicted token would break its group)"));
+        "'s fp16 residual window (KIVI's key groups span tokens; for TurboQuant use a format "
+        "without the window, e.g. tq:k=4,v=4,r=0)"));
   }
   auto fp16 = cpu::CreateKvCodec(KvFormatSpec{}, config.head_dim);
   if (!fp16.ok()) return fp16.status();
@@ -368,11 +400,11 @@ void CpuKvCache::EncodeInto(Sequence& s, int layer, int64_t first_slot, int n, c
 void CpuKvCache::FlushResidual(Sequence& s, int layer) {
   LayerState& ls = s.layers[layer];
   const KvCodec& c = codec(layer);
-  const int group = c.key_group_tokens(), cap = residual_capacity(layer);
+  const int group = c.residual_flush_tokens(), cap = residual_capacity(layer);
   const int d = config_.head_dim, heads = config_.num_kv_heads;
   Scratch& scratch = ThreadScratch();
   while (ls.stored - ls.encoded >= c.residual_tokens() + group) {
-    // Gather the oldest G residual tokens as [G, heads, d] floats and encode them.
+    // Gather the oldest `group` residual tokens as [group, heads, d] floats and encode them.
     float* k = Grow(scratch.keys, static_cast<size_t>(group) * heads * d);
     float* v = Grow(scratch.values, static_cast<size_t>(group) * heads * d);
     for (int h = 0; h < heads; ++h) {
@@ -507,10 +539,21 @@ absl::Status CpuKvCache::Append(SeqId seq, int layer, int64_t n, const float* k,
 
 // ---- Attention ----------------------------------------------------------------------------------
 
+void CpuKvCache::PrepareShifted(const KvCodec& c, const float* q, int64_t q_stride, int count,
+                                int64_t delta, float* prepared) const {
+  const int d = config_.head_dim;
+  float* shifted = Grow(ThreadScratch().shifted, d);
+  for (int i = 0; i < count; ++i) {
+    ShiftRope(q + i * q_stride, config_.rope_inv_freq, delta, d, shifted);
+    c.PrepareQuery(shifted, prepared + static_cast<int64_t>(i) * c.prepared_query_floats());
+  }
+}
+
 template <class Fn>
 void CpuKvCache::ForEachChunk(const Sequence& s, int layer, int head, int64_t end, int num_queries,
                               const float* prepared, float scale, bool need_values,
-                              bool values_original, Fn&& fn) const {
+                              bool values_original, Fn&& fn, const float* sink_prepared,
+                              int64_t sink_slots) const {
   const LayerState& ls = s.layers[layer];
   const KvCodec& c = codec(layer);
   const int d = config_.head_dim, pq = c.prepared_query_floats();
@@ -522,12 +565,17 @@ void CpuKvCache::ForEachChunk(const Sequence& s, int layer, int head, int64_t en
   float* values = Grow(scratch.values, static_cast<size_t>(chunk) * d);
   float* scores = Grow(scratch.scores, static_cast<size_t>(num_queries) * chunk);
   const int64_t encoded_end = std::min(end, ls.encoded);
-  for (int64_t c0 = 0; c0 < encoded_end; c0 += chunk) {
-    const int valid = static_cast<int>(std::min<int64_t>(chunk, encoded_end - c0));
+  // Sink slots form their own chunk(s) (eviction runs only with key groups of one token).
+  const int64_t sink_end = sink_prepared != nullptr ? std::min(sink_slots, encoded_end) : 0;
+  for (int64_t c0 = 0; c0 < encoded_end;) {
+    const bool sink = c0 < sink_end;
+    const int valid =
+        static_cast<int>(std::min<int64_t>(chunk, (sink ? sink_end : encoded_end) - c0));
     const int decode =
         static_cast<int>(std::min<int64_t>(((valid + group - 1) / group) * group, ls.encoded - c0));
     for (int i = 0; i < decode; ++i) recs[i] = Record(s, layer, head, c0 + i);
-    c.KeyScores(decode, recs, ls.codec_state[head], num_queries, prepared, scores, keys);
+    c.KeyScores(decode, recs, ls.codec_state[head], num_queries, sink ? sink_prepared : prepared,
+                scores, keys);
     for (int j = 0; j < num_queries; ++j) {
       for (int i = 0; i < valid; ++i) scores[j * decode + i] *= scale;
     }
@@ -540,8 +588,11 @@ void CpuKvCache::ForEachChunk(const Sequence& s, int layer, int head, int64_t en
       vals = values;
     }
     fn(c0, valid, scores, decode, vals);
+    c0 += valid;
   }
-  // The fp16 residual window (KIVI; original basis for keys and values, pq == d).
+  // The fp16 residual window (KIVI, TurboQuant), stored in the original basis: keys are mapped
+  // into the key domain of the prepared queries (whose first d floats are the query in that
+  // domain), values into the value domain unless the caller wants original values.
   const int cap = residual_capacity(layer);
   for (int64_t c0 = ls.encoded; c0 < end; c0 += chunk) {
     const int valid = static_cast<int>(std::min<int64_t>(chunk, end - c0));
@@ -549,6 +600,12 @@ void CpuKvCache::ForEachChunk(const Sequence& s, int layer, int head, int64_t en
     for (int64_t e = 0; e < static_cast<int64_t>(valid) * d; ++e) {
       keys[e] = cpu::HalfToFloat(ls.residual_k[base + e]);
       values[e] = cpu::HalfToFloat(ls.residual_v[base + e]);
+    }
+    for (int i = 0; i < valid; ++i) {
+      if (c.rotated_keys()) c.OriginalToKeyDomain(keys + i * d);
+      if (need_values && !values_original && c.rotated_values()) {
+        c.OriginalToValueDomain(values + i * d);
+      }
     }
     for (int j = 0; j < num_queries; ++j) {
       for (int i = 0; i < valid; ++i) {
@@ -575,22 +632,29 @@ absl::Status CpuKvCache::DecodeAttention(SeqId seq, int layer, int num_q_heads, 
   const int group = num_q_heads / heads, pq = c.prepared_query_floats();
   Scratch& scratch = ThreadScratch();
   float* prepared = Grow(scratch.prepared, static_cast<size_t>(group) * pq);
+  const SinkShift sink = SinkShiftFor(ls);
+  float* sink_prepared =
+      sink.slots > 0 ? Grow(scratch.sink_prepared, static_cast<size_t>(group) * pq) : nullptr;
   float* max = Grow(scratch.max, group);
   float* sum = Grow(scratch.sum, group);
   float* acc = Grow(scratch.acc, static_cast<size_t>(group) * d);
   for (int h = 0; h < heads; ++h) {
     for (int j = 0; j < group; ++j) c.PrepareQuery(q + (h * group + j) * d, prepared + j * pq);
+    if (sink_prepared != nullptr) {
+      PrepareShifted(c, q + h * group * d, d, group, sink.delta, sink_prepared);
+    }
     std::fill(max, max + group, -std::numeric_limits<float>::infinity());
     std::fill(sum, sum + group, 0.0f);
     std::fill(acc, acc + static_cast<size_t>(group) * d, 0.0f);
-    ForEachChunk(s, layer, h, ls.stored, group, prepared, scale, /*need_values=*/true,
-                 /*values_original=*/false,
-                 [&](int64_t, int count, const float* scores, int stride, const float* values) {
-                   for (int j = 0; j < group; ++j) {
-                     SoftmaxUpdate(scores + j * stride, count, values, d, &max[j], &sum[j],
-                                   acc + j * d);
-                   }
-                 });
+    ForEachChunk(
+        s, layer, h, ls.stored, group, prepared, scale, /*need_values=*/true,
+        /*values_original=*/false,
+        [&](int64_t, int count, const float* scores, int stride, const float* values) {
+          for (int j = 0; j < group; ++j) {
+            SoftmaxUpdate(scores + j * stride, count, values, d, &max[j], &sum[j], acc + j * d);
+          }
+        },
+        sink_prepared, sink.slots);
     for (int j = 0; j < group; ++j) {
       float* o = out + (h * group + j) * d;
       const float inv = sum[j] > 0 ? 1.0f / sum[j] : 0.0f;
@@ -640,6 +704,9 @@ absl::Status CpuKvCache::PrefillAttention(SeqId seq, int layer, int64_t n, int n
   const int64_t kv_stride = static_cast<int64_t>(heads) * d;
   Scratch& scratch = ThreadScratch();
   float* prepared = Grow(scratch.prepared, static_cast<size_t>(queries) * pq);
+  const SinkShift sink = SinkShiftFor(ls);
+  float* sink_prepared =
+      sink.slots > 0 ? Grow(scratch.sink_prepared, static_cast<size_t>(queries) * pq) : nullptr;
   float* max = Grow(scratch.max, queries);
   float* sum = Grow(scratch.sum, queries);
   float* acc = Grow(scratch.acc, static_cast<size_t>(queries) * d);
@@ -649,18 +716,22 @@ absl::Status CpuKvCache::PrefillAttention(SeqId seq, int layer, int64_t n, int n
     auto query = [&](int64_t i, int j) { return q + i * q_stride + (h * group + j) * d; };
     for (int64_t i = 0; i < n; ++i) {
       for (int j = 0; j < group; ++j) c.PrepareQuery(query(i, j), prepared + (i * group + j) * pq);
+      if (sink_prepared != nullptr) {
+        PrepareShifted(c, query(i, 0), d, group, sink.delta, sink_prepared + i * group * pq);
+      }
     }
     std::fill(max, max + queries, -std::numeric_limits<float>::infinity());
     std::fill(sum, sum + queries, 0.0f);
     std::fill(acc, acc + static_cast<size_t>(queries) * d, 0.0f);
-    ForEachChunk(s, layer, h, cached, static_cast<int>(queries), prepared, scale, true,
-                 /*values_original=*/true,
-                 [&](int64_t, int count, const float* scores, int stride, const float* values) {
-                   for (int64_t x = 0; x < queries; ++x) {
-                     SoftmaxUpdate(scores + x * stride, count, values, d, &max[x], &sum[x],
-                                   acc + x * d);
-                   }
-                 });
+    ForEachChunk(
+        s, layer, h, cached, static_cast<int>(queries), prepared, scale, true,
+        /*values_original=*/true,
+        [&](int64_t, int count, const float* scores, int stride, const float* values) {
+          for (int64_t x = 0; x < queries; ++x) {
+            SoftmaxUpdate(scores + x * stride, count, values, d, &max[x], &sum[x], acc + x * d);
+          }
+        },
+        sink_prepared, sink.slots);
     // Fresh tokens in full precision, causal.
     for (int64_t i = 0; i < n; ++i) {
       for (int j = 0; j < group; ++j) {

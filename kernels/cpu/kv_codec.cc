@@ -605,9 +605,12 @@ class TurboCodec final : public KvCodec {
     auto value_cb = TurboCodebook::Create(d, spec.value_bits);
     if (!value_cb.ok()) return value_cb.status();
     return std::unique_ptr<TurboCodec>(
-        new TurboCodec(d, *std::move(key_cb), *std::move(value_cb), spec.qjl_keys));
+        new TurboCodec(d, *std::move(key_cb), *std::move(value_cb), spec.qjl_keys,
+                       spec.residual_tokens));
   }
 
+  int residual_tokens() const override { return residual_; }
+  int residual_flush_tokens() const override { return kResidualFlushTokens; }
   bool rotated_keys() const override { return true; }
   bool rotated_values() const override { return true; }
   int prepared_query_floats() const override { return qjl_ ? 2 * head_dim() : head_dim(); }
@@ -704,15 +707,19 @@ class TurboCodec final : public KvCodec {
 
   void KeyToOriginal(float* row) const override { rotation_.Unrotate(row); }
   void ValueToOriginal(float* row) const override { rotation_.Unrotate(row); }
+  void OriginalToKeyDomain(float* row) const override { rotation_.Rotate(row); }
+  void OriginalToValueDomain(float* row) const override { rotation_.Rotate(row); }
 
  private:
   static constexpr float kSqrtHalfPi = 1.2533141373155003f;
+  static constexpr int kResidualFlushTokens = 16;
 
-  TurboCodec(int d, TurboCodebook key_cb, TurboCodebook value_cb, bool qjl)
+  TurboCodec(int d, TurboCodebook key_cb, TurboCodebook value_cb, bool qjl, int residual)
       : KvCodec(d, key_cb.code_bytes() + 2 + (qjl ? d / 8 + 2 : 0), value_cb.code_bytes() + 2),
         key_cb_(std::move(key_cb)),
         value_cb_(std::move(value_cb)),
         qjl_(qjl),
+        residual_(residual),
         rotation_(d) {
     if (qjl_) {
       SplitMix64 rng(kQjlSeed ^ static_cast<uint64_t>(d));
@@ -738,6 +745,7 @@ class TurboCodec final : public KvCodec {
 
   TurboCodebook key_cb_, value_cb_;
   bool qjl_;
+  int residual_;  // R: newest tokens the cache keeps in fp16
   HadamardRotation rotation_;
   std::vector<float> qjl_matrix_;  // [d, d] row-major
 };
@@ -809,8 +817,16 @@ absl::StatusOr<std::unique_ptr<KvCodec>> CreateKvCodec(const KvFormatSpec& spec,
             absl::StrFormat("KIVI supports 2 or 4 bits for keys and values alike (got k=%g v=%g)",
                             spec.key_bits, spec.value_bits));
       }
-      if (group <= 0 || head_dim % group != 0 || spec.residual_tokens < 0 ||
-          spec.residual_tokens % group != 0) {
+      // R = 0 would leave no window to gather whole key groups in: the cache would encode each
+      // append's rows directly, in groups that run past the end of a call that is not a multiple
+      // of G.
+      if (spec.residual_tokens <= 0) {
+        return absl::UnimplementedError(absl::StrFormat(
+            "KIVI needs an fp16 residual window of R > 0 tokens to gather its key groups of G "
+            "tokens in (got R=%d, G=%d)",
+            spec.residual_tokens, group));
+      }
+      if (group <= 0 || head_dim % group != 0 || spec.residual_tokens % group != 0) {
         return absl::UnimplementedError(
             absl::StrFormat("KIVI needs G | head_dim and G | R (G=%d, R=%d, head_dim=%d)", group,
                             spec.residual_tokens, head_dim));
@@ -818,6 +834,10 @@ absl::StatusOr<std::unique_ptr<KvCodec>> CreateKvCodec(const KvFormatSpec& spec,
       return std::unique_ptr<KvCodec>(new KiviCodec(head_dim, bits, group, spec.residual_tokens));
     }
     case KvFormatKind::kTurbo: {
+      if (spec.residual_tokens < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("TurboQuant residual window must be >= 0 (got ", spec.residual_tokens, ")"));
+      }
       auto codec = TurboCodec::Create(spec, head_dim);
       if (!codec.ok()) return codec.status();
       return std::unique_ptr<KvCodec>(std::move(*codec));

@@ -45,8 +45,13 @@ class KvCodec {
   // Keys are encoded this many consecutive tokens at a time (KIVI: G; others 1). Encode()'s n is
   // a multiple of it and DecodeKeys/KeyScores read whole groups.
   virtual int key_group_tokens() const { return 1; }
-  // Tokens the cache keeps in an fp16 residual window before encoding them (KIVI: R; others 0).
+  // Tokens the cache keeps in an fp16 residual window before encoding them (KIVI and TurboQuant:
+  // R; others 0). The window holds the newest tokens in the original basis.
   virtual int residual_tokens() const { return 0; }
+  // Tokens the cache encodes at a time out of its residual window, once the window holds
+  // residual_tokens() + this many (a multiple of key_group_tokens(); KIVI: G, TurboQuant: 16, so
+  // that the window shifts once per 16 decode steps rather than at every step).
+  virtual int residual_flush_tokens() const { return key_group_tokens(); }
   virtual bool rotated_keys() const { return false; }
   virtual bool rotated_values() const { return false; }
 
@@ -75,9 +80,12 @@ class KvCodec {
                          int num_queries, const float* prepared_q, float* scores,
                          float* scratch) const;
 
-  // In-place maps of one row from the key / value domain back to the original basis.
+  // In-place maps of one row from the key / value domain back to the original basis, and from the
+  // original basis into the domain (attention over the residual window uses the latter).
   virtual void KeyToOriginal(float* row) const {}
   virtual void ValueToOriginal(float* row) const {}
+  virtual void OriginalToKeyDomain(float* row) const {}
+  virtual void OriginalToValueDomain(float* row) const {}
 
  private:
   int head_dim_;

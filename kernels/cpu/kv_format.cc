@@ -19,8 +19,8 @@ namespace kvgate::kernels {
 namespace {
 
 constexpr absl::string_view kAcceptedFormats =
-    "fp16, bf16, fp8, int8, kivi2, kivi4, tq4, tq3.5, tq3, tq2.5, tq:k=A,v=B[,qjl] "
-    "(A, B in 1, 1.5, 2, 2.5, 3, 3.5, 4)";
+    "fp16, bf16, fp8, int8, kivi2, kivi4, tq4, tq3.5, tq3, tq2.5, tq:k=A,v=B[,qjl][,r=R] "
+    "(A, B in 1, 1.5, 2, 2.5, 3, 3.5, 4; R the fp16 window of newest tokens, default 128)";
 
 bool IsTurboRate(double bits) {
   for (double r : {1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0}) {
@@ -44,12 +44,20 @@ KvFormatSpec Turbo(double key_bits, double value_bits, bool qjl, std::string nam
 absl::StatusOr<KvFormatSpec> ParseTurboParams(absl::string_view text, absl::string_view params) {
   double key_bits = -1, value_bits = -1;
   bool qjl = false;
+  int residual = KvFormatSpec{}.residual_tokens;
   for (absl::string_view item : absl::StrSplit(params, ',')) {
     if (item == "qjl") {
       qjl = true;
       continue;
     }
     std::vector<absl::string_view> kv = absl::StrSplit(item, absl::MaxSplits('=', 1));
+    if (kv.size() == 2 && kv[0] == "r") {
+      if (!absl::SimpleAtoi(kv[1], &residual) || residual < 0 || residual > 65536) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "KV format '", text, "': r='", kv[1], "' is not a token count in [0, 65536]"));
+      }
+      continue;
+    }
     double value = 0;
     if (kv.size() != 2 || !absl::SimpleAtod(kv[1], &value) || !IsTurboRate(value)) {
       return absl::InvalidArgumentError(absl::StrCat("KV format '", text, "': bad item '", item,
@@ -62,7 +70,7 @@ absl::StatusOr<KvFormatSpec> ParseTurboParams(absl::string_view text, absl::stri
       value_bits = value;
     } else {
       return absl::InvalidArgumentError(
-          absl::StrCat("KV format '", text, "': unknown key '", kv[0], "' (k, v, qjl)"));
+          absl::StrCat("KV format '", text, "': unknown key '", kv[0], "' (k, v, qjl, r)"));
     }
   }
   if (key_bits < 0 || value_bits < 0) {
@@ -75,7 +83,10 @@ absl::StatusOr<KvFormatSpec> ParseTurboParams(absl::string_view text, absl::stri
   }
   std::string name = absl::StrCat("tq:k=", BitsName(key_bits), ",v=", BitsName(value_bits));
   if (qjl) absl::StrAppend(&name, ",qjl");
-  return Turbo(key_bits, value_bits, qjl, std::move(name));
+  if (residual != KvFormatSpec{}.residual_tokens) absl::StrAppend(&name, ",r=", residual);
+  KvFormatSpec spec = Turbo(key_bits, value_bits, qjl, std::move(name));
+  spec.residual_tokens = residual;
+  return spec;
 }
 
 absl::StatusOr<double> ParseFraction(absl::string_view text, absl::string_view value) {

@@ -84,6 +84,18 @@ int AddressAlignment(uintptr_t base, int64_t block_stride, int64_t layer_offset,
 
 bool Aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+// TurboCodec::residual_flush_tokens() (kernels/cpu/kv_codec.cc). SplitStoredTokens must not
+// build a codec per call; Create checks that the codec agrees.
+constexpr int kTurboFlushTokens = 16;
+
+// Tokens the CPU cache encodes out of a format's fp16 window at a time; 0 without a window.
+int WindowFlushTokens(const KvFormatSpec& spec) {
+  if (spec.residual_tokens <= 0) return 0;
+  if (spec.kind == KvFormatKind::kKivi) return spec.group_size;
+  if (spec.kind == KvFormatKind::kTurbo) return kTurboFlushTokens;
+  return 0;
+}
+
 class CudaKvAppendImpl final : public CudaKvAppend {
  public:
   ~CudaKvAppendImpl() override {
@@ -113,6 +125,14 @@ class CudaKvAppendImpl final : public CudaKvAppend {
     f.block_size = bs;
     f.record_bytes = (*codec)->record_bytes();
     f.key_bytes = (*codec)->key_bytes();
+    f.window_tokens = (*codec)->residual_tokens();
+    f.flush_tokens = f.window_tokens > 0 ? (*codec)->residual_flush_tokens() : 0;
+    if (f.flush_tokens != WindowFlushTokens(spec) ||
+        (f.flush_tokens > 0 && f.window_tokens != spec.residual_tokens)) {
+      return absl::InternalError(absl::StrCat(
+          "CUDA KV append: the CPU codec's fp16 window (R=", f.window_tokens, ", flushed ",
+          f.flush_tokens, " at a time) disagrees with SplitStoredTokens for ", spec.name));
+    }
     switch (spec.kind) {
       case KvFormatKind::kFp16:
         f.kind = internal::kAppendFp16;
@@ -130,14 +150,11 @@ class CudaKvAppendImpl final : public CudaKvAppend {
         f.kind = internal::kAppendKivi;
         f.kivi_bits = static_cast<int>(spec.key_bits);
         f.kivi_group = spec.group_size;
-        f.kivi_residual = spec.residual_tokens;
         f.kivi_codes_bytes = d * f.kivi_bits / 8;
-        // R = 0 means no residual window on the CPU (every append encodes its own rows in key
-        // groups aligned to the call), a layout the decode kernel does not read either.
-        if (f.kivi_group % 8 != 0 || f.kivi_residual <= 0) {
+        // (The CPU codec has already refused R = 0 and G not dividing R or head_dim.)
+        if (f.kivi_group % 8 != 0) {
           return absl::UnimplementedError(
-              absl::StrCat("CUDA KV append: KIVI needs 8 | G and R > 0 (G=", f.kivi_group,
-                           ", R=", f.kivi_residual, ")"));
+              absl::StrCat("CUDA KV append: KIVI needs 8 | G (G=", f.kivi_group, ")"));
         }
         if (internal::KiviGroupSmemBytes(f) > 200 * 1024) {
           return absl::UnimplementedError(absl::StrCat("CUDA KV append: KIVI group ", f.kivi_group,
@@ -185,7 +202,7 @@ class CudaKvAppendImpl final : public CudaKvAppend {
 
   int record_bytes() const override { return f_.record_bytes; }
   int residual_capacity() const override {
-    return f_.kind == internal::kAppendKivi ? f_.kivi_residual + f_.kivi_group : 0;
+    return f_.window_tokens > 0 ? f_.window_tokens + f_.flush_tokens : 0;
   }
 
   absl::Status Append(const AppendBatch& b, void* stream) override {
@@ -219,7 +236,7 @@ class CudaKvAppendImpl final : public CudaKvAppend {
     if (f_.kind == internal::kAppendFp8 && b.head_scales == nullptr) {
       return absl::InvalidArgumentError("AppendBatch: FP8 needs head_scales");
     }
-    if (f_.kind == internal::kAppendKivi) {
+    if (residual_capacity() > 0) {
       RETURN_IF_ERROR_(CheckWindow(b.residual_k, b.residual_v, b.residual_capacity, "AppendBatch"));
     }
     internal::AppendArgs a;
@@ -276,7 +293,7 @@ class CudaKvAppendImpl final : public CudaKvAppend {
     if (f_.kind == internal::kAppendFp8 && b.head_scales == nullptr) {
       return absl::InvalidArgumentError("ReadBatch: FP8 needs head_scales");
     }
-    if (f_.kind == internal::kAppendKivi) {
+    if (residual_capacity() > 0) {
       RETURN_IF_ERROR_(CheckWindow(b.residual_k, b.residual_v, b.residual_capacity, "ReadBatch"));
     }
     internal::ReadArgs a;
@@ -333,11 +350,12 @@ class CudaKvAppendImpl final : public CudaKvAppend {
   absl::Status CheckWindow(const void* residual_k, const void* residual_v, int capacity,
                            const char* what) const {
     if (residual_k == nullptr || residual_v == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": KIVI needs residual_k/residual_v"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": the fp16 residual window needs residual_k/residual_v"));
     }
     if (capacity != residual_capacity()) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": residual_capacity ", capacity,
-                                                     " != R + G = ", residual_capacity()));
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": residual_capacity ", capacity, " != residual_capacity() ", residual_capacity()));
     }
     if (!Aligned(residual_k, 16) || !Aligned(residual_v, 16)) {
       return absl::InvalidArgumentError(
@@ -352,12 +370,13 @@ class CudaKvAppendImpl final : public CudaKvAppend {
 
 }  // namespace
 
-KiviCounts SplitStoredTokens(const KvFormatSpec& spec, int64_t stored) {
-  KiviCounts counts;
+StoredSplit SplitStoredTokens(const KvFormatSpec& spec, int64_t stored) {
+  StoredSplit counts;
   if (stored <= 0) return counts;
   counts.encoded = stored;
-  if (spec.kind == KvFormatKind::kKivi && spec.residual_tokens > 0 && spec.group_size > 0) {
-    const int64_t r = spec.residual_tokens, g = spec.group_size;
+  const int64_t g = WindowFlushTokens(spec);
+  if (g > 0) {
+    const int64_t r = spec.residual_tokens;
     counts.encoded = stored < r + g ? 0 : (stored - r) / g * g;
   }
   counts.residual = stored - counts.encoded;

@@ -14,9 +14,10 @@
 // only if first), so even signed zeros match.
 //
 // Kernels (128 threads = 4 warps each):
-//  - EncodeRowsKernel<format, D> (fp16, bf16, fp8, int8, TurboQuant): one warp per (row, kv-head),
-//    lane l owning channels [l*D/32, (l+1)*D/32) of the key and value rows; the record is built
-//    in the warp's shared-memory stage and written with the widest stores its alignment allows.
+//  - EncodeRowsKernel<format, D> (fp16, bf16, fp8, int8, TurboQuant with r=0): one warp per
+//    (row, kv-head), lane l owning channels [l*D/32, (l+1)*D/32) of the key and value rows; the
+//    record is built in the warp's shared-memory stage and written with the widest stores its
+//    alignment allows.
 //    The row's loads are issued first, so that they overlap the dependent loads that find its
 //    sequence (a 32-ary warp search of row_begin) and its block.
 //  - FP8 scales: with at most kFusedAmaxRows rows per sequence (decode), each warp takes the
@@ -30,9 +31,11 @@
 //    [G][D] fp16 tiles all at once; then every key channel's and every (token, value group)'s
 //    (min, scale) in parallel, then every 32-bit word of codes, then the records go out as
 //    contiguous runs (a block's share of the group).
-//  - KiviWindowKernel (KIVI, after it): one CTA per (kv-head, sequence) shifts the window down by
-//    the tokens just encoded (in place, in rounds of 16 KB of keys and values) and writes the new
-//    rows that stay in it.
+//  - TurboFlushKernel (TurboQuant with its fp16 window, R > 0): the tokens a call encodes out of
+//    the windows, a warp per token from its fp16 value, with EncodeRowsKernel's TurboQuant code.
+//  - WindowKernel (KIVI, TurboQuant, after the above): one CTA per (kv-head,
+//    sequence) shifts the window down by the tokens just encoded (in place, in rounds of 16 KB of
+//    keys and values) and writes the new rows that stay in it.
 //  - ReadKernel<format, D>: one warp per (token, kv-head, sequence), decoding into fp32 in the
 //    original basis, operation for operation as CpuKvCache::ReadStored.
 #include <cuda_fp16.h>
@@ -162,8 +165,8 @@ __device__ __forceinline__ int64_t StateSlot(const int32_t* seq_slots, int s) {
 
 // SplitStoredTokens' encoded count.
 __device__ __forceinline__ int64_t EncodedCount(const AppendFormat& f, int64_t stored) {
-  if (f.kind != kAppendKivi) return stored;
-  const int64_t r = f.kivi_residual, g = f.kivi_group;
+  if (f.window_tokens == 0) return stored;
+  const int64_t r = f.window_tokens, g = f.flush_tokens;
   return stored < r + g ? 0 : (stored - r) / g * g;
 }
 
@@ -428,6 +431,74 @@ __device__ __forceinline__ float ChosenScale(float amax, float divisor) {
   return amax > 0 && isfinite(amax) ? __fdiv_rn(amax, divisor) : 0.0f;
 }
 
+// TurboQuant's Encode of one token by the warp: its key and value rows x (lane l holds channels
+// [lV, (l+1)V)) become the record in the stage at the start of `mine` (the warp's shared memory,
+// RowWarpBytes of it). The caller syncs the warp before (the stage is free) and after (to copy
+// the record out).
+template <int D>
+__device__ __forceinline__ void TurboEncodeWarp(const AppendFormat& f, const float* table,
+                                                uint8_t* mine, const float (&x)[2][D / 32],
+                                                int lane) {
+  constexpr int V = D / 32;
+  const int c0 = lane * V;
+  uint32_t* stage = reinterpret_cast<uint32_t*>(mine);
+  const int stage_words = RoundUp16(f.record_bytes) / 4;
+  float* bufk = reinterpret_cast<float*>(mine + RoundUp16(f.record_bytes));
+  float* bufv = bufk + D + 16;
+  float* accs = bufv + D;
+  for (int i = lane; i < stage_words; i += 32) stage[i] = 0;
+#pragma unroll
+  for (int r = 0; r < V; ++r) {
+    bufk[c0 + r] = x[0][r];
+    bufv[c0 + r] = x[1][r];
+  }
+  __syncwarp();
+  const float2 sq = WarpSquaredNorms<D>(bufk, bufv, accs, lane);
+  const float norm[2] = {__fsqrt_rn(sq.x), __fsqrt_rn(sq.y)};
+  const uint32_t signs = TurboSigns<V>(table, lane);
+  uint32_t codes[2];
+  TurboLane tl[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    // Normalize: u = Pi (x / ||x||), Pi = H D / sqrt(d).
+    const float inv = norm[half] > 0 ? __fdiv_rn(1.0f, norm[half]) : 0.0f;
+    float u[V];
+#pragma unroll
+    for (int r = 0; r < V; ++r) {
+      u[r] = __fmul_rn(x[half][r], inv);
+      if ((signs >> r) & 1) u[r] = -u[r];
+    }
+    WarpWht<V>(u, lane, f.tq_wht_scale);
+    // Quantize: k = number of bounds below u (binary search over the sorted bounds).
+    tl[half] = TurboLaneOf<V>(f, table, half, lane);
+    const float* bounds = tl[half].table + 16;
+    float* uhat = half == 0 ? bufk : bufv;
+    codes[half] = 0;
+#pragma unroll
+    for (int r = 0; r < V; ++r) {
+      int k = 0;
+      for (int step = 1 << (tl[half].bits - 1); step > 0; step >>= 1) {
+        if (bounds[k + step - 1] < u[r]) k += step;
+      }
+      codes[half] |= static_cast<uint32_t>(k) << (r * tl[half].bits);
+      uhat[c0 + r] = tl[half].table[k];
+    }
+  }
+  __syncwarp();
+  const float2 recon_sq = WarpSquaredNorms<D>(bufk, bufv, accs, lane);
+  const float recon[2] = {__fsqrt_rn(recon_sq.x), __fsqrt_rn(recon_sq.y)};
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int base = half == 0 ? 0 : 8 * f.key_bytes;
+    OrBits(stage, base + tl[half].bit, codes[half], V * tl[half].bits);
+    if (lane == half) {  // CorrectedScale: ||x|| / ||uhat||, capped at the fp16 maximum
+      const float q = __fdiv_rn(norm[half], recon[half]);
+      const float s = recon[half] > 0 ? (65504.0f < q ? 65504.0f : q) : 0.0f;
+      OrBits(stage, base + 8 * f.tq_code_bytes[half], FloatToHalf(s), 16);
+    }
+  }
+}
+
 template <int KIND, int D>
 __global__ void __launch_bounds__(kThreads) EncodeRowsKernel(AppendFormat f, AppendArgs a) {
   constexpr int V = D / 32;
@@ -443,7 +514,6 @@ __global__ void __launch_bounds__(kThreads) EncodeRowsKernel(AppendFormat f, App
   uint8_t* mine = smem + (KIND == kAppendTurbo ? kTurboTableBytes : 0) +
                   warp * RowWarpBytes(KIND, D, f.record_bytes, true);
   uint32_t* stage = reinterpret_cast<uint32_t*>(mine);
-  const int stage_words = RoundUp16(f.record_bytes) / 4;
   const int heads = f.num_kv_heads, c0 = lane * V;
   const int64_t tasks = static_cast<int64_t>(a.num_rows) * heads;
   for (int64_t task = static_cast<int64_t>(blockIdx.x) * kWarps + warp; task < tasks;
@@ -550,60 +620,7 @@ __global__ void __launch_bounds__(kThreads) EncodeRowsKernel(AppendFormat f, App
       }
     } else {  // TurboQuant
       static_assert(KIND == kAppendTurbo, "unhandled format");
-      float* bufk = reinterpret_cast<float*>(mine + RoundUp16(f.record_bytes));
-      float* bufv = bufk + D + 16;
-      float* accs = bufv + D;
-      for (int i = lane; i < stage_words; i += 32) stage[i] = 0;
-#pragma unroll
-      for (int r = 0; r < V; ++r) {
-        bufk[c0 + r] = x[0][r];
-        bufv[c0 + r] = x[1][r];
-      }
-      __syncwarp();
-      const float2 sq = WarpSquaredNorms<D>(bufk, bufv, accs, lane);
-      const float norm[2] = {__fsqrt_rn(sq.x), __fsqrt_rn(sq.y)};
-      const uint32_t signs = TurboSigns<V>(table, lane);
-      uint32_t codes[2];
-      TurboLane tl[2];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        // Normalize: u = Pi (x / ||x||), Pi = H D / sqrt(d).
-        const float inv = norm[half] > 0 ? __fdiv_rn(1.0f, norm[half]) : 0.0f;
-        float u[V];
-#pragma unroll
-        for (int r = 0; r < V; ++r) {
-          u[r] = __fmul_rn(x[half][r], inv);
-          if ((signs >> r) & 1) u[r] = -u[r];
-        }
-        WarpWht<V>(u, lane, f.tq_wht_scale);
-        // Quantize: k = number of bounds below u (binary search over the sorted bounds).
-        tl[half] = TurboLaneOf<V>(f, table, half, lane);
-        const float* bounds = tl[half].table + 16;
-        float* uhat = half == 0 ? bufk : bufv;
-        codes[half] = 0;
-#pragma unroll
-        for (int r = 0; r < V; ++r) {
-          int k = 0;
-          for (int step = 1 << (tl[half].bits - 1); step > 0; step >>= 1) {
-            if (bounds[k + step - 1] < u[r]) k += step;
-          }
-          codes[half] |= static_cast<uint32_t>(k) << (r * tl[half].bits);
-          uhat[c0 + r] = tl[half].table[k];
-        }
-      }
-      __syncwarp();
-      const float2 recon_sq = WarpSquaredNorms<D>(bufk, bufv, accs, lane);
-      const float recon[2] = {__fsqrt_rn(recon_sq.x), __fsqrt_rn(recon_sq.y)};
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int base = half == 0 ? 0 : 8 * f.key_bytes;
-        OrBits(stage, base + tl[half].bit, codes[half], V * tl[half].bits);
-        if (lane == half) {  // CorrectedScale: ||x|| / ||uhat||, capped at the fp16 maximum
-          const float q = __fdiv_rn(norm[half], recon[half]);
-          const float s = recon[half] > 0 ? (65504.0f < q ? 65504.0f : q) : 0.0f;
-          OrBits(stage, base + 8 * f.tq_code_bytes[half], FloatToHalf(s), 16);
-        }
-      }
+      TurboEncodeWarp<D>(f, table, mine, x, lane);
     }
     __syncwarp();
     WarpCopy(dst, stage, f.record_bytes, a.store_width, lane);
@@ -807,11 +824,14 @@ __global__ void __launch_bounds__(kThreads) KiviGroupKernel(AppendFormat f, Appe
   }
 }
 
-// After KiviGroupKernel (which read the old window): the window becomes tokens
-// [encoded_after, stored_after) at positions t - encoded_after.
+// ---- The fp16 residual window (KIVI, TurboQuant) -----------------------------------------------
+
+// The CTA moves the window of (batch entry s, kv-head h) on, once the tokens this call encodes
+// have been read out of it: the window becomes tokens [encoded_after, stored_after) at positions
+// t - encoded_after. Called by every thread of the CTA.
 template <int D>
-__global__ void __launch_bounds__(kThreads) KiviWindowKernel(AppendFormat f, AppendArgs a) {
-  const int h = blockIdx.x, s = blockIdx.y;
+__device__ __forceinline__ void WindowUpdate(const AppendFormat& f, const AppendArgs& a, int s,
+                                             int h) {
   const int64_t rb = a.row_begin[s], n = a.row_begin[s + 1] - rb, sb = a.stored_before[s];
   if (n <= 0) return;
   const int64_t sa = sb + n, eb = EncodedCount(f, sb), ea = EncodedCount(f, sa);
@@ -879,6 +899,72 @@ __global__ void __launch_bounds__(kThreads) KiviWindowKernel(AppendFormat f, App
   }
 }
 
+// After KiviGroupKernel or TurboFlushKernel (which read the old window): one CTA per (kv-head,
+// sequence).
+template <int D>
+__global__ void __launch_bounds__(kThreads) WindowKernel(AppendFormat f, AppendArgs a) {
+  WindowUpdate<D>(f, a, blockIdx.y, blockIdx.x);
+}
+
+// TurboQuant with a window: the tokens [eb, ea) this call encodes out of each sequence's window
+// (encoded before and after the call), each by one warp from its fp16 value (the old window's
+// for tokens held before the call, the new row rounded to fp16 as the window would hold it
+// otherwise), as CpuKvCache::FlushResidual does: one CTA per (kWarps tokens, kv-head, sequence),
+// a token per warp. A sequence appending n rows flushes at most flush * ceil(n / flush) tokens,
+// its window having held fewer than R + flush. WindowKernel moves the windows on afterwards.
+// (Moving the window in the same CTA for decode-sized calls, which flush at most 16 tokens, was
+// no faster on the H200: 34.8 vs 31.0 us for kv_append_bench's decode call.)
+template <int D>
+__global__ void __launch_bounds__(kThreads) TurboFlushKernel(AppendFormat f, AppendArgs a) {
+  constexpr int V = D / 32;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, c0 = lane * V;
+  const int s = blockIdx.z, h = blockIdx.y;
+  const int64_t rb = a.row_begin[s], n = a.row_begin[s + 1] - rb, sb = a.stored_before[s];
+  if (n <= 0) return;
+  const int64_t eb = EncodedCount(f, sb), ea = EncodedCount(f, sb + n);
+  const int64_t first = eb + static_cast<int64_t>(blockIdx.x) * kWarps;  // the CTA's first token
+  if (first >= ea) return;
+  float* table = reinterpret_cast<float*>(smem);
+  for (int i = threadIdx.x; i < kTurboTableFloats + kTurboSignWords; i += kThreads) {
+    table[i] = f.tq_table[i];
+  }
+  __syncthreads();
+  const int64_t t = first + warp;
+  if (t >= ea) return;
+  float x[2][V];
+  if (t < sb) {
+    const int64_t at =
+        ((StateSlot(a.seq_slots, s) * f.num_kv_heads + h) * a.residual_capacity + (t - eb)) * D +
+        c0;
+    uint16_t hk[V], hv[V];
+    LoadHalves<V>(a.residual_k + at, hk);
+    LoadHalves<V>(a.residual_v + at, hv);
+#pragma unroll
+    for (int r = 0; r < V; ++r) {
+      x[0][r] = HalfToFloat(hk[r]);
+      x[1][r] = HalfToFloat(hv[r]);
+    }
+  } else {
+    const int64_t at = (rb + t - sb) * a.row_stride + h * D + c0;
+    LoadFloats<V>(a.k + at, a.vec_loads, x[0]);
+    LoadFloats<V>(a.v + at, a.vec_loads, x[1]);
+#pragma unroll
+    for (int r = 0; r < V; ++r) {
+      x[0][r] = HalfToFloat(FloatToHalf(x[0][r]));
+      x[1][r] = HalfToFloat(FloatToHalf(x[1][r]));
+    }
+  }
+  uint8_t* dst = RecordPtr(f, a.pool, a.block_stride_bytes, a.layer_offset_bytes, a.block_tables,
+                           a.max_blocks_per_seq, s, h, t);
+  if (dst == nullptr) return;  // no reserved block: the caller's contract was broken
+  uint8_t* mine =
+      smem + kTurboTableBytes + warp * RowWarpBytes(kAppendTurbo, D, f.record_bytes, true);
+  TurboEncodeWarp<D>(f, table, mine, x, lane);
+  __syncwarp();
+  WarpCopy(dst, mine, f.record_bytes, a.store_width, lane);
+}
+
 // ---- Read: one warp per (token, kv-head, sequence)
 // ------------------------------------------------
 
@@ -900,7 +986,7 @@ __global__ void __launch_bounds__(kThreads) ReadKernel(AppendFormat f, ReadArgs 
   if (t >= len) return;
   float out[2][V];
   const int64_t encoded = EncodedCount(f, len);
-  if (t >= encoded) {  // KIVI's fp16 window
+  if (t >= encoded) {  // the fp16 window (KIVI, TurboQuant with R > 0)
     const int64_t at =
         ((StateSlot(a.seq_slots, s) * f.num_kv_heads + h) * a.residual_capacity + (t - encoded)) *
             D +
@@ -1019,7 +1105,18 @@ cudaError_t LaunchAppendD(const AppendFormat& f, const AppendArgs& a, cudaStream
     KiviGroupKernel<D><<<groups, kThreads, KiviGroupSmemBytes(f), stream>>>(f, a);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
-    KiviWindowKernel<D><<<dim3(heads, a.num_seqs), kThreads, 0, stream>>>(f, a);
+    WindowKernel<D><<<dim3(heads, a.num_seqs), kThreads, 0, stream>>>(f, a);
+    return cudaGetLastError();
+  }
+  if (f.kind == kAppendTurbo && f.window_tokens > 0) {
+    const int64_t max_flush =
+        int64_t{f.flush_tokens} * ((a.max_rows_per_seq + f.flush_tokens - 1) / f.flush_tokens);
+    const dim3 grid(static_cast<unsigned>((max_flush + kWarps - 1) / kWarps), heads, a.num_seqs);
+    TurboFlushKernel<D>
+        <<<grid, kThreads, RowSmemBytes(kAppendTurbo, D, f.record_bytes, true), stream>>>(f, a);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    WindowKernel<D><<<dim3(heads, a.num_seqs), kThreads, 0, stream>>>(f, a);
     return cudaGetLastError();
   }
   if (f.kind == kAppendFp8 && !a.fuse_amax) {

@@ -27,8 +27,11 @@ struct AppendFormat {
   int kind = 0;
   int head_dim = 0, num_kv_heads = 0, block_size = 0;
   int record_bytes = 0, key_bytes = 0;
-  // KIVI: bits (keys and values alike), group G, residual R, code bytes of one half (d*bits/8).
-  int kivi_bits = 0, kivi_group = 0, kivi_residual = 0, kivi_codes_bytes = 0;
+  // The fp16 residual window (KIVI, TurboQuant with R > 0): R newest tokens kept (0: no window)
+  // and the tokens encoded out of it at a time (KIVI: G, TurboQuant: 16). Capacity R + flush.
+  int window_tokens = 0, flush_tokens = 0;
+  // KIVI: bits (keys and values alike), group G, code bytes of one half (d*bits/8).
+  int kivi_bits = 0, kivi_group = 0, kivi_codes_bytes = 0;
   // TurboQuant, [0] keys and [1] values: channels [0, hi) at hi_bits, [hi, d) at lo_bits, then
   // the fp16 norm at byte code_bytes of the half.
   int tq_hi_channels[2] = {}, tq_hi_bits[2] = {}, tq_lo_bits[2] = {}, tq_code_bytes[2] = {};

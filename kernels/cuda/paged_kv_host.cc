@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/kv_codec.h"
 #include "kernels/cpu/numeric.h"
+#include "kvgate/kernels/cuda_kv_append.h"
 
 namespace kvgate::kernels::cuda {
 
@@ -27,8 +28,10 @@ absl::StatusOr<HostPagedKv> PackPagedKv(const KvFormatSpec& spec, int d, int hea
   out.record_bytes = codec.record_bytes();
   out.block_bytes = int64_t{heads} * bs * out.record_bytes;
   out.num_seqs = static_cast<int>(k.size());
+  // The window's split and capacity are CudaKvAppend's (SplitStoredTokens, R + flush), so packed
+  // and device-appended caches are interchangeable.
   const int group = codec.key_group_tokens(), residual_r = codec.residual_tokens();
-  out.residual_capacity = residual_r > 0 ? residual_r + group : 0;
+  out.residual_capacity = residual_r > 0 ? residual_r + codec.residual_flush_tokens() : 0;
   const int64_t row = int64_t{heads} * d;
   std::vector<int64_t> lens(out.num_seqs), enc(out.num_seqs);
   int64_t total_blocks = 0;
@@ -37,10 +40,7 @@ absl::StatusOr<HostPagedKv> PackPagedKv(const KvFormatSpec& spec, int d, int hea
       return absl::InvalidArgumentError(absl::StrCat("PackPagedKv: sequence ", s, " shape"));
     }
     lens[s] = static_cast<int64_t>(k[s].size()) / row;
-    enc[s] = lens[s];
-    if (residual_r > 0) {
-      enc[s] = lens[s] < residual_r + group ? 0 : (lens[s] - residual_r) / group * group;
-    }
+    enc[s] = SplitStoredTokens(spec, lens[s]).encoded;
     const int64_t blocks = (enc[s] + bs - 1) / bs;
     out.max_blocks_per_seq = std::max<int>(out.max_blocks_per_seq, static_cast<int>(blocks));
     out.max_encoded_len = std::max<int>(out.max_encoded_len, static_cast<int>(enc[s]));
@@ -73,7 +73,7 @@ absl::StatusOr<HostPagedKv> PackPagedKv(const KvFormatSpec& spec, int d, int hea
     }
     const float* ks = k[s].data();
     const float* vs = v[s].data();
-    if (residual_r > 0) {  // KIVI encodes what its fp16 residual window held
+    if (residual_r > 0) {  // encoded out of the fp16 residual window: from the fp16 values
       kk.assign(ks, ks + e * row);
       vv.assign(vs, vs + e * row);
       for (float& x : kk) x = cpu::RoundToHalf(x);

@@ -1,5 +1,8 @@
 // CUDA KV append / read-back (kvgate/kernels/cuda_kv_append.h) against the CPU reference cache
 // (CpuKvCache) fed the same appends, for every KV format x head_dim {64, 128} x kv_heads {1, 8}.
+// TurboQuant runs with its default fp16 window (R = 128), with r=0 (no window) and with small
+// windows (r=32; r=1 and r=40 in TurboWindow below, whose calls mix decode rows and chunks and
+// land on the flush boundaries).
 //
 // Each case runs three sequences through ~50 batched calls in a realistic order (prefill chunks of
 // odd lengths, single-token decode steps for the whole batch, further chunks), with state slots
@@ -16,9 +19,12 @@
 //  (b) Read() equals CpuKvCache::ReadStored: to 1e-6 of the row's magnitude for tokens whose
 //      records equal the reference (the same float operations: exact in practice), and within
 //      relative L2 0.25 (one level of a few channels) for tokens with an off-by-one code.
-//  (c) FP8 scales are the CPU's, bit for bit; KIVI residual windows hold the same fp16 bits.
+//  (c) FP8 scales are the CPU's, bit for bit; fp16 residual windows (KIVI, TurboQuant R > 0)
+//      hold the same fp16 bits, and residual_capacity() is the CPU cache's window size.
 //  (d) the GPU-appended pool through CudaDecodeAttention::Run equals CpuKvCache::DecodeAttention
 //      to relative L2 < 1e-3 (the decode kernel's own tolerance, cuda_decode_attention_test.cc).
+//      Not for TurboQuant with R > 0: the decode kernel does not read its window yet (the r=0
+//      variants cover TurboQuant's records there).
 // Plus special values (fp16 overflow / subnormals / ties, NaN and infinities where the CPU's
 // result is defined, zero rows, FP8 scales chosen after an all-zero first chunk), head_dim 256,
 // a block size that is not a power of two with unaligned rows, and bad arguments.
@@ -45,6 +51,7 @@
 
 #include "kernels/cpu/kv_codec.h"
 #include "kernels/cpu/numeric.h"
+#include "kernels/cuda/paged_kv_host.h"
 #include "kvgate/kernels/cuda_attention.h"
 #include "kvgate/kernels/kv_cache.h"
 
@@ -100,11 +107,12 @@ class DeviceArray {
 };
 
 // ---- Reference: the CPU codec under CpuKvCache::Append's rules ---------------------------------
-// Per appended call: FP8 ChooseScales over the call's rows (per kv-head), every other format
-// encodes the rows into their slots; KIVI keeps tokens [encoded, stored) in its fp16 window and
-// encodes key groups of G tokens from their fp16 values once SplitStoredTokens says so (any
-// sequence of appends ends in the same state). Read() vs CpuKvCache::ReadStored checks that this
-// model is the cache's behaviour.
+// Per appended call: FP8 ChooseScales over the call's rows (per kv-head), formats without a window
+// encode the rows into their slots; KIVI and TurboQuant with R > 0 keep tokens [encoded, stored)
+// in their fp16 window and encode them from their fp16 values, F at a time (KIVI: one key group
+// of G; TurboQuant: 16 tokens), once SplitStoredTokens says so (any sequence of appends ends in
+// the same state). Read() vs CpuKvCache::ReadStored checks that this model is the cache's
+// behaviour.
 class ReferenceSeq {
  public:
   ReferenceSeq(const KvFormatSpec& spec, const cpu::KvCodec& codec, int heads, int d)
@@ -118,12 +126,12 @@ class ReferenceSeq {
     k_.insert(k_.end(), k, k + n * row);
     v_.insert(v_.end(), v, v + n * row);
     for (auto& recs : records_) recs.resize(stored(), std::vector<uint8_t>(codec_.record_bytes()));
-    if (spec_.kind != KvFormatKind::kKivi) {
+    if (codec_.residual_tokens() == 0) {
       Encode(before, n, k, v);
       encoded_ = stored();
       return;
     }
-    const int g = codec_.key_group_tokens();
+    const int g = codec_.residual_flush_tokens();
     const int64_t target = SplitStoredTokens(spec_, stored()).encoded;
     std::vector<float> gk(g * row), gv(g * row);
     for (; encoded_ < target; encoded_ += g) {
@@ -314,6 +322,7 @@ struct CaseReport {
   int64_t tokens_with_flips = 0;
   double max_flip_rel_l2 = 0;
   double attn_rel_l2 = 0;
+  bool attention_checked = false;  // (d) ran
 };
 
 bool SameFloat(float a, float b, float tol, bool nan_aware) {
@@ -334,6 +343,8 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
   ASSERT_EQ(append.record_bytes(), codec.record_bytes());
   const int rb = codec.record_bytes();
   const int cap = append.residual_capacity();
+  const bool window = codec.residual_tokens() > 0;
+  ASSERT_EQ(cap, window ? codec.residual_tokens() + codec.residual_flush_tokens() : 0);
 
   // Final lengths, blocks (random pool order, 3 spare blocks that must stay untouched).
   std::vector<int64_t> final_len(sc.num_seqs, 0);
@@ -372,10 +383,13 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
                     .head_dim = d,
                     .block_size = bs,
                     .num_blocks = total_blocks,
-                    .format = spec};
+                    .format = spec,
+                    .rope_inv_freq = {}};
   auto cache_or = CreateCpuKvCache(cfg);
   ASSERT_TRUE(cache_or.ok()) << cache_or.status();
   KvCache& cache = **cache_or;
+  // The CPU cache's windows (keys and values, fp16) are what residual_capacity() sizes.
+  ASSERT_EQ(cache.residual_bytes_per_sequence(), int64_t{2} * cap * heads * d * 2);
   std::vector<ReferenceSeq> ref;
   for (int s = 0; s < sc.num_seqs; ++s) {
     ASSERT_TRUE(cache.AddSequence(s, final_len[s]).ok());
@@ -458,7 +472,7 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
   for (int s = 0; s < sc.num_seqs; ++s) {
     const ReferenceSeq& r = ref[s];
     ASSERT_EQ(cache.StoredTokens(s, 0), r.stored());
-    const KiviCounts counts = SplitStoredTokens(spec, r.stored());
+    const StoredSplit counts = SplitStoredTokens(spec, r.stored());
     ASSERT_EQ(counts.encoded, r.encoded());
     identical[s].assign(heads, std::vector<bool>(r.stored(), true));
     for (int h = 0; h < heads; ++h) {
@@ -486,7 +500,7 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
           window_mismatch += gpu_wv[at + c] != cpu::FloatToHalf(r.v(h, t)[c]);
         }
       }
-      EXPECT_EQ(window_mismatch, 0) << "KIVI window of seq " << s << " head " << h;
+      EXPECT_EQ(window_mismatch, 0) << "fp16 window of seq " << s << " head " << h;
     }
   }
   int64_t stray = 0;
@@ -590,8 +604,10 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
   EXPECT_LE(report->max_flip_rel_l2, 0.25) << "a token with off-by-one codes reads too far off";
 
   // (d) the appended pool through the decode attention (state rearranged per batch entry: the
-  // attention's seq_slots support is another change).
-  if (!opt.check_attention) return;
+  // attention's seq_slots support is another change). The decode kernel reads KIVI's window but
+  // not yet TurboQuant's.
+  if (!opt.check_attention || (spec.kind == KvFormatKind::kTurbo && window)) return;
+  report->attention_checked = true;
   auto attn_or = CudaDecodeAttention::Create(spec, d, heads, bs);
   ASSERT_TRUE(attn_or.ok()) << attn_or.status();
   const int ratio = 4, q_heads = heads * ratio;
@@ -600,7 +616,7 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
   std::vector<uint16_t> entry_wk, entry_wv;
   int max_enc = 0;
   for (int s = 0; s < sc.num_seqs; ++s) {
-    const KiviCounts c = SplitStoredTokens(spec, ref[s].stored());
+    const StoredSplit c = SplitStoredTokens(spec, ref[s].stored());
     enc_lens.push_back(static_cast<int32_t>(c.encoded));
     res_lens.push_back(static_cast<int32_t>(c.residual));
     max_enc = std::max<int>(max_enc, static_cast<int>(c.encoded));
@@ -675,11 +691,12 @@ void PrintReport(const std::string& name, const CaseReport& r) {
   const CompareStats& b = r.bytes;
   std::printf(
       "[ result ] %s records=%lld identical=%lld codes=%lld off_by_one=%lld norms_1ulp=%lld "
-      "read_err=%.2g flip_tokens=%lld flip_rel_l2=%.3g attn_rel_l2=%.3g\n",
+      "read_err=%.2g flip_tokens=%lld flip_rel_l2=%.3g attn_rel_l2=%s\n",
       name.c_str(), static_cast<long long>(b.records), static_cast<long long>(b.identical_records),
       static_cast<long long>(b.codes), static_cast<long long>(b.codes_off_by_one),
       static_cast<long long>(b.norms_off_one_ulp), r.max_read_err,
-      static_cast<long long>(r.tokens_with_flips), r.max_flip_rel_l2, r.attn_rel_l2);
+      static_cast<long long>(r.tokens_with_flips), r.max_flip_rel_l2,
+      r.attention_checked ? std::to_string(r.attn_rel_l2).c_str() : "not-run");
 }
 
 std::string ParamName(std::string s) {
@@ -693,9 +710,13 @@ std::string ParamName(std::string s) {
 // -------------------------------------------------------------------------------------
 
 const std::vector<std::string> kFormats = {
-    "fp16",       "bf16",         "fp8",           "int8",  "kivi2",      "kivi4",
-    "tq4",        "tq3.5",        "tq3",           "tq2.5", "tq:k=2,v=2", "tq:k=1.5,v=1.5",
-    "tq:k=1,v=1", "tq:k=4,v=2.5", "tq:k=2.5,v=3.5"};
+    "fp16", "bf16", "fp8", "int8", "kivi2", "kivi4",
+    // TurboQuant with its default fp16 window (R = 128)
+    "tq4", "tq3.5", "tq3", "tq2.5", "tq:k=2,v=2", "tq:k=1.5,v=1.5", "tq:k=1,v=1", "tq:k=4,v=2.5",
+    "tq:k=2.5,v=3.5",
+    // without a window (every token encoded directly; (d) runs) and with a small one
+    "tq:k=4,v=4,r=0", "tq:k=2.5,v=3.5,r=0", "tq:k=1,v=1,r=0", "tq:k=3,v=3,r=32",
+    "tq:k=4,v=2.5,r=32"};
 
 class CudaKvAppendTest : public ::testing::TestWithParam<std::tuple<std::string, int, int>> {};
 
@@ -750,6 +771,51 @@ TEST(CudaKvAppendShapes, OddBlockSizeAndUnalignedRows) {
       CaseReport report;
       RunCase(*spec, d, 3, DefaultScenario(), GaussianRows(d, 11), opt, &report);
       PrintReport(std::string(format) + " d=" + std::to_string(d) + " bs=24 unaligned", report);
+      if (HasFailure()) return;
+    }
+  }
+}
+
+// ---- TurboQuant's fp16 window -------------------------------------------------------------------
+
+// Calls that land on TurboQuant's flush boundaries (window R, flushed 16 at a time once it holds
+// R + 16) and mix decode rows with chunks, as continuous batching does: prefills of R + 15
+// (no flush), R + 16 (one) and R + 17 tokens; decode steps crossing flushes (15 old window tokens
+// and the new row flushed together); calls with 16, 17 and more rows for one sequence next to
+// 1-row entries; a chunk longer than the window appended to a full window.
+Scenario TurboWindowScenario(int r) {
+  Scenario sc;
+  sc.num_seqs = 4;
+  sc.slots = {3, 0, 5, 1};
+  sc.num_slots = 6;
+  sc.calls.push_back({{0, r + 15}, {1, r + 16}, {2, 5}});
+  sc.calls.push_back({{3, r + 17}});
+  for (int i = 0; i < 20; ++i) sc.calls.push_back({{0, 1}, {1, 1}, {2, 1}, {3, 1}});
+  sc.calls.push_back({{2, 16}, {0, 1}});
+  sc.calls.push_back({{1, 1}, {3, 17}, {0, 2}});
+  sc.calls.push_back({{2, 2 * r + 40}, {1, 1}});
+  for (int i = 0; i < 17; ++i) sc.calls.push_back({{3, 1}, {2, 1}, {0, 1}, {1, 1}});
+  sc.calls.push_back({{0, 100}, {3, 33}});
+  for (int i = 0; i < 5; ++i) sc.calls.push_back({{1, 1}, {0, 1}, {3, 1}, {2, 1}});
+  return sc;
+}
+
+TEST(CudaKvAppendTurboWindow, FlushBoundariesAndMixedCalls) {
+  SKIP_WITHOUT_GPU();
+  // R = 128 (tq4's default), small windows (32, 40: not a multiple of 16; 1), and r=0 (no window:
+  // every token encoded directly, and (d) through the decode kernel).
+  for (const char* format :
+       {"tq4", "tq:k=3,v=3,r=32", "tq:k=2.5,v=3.5,r=40", "tq:k=4,v=3,r=1", "tq:k=4,v=4,r=0"}) {
+    auto spec = ParseKvFormat(format);
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    for (int d : {64, 128, 256}) {
+      CaseOptions opt;
+      opt.seed = 31 + d;
+      opt.check_attention = d != 256;  // no decode kernel for head_dim 256
+      CaseReport report;
+      RunCase(*spec, d, 2, TurboWindowScenario(spec->residual_tokens), GaussianRows(d, opt.seed),
+              opt, &report);
+      PrintReport(std::string(format) + " d=" + std::to_string(d) + " window scenario", report);
       if (HasFailure()) return;
     }
   }
@@ -880,10 +946,13 @@ TEST(CudaKvAppendCreate, RejectsUnsupportedOrMalformed) {
 }
 
 // SplitStoredTokens against the CPU cache (no GPU): after any appends, the tokens CpuKvCache
-// still holds in its fp16 window read back as exactly the fp16-rounded input, while 2-bit codes
-// of gaussian data practically never do.
-TEST(CudaKvAppendSplit, MatchesCpuCacheWindow) {
-  auto spec = ParseKvFormat("kivi2");
+// still holds in its fp16 window read back as exactly the fp16-rounded input, while 2- or 3-bit
+// codes of gaussian data practically never do. KIVI (G = 32) and TurboQuant (16 at a time) with
+// the default window, a small one and none.
+class CudaKvAppendSplit : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaKvAppendSplit, MatchesCpuCacheWindow) {
+  auto spec = ParseKvFormat(GetParam());
   ASSERT_TRUE(spec.ok());
   const int d = 64, heads = 1;
   KvCacheConfig cfg{.num_layers = 1,
@@ -891,7 +960,8 @@ TEST(CudaKvAppendSplit, MatchesCpuCacheWindow) {
                     .head_dim = d,
                     .block_size = 16,
                     .num_blocks = 64,
-                    .format = *spec};
+                    .format = *spec,
+                    .rope_inv_freq = {}};
   auto cache = CreateCpuKvCache(cfg);
   ASSERT_TRUE(cache.ok());
   ASSERT_TRUE((*cache)->AddSequence(0, 1000).ok());
@@ -915,14 +985,104 @@ TEST(CudaKvAppendSplit, MatchesCpuCacheWindow) {
       if (!exact) break;
       first_exact = t;
     }
-    const KiviCounts counts = SplitStoredTokens(*spec, stored);
+    const StoredSplit counts = SplitStoredTokens(*spec, stored);
     EXPECT_EQ(counts.encoded, first_exact) << "after " << stored << " tokens";
     EXPECT_EQ(counts.encoded + counts.residual, stored);
   }
-  auto fp16 = ParseKvFormat("fp16");
-  ASSERT_TRUE(fp16.ok());
-  EXPECT_EQ(SplitStoredTokens(*fp16, 77).encoded, 77);
-  EXPECT_EQ(SplitStoredTokens(*fp16, 77).residual, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Windows, CudaKvAppendSplit,
+                         ::testing::Values("kivi2", "tq3", "tq:k=2,v=2,r=32", "tq:k=3,v=3,r=0"),
+                         [](const auto& info) { return ParamName(info.param); });
+
+TEST(CudaKvAppendSplitRule, FormatsWithoutWindowEncodeEverything) {
+  for (const char* format : {"fp16", "fp8", "int8", "tq:k=4,v=4,r=0"}) {
+    auto spec = ParseKvFormat(format);
+    ASSERT_TRUE(spec.ok());
+    EXPECT_EQ(SplitStoredTokens(*spec, 77).encoded, 77) << format;
+    EXPECT_EQ(SplitStoredTokens(*spec, 77).residual, 0) << format;
+  }
+  // TurboQuant R = 128: nothing encoded below R + 16, then multiples of 16.
+  auto tq4 = ParseKvFormat("tq4");
+  ASSERT_TRUE(tq4.ok());
+  EXPECT_EQ(SplitStoredTokens(*tq4, 143).encoded, 0);
+  EXPECT_EQ(SplitStoredTokens(*tq4, 144).encoded, 16);
+  EXPECT_EQ(SplitStoredTokens(*tq4, 159).encoded, 16);
+  EXPECT_EQ(SplitStoredTokens(*tq4, 160).encoded, 32);
+  EXPECT_EQ(SplitStoredTokens(*tq4, 160).residual, 128);
+}
+
+// PackPagedKv (the host packer of the decode tests and kv_decode_bench; no GPU) holds what
+// CpuKvCache holds after one Append of each sequence: the same split (SplitStoredTokens), the
+// reference records (ReferenceSeq), FP8 scales, and the window's fp16 bits, which the cache reads
+// back exactly.
+TEST(PackPagedKvTest, MatchesCpuCacheAfterOneAppend) {
+  const int d = 64, heads = 2, bs = 16;
+  for (const char* format : {"fp8", "kivi2", "tq4", "tq:k=3,v=3,r=32", "tq:k=4,v=4,r=0"}) {
+    auto spec = ParseKvFormat(format);
+    ASSERT_TRUE(spec.ok());
+    auto codec = cpu::CreateKvCodec(*spec, d);
+    ASSERT_TRUE(codec.ok());
+    const std::vector<int> lens = {1, 143, 144, 300, 37};
+    std::vector<std::vector<float>> k, v;
+    std::mt19937_64 rng(9);
+    std::normal_distribution<float> normal;
+    for (int n : lens) {
+      k.emplace_back(size_t(n) * heads * d);
+      v.emplace_back(size_t(n) * heads * d);
+      for (float& x : k.back()) x = normal(rng);
+      for (float& x : v.back()) x = normal(rng);
+    }
+    auto packed = PackPagedKv(*spec, d, heads, bs, k, v, 3);
+    ASSERT_TRUE(packed.ok()) << packed.status();
+    KvCacheConfig cfg{.num_layers = 1,
+                      .num_kv_heads = heads,
+                      .head_dim = d,
+                      .block_size = bs,
+                      .num_blocks = 64,
+                      .format = *spec,
+                      .rope_inv_freq = {}};
+    auto cache = CreateCpuKvCache(cfg);
+    ASSERT_TRUE(cache.ok());
+    const int cap = packed->residual_capacity;
+    EXPECT_EQ((*cache)->residual_bytes_per_sequence(), int64_t{2} * cap * heads * d * 2) << format;
+    for (size_t s = 0; s < lens.size(); ++s) {
+      const int n = lens[s];
+      ASSERT_TRUE((*cache)->AddSequence(s, n).ok());
+      ASSERT_TRUE((*cache)->Append(s, 0, n, k[s].data(), v[s].data()).ok());
+      ReferenceSeq ref(*spec, **codec, heads, d);
+      ref.Append(n, k[s].data(), v[s].data());
+      const int64_t e = packed->encoded_lens[s];
+      ASSERT_EQ(e, ref.encoded()) << format << " seq " << s;
+      ASSERT_EQ(e + packed->residual_lens[s], n);
+      std::vector<float> rk(size_t(n) * d), rv(rk.size());
+      std::vector<int64_t> pos(n);
+      for (int h = 0; h < heads; ++h) {
+        ASSERT_TRUE((*cache)->ReadStored(s, 0, h, rk.data(), rv.data(), pos.data()).ok());
+        int64_t differ = 0;
+        for (int64_t t = 0; t < e; ++t) {
+          const int64_t block = packed->block_tables[s * packed->max_blocks_per_seq + t / bs];
+          const uint8_t* rec = packed->pool.data() + block * packed->block_bytes +
+                               (int64_t{h} * bs + t % bs) * packed->record_bytes;
+          differ += std::memcmp(rec, ref.record(h, t).data(), packed->record_bytes) != 0;
+        }
+        EXPECT_EQ(differ, 0) << format << " seq " << s << " head " << h << ": records";
+        for (int64_t t = e; t < n; ++t) {
+          const size_t at = ((s * heads + h) * size_t(cap) + (t - e)) * d;
+          for (int c = 0; c < d; ++c) {
+            ASSERT_EQ(packed->residual_k[at + c], cpu::FloatToHalf(ref.k(h, t)[c]));
+            ASSERT_EQ(packed->residual_v[at + c], cpu::FloatToHalf(ref.v(h, t)[c]));
+            ASSERT_EQ(rk[t * d + c], cpu::HalfToFloat(packed->residual_k[at + c])) << format;
+            ASSERT_EQ(rv[t * d + c], cpu::HalfToFloat(packed->residual_v[at + c])) << format;
+          }
+        }
+        if (spec->kind == KvFormatKind::kFp8) {
+          EXPECT_EQ(packed->head_scales[(s * heads + h) * 2], ref.state(h).key_scale);
+          EXPECT_EQ(packed->head_scales[(s * heads + h) * 2 + 1], ref.state(h).value_scale);
+        }
+      }
+    }
+  }
 }
 
 TEST(CudaKvAppendArgs, BadBatchesAreRejected) {
@@ -930,13 +1090,21 @@ TEST(CudaKvAppendArgs, BadBatchesAreRejected) {
   const int d = 128, heads = 2, bs = 16;
   auto fp8 = ParseKvFormat("fp8");
   auto kivi = ParseKvFormat("kivi2");
-  ASSERT_TRUE(fp8.ok() && kivi.ok());
+  auto tq = ParseKvFormat("tq:k=4,v=4,r=32");
+  auto tq_r0 = ParseKvFormat("tq:k=4,v=4,r=0");
+  ASSERT_TRUE(fp8.ok() && kivi.ok() && tq.ok() && tq_r0.ok());
   auto a_fp8 = CudaKvAppend::Create(*fp8, d, heads, bs);
   auto a_kivi = CudaKvAppend::Create(*kivi, d, heads, bs);
-  ASSERT_TRUE(a_fp8.ok() && a_kivi.ok());
+  auto a_tq = CudaKvAppend::Create(*tq, d, heads, bs);
+  auto a_tq_r0 = CudaKvAppend::Create(*tq_r0, d, heads, bs);
+  ASSERT_TRUE(a_fp8.ok() && a_kivi.ok() && a_tq.ok() && a_tq_r0.ok());
+  EXPECT_EQ((*a_kivi)->residual_capacity(), 128 + 32);
+  EXPECT_EQ((*a_tq)->residual_capacity(), 32 + 16);
+  EXPECT_EQ((*a_tq_r0)->residual_capacity(), 0);
   const int rb = (*a_fp8)->record_bytes(), rbk = (*a_kivi)->record_bytes();
+  const int rbt = (*a_tq)->record_bytes();
   DeviceArray<uint8_t> pool;
-  CUDA_OK(pool.Allocate(size_t(8) * heads * bs * std::max(rb, rbk)));
+  CUDA_OK(pool.Allocate(size_t(8) * heads * bs * std::max({rb, rbk, rbt})));
   DeviceArray<int32_t> tables, begin, stored, slots;
   CUDA_OK(tables.Upload({0, 1}));
   CUDA_OK(begin.Upload({0, 3}));
@@ -947,7 +1115,8 @@ TEST(CudaKvAppendArgs, BadBatchesAreRejected) {
   CUDA_OK(scales.Upload(std::vector<float>(2 * heads, 0.f)));
   DeviceArray<uint16_t> window;
   CUDA_OK(window.Allocate(size_t(heads) * (*a_kivi)->residual_capacity() * d * 2));
-  auto good = [&](int record_bytes) {
+  // A window large enough for KIVI's R + G (and TurboQuant's smaller R + 16).
+  auto good = [&](int record_bytes, int capacity) {
     AppendBatch a;
     a.pool = pool.get();
     a.block_stride_bytes = int64_t{heads} * bs * record_bytes;
@@ -965,15 +1134,22 @@ TEST(CudaKvAppendArgs, BadBatchesAreRejected) {
     a.head_scales = scales.get();
     a.residual_k = window.get();
     a.residual_v = window.get() + heads * (*a_kivi)->residual_capacity() * d;
-    a.residual_capacity = (*a_kivi)->residual_capacity();
+    a.residual_capacity = capacity;
     return a;
   };
-  ASSERT_TRUE((*a_fp8)->Append(good(rb), nullptr).ok());
-  ASSERT_TRUE((*a_kivi)->Append(good(rbk), nullptr).ok());
+  const int cap_kivi = (*a_kivi)->residual_capacity(), cap_tq = (*a_tq)->residual_capacity();
+  ASSERT_TRUE((*a_fp8)->Append(good(rb, 0), nullptr).ok());
+  ASSERT_TRUE((*a_kivi)->Append(good(rbk, cap_kivi), nullptr).ok());
+  ASSERT_TRUE((*a_tq)->Append(good(rbt, cap_tq), nullptr).ok());
+  {  // r=0 has no window: none needed.
+    AppendBatch a = good(rbt, 0);
+    a.residual_k = a.residual_v = nullptr;
+    EXPECT_TRUE((*a_tq_r0)->Append(a, nullptr).ok());
+  }
   CUDA_OK(cudaDeviceSynchronize());
   auto bad = [&](CudaKvAppend& append, int record_bytes, const char* what,
                  std::function<void(AppendBatch&)> edit) {
-    AppendBatch a = good(record_bytes);
+    AppendBatch a = good(record_bytes, append.residual_capacity());
     edit(a);
     const absl::Status st = append.Append(a, nullptr);
     EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << what << ": " << st;
@@ -997,8 +1173,10 @@ TEST(CudaKvAppendArgs, BadBatchesAreRejected) {
   bad(**a_kivi, rbk, "KIVI without window", [](AppendBatch& a) { a.residual_v = nullptr; });
   bad(**a_kivi, rbk, "KIVI capacity", [](AppendBatch& a) { a.residual_capacity -= 1; });
   bad(**a_kivi, rbk, "KIVI misaligned window", [](AppendBatch& a) { a.residual_k += 1; });
+  bad(**a_tq, rbt, "TurboQuant without window", [](AppendBatch& a) { a.residual_k = nullptr; });
+  bad(**a_tq, rbt, "TurboQuant capacity", [](AppendBatch& a) { a.residual_capacity = 64; });
   // Nothing to do is not an error.
-  AppendBatch empty = good(rb);
+  AppendBatch empty = good(rb, 0);
   empty.num_rows = 0;
   EXPECT_TRUE((*a_fp8)->Append(empty, nullptr).ok());
 

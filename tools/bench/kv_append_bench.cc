@@ -1,16 +1,17 @@
 // kv_append_bench: device KV append (CudaKvAppend::Append, kvgate/kernels/cuda_kv_append.h) per KV
 // format at Llama-3-8B head shapes (8 kv heads, head_dim 128, block 16), two calls:
 //   decode:  256 sequences x 1 token, stored lengths staggered (1000 + i) and advancing by one
-//            per call, so KIVI flushes its key groups as in a real decode loop (each sequence
-//            once every G calls);
+//            per call, so the fp16 windows flush as in a real decode loop (KIVI: each sequence
+//            once every G calls; TurboQuant with R > 0: once every 16 calls, 16 tokens);
 //   prefill: 1 sequence x 8192 tokens into an empty sequence (FP8 scales reset before each call,
 //            so each call chooses them as a fresh prefill does).
 // Rows come from a fused qkv buffer (row stride 4 x 8 x 128 floats). Time: CUDA events around each
 // call, median of --iters calls after 5 warm-up calls. Prints a markdown table:
-//   record bytes, us per call, tokens/s, GB/s of records written (KIVI: encoded records plus the
-//   fp16 window writes), GB/s of all traffic (fp32 rows read + bytes written).
+//   record bytes, us per call, tokens/s, GB/s of records written (with an fp16 window: encoded
+//   records plus the window writes), GB/s of all traffic (fp32 rows read + bytes written).
+//   TurboQuant runs with its default window (tq4: R = 128) and without ("tq:k=4,v=4,r=0").
 //
-//   kv_append_bench [--formats fp16,tq4] [--iters 25]
+//   kv_append_bench [--formats fp16,tq4,tq:k=4,v=4,r=0] [--iters 25]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -158,8 +159,8 @@ Result RunCase(const KvFormatSpec& spec, CudaKvAppend& append, int seqs, int row
     if (i < kWarmup) continue;
     ms.push_back(t);
     for (int s = 0; s < seqs; ++s) {  // what this call wrote
-      const KiviCounts before = SplitStoredTokens(spec, stored[i][s]);
-      const KiviCounts after = SplitStoredTokens(spec, stored[i][s] + rows_per_seq);
+      const StoredSplit before = SplitStoredTokens(spec, stored[i][s]);
+      const StoredSplit after = SplitStoredTokens(spec, stored[i][s] + rows_per_seq);
       bytes_written += (after.encoded - before.encoded) * heads * rb;
       if (cap > 0) {  // window: new rows that stay, plus the tokens moved down
         const int64_t kept_new = std::min<int64_t>(after.residual, rows_per_seq);
@@ -191,7 +192,9 @@ Result RunCase(const KvFormatSpec& spec, CudaKvAppend& append, int seqs, int row
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string formats = "fp16,bf16,fp8,int8,kivi2,kivi4,tq4,tq3.5,tq3,tq2.5,tq:k=4,v=2.5";
+  std::string formats =
+      "fp16,bf16,fp8,int8,kivi2,kivi4,tq4,tq3.5,tq3,tq2.5,tq:k=4,v=2.5,tq:k=4,v=4,r=0,"
+      "tq:k=3.5,v=3.5,r=0";
   int iters = 25;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -212,10 +215,11 @@ int main(int argc, char** argv) {
   std::printf(
       "| format | record B | call | rows | us/call | Mtokens/s | records GB/s | traffic GB/s |\n");
   std::printf("|---|---:|---|---:|---:|---:|---:|---:|\n");
-  // Formats are split on ',' except inside "tq:k=A,v=B".
+  // Formats are split on ',' except inside "tq:k=A,v=B[,qjl][,r=R]".
   std::vector<std::string> names;
   for (const std::string& part : Split(formats)) {
-    if (!names.empty() && names.back().rfind("tq:", 0) == 0 && part.rfind("v=", 0) == 0) {
+    const bool tq_item = part.rfind("v=", 0) == 0 || part.rfind("r=", 0) == 0 || part == "qjl";
+    if (!names.empty() && names.back().rfind("tq:", 0) == 0 && tq_item) {
       names.back() += "," + part;
     } else {
       names.push_back(part);

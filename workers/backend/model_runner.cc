@@ -50,7 +50,8 @@ absl::StatusOr<std::unique_ptr<kernels::KvCache>> CreateSizedKvCache(
                                       .head_dim = config.head_dim,
                                       .block_size = options.kv_block_size,
                                       .num_blocks = 1,
-                                      .format = options.kv_format};
+                                      .format = options.kv_format,
+                                      .rope_inv_freq = RopeInverseFrequencies(config)};
   int64_t num_blocks = options.kv_num_blocks;
   if (num_blocks <= 0) {
     absl::StatusOr<std::unique_ptr<kernels::KvCache>> probe = make_cache(cache_config);

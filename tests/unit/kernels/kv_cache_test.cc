@@ -256,7 +256,7 @@ TEST(BlockAccountingTest, BadCallsReturnErrorsNotCrashes) {
 }
 
 TEST(BlockAccountingTest, FullPrecisionLayersUseFp16Records) {
-  auto cfg = Config("tq3", 6, 2, 128, 16, 4);
+  auto cfg = Config("tq:k=3,v=3,r=0", 6, 2, 128, 16, 4);  // no fp16 window: 4 tokens get encoded
   cfg.format.full_precision_first_layers = 1;
   cfg.format.full_precision_last_layers = 2;
   auto cache = CreateCpuKvCache(cfg);
@@ -349,7 +349,9 @@ INSTANTIATE_TEST_SUITE_P(AllFormats, FormatAttentionTest,
                                            FormatBound{"kivi4", 0.04f}, FormatBound{"kivi2", 0.2f},
                                            FormatBound{"tq4", 0.06f}, FormatBound{"tq3.5", 0.1f},
                                            FormatBound{"tq3", 0.12f}, FormatBound{"tq2.5", 0.2f},
-                                           FormatBound{"tq:k=4,v=3,qjl", 0.15f}),
+                                           FormatBound{"tq:k=4,v=3,qjl", 0.15f},
+                                           FormatBound{"tq:k=4,v=4,r=0", 0.06f},
+                                           FormatBound{"tq:k=2.5,v=2.5,r=0", 0.2f}),
                          [](const auto& info) {
                            std::string name = info.param.format;
                            for (char& ch : name) {
@@ -392,6 +394,68 @@ TEST(KiviTest, ResidualWindowKeepsNewestTokensInFp16) {
   }
 }
 
+// ---- TurboQuant residual window -----------------------------------------------------------------
+
+TEST(TurboTest, ResidualWindowKeepsNewestTokensInFp16AndFlushesSixteenAtATime) {
+  // R = 32 (r=32), flushes of 16: the window holds 32..47 tokens once 48 have arrived.
+  auto cache = CreateCpuKvCache(Config("tq:k=3,v=3,r=32", 1, 2, 64, 16, 32));
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  EXPECT_EQ((*cache)->residual_bytes_per_sequence(), 2 * (32 + 16) * 64 * 2 * 2);
+  const int n = 200, kv_heads = 2, d = 64;
+  ASSERT_TRUE((*cache)->AddSequence(1, n).ok());
+  const auto k = RandomVector(n * kv_heads * d, 51), v = RandomVector(n * kv_heads * d, 52);
+  std::vector<float> rk(n * d), rv(n * d);
+  std::vector<int64_t> pos(n);
+  int appended = 0;
+  for (int step : {37, 1, 1, 1, 9, 1, 1, 40, 1, 1, 1, 1, 1, 1, 1, 1, 101}) {  // prefill, decode ...
+    ASSERT_TRUE((*cache)
+                    ->Append(1, 0, step, &k[appended * kv_heads * d], &v[appended * kv_heads * d])
+                    .ok());
+    appended += step;
+    const int encoded = appended >= 48 ? ((appended - 32) / 16) * 16 : 0;
+    for (int h = 0; h < kv_heads; ++h) {
+      ASSERT_TRUE((*cache)->ReadStored(1, 0, h, rk.data(), rv.data(), pos.data()).ok());
+      float encoded_diff = 0;
+      for (int i = 0; i < appended; ++i) {
+        for (int e = 0; e < d; ++e) {
+          const float x = k[(i * kv_heads + h) * d + e], y = rk[i * d + e];
+          if (i >= encoded) {
+            ASSERT_NEAR(y, x, std::fabs(x) * 1e-3f + 1e-7f) << "window token " << i;
+          } else {
+            encoded_diff = std::max(encoded_diff, std::fabs(y - x));
+          }
+        }
+      }
+      if (encoded > 0) {
+        EXPECT_GT(encoded_diff, 0.05f) << "3-bit codes are not exact";
+      }
+    }
+  }
+  // Decode attention over [encoded | window] equals exact attention over what ReadStored returns
+  // (window keys and values are mapped into the rotated domain and back without loss).
+  const auto q = RandomVector(4 * d, 53, 0.5f);
+  std::vector<float> out(4 * d), sk(n * kv_heads * d), sv(n * kv_heads * d);
+  ASSERT_TRUE((*cache)->DecodeAttention(1, 0, 4, q.data(), 0.125f, out.data()).ok());
+  for (int h = 0; h < kv_heads; ++h) {
+    ASSERT_TRUE((*cache)->ReadStored(1, 0, h, rk.data(), rv.data(), pos.data()).ok());
+    for (int i = 0; i < n; ++i) {
+      std::copy(&rk[i * d], &rk[i * d] + d, &sk[(i * kv_heads + h) * d]);
+      std::copy(&rv[i * d], &rv[i * d] + d, &sv[(i * kv_heads + h) * d]);
+    }
+  }
+  const auto ref = ReferenceAttention(q.data(), 4, sk.data(), sv.data(), kv_heads, d, n, 0.125f);
+  EXPECT_LT(MaxAbsDiff(out, ref), 5e-5f);
+}
+
+TEST(TurboTest, WindowWithEvictionIsUnimplementedButR0Evicts) {
+  auto cfg = Config("tq4", 1, 1, 64, 16, 4);
+  cfg.format.eviction = *ParseEviction("sink:sinks=2,window=8");
+  EXPECT_EQ(CreateCpuKvCache(cfg).status().code(), absl::StatusCode::kUnimplemented);
+  cfg.format = *ParseKvFormat("tq:k=4,v=4,r=0");
+  cfg.format.eviction = *ParseEviction("sink:sinks=2,window=8");
+  EXPECT_TRUE(CreateCpuKvCache(cfg).ok());
+}
+
 // ---- Eviction -----------------------------------------------------------------------------------
 
 std::vector<int64_t> StoredPositions(const KvCache& cache, SeqId seq, int layer, int head) {
@@ -432,6 +496,66 @@ TEST(EvictionTest, SinkKeepsFirstTokensAndWindow) {
   for (int64_t p : pos) kept_k.insert(kept_k.end(), &k[p * 64], &k[p * 64] + 64);
   const auto ref = ReferenceAttention(q.data(), 1, kept_k.data(), kept_k.data(), 1, 64, 7, 0.125f);
   EXPECT_LT(MaxAbsDiff(out, ref), 4e-3f);
+}
+
+// RoPE (rotate-half) of x [d] at position p, in place.
+void Rope(float* x, const std::vector<double>& inv_freq, int64_t p, int d) {
+  for (int j = 0; j < d / 2; ++j) {
+    const double a = static_cast<double>(p) * inv_freq[j];
+    const float c = static_cast<float>(std::cos(a)), s = static_cast<float>(std::sin(a));
+    const float x0 = x[j], x1 = x[j + d / 2];
+    x[j] = x0 * c - x1 * s;
+    x[j + d / 2] = x1 * c + x0 * s;
+  }
+}
+
+TEST(EvictionTest, SinkAttendsWithPositionsWithinTheCache) {
+  // StreamingLLM: after eviction the kept tokens are numbered by their cache slots, so a query
+  // sees the sinks just before the window, not L tokens back. Keys arrive post-RoPE at their
+  // original positions; the cache must score the sinks as if they sat at slots 0 .. S-1 and the
+  // query at slot stored - 1.
+  const int d = 64, total = 30;
+  auto cfg = Config("fp16", 1, 1, d, 4, 16);
+  cfg.format.eviction = *ParseEviction("sink:sinks=2,window=5");
+  for (int j = 0; j < d / 2; ++j) cfg.rope_inv_freq.push_back(std::pow(10000.0, -2.0 * j / d));
+  auto cache = CreateCpuKvCache(cfg);
+  ASSERT_TRUE(cache.ok());
+  KvCache& c = **cache;
+  const auto k0 = RandomVector(total * d, 61), v = RandomVector(total * d, 62);
+  ASSERT_TRUE(c.AddSequence(1, total).ok());
+  for (int t = 0; t < total; ++t) {  // token by token, post-RoPE keys at original positions
+    std::vector<float> k(&k0[t * d], &k0[t * d] + d);
+    Rope(k.data(), cfg.rope_inv_freq, t, d);
+    ASSERT_TRUE(c.Reserve(1, t + 1).ok());
+    ASSERT_TRUE(c.Append(1, 0, 1, k.data(), &v[t * d]).ok());
+  }
+  const std::vector<int64_t> kept = StoredPositions(c, 1, 0, 0);
+  ASSERT_EQ(kept, (std::vector<int64_t>{0, 1, 25, 26, 27, 28, 29}));
+  // Query at original position 29 (its token is the last stored); in the cache it is slot 6.
+  std::vector<float> q0 = RandomVector(d, 63), q = q0;
+  Rope(q.data(), cfg.rope_inv_freq, total - 1, d);
+  std::vector<float> out(d);
+  ASSERT_TRUE(c.DecodeAttention(1, 0, 1, q.data(), 0.125f, out.data()).ok());
+  // Reference: every kept key rotated to its slot, the query to slot 6.
+  std::vector<float> ks, vs, qs = q0;
+  Rope(qs.data(), cfg.rope_inv_freq, static_cast<int64_t>(kept.size()) - 1, d);
+  for (size_t slot = 0; slot < kept.size(); ++slot) {
+    std::vector<float> k(&k0[kept[slot] * d], &k0[kept[slot] * d] + d);
+    Rope(k.data(), cfg.rope_inv_freq, static_cast<int64_t>(slot), d);
+    ks.insert(ks.end(), k.begin(), k.end());
+    vs.insert(vs.end(), &v[kept[slot] * d], &v[kept[slot] * d] + d);
+  }
+  const auto ref = ReferenceAttention(qs.data(), 1, ks.data(), vs.data(), 1, d, 7, 0.125f);
+  EXPECT_LT(MaxAbsDiff(out, ref), 4e-3f);
+  // And it differs from attention at the original positions (the sinks 28-29 tokens back).
+  std::vector<float> ko;
+  for (int64_t p : kept) {
+    std::vector<float> k(&k0[p * d], &k0[p * d] + d);
+    Rope(k.data(), cfg.rope_inv_freq, p, d);
+    ko.insert(ko.end(), k.begin(), k.end());
+  }
+  const auto orig = ReferenceAttention(q.data(), 1, ko.data(), vs.data(), 1, d, 7, 0.125f);
+  EXPECT_GT(MaxAbsDiff(orig, ref), 1e-2f) << "the test must distinguish the two numberings";
 }
 
 TEST(EvictionTest, H2OKeepsHeavyHittersPerHeadAndRecentTokens) {

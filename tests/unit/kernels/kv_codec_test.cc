@@ -293,5 +293,21 @@ TEST(DispatchTest, UnsupportedCombinationsAreUnimplemented) {
   EXPECT_EQ(CreateKvCodec(kivi3, 128).status().code(), absl::StatusCode::kUnimplemented);
 }
 
+TEST(DispatchTest, KiviWithoutResidualWindowIsUnimplemented) {
+  // KIVI's key groups of G tokens are gathered in the fp16 window: without one (R = 0) the cache
+  // would encode each append's rows directly, and Encode would read a whole group past the end of
+  // a call whose length is not a multiple of G. The codec refuses the format up front.
+  KvFormatSpec spec = *ParseKvFormat("kivi2");
+  spec.residual_tokens = 0;
+  const absl::Status status = CreateKvCodec(spec, 128).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(status.message().find("R > 0"), absl::string_view::npos) << status;
+  EXPECT_EQ(DescribeKvFormat(spec, 128).status().code(), absl::StatusCode::kUnimplemented);
+  spec.residual_tokens = spec.group_size;  // the smallest window is fine
+  auto codec = CreateKvCodec(spec, 128);
+  ASSERT_TRUE(codec.ok()) << codec.status();
+  EXPECT_EQ((*codec)->residual_tokens(), spec.group_size);
+}
+
 }  // namespace
 }  // namespace kvgate::kernels::cpu

@@ -42,11 +42,20 @@ TEST(KvFormatTest, ParsesEveryDocumentedName) {
   }
   EXPECT_EQ(ParseKvFormat("kivi2")->group_size, 32);
   EXPECT_EQ(ParseKvFormat("kivi2")->residual_tokens, 128);
+  // TurboQuant's fp16 window: 128 newest tokens by default, r= sets it (and names it).
+  EXPECT_EQ(ParseKvFormat("tq4")->residual_tokens, 128);
+  auto r0 = ParseKvFormat("tq:k=4,v=4,r=0");
+  ASSERT_TRUE(r0.ok()) << r0.status();
+  EXPECT_EQ(r0->residual_tokens, 0);
+  EXPECT_EQ(r0->name, "tq:k=4,v=4,r=0");
+  EXPECT_EQ(ParseKvFormat(r0->name)->residual_tokens, 0);
+  EXPECT_EQ(ParseKvFormat("tq:k=4,v=4,r=128")->name, "tq:k=4,v=4");
 }
 
 TEST(KvFormatTest, RejectsUnknownNamesWithTheAcceptedList) {
   for (const char* bad : {"", "fp32", "tq5", "tq:k=4", "tq:k=4,v=9", "tq:k=1,v=2,qjl",
-                          "tq:k=4,v=3,x=1", "kivi3", "TQ4"}) {
+                          "tq:k=4,v=3,x=1", "tq:k=4,v=4,r=-1", "tq:k=4,v=4,r=x", "kivi3",
+                          "TQ4"}) {
     auto spec = ParseKvFormat(bad);
     ASSERT_FALSE(spec.ok()) << bad;
     EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument) << bad;

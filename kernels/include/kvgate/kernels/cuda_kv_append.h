@@ -8,12 +8,15 @@
 //     them like CpuKvCache::Append (KvCodec::ChooseScales): from the amax of the sequence's rows in
 //     that call (keys amax/200, values amax/100), only while still 0 and only from a nonzero
 //     finite amax; then every row is encoded with them.
-//   - KIVI: the fp16 residual window [kv_heads][residual_capacity = R + G][head_dim] per sequence
-//     (keys and values apart) and its length. An append follows CpuKvCache::Append: new tokens are
-//     rounded to fp16 into the window; while the window holds >= R + G tokens its oldest G are
-//     encoded as one key group into the next G block slots (from their fp16 values) and the window
-//     shifts down by G. The caller tracks encoded/residual counts on the host (they follow from
-//     the token counts alone: see KiviCounts below) and passes them in.
+//   - KIVI and TurboQuant with R > 0 (tq4 etc.; "tq:k=4,v=4,r=0" has none): the fp16 residual
+//     window of the newest tokens in the ORIGINAL basis, [kv_heads][residual_capacity = R + F]
+//     [head_dim] per sequence (keys and values apart), F being the tokens flushed at a time (KIVI:
+//     its key group G; TurboQuant: 16). An append follows CpuKvCache::Append: new tokens are
+//     rounded to fp16 into the window; while the window holds >= R + F tokens its oldest F are
+//     encoded (KIVI: as one key group; TurboQuant: token by token) into the next F block slots,
+//     from their fp16 values, and the window shifts down by F. The caller tracks the
+//     encoded/residual split on the host (it follows from the token counts alone: see
+//     SplitStoredTokens below) and passes stored counts in.
 // Per-sequence state arrays are indexed by a SLOT: seq_slots[s] for batch entry s (nullptr: slot =
 // s), so a runner can keep state for its sequences at fixed slots and batch any subset of them.
 // The slots of one batch must be distinct.
@@ -26,7 +29,7 @@
 // ordered after the Append on its stream sees the final scale.
 //
 // Supported: head_dim 64, 128, 256; any block_size; every format of kernels/cpu except
-// TurboQuant with QJL keys and eviction (UnimplementedError); KIVI needs 8 | G and R > 0.
+// TurboQuant with QJL keys and eviction (UnimplementedError); KIVI needs 8 | G.
 //
 //   ASSIGN_OR_RETURN(auto append, CudaKvAppend::Create(spec, /*head_dim=*/128, /*kv_heads=*/8, 16));
 //   AppendBatch a{.pool = d_pool, ...};
@@ -42,15 +45,17 @@
 
 namespace kvgate::kernels::cuda {
 
-// KIVI's split of a sequence's `stored` tokens (per layer) between the blocks and the fp16
-// residual window, as CpuKvCache::Append leaves it after any sequence of appends totalling
-// `stored` tokens: encoded = 0 if stored < R + G, else G * floor((stored - R) / G); the rest is in
-// the window. For formats without a residual window: encoded = stored, residual = 0.
-struct KiviCounts {
+// The split of a sequence's `stored` tokens (per layer) between the blocks and the fp16 residual
+// window, as CpuKvCache::Append leaves it after any sequence of appends totalling `stored`
+// tokens: encoded = 0 if stored < R + F, else F * floor((stored - R) / F) (F: KIVI's G,
+// TurboQuant's 16); the rest is in the window. For formats without a window (fp16, bf16, fp8,
+// int8, TurboQuant with r=0): encoded = stored, residual = 0.
+struct StoredSplit {
   int64_t encoded = 0;
   int64_t residual = 0;
 };
-KiviCounts SplitStoredTokens(const KvFormatSpec& spec, int64_t stored);
+using KiviCounts = StoredSplit;  // the name from when only KIVI had a window
+StoredSplit SplitStoredTokens(const KvFormatSpec& spec, int64_t stored);
 
 // One append call: for one layer, rows of several sequences. Sequence s (batch entry) owns rows
 // [row_begin[s], row_begin[s + 1]) of k / v, which follow the `stored_before[s]` tokens it already
@@ -75,8 +80,8 @@ struct AppendBatch {
   int64_t row_stride = 0;
   // FP8 only: [slots, kv_heads, 2] (read and, while 0, chosen).
   float* head_scales = nullptr;
-  // KIVI only: [slots, kv_heads, residual_capacity, head_dim] fp16 (read and written), 16-byte
-  // aligned.
+  // Formats with a window (residual_capacity() > 0) only: [slots, kv_heads, residual_capacity,
+  // head_dim] fp16 (read and written), 16-byte aligned.
   uint16_t* residual_k = nullptr;
   uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
@@ -85,8 +90,9 @@ struct AppendBatch {
 // Reads (dequantizes) what attention sees for the first `lens[s]` tokens of sequences, one layer,
 // in the ORIGINAL basis (TurboQuant un-rotated; norms applied), as float32:
 //   out_k/out_v[s][kv_head][t][head_dim], t < lens[s], with out_stride_tokens slots per (s, head).
-// Tokens below the sequence's encoded count come from the blocks, the rest (KIVI) from the
-// residual window. Used by the runner for prefill over a cached prefix, and by tests.
+// Tokens below the sequence's encoded count come from the blocks, the rest (KIVI, TurboQuant with
+// R > 0) from the residual window, as fp16 values. Used by the runner for prefill over a cached
+// prefix, and by tests.
 struct ReadBatch {
   const uint8_t* pool = nullptr;
   int64_t block_stride_bytes = 0;
@@ -95,11 +101,11 @@ struct ReadBatch {
   int max_blocks_per_seq = 0;
   int num_seqs = 0;
   const int32_t* seq_slots = nullptr;  // nullptr: slot = s
-  const int32_t* lens = nullptr;       // [num_seqs] tokens to read (= stored: KIVI's split
+  const int32_t* lens = nullptr;       // [num_seqs] tokens to read (= stored: the split
                                        // between blocks and window follows from it)
   int max_len = 0;                     // host value: >= every lens[s]
   const float* head_scales = nullptr;  // FP8
-  const uint16_t* residual_k = nullptr;  // KIVI (as in AppendBatch)
+  const uint16_t* residual_k = nullptr;  // with a window (as in AppendBatch)
   const uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
   float* out_k = nullptr;  // [num_seqs, kv_heads, out_stride_tokens, head_dim]
@@ -116,7 +122,8 @@ class CudaKvAppend {
                                                               int head_dim, int num_kv_heads,
                                                               int block_size);
   virtual int record_bytes() const = 0;
-  // KIVI: R + G (the residual window's capacity in tokens); 0 for other formats.
+  // R + F (the fp16 residual window's capacity in tokens: KIVI R + G, TurboQuant R + 16); 0 for
+  // formats without a window (TurboQuant with r=0 included).
   virtual int residual_capacity() const = 0;
   // Enqueues the encode on `stream`. The caller has reserved blocks for every written slot.
   virtual absl::Status Append(const AppendBatch& batch, void* stream) = 0;

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -35,6 +36,12 @@ struct KvCacheConfig {
   int block_size = 16;     // tokens per block
   int64_t num_blocks = 0;  // blocks in the pool
   KvFormatSpec format;
+  // The model's RoPE inverse frequencies [head_dim / 2] (rotate-half layout; keys arrive
+  // post-RoPE). Sink eviction uses them for StreamingLLM's positions within the cache: once tokens
+  // are evicted, a query scores the sink tokens as if the window directly followed them (the
+  // query is rotated back by the number of evicted tokens for those scores; window tokens keep
+  // their distances, which are the same in both numberings). Empty: original positions.
+  std::vector<double> rope_inv_freq;
 };
 
 class KvCache {
