@@ -109,6 +109,10 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     a->d_ = d;
     a->num_kv_heads_ = num_kv_heads;
     a->block_size_ = bs;
+    // KIVI and TurboQuant keep their newest tokens in an fp16 window (R > 0); TurboQuant r=0 has
+    // none.
+    a->has_window_ = (spec.kind == KvFormatKind::kKivi || spec.kind == KvFormatKind::kTurbo) &&
+                     spec.residual_tokens > 0;
     FormatParams& fp = a->fp_;
     fp.record_bytes = (*codec)->record_bytes();
     fp.key_bytes = (*codec)->key_bytes();
@@ -183,12 +187,13 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
         return absl::UnimplementedError("CUDA decode: KIVI group larger than a tile");
       }
     }
-    // v1 (DecodeSplitKernel): every format; KIVI's residual split always runs on it.
+    // v1 (DecodeSplitKernel): every format; the fp16 window's split always runs on it, in tiles
+    // of fp16 [k | v] records (4 d bytes) that fit its shared memory.
     const int stage_bytes = tile_blocks * seg;
     const int teams = internal::ThreadsPerCta() / (d / 8);
     int smem = std::max(internal::MaxStages() * stage_bytes, teams * 8 * d * 4);  // reduction
-    if (a->kind_ == internal::kKindKivi) {
-      a->residual_tile_tokens = std::min(internal::kMaxTileTokens, smem / (4 * d));
+    if (a->has_window_) {
+      a->residual_tile_tokens_ = std::min(internal::kMaxTileTokens, smem / (4 * d));
     }
     a->smem_v1_bytes_ = smem;
     a->tile_blocks_ = tile_blocks;
@@ -256,9 +261,10 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     if (kind_ == internal::kKindFp8 && !b.head_scales) {
       return absl::InvalidArgumentError("DecodeBatch: FP8 needs head_scales");
     }
-    const bool residual = kind_ == internal::kKindKivi && b.residual_lens != nullptr;
+    // Formats without a window (TurboQuant r=0 included) ignore the residual fields.
+    const bool residual = has_window_ && b.residual_lens != nullptr;
     if (residual && (!b.residual_k || !b.residual_v || b.residual_capacity <= 0)) {
-      return absl::InvalidArgumentError("DecodeBatch: KIVI residual pointers missing");
+      return absl::InvalidArgumentError("DecodeBatch: residual window pointers missing");
     }
     // Split planning: whole tiles per split. Automatic: the split count whose estimated time is
     // least, time = waves of CTAs (ceil(CTAs / resident CTA slots)) x (tiles per split + 1 for
@@ -268,7 +274,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     const int gi = g == 1 ? 0 : g == 2 ? 1 : g == 4 ? 2 : 3;
     const int64_t slots = int64_t{num_sms_} * ctas_per_sm_[gi];
     const int64_t pairs = int64_t{b.num_seqs} * hkv;
-    const int split_cap = internal::kMaxReduceSplits - 1;  // one left for KIVI's residual split
+    const int split_cap = internal::kMaxReduceSplits - 1;  // one left for the window's split
     int splits = 1;
     if (forced_splits_ > 0) {
       splits = forced_splits_;
@@ -301,7 +307,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     a.residual_k = b.residual_k;
     a.residual_v = b.residual_v;
     a.residual_capacity = b.residual_capacity;
-    a.residual_tile_tokens = residual_tile_tokens;
+    a.residual_tile_tokens = residual_tile_tokens_;
     a.head_scales = b.head_scales;
     a.seq_slots = b.seq_slots;
     a.num_q_heads = b.num_q_heads;
@@ -345,7 +351,8 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
   }
 
   int kind_ = 0, d_ = 0, num_kv_heads_ = 0, block_size_ = 0, tile_blocks_ = 1;
-  int residual_tile_tokens = 0, smem_bytes_ = 0, num_sms_ = 1;
+  int residual_tile_tokens_ = 0, smem_bytes_ = 0, num_sms_ = 1;
+  bool has_window_ = false;  // KIVI, TurboQuant with R > 0
   int ctas_per_sm_[4] = {1, 1, 1, 1};
   int forced_splits_ = 0, last_splits_ = 0;
   int mma_fmt_ = -1;  // DecodeMmaKernel (v2) format id; -1: DecodeSplitKernel (v1)

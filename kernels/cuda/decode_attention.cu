@@ -10,8 +10,9 @@
 //    power-of-two group, TurboQuant with equal key/value rates 4/3.5/3/2.5): tensor cores
 //    (mma.sync m16n8k16) for Q K^T and P V with the GQA group as N, per-warp online softmax on
 //    the fragments; its comment below has the fragment mapping.
-//  - DecodeSplitKernel (v1: the other layouts, and KIVI's fp16 residual window as one extra
-//    split): a split is a range of whole tiles; a tile is `tile_blocks` blocks. Each block
+//  - DecodeSplitKernel (v1: the other layouts, and the fp16 residual window of KIVI and
+//    TurboQuant as one extra split): a split is a range of whole tiles; a tile is `tile_blocks`
+//    blocks. Each block
 //    segment (one kv-head of one layer: block_size * record_bytes contiguous bytes, 16-byte
 //    aligned) is copied into shared memory with 16-byte cp.async, STAGES tiles in flight. A team
 //    of D/8 lanes handles one token, each lane 8 channels: scores are reduced with shuffles inside
@@ -329,6 +330,39 @@ __device__ __forceinline__ void ComputeTile(const uint8_t* tile, int ntok, const
   }
 }
 
+// In-place unnormalised Walsh-Hadamard transform of ROWS vectors x[ROWS][D] in shared memory
+// (log2 D butterfly stages, all threads of the block; the caller scales by 1/sqrt(D)).
+template <int D, int ROWS>
+__device__ __forceinline__ void FwhtRows(float* x) {
+  for (int h = 1; h < D; h <<= 1) {
+    __syncthreads();
+    for (int p = threadIdx.x; p < ROWS * D / 2; p += blockDim.x) {
+      const int j = p % (D / 2);
+      const int i = (p / (D / 2)) * D + (j / h) * 2 * h + j % h;
+      const float u = x[i], w = x[i + h];
+      x[i] = u + w;
+      x[i + h] = u - w;
+    }
+  }
+  __syncthreads();
+}
+
+// Stages tokens [t0, t0 + ntok) of one (sequence, kv-head)'s fp16 window (rk, rv: its key and
+// value rows, D halves each) at smem as fp16 records [k | v] of 4 D bytes, by 16-byte cp.async
+// from every thread (the caller commits and waits).
+template <int D>
+__device__ __forceinline__ void StageWindow(uint8_t* smem, const uint16_t* rk, const uint16_t* rv,
+                                            int t0, int ntok) {
+  constexpr int kRowChunks = 2 * D / 16;  // 16-byte chunks of one fp16 row
+  for (int c = threadIdx.x; c < ntok * 2 * kRowChunks; c += blockDim.x) {
+    const int tok = c / (2 * kRowChunks), part = (c / kRowChunks) % 2;
+    const int off = (c % kRowChunks) * 16;
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(part ? rv : rk) +
+                         static_cast<size_t>(t0 + tok) * 2 * D + off;
+    CpAsync16(smem + tok * 4 * D + part * 2 * D + off, src);
+  }
+}
+
 template <int KIND, int D, int G>
 __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, FormatParams fp) {
   constexpr int kLanes = D / 8, kTeams = kThreads / kLanes;
@@ -339,20 +373,38 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   const int split = blockIdx.x + a.split_offset, kvh = blockIdx.y, seq = blockIdx.z;
   const int tid = threadIdx.x, team = tid / kLanes, lane = tid % kLanes;
   const int num_kv_heads = gridDim.y;
+  // The fp16 window's split (KIVI, TurboQuant with R > 0): the window is an input of the call,
+  // so its first tile's copies go out before waiting for the previous kernel.
+  const bool window_split = split >= a.num_splits;
+  const uint16_t* win_k = nullptr;
+  const uint16_t* win_v = nullptr;
+  int win_len = 0;
+  if constexpr (KIND == kKindKivi || KIND == kKindTurbo) {
+    if (window_split) {
+      const size_t window = (StateSlot(a, seq) * num_kv_heads + kvh) * a.residual_capacity * D;
+      win_k = a.residual_k + window;
+      win_v = a.residual_v + window;
+      win_len = a.residual_lens[seq];
+      StageWindow<D>(smem, win_k, win_v, 0, min(a.residual_tile_tokens, win_len));
+      CpAsyncCommit();
+    }
+  }
   GridDepWait();  // qprep
   if (tid < 64) s_tables[tid] = fp.tables[tid];
   if (tid < G) {
     s_m[tid] = -INFINITY;
     s_l[tid] = 0.f;
   }
+  // TurboQuant's window split works in the original basis: the query as given (SplitArgs::query),
+  // its partial output rotated at the end. Every other split: the prepared query.
+  const bool tq_window = KIND == kKindTurbo && window_split;
   float q[G][8], acc[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    const float* qp =
-        a.qprep + (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + g) * D + 8 * lane;
+    const size_t row = (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + g) * D + 8 * lane;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      q[g][i] = qp[i];
+      q[g][i] = tq_window ? a.query[row + i] * a.query_scale : a.qprep[row + i];
       acc[g][i] = 0.f;
     }
   }
@@ -404,27 +456,20 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
                               acc, st);
     }
     CpAsyncWait<0>();
-  } else if constexpr (KIND == kKindKivi) {
-    // The fp16 residual window, staged as fp16 records [k | v] (4 D bytes per token).
-    const int r = a.residual_lens[seq];
-    const int tile_tokens = a.residual_tile_tokens;
-    const size_t window = (StateSlot(a, seq) * num_kv_heads + kvh) * a.residual_capacity * D;
-    const uint8_t* rk = reinterpret_cast<const uint8_t*>(a.residual_k + window);
-    const uint8_t* rv = reinterpret_cast<const uint8_t*>(a.residual_v + window);
+  } else if constexpr (KIND == kKindKivi || KIND == kKindTurbo) {
+    // The fp16 window (original basis) in tiles of fp16 records [k | v]; tile 0 was issued above.
     FormatParams half_fp = fp;
     half_fp.record_bytes = 4 * D;
     half_fp.key_bytes = 2 * D;
-    constexpr int kRowChunks = 2 * D / 16;
-    for (int t0 = 0; t0 < r; t0 += tile_tokens) {
-      const int ntok = min(tile_tokens, r - t0);
-      __syncthreads();
-      for (int c = tid; c < ntok * 2 * kRowChunks; c += kThreads) {
-        const int tok = c / (2 * kRowChunks), part = (c / kRowChunks) % 2,
-                  off = (c % kRowChunks) * 16;
-        const uint8_t* src = (part ? rv : rk) + static_cast<size_t>(t0 + tok) * 2 * D + off;
-        *reinterpret_cast<uint4*>(smem + tok * 4 * D + part * 2 * D + off) =
-            *reinterpret_cast<const uint4*>(src);
+    const int tile_tokens = a.residual_tile_tokens;
+    for (int t0 = 0; t0 < win_len; t0 += tile_tokens) {
+      const int ntok = min(tile_tokens, win_len - t0);
+      if (t0 > 0) {
+        __syncthreads();  // every team is done with the previous tile
+        StageWindow<D>(smem, win_k, win_v, t0, ntok);
+        CpAsyncCommit();
       }
+      CpAsyncWait<0>();
       __syncthreads();
       ComputeTile<kKindFp16, D, G>(smem, ntok, half_fp, s_tables, 1.f, q, acc, st);
     }
@@ -440,11 +485,28 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   }
   __syncthreads();
   const size_t part = (static_cast<size_t>(seq) * num_kv_heads + kvh) * a.total_splits + split;
-  for (int idx = tid; idx < G * D; idx += kThreads) {
-    float sum = 0.f;
+  if (tq_window) {
+    // sum_t p_t v_t in the original basis -> Rotate(.) = H (signs * .), the value domain of the
+    // other splits (Rotate is linear, so this equals the CPU's sum of p_t Rotate(v_t)). The team
+    // sums go in place into team 0's rows: entry idx is read and written by its thread only.
+    for (int idx = tid; idx < G * D; idx += kThreads) {
+      float sum = 0.f;
 #pragma unroll
-    for (int t = 0; t < kTeams; ++t) sum += red[t * G * D + idx];
-    a.part_acc[part * G * D + idx] = sum;
+      for (int t = 0; t < kTeams; ++t) sum += red[t * G * D + idx];
+      red[idx] = sum * a.signs[idx % D];
+    }
+    FwhtRows<D, G>(red);
+    const float norm = rsqrtf(static_cast<float>(D));
+    for (int idx = tid; idx < G * D; idx += kThreads) {
+      a.part_acc[part * G * D + idx] = red[idx] * norm;
+    }
+  } else {
+    for (int idx = tid; idx < G * D; idx += kThreads) {
+      float sum = 0.f;
+#pragma unroll
+      for (int t = 0; t < kTeams; ++t) sum += red[t * G * D + idx];
+      a.part_acc[part * G * D + idx] = sum;
+    }
   }
   if (tid < G) {
     a.part_ml[(part * G + tid) * 2] = s_m[tid];
@@ -709,6 +771,14 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1
   }
 }
 
+// 2^x, flushing subnormal results to 0 (a single MUFU; exp2f adds a subnormal range fix-up).
+// Probabilities under 2^-126 add nothing an fp32 sum of terms <= 1 could keep.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t MovTrans(uint32_t x) {
   uint32_t y;
   asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
@@ -908,31 +978,43 @@ __device__ __forceinline__ void TurboCodes(const uint32_t* rw, BitPos pos, const
   TurboGroups<B, N>(win, tb, out);
 }
 
-// KIVI: N codes (N multiple of 8 for 4-bit, 16 for 2-bit) from `words`, as N/2 half2 of the raw
-// code times a power of two: pair j = (code[2j] * f0(j), code[2j+1] * f1(j)) with (f0, f1) =
-// (1, 16) for 4 bits; (1, 4) for even j and (16, 64) for odd j for 2 bits. KiviScale gives the
-// matching scale pairs (scale / f).
-template <int BITS, int N>
-__device__ __forceinline__ void KiviCodePairs(const uint32_t* words, uint32_t* out) {
-#pragma unroll
-  for (int j = 0; j < N / 2; ++j) {
-    const uint32_t w = words[j / (16 / BITS)];
-    uint32_t x;
-    if constexpr (BITS == 4) {
-      const int byte = j % 4;
-      x = __byte_perm(w, 0u, 0x4040 | (byte << 8) | byte) & 0x00F0000Fu;
-    } else {
-      const int byte = (j / 2) % 4;
-      x = __byte_perm(w, 0u, 0x4040 | (byte << 8) | byte) & ((j % 2) ? 0x00C00030u : 0x000C0003u);
-    }
-    out[j] = HalfSub2(x | 0x64006400u, 0x64006400u);  // exact small integers
-  }
+// KIVI codes -> fp16 pairs. A lane's list of CH codes of B bits is read in units of U codes: a
+// 32-bit word, or (CH * B = 16) 16 bits whose high byte is moved to bit 16. Pair k of a unit holds
+// codes (k, k + U/2), which sit at the same bit position of the unit's two 16-bit halves, so one
+// AND (after a byte shift) isolates both: position pos = k % (8 / B) inside a byte leaves each code
+// multiplied by 2^(B pos), which the scale of the pair absorbs (KiviPairFactor); OR-ing 0x6400
+// (fp16 1024) and subtracting 1024 gives the exact small integers.
+template <int B, int CH>
+struct KiviUnit {
+  static constexpr int kCodes = 32 / B < CH ? 32 / B : CH;  // U
+  static constexpr int kPairs = kCodes / 2;
+  static constexpr int kPerByte = 8 / B;
+};
+// List offset (channel within the lane's CH) of entry m = 2 j + half.
+template <int B, int CH>
+__host__ __device__ constexpr int KiviListOffset(int m) {
+  using U = KiviUnit<B, CH>;
+  const int j = m / 2;
+  return U::kCodes * (j / U::kPairs) + j % U::kPairs + (m % 2) * U::kPairs;
 }
-template <int BITS>
-__device__ __forceinline__ uint32_t KiviScale(float sc_lo, float sc_hi, int j) {
-  if constexpr (BITS == 4) return PackHalf2(sc_lo, sc_hi * (1.f / 16));
-  return (j % 2) ? PackHalf2(sc_lo * (1.f / 16), sc_hi * (1.f / 64))
-                 : PackHalf2(sc_lo, sc_hi * (1.f / 4));
+// half2 (f, f) with f = 2^-(B pos): divides a scale pair by pair j's position factor.
+template <int B, int CH>
+__device__ __forceinline__ uint32_t KiviPairFactor(int j) {
+  using U = KiviUnit<B, CH>;
+  const uint32_t pos = static_cast<uint32_t>((j % U::kPairs) % U::kPerByte);
+  return 0x3C003C00u - pos * B * 0x04000400u;  // exponent of 1.0 minus B pos
+}
+template <int B, int CH>
+__device__ __forceinline__ void KiviCodePairs(const uint32_t* units, uint32_t* out) {
+  using U = KiviUnit<B, CH>;
+  constexpr uint32_t kMask = ((1u << B) - 1) * 0x00010001u;
+#pragma unroll
+  for (int j = 0; j < CH / 2; ++j) {
+    const int k = j % U::kPairs;
+    const uint32_t w = units[j / U::kPairs] >> (8 * (k / U::kPerByte));
+    const uint32_t x = (w & (kMask << (B * (k % U::kPerByte)))) | 0x64006400u;
+    out[j] = HalfSub2(x, 0x64006400u);
+  }
 }
 
 template <int FMT>
@@ -946,6 +1028,9 @@ __device__ __forceinline__ int ChannelBytes() {
 template <int FMT, int D, bool KEY>
 __device__ __forceinline__ int ListChannel(int lane_part, int m) {
   constexpr int kLanes = KEY ? 4 : 8;
+  if constexpr (MmaFmt<FMT>::kKivi) {  // KIVI: contiguous share, read in code pairs (KiviUnit)
+    return lane_part * (D / kLanes) + KiviListOffset<MmaFmt<FMT>::KiviBits(), D / kLanes>(m);
+  }
   constexpr int hi = D / MmaFmt<FMT>::kHiDiv, nhi = hi / kLanes, nlo = (D - hi) / kLanes;
   return m < nhi ? lane_part * nhi + m : hi + lane_part * nlo + (m - nhi);
 }
@@ -992,8 +1077,9 @@ __device__ __forceinline__ void LoadList(const uint8_t* rec, int part, const For
     const uint8_t* c = rec + part * CH * B / 8;
     if constexpr (CH * B >= 32) {
       LoadWords<CH * B / 32>(c, w);
-    } else {
-      w[0] = *reinterpret_cast<const uint16_t*>(c);
+    } else {  // 16 bits: high byte to bit 16 (KiviUnit)
+      const uint32_t u = *reinterpret_cast<const uint16_t*>(c);
+      w[0] = (u & 0xFFu) | ((u & 0xFF00u) << 8);
     }
     KiviCodePairs<B, CH>(w, h);
   }
@@ -1136,7 +1222,12 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
         a.qprep + (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + min(g, G - 1)) * D;
 #pragma unroll
     for (int s = 0; s < kKeySteps; ++s) {
-      const float4 v = *reinterpret_cast<const float4*>(qp + ListChannel<FMT, D, true>(t, 4 * s));
+      // Entries 4s .. 4s + 3 of the lane's key list (not consecutive channels for KIVI's pairs).
+      float4 v;
+      v.x = qp[ListChannel<FMT, D, true>(t, 4 * s)];
+      v.y = qp[ListChannel<FMT, D, true>(t, 4 * s + 1)];
+      v.z = qp[ListChannel<FMT, D, true>(t, 4 * s + 2)];
+      v.w = qp[ListChannel<FMT, D, true>(t, 4 * s + 3)];
       if constexpr (kBf) {
         float r[4];
         qf[s][0] = g < G ? PackBf162(v.x, v.y, &r[0], &r[1]) : 0u;
@@ -1159,21 +1250,23 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
     const uint8_t* tile = smem + (tt % kStagesMma) * stage_bytes;
     const int ntok = min(tile_tokens, enc - (b0 + tt * a.tile_blocks) * bs);
     if constexpr (F::kKivi) {
-      // Stage the tile's key-group metadata as channel pairs: [group][D/2] scale' (divided by the
-      // pair's code position factor, KiviCodePairs) then [D/2] (min, min). Double-buffered, so one
-      // extra barrier per tile.
+      // Stage the tile's key-group metadata in the order of the lanes' key pairs (lane t's pair j
+      // at t * kKeyCh / 2 + j): [group][D/2] (scale, scale) of the pair's two channels divided by
+      // its code position factor, then [D/2] (min, min). Double-buffered: one extra barrier.
       uint32_t* meta = kivi_meta + (tt & 1) * kivi_meta_words;
       const int groups = (ntok + (1 << lg_group) - 1) >> lg_group;
       for (int idx = tid; idx < groups * (D / 2); idx += kThreads) {
-        const int gi = idx / (D / 2), pr = idx % (D / 2), c = 2 * pr;
+        const int gi = idx / (D / 2), pr = idx % (D / 2);
+        const int lt = pr / (kKeyCh / 2), j = pr % (kKeyCh / 2);
+        const int c_lo = ListChannel<FMT, D, true>(lt, 2 * j);
+        const int c_hi = ListChannel<FMT, D, true>(lt, 2 * j + 1);
         const uint8_t* base = tile + (gi << lg_group) * rb + fp.kivi_codes_bytes;
-        const uint32_t w0 =
-            *reinterpret_cast<const uint32_t*>(base + (c >> lg_cpt) * rb + 4 * (c & (cpt - 1)));
-        const uint32_t w1 = *reinterpret_cast<const uint32_t*>(base + ((c + 1) >> lg_cpt) * rb +
-                                                               4 * ((c + 1) & (cpt - 1)));
-        const float sc0 = __half2float(__ushort_as_half(static_cast<unsigned short>(w0 & 0xFFFF)));
-        const float sc1 = __half2float(__ushort_as_half(static_cast<unsigned short>(w1 & 0xFFFF)));
-        meta[gi * D + pr] = KiviScale<F::KiviBits()>(sc0, sc1, pr);
+        const uint32_t w0 = *reinterpret_cast<const uint32_t*>(base + (c_lo >> lg_cpt) * rb +
+                                                               4 * (c_lo & (cpt - 1)));
+        const uint32_t w1 = *reinterpret_cast<const uint32_t*>(base + (c_hi >> lg_cpt) * rb +
+                                                               4 * (c_hi & (cpt - 1)));
+        meta[gi * D + pr] =
+            HalfMul2(__byte_perm(w0, w1, 0x5410), KiviPairFactor<F::KiviBits(), kKeyCh>(j));
         meta[gi * D + D / 2 + pr] = __byte_perm(w0, w1, 0x7632);
       }
       __syncthreads();
@@ -1236,17 +1329,21 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
         if (c0 + g >= ntok) s[0] = s[1] = -INFINITY;
         if (c0 + g + 8 >= ntok) s[2] = s[3] = -INFINITY;
       }
-      // ---- online softmax (heads 2t, 2t+1; max over the warp's 16 tokens) ----
-      float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
+      // ---- online softmax (heads 2t, 2t+1) ----
+      // The running max moves only when a score of the chunk exceeds it, which gets rare after
+      // the first chunks: one vote decides, and only then is the max taken over the warp's 16
+      // tokens (shuffles) and the state rescaled. Every p stays <= 1.
+      const float cm0 = fmaxf(s[0], s[2]), cm1 = fmaxf(s[1], s[3]);
+      if (__any_sync(0xffffffffu, cm0 > m0 || cm1 > m1)) {
+        float mx0 = cm0, mx1 = cm1;
 #pragma unroll
-      for (int off = 4; off < 32; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-      }
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-      const float mu0 = mn0 == -INFINITY ? 0.f : mn0, mu1 = mn1 == -INFINITY ? 0.f : mn1;
-      if (__any_sync(0xffffffffu, mn0 != m0 || mn1 != m1)) {
-        const float al0 = exp2f(m0 - mu0), al1 = exp2f(m1 - mu1);
+        for (int off = 4; off < 32; off <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float al0 = Exp2(m0 - (mn0 == -INFINITY ? 0.f : mn0));
+        const float al1 = Exp2(m1 - (mn1 == -INFINITY ? 0.f : mn1));
         l0 *= al0;
         l1 *= al1;
 #pragma unroll
@@ -1259,8 +1356,9 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
         m0 = mn0;
         m1 = mn1;
       }
-      float p0 = exp2f(s[0] - mu0), p1 = exp2f(s[1] - mu1);
-      float p2 = exp2f(s[2] - mu0), p3 = exp2f(s[3] - mu1);
+      const float mu0 = m0 == -INFINITY ? 0.f : m0, mu1 = m1 == -INFINITY ? 0.f : m1;
+      float p0 = Exp2(s[0] - mu0), p1 = Exp2(s[1] - mu1);
+      float p2 = Exp2(s[2] - mu0), p3 = Exp2(s[3] - mu1);
       l0 += p0 + p2;
       l1 += p1 + p3;
       // ---- O^T += V^T P^T ----
@@ -1280,15 +1378,20 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
           LoadList<FMT, D, kValCh, false>(vec, g, fp, v[r]);
         }
         if constexpr (F::kKivi) {
+          // The token's (scale, min) of this lane's channel group; the scale divided by each
+          // pair's code position factor (KiviUnit::kPerByte distinct ones).
+          using U = KiviUnit<F::KiviBits(), kValCh>;
           const uint32_t w =
               *reinterpret_cast<const uint32_t*>(vec + fp.kivi_codes_bytes + 4 * kivi_vgroup);
-          const float2 sm = __half22float2(*reinterpret_cast<const __half2*>(&w));
-          const uint32_t sc_even = KiviScale<F::KiviBits()>(sm.x, sm.x, 0);
-          const uint32_t sc_odd = KiviScale<F::KiviBits()>(sm.x, sm.x, 1);
-          const uint32_t mn = __byte_perm(w, w, 0x7632);
+          const uint32_t sc = __byte_perm(w, w, 0x1010), mn = __byte_perm(w, w, 0x3232);
+          uint32_t scp[U::kPerByte];
+#pragma unroll
+          for (int pos = 0; pos < U::kPerByte; ++pos) {
+            scp[pos] = HalfMul2(sc, KiviPairFactor<F::KiviBits(), kValCh>(pos));
+          }
 #pragma unroll
           for (int j = 0; j < kValCh / 2; ++j) {
-            v[r][j] = HalfFma2(v[r][j], (j % 2) ? sc_odd : sc_even, mn);
+            v[r][j] = HalfFma2(v[r][j], scp[(j % U::kPairs) % U::kPerByte], mn);
           }
         }
         vf[r] = 1.f;
@@ -1447,14 +1550,18 @@ cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a
   }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
+  SplitArgs sa = a;
+  sa.query = q;
+  sa.query_scale = scale * kLog2e;
+  sa.signs = signs;
   const dim3 grid(a.total_splits, num_kv_heads, num_seqs);
   if (mma_fmt < 0) {
-    e = Dispatch(false, kind, d, g, a, fp, grid, smem_bytes, stream, nullptr);
+    e = Dispatch(false, kind, d, g, sa, fp, grid, smem_bytes, stream, nullptr);
   } else {
-    e = DispatchMma(false, mma_fmt, d, g, a, fp, dim3(a.num_splits, num_kv_heads, num_seqs),
+    e = DispatchMma(false, mma_fmt, d, g, sa, fp, dim3(a.num_splits, num_kv_heads, num_seqs),
                     smem_bytes, stream, nullptr);
-    if (e == cudaSuccess && a.total_splits > a.num_splits) {  // KIVI residual: v1, last split
-      SplitArgs r = a;
+    if (e == cudaSuccess && a.total_splits > a.num_splits) {  // the fp16 window: v1, last split
+      SplitArgs r = sa;
       r.split_offset = a.num_splits;
       e = Dispatch(false, kind, d, g, r, fp,
                    dim3(a.total_splits - a.num_splits, num_kv_heads, num_seqs), smem_v1_bytes,

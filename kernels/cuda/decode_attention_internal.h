@@ -15,7 +15,7 @@ enum : int { kKindFp16 = 0, kKindBf16, kKindFp8, kKindInt8, kKindKivi, kKindTurb
 
 // Scores of one tile live in shared memory [G][kMaxTileTokens].
 inline constexpr int kMaxTileTokens = 128;
-// Splits per (sequence, kv-head) the reduction kernel accepts (KIVI residual split included).
+// Splits per (sequence, kv-head) the reduction kernel accepts (the window's split included).
 inline constexpr int kMaxReduceSplits = 2048;
 
 // Per-format constants (passed by value to the kernel).
@@ -38,11 +38,19 @@ struct SplitArgs {
   const int32_t* block_tables = nullptr;
   int max_blocks_per_seq = 0;
   const int32_t* encoded_lens = nullptr;
+  // fp16 window of KIVI and TurboQuant (R > 0), original basis; nullptr residual_lens: none.
   const int32_t* residual_lens = nullptr;
   const uint16_t* residual_k = nullptr;
   const uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
   int residual_tile_tokens = 0;
+  // TurboQuant's window split scores the window keys against the query in the original basis
+  // (query [seqs, q_heads, d] times query_scale) and rotates its partial output by the codec's
+  // random signs then Walsh-Hadamard (signs, d floats), so that it merges with the rotated-domain
+  // splits before the reduction's single un-rotation. Set by LaunchDecode.
+  const float* query = nullptr;
+  float query_scale = 0.f;
+  const float* signs = nullptr;
   const float* head_scales = nullptr;
   // Per-sequence state slot of batch entry s (head_scales, residual_k/v); nullptr: slot s.
   const int32_t* seq_slots = nullptr;
@@ -54,7 +62,7 @@ struct SplitArgs {
   int tile_blocks = 0;
   int blocks_per_split = 0;
   int num_splits = 0;    // splits over the blocks
-  int total_splits = 0;  // + 1 for the KIVI residual split
+  int total_splits = 0;  // + 1 for the fp16 window's split (KIVI, TurboQuant with R > 0)
   int split_offset = 0;  // v1 kernel: blockIdx.x + split_offset is the split
 };
 
@@ -70,8 +78,8 @@ int MmaStages();
 inline constexpr int MmaMergeBytes(int d) { return 4 * 8 * d * 4 + 4 * 8 * 2 * 4; }
 cudaError_t SetupMmaKernel(int fmt, int d, int smem_bytes, int* blocks_per_sm);
 // mma_fmt < 0: the v1 DecodeSplitKernel over all splits (smem_bytes). Otherwise DecodeMmaKernel
-// over the num_splits block splits (smem_bytes) and, for KIVI's residual split, DecodeSplitKernel
-// (smem_v1_bytes).
+// over the num_splits block splits (smem_bytes) and, for the fp16 window's split (KIVI,
+// TurboQuant), DecodeSplitKernel (smem_v1_bytes).
 cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a,
                          const FormatParams& fp, int num_kv_heads, int num_seqs, int smem_bytes,
                          int smem_v1_bytes, const float* q, float* out, const float* signs,

@@ -1,8 +1,9 @@
 // CUDA decode attention (kvgate_kernels_cuda) against the CPU reference cache
 // (CpuKvCache::DecodeAttention) for every KV format: head_dim 64/128, GQA 1/4/8, ragged batches
 // whose lengths are not multiples of the block size (1, 17, 1000, 4097), forced split counts, and
-// long sequences, garbage in unused slots, the layouts that take the v1 fallback kernel, and
-// per-sequence state at scattered slots (DecodeBatch::seq_slots). Both
+// long sequences, garbage in unused slots, the layouts that take the v1 fallback kernel,
+// per-sequence state at scattered slots (DecodeBatch::seq_slots), and TurboQuant's fp16 window
+// (default R, r=0, r=32) around its flush boundaries. Both
 // sides read identical stored bytes (PackPagedKv encodes with the CPU codecs under the cache's
 // rules); the tensor-core kernel rounds q and p to fp16 (2^-11 relative each; bf16 splits them into
 // hi + lo parts), which measured 2.4e-4..6.7e-4 relative L2 (v1 and bf16: <= 4e-6), so the bound
@@ -46,6 +47,7 @@ struct Result {
   double max_rel_l2 = 0;
   bool all_finite = true;
   int splits = 0;
+  int64_t window_tokens = 0;  // tokens of the batch in the fp16 residual window
 };
 
 struct CaseOptions {
@@ -54,9 +56,9 @@ struct CaseOptions {
   // (0 * NaN = NaN).
   bool poison_tail = false;
   int kivi_group = 0;  // > 0: overrides the KIVI group size G of the parsed format
-  // Per-sequence state (FP8 head scales, KIVI residual window) at scattered slots of arrays twice
-  // the batch size plus one (DecodeBatch::seq_slots, entry s at slot 2 (n - 1 - s) + 1); the other
-  // slots hold NaN, so reading the wrong slot shows in the output.
+  // Per-sequence state (FP8 head scales, KIVI / TurboQuant residual window) at scattered slots
+  // of arrays twice the batch size plus one (DecodeBatch::seq_slots, entry s at slot
+  // 2 (n - 1 - s) + 1); the other slots hold NaN, so reading the wrong slot shows in the output.
   bool slotted = false;
 };
 
@@ -91,7 +93,8 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
                     .head_dim = d,
                     .block_size = bs,
                     .num_blocks = blocks + 1,
-                    .format = *spec};
+                    .format = *spec,
+                    .rope_inv_freq = {}};
   auto cache = CreateCpuKvCache(cfg);
   ASSERT_TRUE(cache.ok()) << cache.status();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -107,6 +110,7 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
   // GPU.
   auto packed = PackPagedKv(*spec, d, kv_heads, bs, k, v, seed ^ 0x5eed);
   ASSERT_TRUE(packed.ok()) << packed.status();
+  for (int32_t r : packed->residual_lens) result->window_tokens += r;
   if (opt.poison_tail) {
     for (int s = 0; s < num_seqs; ++s) {
       const int enc = packed->encoded_lens[s];
@@ -353,6 +357,55 @@ TEST(CudaDecodeSlotTest, ScatteredStateSlotsMatchCpu) {
         std::printf("[ result ] %s slotted G=%d splits=%d rel_l2=%.3g\n", format, group, r.splits,
                     r.max_rel_l2);
       }
+    }
+  }
+}
+
+// TurboQuant's fp16 window (R newest tokens in the original basis, flushed 16 at a time; the
+// window split scores them against the unrotated query and rotates its partial output): lengths
+// below R (everything in the window), R + 15 (the most the window holds before a flush), R + 16
+// (the first flush: 16 tokens encoded, R in the window) and long, with automatic, one and many
+// splits, on the tensor-core kernel (equal rates) and the v1 kernel (mixed rates), d 64 and 128;
+// r=0 (no window) as the control. Then scattered state slots (the other slots' windows are NaN).
+int64_t ExpectedWindowTokens(int r, const std::vector<int>& lens) {
+  int64_t total = 0;
+  for (int n : lens) {
+    if (r > 0) total += n < r + 16 ? n : r + (n - r) % 16;
+  }
+  return total;
+}
+
+TEST(CudaDecodeWindowTest, TurboQuantWindowMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  for (const char* format : {"tq4", "tq3.5", "tq2.5", "tq:k=4,v=3", "tq:k=4,v=4,r=0",
+                             "tq:k=4,v=4,r=32", "tq:k=2.5,v=4,r=32"}) {
+    auto spec = ParseKvFormat(format);
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    const int r = spec->residual_tokens;
+    const std::vector<int> lens = {r > 0 ? r / 2 + 1 : 5, r + 15, r + 16, 3001};
+    for (int d : {64, 128}) {
+      for (int splits : {0, 1, 7}) {
+        Result res;
+        RunCase(format, d, 4, lens, splits, 500 + d + splits + r, &res);
+        if (HasFatalFailure()) return;
+        EXPECT_EQ(res.window_tokens, ExpectedWindowTokens(r, lens)) << format;
+        EXPECT_TRUE(res.all_finite) << format << " d=" << d << " splits=" << splits;
+        EXPECT_LT(res.max_rel_l2, kTolerance) << format << " d=" << d << " splits=" << splits;
+        std::printf("[ result ] %s window d=%d splits=%d window_tokens=%lld rel_l2=%.3g\n", format,
+                    d, res.splits, static_cast<long long>(res.window_tokens), res.max_rel_l2);
+      }
+    }
+  }
+  for (const char* format : {"tq4", "tq:k=4,v=3", "tq:k=3,v=3,r=32"}) {
+    for (int splits : {0, 1}) {
+      Result res;
+      RunCase(format, 128, 8, {1, 143, 144, 1000, 77}, splits, 900 + splits, &res,
+              {.slotted = true});
+      if (HasFatalFailure()) return;
+      EXPECT_TRUE(res.all_finite) << format << ": read a wrong slot";
+      EXPECT_LT(res.max_rel_l2, kTolerance) << format << " slotted splits=" << splits;
+      std::printf("[ result ] %s window slotted splits=%d rel_l2=%.3g\n", format, res.splits,
+                  res.max_rel_l2);
     }
   }
 }

@@ -5,7 +5,8 @@
 // Time: CUDA graph of `iters` calls cycling over `rotations` disjoint copies of the KV data (so L2
 // never serves repeated reads), replayed 15 times after warm-up; the median replay / iters.
 // Data: a real 4096-token sequence encoded by the CPU codecs (PackPagedKv), its blocks tiled over
-// the pool; block tables are random permutations.
+// the pool; block tables are random permutations. KIVI and TurboQuant (R > 0) keep each
+// sequence's newest tokens in their fp16 window, as the cache would (SplitStoredTokens).
 //
 //   kv_decode_bench [--formats fp16,tq4] [--cases B1_L32K,B16_L32K] > decode.csv
 #include <cuda_runtime.h>
@@ -21,6 +22,7 @@
 
 #include "kernels/cuda/paged_kv_host.h"
 #include "kvgate/kernels/cuda_attention.h"
+#include "kvgate/kernels/cuda_kv_append.h"
 
 namespace {
 
@@ -117,16 +119,12 @@ void RunFormat(const std::string& format, const std::vector<std::string>& cases)
   }
   auto& attn = *attn_or;
   const int cap = tmpl->residual_capacity;
-  const int residual_r =
-      spec->kind == kvgate::kernels::KvFormatKind::kKivi ? spec->residual_tokens : 0;
-  const int group = spec->group_size;
   for (const Case& c : kCases) {
     if (std::find(cases.begin(), cases.end(), c.name) == cases.end()) continue;
-    int enc = c.context, res = 0;
-    if (cap > 0) {
-      enc = c.context < residual_r + group ? 0 : (c.context - residual_r) / group * group;
-      res = c.context - enc;
-    }
+    // Blocks / fp16 window as the cache leaves them (KIVI, TurboQuant with R > 0: the newest
+    // R..R+F-1 tokens in the window).
+    const StoredSplit split = SplitStoredTokens(*spec, c.context);
+    const int enc = static_cast<int>(split.encoded), res = static_cast<int>(split.residual);
     const int blocks_per_seq = (enc + kBlock - 1) / kBlock;
     const int64_t n_blocks = int64_t{c.batch} * blocks_per_seq;
     const int64_t bytes_call = n_blocks * tmpl->block_bytes +

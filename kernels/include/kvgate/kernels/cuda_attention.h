@@ -3,19 +3,22 @@
 // The device pool has exactly the CPU cache's byte layout (kernels/cpu/cpu_kv_cache.cc):
 // [num_blocks][layer][kv_head][block_size][record_bytes], a record being one token's
 // [key | value] bytes as kernels/cpu/kv_codec.cc encodes them. A block table per sequence maps
-// logical block i (tokens [i*bs, (i+1)*bs)) to a pool block. KIVI's newest tokens live outside the
-// pool in an fp16 residual window per (sequence, kv-head); FP8's scales are per (sequence,
-// kv-head). This header is host-only: every pointer in DecodeBatch is a DEVICE pointer, and the
-// stream is a cudaStream_t passed as void* so that no CUDA header leaks to callers.
+// logical block i (tokens [i*bs, (i+1)*bs)) to a pool block. The newest tokens of KIVI and of
+// TurboQuant with R > 0 live outside the pool in an fp16 residual window per (sequence, kv-head),
+// in the original basis; FP8's scales are per (sequence, kv-head). This header is host-only:
+// every pointer in DecodeBatch is a DEVICE pointer, and the stream is a cudaStream_t passed as
+// void* so that no CUDA header leaks to callers.
 //
 // Kernels: split-KV (each CTA one kv-head group x a range of blocks, all query heads of the group
 // so each KV byte is read once; whole block segments copied into shared memory by bulk copies,
-// fp32 online softmax), then a reduction kernel over the splits (docs/GPU_NOTES.md). TurboQuant scores codes against
-// the query rotated once per call and accumulates values in the rotated domain, un-rotating the
-// output once in the reduction.
+// fp32 online softmax), then a reduction kernel over the splits (docs/GPU_NOTES.md). The fp16
+// window is one more split. TurboQuant scores codes against the query rotated once per call and
+// accumulates values in the rotated domain; its window split scores against the query as given
+// and rotates its partial output, and the reduction un-rotates the merged output once.
 //
 //   ASSIGN_OR_RETURN(auto attn, CudaDecodeAttention::Create(spec, /*head_dim=*/128,
-//                                                            /*num_kv_heads=*/8, /*block_size=*/16));
+//                                                            /*num_kv_heads=*/8,
+//                                                            /*block_size=*/16));
 //   DecodeBatch b{.pool = d_pool, .block_stride_bytes = ..., ...};
 //   RETURN_IF_ERROR(attn->Run(b, /*stream=*/nullptr));
 #pragma once
@@ -42,7 +45,10 @@ struct DecodeBatch {
   int max_blocks_per_seq = 0;
   const int32_t* encoded_lens = nullptr;  // [num_seqs] tokens stored in blocks
   int max_encoded_len = 0;                // host value: max of encoded_lens (plans the splits)
-  // KIVI only: fp16 residual window [num_seqs, num_kv_heads, residual_capacity, head_dim].
+  // KIVI and TurboQuant with R > 0 (other formats ignore these): fp16 residual window
+  // [num_seqs, num_kv_heads, residual_capacity, head_dim], original basis, token i of sequence s
+  // at position encoded_lens[s] + i. residual_capacity: R + 16 for TurboQuant, R + G for KIVI
+  // (CudaKvAppend / PackPagedKv lay it out).
   const int32_t* residual_lens = nullptr;  // [num_seqs]; nullptr = no residual tokens
   const uint16_t* residual_k = nullptr;
   const uint16_t* residual_v = nullptr;
