@@ -93,7 +93,7 @@ void PrintTable(const eval::QualityTable& table, const std::vector<int>& context
 int RunEval(int argc, char** argv) {
   Args args(argc, argv,
             {"model", "data", "formats", "evict", "evict-format", "contexts", "windows",
-             "score-tokens", "probes", "threads", "seed", "out", "backend"},
+             "score-tokens", "probes", "threads", "seed", "out", "backend", "cuda-compute"},
             {"rerun", "quiet"});
   if (args.help() || !args.ok() || args.Get("model").empty()) {
     if (!args.ok()) std::fprintf(stderr, "kvgate eval: %s\n", args.error().c_str());
@@ -103,7 +103,7 @@ int RunEval(int argc, char** argv) {
         "         [--evict 'h2o:heavy=0.1,recent=0.1,sink:sinks=4,window=256'] [--evict-format fp16]\n"
         "         [--contexts 512,1024,2048] [--windows 8] [--score-tokens 64] [--probes 8]\n"
         "         [--threads N] [--seed 1] [--out DIR/quality.yaml] [--backend cpu|cuda]\n"
-        "         [--rerun] [--quiet]\n"
+        "         [--cuda-compute bf16|fp32] [--rerun] [--quiet]\n"
         "Measures perplexity (and its ratio to fp16), KL divergence and top-1 agreement with\n"
         "fp16, and retrieval of early context, for each KV setting at each context length.\n"
         "--data: {\"files\":[{\"ids\":[...]}]} JSON or a folder of text files (default\n"
@@ -122,8 +122,16 @@ int RunEval(int argc, char** argv) {
   const std::string backend = args.Get("backend", "cpu");
   if (backend == "cuda") {
 #ifdef KVGATE_CLI_HAVE_CUDA
-    opts.make_runner = [](const worker::RunnerOptions& runner_options) {
-      return worker::CreateCudaModelRunner(runner_options);
+    // bf16 GEMMs by default (the worker's default); fp32 for figures free of the bf16 rounding.
+    const absl::StatusOr<worker::CudaCompute> compute =
+        worker::ParseCudaCompute(args.Get("cuda-compute", "bf16"));
+    if (!compute.ok()) {
+      std::fprintf(stderr, "kvgate eval: --cuda-compute: %s\n",
+                   std::string(compute.status().message()).c_str());
+      return 2;
+    }
+    opts.make_runner = [compute = *compute](const worker::RunnerOptions& runner_options) {
+      return worker::CreateCudaModelRunner(runner_options, {.compute = compute});
     };
 #else
     std::fprintf(stderr, "kvgate eval: --backend cuda: this kvgate was built without CUDA\n");

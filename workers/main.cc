@@ -72,6 +72,10 @@ ABSL_FLAG(double, gpu_memory_fraction, 0.85, "cuda backend: fraction of the GPU 
                                              "size ignored if --kv_blocks is set; --kv_cache_mb "
                                              "is not used)");
 
+ABSL_FLAG(std::string, cuda_compute, "bf16",
+          "cuda backend: bf16 (bf16 weights and GEMM inputs; fast) or fp32 (fp32 weights and "
+          "GEMMs: logits as the CPU backend computes them, twice the weight memory)");
+
 namespace kvgate::worker {
 namespace {
 
@@ -123,6 +127,15 @@ int Main(int argc, char** argv) {
     return 2;
   }
   kv_spec->eviction = *eviction;
+#ifdef KVGATE_WORKER_HAVE_CUDA
+  const absl::StatusOr<CudaCompute> cuda_compute =
+      ParseCudaCompute(absl::GetFlag(FLAGS_cuda_compute));
+  if (!cuda_compute.ok()) {
+    std::fprintf(stderr, "kvgate-worker-cuda: --cuda_compute: %s\n",
+                 std::string(cuda_compute.status().message()).c_str());
+    return 2;
+  }
+#endif
   std::string model_name = absl::GetFlag(FLAGS_model_name);
   if (model_name.empty()) model_name = FolderName(model_dir);
 
@@ -210,9 +223,10 @@ int Main(int argc, char** argv) {
 #ifdef KVGATE_WORKER_HAVE_CUDA
   if (backend == "cuda") {
     // One sequence slot of per-sequence KV state (KIVI windows, FP8 scales) per running sequence.
-    runner = CreateCudaModelRunner(
-        ropts, {.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction),
-                .max_sequences = absl::GetFlag(FLAGS_max_running)});
+    runner = CreateCudaModelRunner(ropts,
+                                   {.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction),
+                                    .max_sequences = absl::GetFlag(FLAGS_max_running),
+                                    .compute = *cuda_compute});
   }
 #endif
   if (!runner.ok()) {

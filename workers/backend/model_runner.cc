@@ -1,5 +1,6 @@
 #include "workers/backend/model_runner.h"
 
+#include <cmath>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -34,6 +35,35 @@ absl::Status ValidateForwardChunks(std::span<const ForwardChunk> chunks, const L
             absl::StrCat("token id ", id, " at index ", i, " of sequence ", chunk.seq,
                          " is outside the vocabulary [0, ", config.vocab_size, ")"));
       }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ModelRunner::ForwardSample(std::span<const ForwardChunk> chunks,
+                                        std::span<const DeviceSampling> sampling, int32_t* tokens) {
+  return absl::UnimplementedError(
+      absl::StrCat("the ", backend_name(), " backend does not sample on the device"));
+}
+
+absl::Status ValidateDeviceSampling(std::span<const ForwardChunk> chunks,
+                                    std::span<const DeviceSampling> sampling) {
+  if (sampling.size() != chunks.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ForwardSample: ", sampling.size(), " sampling entries for ", chunks.size(), " chunks"));
+  }
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    if (chunks[c].all_logits) {
+      return absl::InvalidArgumentError(absl::StrCat("ForwardSample: chunk ", c, " (sequence ",
+                                                     chunks[c].seq, ") asks for all logits"));
+    }
+    const DeviceSampling& s = sampling[c];
+    if (!std::isfinite(s.temperature) || s.top_k < 0 || !(s.top_p >= 0.0f && s.top_p <= 1.0f) ||
+        !(s.uniform >= 0.0 && s.uniform < 1.0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ForwardSample: chunk ", c, " (sequence ", chunks[c].seq, "): temperature ",
+          s.temperature, ", top_k ", s.top_k, ", top_p ", s.top_p, ", uniform ", s.uniform,
+          " (want a finite temperature, top_k >= 0, top_p in [0, 1], uniform in [0, 1))"));
     }
   }
   return absl::OkStatus();

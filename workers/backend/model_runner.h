@@ -32,6 +32,16 @@ struct ForwardChunk {
   bool all_logits = false;
 };
 
+// How ForwardSample picks one chunk's next token on the device: the host Sampler's algorithm
+// (workers/engine/sampler.h, SampleWithUniform) with its random draw made on the host, so that a
+// request's tokens stay reproducible from its seed whichever side samples.
+struct DeviceSampling {
+  float temperature = 0.0f;  // <= 0: greedy (argmax, the lowest id on ties)
+  int top_k = 0;             // 0: off
+  float top_p = 1.0f;        // outside (0, 1): off
+  double uniform = 0.0;      // [0, 1): the request generator's draw (unused when greedy)
+};
+
 struct RunnerOptions {
   std::string model_dir;      // Hugging Face folder: config.json, *.safetensors, tokenizer.json
   kernels::KvFormatSpec kv_format;
@@ -54,7 +64,20 @@ class ModelRunner {
   // one row [vocab_size] per chunk, or one per token for chunks with all_logits.
   // InvalidArgumentError for a token id outside the vocabulary or an unknown sequence.
   virtual absl::Status Forward(std::span<const ForwardChunk> chunks, float* logits) = 0;
+
+  // Whether ForwardSample is implemented (the engine then samples on the device).
+  virtual bool supports_device_sampling() const { return false; }
+  // Forward, then one token per chunk picked on the device from the chunk's last logits row with
+  // sampling[c]; only the token ids come back: tokens[c], chunks.size() of them. Chunks must not
+  // ask for all_logits. InvalidArgumentError for that, for a sampling span of another size and
+  // for parameters outside DeviceSampling's ranges; UnimplementedError where not supported.
+  virtual absl::Status ForwardSample(std::span<const ForwardChunk> chunks,
+                                     std::span<const DeviceSampling> sampling, int32_t* tokens);
 };
+
+// The checks of ForwardSample's arguments that every implementation makes (see above).
+absl::Status ValidateDeviceSampling(std::span<const ForwardChunk> chunks,
+                                    std::span<const DeviceSampling> sampling);
 
 absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCpuModelRunner(const RunnerOptions& options);
 

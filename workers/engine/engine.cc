@@ -315,10 +315,24 @@ bool Engine::Step() {
     return false;
   }
 
-  // 5. Forward.
+  // 5. Forward, and the tokens sampled on the device when the runner can (only the ids come back;
+  //    the draws come from each request's own generator, so its tokens do not depend on where
+  //    they were sampled). Chunks that do not sample get a greedy entry whose token is dropped.
   const int vocab = runner_->config().vocab_size;
-  logits_.resize(chunks.size() * static_cast<size_t>(vocab));
-  absl::Status fs = runner_->Forward(chunks, logits_.data());
+  const bool device_sampling = runner_->supports_device_sampling();
+  absl::Status fs;
+  if (device_sampling) {
+    device_sampling_.clear();
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      device_sampling_.push_back(samples[c] ? chunk_seqs[c]->sampler.NextDeviceSampling()
+                                            : DeviceSampling{});
+    }
+    sampled_.resize(chunks.size());
+    fs = runner_->ForwardSample(chunks, device_sampling_, sampled_.data());
+  } else {
+    logits_.resize(chunks.size() * static_cast<size_t>(vocab));
+    fs = runner_->Forward(chunks, logits_.data());
+  }
   if (!fs.ok()) {
     KVGATE_LOG(ERROR) << "forward step failed: " << fs;
     for (Sequence* seq : chunk_seqs) seq->computed = -1;  // mark for failure below
@@ -342,8 +356,9 @@ bool Engine::Step() {
     Sequence& seq = *chunk_seqs[c];
     seq.computed += static_cast<int64_t>(chunks[c].tokens.size());
     if (!samples[c]) continue;
-    int32_t token =
-        seq.sampler.Sample(std::span<const float>(&logits_[c * static_cast<size_t>(vocab)], vocab));
+    const int32_t token = device_sampling ? sampled_[c]
+                                          : seq.sampler.Sample(std::span<const float>(
+                                                &logits_[c * static_cast<size_t>(vocab)], vocab));
     seq.tokens.push_back(token);
     ++seq.generated;
     if (seq.generated == 1) seq.first_token = step_done;

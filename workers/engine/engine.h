@@ -1,7 +1,8 @@
 // Engine: continuous batching over a paged KV cache. Requests arrive from any thread (Submit);
 // one engine thread admits them by free KV blocks, runs one batched forward step at a time over
-// all running sequences (decode tokens first, then chunked prefill up to a token budget), samples,
-// and streams tokens to each request's callback. When the cache runs out mid-decode the newest
+// all running sequences (decode tokens first, then chunked prefill up to a token budget), samples
+// (on the device when the runner supports it, else on the host), and streams tokens to each
+// request's callback. When the cache runs out mid-decode the newest
 // sequence is preempted and later recomputed.
 //
 //   ASSIGN_OR_RETURN(auto engine, Engine::Create(std::move(runner), EngineOptions{}));
@@ -141,7 +142,9 @@ class Engine {
   // Engine-thread state.
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
-  std::vector<float> logits_;
+  std::vector<float> logits_;                    // host sampling: [chunks, vocab]
+  std::vector<DeviceSampling> device_sampling_;  // device sampling: per chunk
+  std::vector<int32_t> sampled_;                 // device sampling: the token of each chunk
   std::thread thread_;
 };
 

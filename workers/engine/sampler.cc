@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "absl/strings/str_format.h"
 
@@ -23,49 +24,49 @@ absl::Status ValidateSamplingConfig(const SamplingConfig& config, int vocab_size
   return absl::OkStatus();
 }
 
-Sampler::Sampler(const SamplingConfig& config) : config_(config), rng_(config.seed) {
-  if (config_.top_p <= 0.0f) config_.top_p = 1.0f;
-}
-
-int32_t Sampler::Sample(std::span<const float> logits) {
+int32_t SampleWithUniform(std::span<const float> logits, float temperature, int top_k, float top_p,
+                          double uniform, std::vector<std::pair<float, int32_t>>* scratch) {
   const int32_t vocab = static_cast<int32_t>(logits.size());
-  if (config_.temperature <= 0.0f) {
+  if (temperature <= 0.0f) {
     // Greedy; the lowest id wins a tie so results do not depend on scan order.
     return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   }
-  scratch_.clear();
-  scratch_.reserve(vocab);
+  std::vector<std::pair<float, int32_t>> local;
+  std::vector<std::pair<float, int32_t>>& candidates = scratch != nullptr ? *scratch : local;
+  candidates.clear();
+  candidates.reserve(vocab);
   for (int32_t i = 0; i < vocab; ++i) {
-    if (std::isfinite(logits[i])) scratch_.emplace_back(logits[i], i);
+    if (std::isfinite(logits[i])) candidates.emplace_back(logits[i], i);
   }
-  if (scratch_.empty()) return 0;
+  if (candidates.empty()) return 0;
   auto by_logit_desc = [](const auto& a, const auto& b) {
     return a.first != b.first ? a.first > b.first : a.second < b.second;
   };
-  size_t keep = scratch_.size();
-  if (config_.top_k > 0 && static_cast<size_t>(config_.top_k) < keep) {
-    keep = config_.top_k;
-    std::partial_sort(scratch_.begin(), scratch_.begin() + keep, scratch_.end(), by_logit_desc);
-    scratch_.resize(keep);
+  size_t keep = candidates.size();
+  if (top_k > 0 && static_cast<size_t>(top_k) < keep) {
+    keep = top_k;
+    std::partial_sort(candidates.begin(), candidates.begin() + keep, candidates.end(),
+                      by_logit_desc);
+    candidates.resize(keep);
   } else {
-    std::sort(scratch_.begin(), scratch_.end(), by_logit_desc);
+    std::sort(candidates.begin(), candidates.end(), by_logit_desc);
   }
   // Softmax at temperature over the kept candidates (sorted, descending).
-  const double inv_t = 1.0 / config_.temperature;
-  const double max_logit = scratch_.front().first;
-  std::vector<double> probs(scratch_.size());
+  const double inv_t = 1.0 / temperature;
+  const double max_logit = candidates.front().first;
+  std::vector<double> probs(candidates.size());
   double total = 0;
-  for (size_t i = 0; i < scratch_.size(); ++i) {
-    probs[i] = std::exp((scratch_[i].first - max_logit) * inv_t);
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    probs[i] = std::exp((candidates[i].first - max_logit) * inv_t);
     total += probs[i];
   }
   // Nucleus: smallest prefix whose mass reaches top_p.
-  size_t n = scratch_.size();
-  if (config_.top_p < 1.0f) {
+  size_t n = candidates.size();
+  if (top_p > 0.0f && top_p < 1.0f) {
     double mass = 0;
-    for (size_t i = 0; i < scratch_.size(); ++i) {
+    for (size_t i = 0; i < candidates.size(); ++i) {
       mass += probs[i] / total;
-      if (mass >= config_.top_p) {
+      if (mass >= top_p) {
         n = i + 1;
         break;
       }
@@ -73,13 +74,36 @@ int32_t Sampler::Sample(std::span<const float> logits) {
   }
   double kept_total = 0;
   for (size_t i = 0; i < n; ++i) kept_total += probs[i];
-  std::uniform_real_distribution<double> uniform(0.0, kept_total);
-  double r = uniform(rng_);
+  double r = uniform * kept_total;
   for (size_t i = 0; i < n; ++i) {
     r -= probs[i];
-    if (r <= 0) return scratch_[i].second;
+    if (r <= 0) return candidates[i].second;
   }
-  return scratch_[n - 1].second;
+  return candidates[n - 1].second;
+}
+
+Sampler::Sampler(const SamplingConfig& config) : config_(config), rng_(config.seed) {
+  if (config_.top_p <= 0.0f) config_.top_p = 1.0f;
+}
+
+double Sampler::DrawUniform() {
+  // What std::uniform_real_distribution<double>(0, 1) draws; clamped below 1 (older libstdc++
+  // could round generate_canonical up to 1.0).
+  const double u = std::generate_canonical<double, std::numeric_limits<double>::digits>(rng_);
+  return std::min(u, std::nextafter(1.0, 0.0));
+}
+
+int32_t Sampler::Sample(std::span<const float> logits) {
+  if (greedy()) return SampleWithUniform(logits, config_.temperature, 0, 1.0f, 0.0, &scratch_);
+  return SampleWithUniform(logits, config_.temperature, config_.top_k, config_.top_p, DrawUniform(),
+                           &scratch_);
+}
+
+DeviceSampling Sampler::NextDeviceSampling() {
+  return {.temperature = config_.temperature,
+          .top_k = config_.top_k,
+          .top_p = config_.top_p,
+          .uniform = greedy() ? 0.0 : DrawUniform()};
 }
 
 }  // namespace kvgate::worker

@@ -25,8 +25,11 @@ absl::StatusOr<const CublasApi*> LoadCublas() {
       return *slot != nullptr;
     };
     if (!bind(&api->create, "cublasCreate_v2") || !bind(&api->destroy, "cublasDestroy_v2") ||
-        !bind(&api->set_stream, "cublasSetStream_v2") || !bind(&api->gemm_ex, "cublasGemmEx")) {
-      return absl::UnavailableError("libcublas lacks a needed symbol (cublasGemmEx, ...)");
+        !bind(&api->set_stream, "cublasSetStream_v2") ||
+        !bind(&api->set_math_mode, "cublasSetMathMode") || !bind(&api->gemm_ex, "cublasGemmEx")) {
+      return absl::UnavailableError(
+          "libcublas lacks a needed symbol (cublasCreate_v2, cublasDestroy_v2, cublasSetStream_v2, "
+          "cublasSetMathMode, cublasGemmEx)");
     }
     return api;
   }();

@@ -19,6 +19,9 @@ struct CublasApi {
   decltype(&cublasCreate_v2) create = nullptr;
   decltype(&cublasDestroy_v2) destroy = nullptr;
   decltype(&cublasSetStream_v2) set_stream = nullptr;
+  // Math mode of a handle: CUBLAS_DEFAULT_MATH keeps fp32 GEMMs (CUBLAS_COMPUTE_32F on fp32
+  // inputs) in full fp32, never TF32 tensor cores.
+  decltype(&cublasSetMathMode) set_math_mode = nullptr;
   // The C entry point (cublas_api.h also declares C++ overloads of the name).
   cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
                             const void*, const void*, cudaDataType, int, const void*, cudaDataType,

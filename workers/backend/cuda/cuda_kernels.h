@@ -7,11 +7,12 @@
 //
 // Host-callable launchers; every pointer is a DEVICE pointer unless noted, every launcher enqueues
 // on `stream` and returns the launch error (cudaGetLastError) as cudaError_t, so callers turn it
-// into an absl::Status. Activations are fp32 row-major [rows, ...]; weights and GEMM inputs bf16
-// (stored as uint16_t bit patterns).
+// into an absl::Status. Activations are fp32 row-major [rows, ...]. Weights and GEMM inputs are of
+// the runner's compute type T: uint16_t (bf16 bit patterns, round to nearest even) in bf16 mode,
+// float in fp32 mode; the launchers taking T are instantiated for exactly those two.
 //
-//   LaunchEmbedding(embed, tokens, x, num_rows, hidden, stream);
-//   LaunchRmsNormToBf16(x, weight, nullptr, normed, num_rows, hidden, eps, stream);
+//   LaunchEmbedding<uint16_t>(embed, tokens, x, num_rows, hidden, stream);
+//   LaunchRmsNorm<uint16_t>(x, weight, nullptr, normed, num_rows, hidden, eps, stream);
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,15 +21,16 @@
 
 namespace kvgate::worker::cuda {
 
-// x[r, :] = float(embed[tokens[r], :]).
-cudaError_t LaunchEmbedding(const uint16_t* embed_bf16, const int32_t* tokens, float* x,
-                            int num_rows, int hidden, cudaStream_t stream);
+// x[r, :] = float(embed[tokens[r], :]); embed [vocab, hidden] of type T.
+template <class T>
+cudaError_t LaunchEmbedding(const T* embed, const int32_t* tokens, float* x, int num_rows,
+                            int hidden, cudaStream_t stream);
 
-// out[r, :] = bf16(x[src_row(r), :] * rsqrt(mean(x^2) + eps) * weight); src_row(r) = r, or
+// out[r, :] = T(x[src_row(r), :] * rsqrt(mean(x^2) + eps) * weight); src_row(r) = r, or
 // gather_rows[r] when gather_rows is non-null.
-cudaError_t LaunchRmsNormToBf16(const float* x, const float* weight, const int32_t* gather_rows,
-                                uint16_t* out, int num_rows, int hidden, float eps,
-                                cudaStream_t stream);
+template <class T>
+cudaError_t LaunchRmsNorm(const float* x, const float* weight, const int32_t* gather_rows, T* out,
+                          int num_rows, int hidden, float eps, cudaStream_t stream);
 
 // Shapes of the q/k/v epilogue: Hq query heads in groups of G = Hq / Hkv per kv-head, head_dim D.
 struct QkvShape {
@@ -90,25 +92,66 @@ struct PrefillAttentionArgs {
 // semantics). fp32 scores, online softmax and accumulation. D must be 64 or 128.
 cudaError_t LaunchPrefillAttention(const PrefillAttentionArgs& args, cudaStream_t stream);
 
-// out[r, h, :] = bf16(in[r, (h / G) * group_pad + h % G, :]) for the Hq real heads of each row:
+// out[r, h, :] = T(in[r, (h / G) * group_pad + h % G, :]) for the Hq real heads of each row:
 // the fp32 decode-attention output (padded groups) -> the o_proj GEMM input.
-cudaError_t LaunchGatherHeadsToBf16(const float* in, uint16_t* out, int num_rows,
-                                    const QkvShape& shape, cudaStream_t stream);
+template <class T>
+cudaError_t LaunchGatherHeads(const float* in, T* out, int num_rows, const QkvShape& shape,
+                              cudaStream_t stream);
 
-// act[r, j] = bf16(silu(gate[r, j]) * up[r, j]); gate_up: [rows, 2 * inter] (gate then up).
-cudaError_t LaunchSwiGlu(const float* gate_up, uint16_t* act, int num_rows, int inter,
+// act[r, j] = T(silu(gate[r, j]) * up[r, j]); gate_up: [rows, 2 * inter] (gate then up).
+template <class T>
+cudaError_t LaunchSwiGlu(const float* gate_up, T* act, int num_rows, int inter,
                          cudaStream_t stream);
 
 // x[r, :] += bias (bias [cols]).
 cudaError_t LaunchAddBias(float* x, const float* bias, int num_rows, int cols, cudaStream_t stream);
 
 // Counter-based random fills (a SplitMix64-style hash of (seed, i); the same values on every run
-// and device): dst[i] uniform in [-bound, bound).
-cudaError_t LaunchFillUniformBf16(uint16_t* dst, int64_t n, uint64_t seed, float bound,
+// and device): dst[i] uniform in [-bound, bound). LaunchFillUniformBf16 rounds each value to bf16
+// and stores it as T, so a bf16 and an fp32 runner made from one seed hold the same weights.
+template <class T>
+cudaError_t LaunchFillUniformBf16(T* dst, int64_t n, uint64_t seed, float bound,
                                   cudaStream_t stream);
 cudaError_t LaunchFillUniformFloat(float* dst, int64_t n, uint64_t seed, float bound,
                                    cudaStream_t stream);
 // dst[i] = value.
 cudaError_t LaunchFillFloat(float* dst, int64_t n, float value, cudaStream_t stream);
+
+// ---- Sampling on the GPU ------------------------------------------------------------------------
+// LaunchSampleTokens picks one token per logits row by the host Sampler's algorithm
+// (workers/engine/sampler.h, SampleWithUniform), so that only token ids leave the GPU:
+//   greedy (temperature <= 0): argmax, the lowest id on ties;
+//   otherwise: the finite logits sorted descending (ties: lowest id first), the first top_k of them
+//   (top_k > 0), softmax at temperature (fp64), the smallest prefix whose mass reaches top_p
+//   (top_p in (0, 1)), then the first candidate whose cumulative mass reaches uniform x the kept
+//   mass (inverse CDF); token 0 when no logit is finite.
+// The sampled rows are sorted together by one CUB radix sort of 64-bit keys (row in the high bits,
+// the order-preserving bits of the negated logit below), which is stable, so equal logits keep
+// ascending ids. The sums are parallel fp64 reductions, so a token can differ from the host's only
+// where a cumulative mass and its threshold (top_p, or the scaled uniform) are within ~1e-15 of
+// each other.
+
+// One row's parameters, 24 bytes (uploaded as an array).
+struct SampleRow {
+  float temperature = 0.0f;  // <= 0: greedy
+  int32_t top_k = 0;         // 0: all candidates
+  float top_p = 1.0f;        // outside (0, 1): no nucleus cut
+  // Index of this row among the rows that sample (temperature > 0), 0.. sort_rows - 1, in row
+  // order; -1 for greedy rows.
+  int32_t sort_row = -1;
+  double uniform = 0.0;  // [0, 1): the draw of the request's generator
+};
+static_assert(sizeof(SampleRow) == 24);
+
+// Device workspace bytes LaunchSampleTokens needs for `sort_rows` sampled rows of `vocab` logits
+// (0 when sort_rows is 0). cudaErrorInvalidValue when sort_rows x vocab exceeds INT32_MAX.
+cudaError_t SamplingWorkspaceBytes(int sort_rows, int vocab, size_t* bytes);
+
+// tokens[r] for every row r of logits [rows, vocab] (device), with params[r] (device, `rows`
+// entries; sort_rows of them with temperature > 0, numbered by sort_row as above). workspace:
+// SamplingWorkspaceBytes(sort_rows, vocab) bytes, 256-byte aligned.
+cudaError_t LaunchSampleTokens(const float* logits, int rows, int vocab, const SampleRow* params,
+                               int sort_rows, void* workspace, size_t workspace_bytes,
+                               int32_t* tokens, cudaStream_t stream);
 
 }  // namespace kvgate::worker::cuda

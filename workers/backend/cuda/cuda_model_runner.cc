@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -97,24 +98,115 @@ class DeviceArena {
   size_t bytes_ = 0;
 };
 
+// Device sampling of logits rows already on the GPU (LaunchSampleTokens): the rows' parameters go
+// up and the token ids come back through pinned memory; the sort workspace grows on demand. Owns
+// its buffers; every Sample call ends with its stream synchronized, so they are idle between calls.
+class DeviceSampler {
+ public:
+  DeviceSampler() = default;
+  DeviceSampler(const DeviceSampler&) = delete;
+  DeviceSampler& operator=(const DeviceSampler&) = delete;
+  ~DeviceSampler() { Release(); }
+
+  // tokens[r] (host) for each row r of logits [sampling.size(), vocab] (device), on `stream`.
+  absl::Status Sample(const float* logits, int vocab, std::span<const DeviceSampling> sampling,
+                      int32_t* tokens, cudaStream_t stream) {
+    const int rows = static_cast<int>(sampling.size());
+    if (rows == 0) return absl::OkStatus();
+    RETURN_IF_ERROR(EnsureRows(rows));
+    int sort_rows = 0;
+    for (int r = 0; r < rows; ++r) {
+      const DeviceSampling& s = sampling[r];
+      const bool sampled = s.temperature > 0.0f;
+      host_rows_[r] = {.temperature = s.temperature,
+                       .top_k = s.top_k,
+                       .top_p = s.top_p,
+                       .sort_row = sampled ? sort_rows++ : -1,
+                       .uniform = s.uniform};
+    }
+    size_t need = 0;
+    RETURN_IF_ERROR(CudaStatus(cuda::SamplingWorkspaceBytes(sort_rows, vocab, &need),
+                               "SamplingWorkspaceBytes"));
+    if (need > workspace_bytes_) {
+      if (workspace_ != nullptr) cudaFree(workspace_);
+      workspace_ = nullptr;
+      workspace_bytes_ = 0;
+      RETURN_IF_ERROR(CudaStatus(cudaMalloc(&workspace_, need), "cudaMalloc (sampling sort)"));
+      workspace_bytes_ = need;
+    }
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_rows_, host_rows_, rows * sizeof(cuda::SampleRow),
+                                         cudaMemcpyHostToDevice, stream));
+    CUDA_RETURN_IF_ERROR(cuda::LaunchSampleTokens(logits, rows, vocab, device_rows_, sort_rows,
+                                                  workspace_, workspace_bytes_, device_tokens_,
+                                                  stream));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_tokens_, device_tokens_, rows * sizeof(int32_t),
+                                         cudaMemcpyDeviceToHost, stream));
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    std::copy(host_tokens_, host_tokens_ + rows, tokens);
+    return absl::OkStatus();
+  }
+
+ private:
+  absl::Status EnsureRows(int rows) {
+    if (static_cast<size_t>(rows) <= rows_capacity_) return absl::OkStatus();
+    const size_t want = std::max<size_t>(rows, std::max<size_t>(64, 2 * rows_capacity_));
+    ReleaseRows();
+    CUDA_RETURN_IF_ERROR(cudaMallocHost(&host_rows_, want * sizeof(cuda::SampleRow)));
+    CUDA_RETURN_IF_ERROR(cudaMallocHost(&host_tokens_, want * sizeof(int32_t)));
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&device_rows_, want * sizeof(cuda::SampleRow)));
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&device_tokens_, want * sizeof(int32_t)));
+    rows_capacity_ = want;
+    return absl::OkStatus();
+  }
+  void ReleaseRows() {
+    if (host_rows_ != nullptr) cudaFreeHost(host_rows_);
+    if (host_tokens_ != nullptr) cudaFreeHost(host_tokens_);
+    if (device_rows_ != nullptr) cudaFree(device_rows_);
+    if (device_tokens_ != nullptr) cudaFree(device_tokens_);
+    host_rows_ = device_rows_ = nullptr;
+    host_tokens_ = device_tokens_ = nullptr;
+    rows_capacity_ = 0;
+  }
+  void Release() {
+    ReleaseRows();
+    if (workspace_ != nullptr) cudaFree(workspace_);
+    workspace_ = nullptr;
+    workspace_bytes_ = 0;
+  }
+
+  cuda::SampleRow* host_rows_ = nullptr;    // pinned [rows_capacity_]
+  cuda::SampleRow* device_rows_ = nullptr;  // [rows_capacity_]
+  int32_t* host_tokens_ = nullptr;          // pinned [rows_capacity_]
+  int32_t* device_tokens_ = nullptr;        // [rows_capacity_]
+  size_t rows_capacity_ = 0;
+  void* workspace_ = nullptr;  // SamplingWorkspaceBytes
+  size_t workspace_bytes_ = 0;
+};
+
+// Matrices are of the compute type: bf16 bits (uint16_t) or float (CudaCompute).
 struct DeviceLayer {
   const float* input_norm = nullptr;
-  const uint16_t* qkv = nullptr;  // bf16 [q_dim + 2 kv_dim, hidden]
+  const void* qkv = nullptr;  // [q_dim + 2 kv_dim, hidden]
   const float* qkv_bias = nullptr;
   const float* q_norm = nullptr;
   const float* k_norm = nullptr;
-  const uint16_t* o_proj = nullptr;  // bf16 [hidden, q_dim]
+  const void* o_proj = nullptr;  // [hidden, q_dim]
   const float* o_bias = nullptr;
   const float* post_attention_norm = nullptr;
-  const uint16_t* gate_up = nullptr;  // bf16 [2 inter, hidden]
-  const uint16_t* down = nullptr;     // bf16 [hidden, inter]
+  const void* gate_up = nullptr;  // [2 inter, hidden]
+  const void* down = nullptr;     // [hidden, inter]
 };
 
 class CudaModelRunner final : public ModelRunner {
  public:
   // config's query heads must be a multiple of its kv heads.
-  CudaModelRunner(LlamaConfig config, cudaStream_t stream, cublasHandle_t blas)
-      : config_(std::move(config)), stream_(stream), blas_(blas) {
+  CudaModelRunner(LlamaConfig config, cudaStream_t stream, cublasHandle_t blas,
+                  const CudaRunnerOptions& options)
+      : config_(std::move(config)),
+        stream_(stream),
+        blas_(blas),
+        compute_(options.compute),
+        device_sampling_(options.device_sampling) {
     const int group = config_.num_attention_heads / config_.num_key_value_heads;
     while (group_pad_ < group) group_pad_ *= 2;
   }
@@ -130,6 +222,9 @@ class CudaModelRunner final : public ModelRunner {
   kernels::KvCache& kv_cache() override { return *cache_; }
   std::string backend_name() const override { return "cuda"; }
   absl::Status Forward(std::span<const ForwardChunk> chunks, float* logits) override;
+  bool supports_device_sampling() const override { return device_sampling_; }
+  absl::Status ForwardSample(std::span<const ForwardChunk> chunks,
+                             std::span<const DeviceSampling> sampling, int32_t* tokens) override;
 
   absl::Status UploadWeights(const LlamaWeights& weights);
   absl::Status GenerateWeights(uint64_t seed);
@@ -142,9 +237,25 @@ class CudaModelRunner final : public ModelRunner {
   size_t device_bytes() const { return arena_.bytes(); }
 
  private:
-  // y[m, n] (+)= x[m, k] * w[n, k]^T; x, w bf16 row-major, y fp32 row-major.
-  absl::Status Gemm(const uint16_t* x, const uint16_t* w, float* y, int m, int n, int k,
-                    float beta);
+  // The forward of `chunks` up to their logits in logits_ (device; rows in chunk order, as
+  // Forward returns them), enqueued on stream_; the cache appends are not committed yet.
+  absl::Status Run(std::span<const ForwardChunk> chunks, int64_t* out_rows);
+  void CommitAppends(std::span<const ForwardChunk> chunks);
+  // y[m, n] (+)= x[m, k] * w[n, k]^T; x, w of the compute type, row-major; y fp32 row-major.
+  absl::Status Gemm(const void* x, const void* w, float* y, int m, int n, int k, float beta);
+  bool fp32() const { return compute_ == CudaCompute::kFp32; }
+  size_t compute_bytes() const { return fp32() ? sizeof(float) : sizeof(uint16_t); }
+  // f(T{}) with T the compute type's element (float, or uint16_t holding bf16 bits).
+  template <class F>
+  cudaError_t WithComputeType(F&& f) const {
+    return fp32() ? f(float{}) : f(uint16_t{});
+  }
+  absl::StatusOr<const void*> UploadMatrix(const std::vector<float>& host);
+  // The kernels whose output (or weight input) is of the compute type.
+  absl::Status Embed(const int32_t* tokens, int rows);
+  absl::Status RmsNorm(const float* weight, const int32_t* gather_rows, int rows);  // x_ -> normed_
+  absl::Status GatherHeads(int rows);  // attn_f32_ -> attn_
+  absl::Status SwiGlu(int rows);       // gate_up_ -> act_
   absl::Status EnsurePinned(size_t int32s);
   absl::Status EnsureLogits(int64_t rows);
   absl::Status EnsurePrefixScratch(int64_t floats);
@@ -158,13 +269,16 @@ class CudaModelRunner final : public ModelRunner {
   LlamaConfig config_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
+  const CudaCompute compute_;
+  const bool device_sampling_;
   DeviceArena arena_;
+  DeviceSampler sampler_;
   std::unique_ptr<CudaKvCache> cache_;
   int group_pad_ = 1;  // query heads per kv-head in q_ (the GQA group rounded up; see QkvShape)
 
-  // Weights.
-  const uint16_t* embed_ = nullptr;    // bf16 [vocab, hidden]
-  const uint16_t* lm_head_ = nullptr;  // bf16 [vocab, hidden] (== embed_ when tied)
+  // Weights (matrices of the compute type).
+  const void* embed_ = nullptr;    // [vocab, hidden]
+  const void* lm_head_ = nullptr;  // [vocab, hidden] (== embed_ when tied)
   const float* final_norm_ = nullptr;
   const double* inv_freq_ = nullptr;  // [head_dim / 2]
   std::vector<DeviceLayer> layers_;
@@ -177,9 +291,10 @@ class CudaModelRunner final : public ModelRunner {
   float* q_ = nullptr;         // [rows, Hkv, group_pad, D]; padding heads stay zero
   float* attn_f32_ = nullptr;  // [rows, Hkv, group_pad, D] decode attention output
   float* gate_up_ = nullptr;   // [rows, 2 inter]
-  uint16_t* normed_ = nullptr;  // bf16 [rows, hidden]
-  uint16_t* attn_ = nullptr;    // bf16 [rows, Hq D]
-  uint16_t* act_ = nullptr;     // bf16 [rows, inter]
+  // GEMM inputs, of the compute type.
+  void* normed_ = nullptr;      // [rows, hidden]
+  void* attn_ = nullptr;        // [rows, Hq D]
+  void* act_ = nullptr;         // [rows, inter]
   float* logits_ = nullptr;     // [logits_rows_, vocab]
   int64_t logits_rows_ = 0;
   // Cached prefixes of prefill chunks read through the format: keys and values.
@@ -200,14 +315,21 @@ uint64_t TensorSeed(uint64_t seed, uint64_t index) {
   return z ^ (z >> 29);
 }
 
+absl::StatusOr<const void*> CudaModelRunner::UploadMatrix(const std::vector<float>& host) {
+  if (fp32()) {
+    ASSIGN_OR_RETURN(float* device, arena_.Upload(host));
+    return device;
+  }
+  ASSIGN_OR_RETURN(uint16_t * device, arena_.UploadBf16(host));
+  return device;
+}
+
 absl::Status CudaModelRunner::UploadWeights(const LlamaWeights& w) {
-  ASSIGN_OR_RETURN(uint16_t * embed, arena_.UploadBf16(w.embed));
-  embed_ = embed;
+  ASSIGN_OR_RETURN(embed_, UploadMatrix(w.embed));
   if (w.lm_head.empty()) {
     lm_head_ = embed_;
   } else {
-    ASSIGN_OR_RETURN(uint16_t * head, arena_.UploadBf16(w.lm_head));
-    lm_head_ = head;
+    ASSIGN_OR_RETURN(lm_head_, UploadMatrix(w.lm_head));
   }
   ASSIGN_OR_RETURN(float* final_norm, arena_.Upload(w.final_norm));
   final_norm_ = final_norm;
@@ -216,15 +338,15 @@ absl::Status CudaModelRunner::UploadWeights(const LlamaWeights& w) {
   for (const LlamaLayerWeights& lw : w.layers) {
     DeviceLayer d;
     ASSIGN_OR_RETURN(d.input_norm, arena_.Upload(lw.input_norm));
-    ASSIGN_OR_RETURN(d.qkv, arena_.UploadBf16(lw.qkv));
+    ASSIGN_OR_RETURN(d.qkv, UploadMatrix(lw.qkv));
     ASSIGN_OR_RETURN(d.qkv_bias, arena_.Upload(lw.qkv_bias));
     ASSIGN_OR_RETURN(d.q_norm, arena_.Upload(lw.q_norm));
     ASSIGN_OR_RETURN(d.k_norm, arena_.Upload(lw.k_norm));
-    ASSIGN_OR_RETURN(d.o_proj, arena_.UploadBf16(lw.o_proj));
+    ASSIGN_OR_RETURN(d.o_proj, UploadMatrix(lw.o_proj));
     ASSIGN_OR_RETURN(d.o_bias, arena_.Upload(lw.o_bias));
     ASSIGN_OR_RETURN(d.post_attention_norm, arena_.Upload(lw.post_attention_norm));
-    ASSIGN_OR_RETURN(d.gate_up, arena_.UploadBf16(lw.gate_up));
-    ASSIGN_OR_RETURN(d.down, arena_.UploadBf16(lw.down));
+    ASSIGN_OR_RETURN(d.gate_up, UploadMatrix(lw.gate_up));
+    ASSIGN_OR_RETURN(d.down, UploadMatrix(lw.down));
     layers_.push_back(d);
   }
   weight_bytes_ = static_cast<int64_t>(arena_.bytes());
@@ -237,26 +359,29 @@ absl::Status CudaModelRunner::GenerateWeights(uint64_t seed) {
   const int64_t q_dim = int64_t{c.num_attention_heads} * c.head_dim;
   const int64_t qkv_dim = q_dim + 2 * int64_t{c.num_key_value_heads} * c.head_dim;
   uint64_t tensor = 0;
-  // Uniform in [-b, b) has variance b^2 / 3: b = sqrt(3 / fan_in) gives variance 1 / fan_in.
-  auto matrix = [&](int64_t rows, int64_t cols, double variance) -> absl::StatusOr<uint16_t*> {
-    ASSIGN_OR_RETURN(uint16_t * p, arena_.Allocate<uint16_t>(rows * cols));
-    CUDA_RETURN_IF_ERROR(cuda::LaunchFillUniformBf16(p, rows * cols, TensorSeed(seed, tensor++),
-                                                     static_cast<float>(std::sqrt(3 * variance)),
-                                                     stream_));
-    return p;
+  // Uniform in [-b, b) has variance b^2 / 3: b = sqrt(3 / fan_in) gives variance 1 / fan_in. The
+  // values are bf16 in both compute modes (the same model either way).
+  auto matrix = [&](int64_t rows, int64_t cols, double variance) -> absl::StatusOr<const void*> {
+    ASSIGN_OR_RETURN(char* p, arena_.Allocate<char>(rows * cols * compute_bytes()));
+    const uint64_t tensor_seed = TensorSeed(seed, tensor++);
+    const float bound = static_cast<float>(std::sqrt(3 * variance));
+    CUDA_RETURN_IF_ERROR(WithComputeType([&](auto tag) {
+      using T = decltype(tag);
+      return cuda::LaunchFillUniformBf16<T>(reinterpret_cast<T*>(p), rows * cols, tensor_seed,
+                                            bound, stream_);
+    }));
+    return static_cast<const void*>(p);
   };
   auto constant = [&](int64_t n, float value) -> absl::StatusOr<float*> {
     ASSIGN_OR_RETURN(float* p, arena_.Allocate<float>(n));
     CUDA_RETURN_IF_ERROR(cuda::LaunchFillFloat(p, n, value, stream_));
     return p;
   };
-  ASSIGN_OR_RETURN(uint16_t * embed, matrix(c.vocab_size, hidden, 1.0));
-  embed_ = embed;
+  ASSIGN_OR_RETURN(embed_, matrix(c.vocab_size, hidden, 1.0));
   if (c.tie_word_embeddings) {
     lm_head_ = embed_;
   } else {
-    ASSIGN_OR_RETURN(uint16_t * head, matrix(c.vocab_size, hidden, 1.0 / hidden));
-    lm_head_ = head;
+    ASSIGN_OR_RETURN(lm_head_, matrix(c.vocab_size, hidden, 1.0 / hidden));
   }
   ASSIGN_OR_RETURN(float* final_norm, constant(hidden, 1.0f));
   final_norm_ = final_norm;
@@ -307,9 +432,10 @@ absl::Status CudaModelRunner::EnsureWorkspace(int64_t rows) {
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(q_, 0, rows * padded_q_dim * sizeof(float), stream_));
   ASSIGN_OR_RETURN(attn_f32_, arena_.Allocate<float>(rows * padded_q_dim));
   ASSIGN_OR_RETURN(gate_up_, arena_.Allocate<float>(rows * 2 * c.intermediate_size));
-  ASSIGN_OR_RETURN(normed_, arena_.Allocate<uint16_t>(rows * c.hidden_size));
-  ASSIGN_OR_RETURN(attn_, arena_.Allocate<uint16_t>(rows * q_dim));
-  ASSIGN_OR_RETURN(act_, arena_.Allocate<uint16_t>(rows * c.intermediate_size));
+  const int64_t bytes = static_cast<int64_t>(compute_bytes());
+  ASSIGN_OR_RETURN(normed_, arena_.Allocate<char>(rows * c.hidden_size * bytes));
+  ASSIGN_OR_RETURN(attn_, arena_.Allocate<char>(rows * q_dim * bytes));
+  ASSIGN_OR_RETURN(act_, arena_.Allocate<char>(rows * c.intermediate_size * bytes));
   workspace_rows_ = rows;
   return absl::OkStatus();
 }
@@ -367,7 +493,8 @@ absl::Status CudaModelRunner::CreateCache(const RunnerOptions& options,
                                       .head_dim = c.head_dim,
                                       .block_size = options.kv_block_size,
                                       .num_blocks = options.kv_num_blocks,
-                                      .format = options.kv_format};
+                                      .format = options.kv_format,
+                                      .rope_inv_freq = {}};  // no eviction on the GPU
   ASSIGN_OR_RETURN(const cuda::KvCacheGeometry geometry, CudaKvCache::Measure(cache_config));
   size_t free_bytes = 0, total_bytes = 0;
   CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
@@ -384,11 +511,11 @@ absl::Status CudaModelRunner::CreateCache(const RunnerOptions& options,
     }
   }
   ASSIGN_OR_RETURN(cache_, CudaKvCache::Create(cache_config, stream_, cuda_options.max_sequences));
-  KVGATE_LOG(INFO) << c.model_type << " model on the GPU (bf16 weights " << (weight_bytes_ >> 20)
-                   << " MiB, " << (arena_.bytes() >> 20)
-                   << " MiB with workspace): " << c.num_hidden_layers << " layers, hidden "
-                   << c.hidden_size << ", heads " << c.num_attention_heads << "/"
-                   << c.num_key_value_heads << ", vocab " << c.vocab_size << "; KV "
+  KVGATE_LOG(INFO) << c.model_type << " model on the GPU (" << CudaComputeName(compute_)
+                   << " compute, weights " << (weight_bytes_ >> 20) << " MiB, "
+                   << (arena_.bytes() >> 20) << " MiB with workspace): " << c.num_hidden_layers
+                   << " layers, hidden " << c.hidden_size << ", heads " << c.num_attention_heads
+                   << "/" << c.num_key_value_heads << ", vocab " << c.vocab_size << "; KV "
                    << options.kv_format.name << ", " << cache_config.num_blocks << " blocks of "
                    << options.kv_block_size << " tokens (" << (cache_->allocated_bytes() >> 20)
                    << " MiB, " << geometry.bytes_per_token << " bytes/token; "
@@ -398,21 +525,93 @@ absl::Status CudaModelRunner::CreateCache(const RunnerOptions& options,
   return absl::OkStatus();
 }
 
-absl::Status CudaModelRunner::Gemm(const uint16_t* x, const uint16_t* w, float* y, int m, int n,
-                                   int k, float beta) {
+absl::Status CudaModelRunner::Gemm(const void* x, const void* w, float* y, int m, int n, int k,
+                                   float beta) {
   // Row-major y[m, n] = x[m, k] w[n, k]^T is column-major y^T[n, m] = w^T... : C = op(A) B with
-  // A = w (column-major [k, n], transposed), B = x (column-major [k, m]).
+  // A = w (column-major [k, n], transposed), B = x (column-major [k, m]). fp32 inputs with
+  // CUBLAS_COMPUTE_32F under the handle's CUBLAS_DEFAULT_MATH are full fp32 (no TF32).
   const float alpha = 1.0f;
+  const cudaDataType in = fp32() ? CUDA_R_32F : CUDA_R_16BF;
   CUBLAS_RETURN_IF_ERROR((*cuda::LoadCublas())
-                             ->gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w,
-                                       CUDA_R_16BF, k, x, CUDA_R_16BF, k, &beta, y, CUDA_R_32F, n,
-                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                             ->gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w, in, k,
+                                       x, in, k, &beta, y, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
+                                       CUBLAS_GEMM_DEFAULT));
   return absl::OkStatus();
+}
+
+absl::Status CudaModelRunner::Embed(const int32_t* tokens, int rows) {
+  return CudaStatus(WithComputeType([&](auto tag) {
+                      using T = decltype(tag);
+                      return cuda::LaunchEmbedding<T>(static_cast<const T*>(embed_), tokens, x_,
+                                                      rows, config_.hidden_size, stream_);
+                    }),
+                    "LaunchEmbedding");
+}
+
+absl::Status CudaModelRunner::RmsNorm(const float* weight, const int32_t* gather_rows, int rows) {
+  return CudaStatus(WithComputeType([&](auto tag) {
+                      using T = decltype(tag);
+                      return cuda::LaunchRmsNorm<T>(
+                          x_, weight, gather_rows, static_cast<T*>(normed_), rows,
+                          config_.hidden_size, static_cast<float>(config_.rms_norm_eps), stream_);
+                    }),
+                    "LaunchRmsNorm");
+}
+
+absl::Status CudaModelRunner::GatherHeads(int rows) {
+  return CudaStatus(WithComputeType([&](auto tag) {
+                      using T = decltype(tag);
+                      return cuda::LaunchGatherHeads<T>(attn_f32_, static_cast<T*>(attn_), rows,
+                                                        shape(), stream_);
+                    }),
+                    "LaunchGatherHeads");
+}
+
+absl::Status CudaModelRunner::SwiGlu(int rows) {
+  return CudaStatus(WithComputeType([&](auto tag) {
+                      using T = decltype(tag);
+                      return cuda::LaunchSwiGlu<T>(gate_up_, static_cast<T*>(act_), rows,
+                                                   config_.intermediate_size, stream_);
+                    }),
+                    "LaunchSwiGlu");
 }
 
 absl::Status CudaModelRunner::Forward(std::span<const ForwardChunk> chunks, float* logits) {
   if (chunks.empty()) return absl::OkStatus();
   if (logits == nullptr) return absl::InvalidArgumentError("logits output is null");
+  int64_t out_rows = 0;
+  RETURN_IF_ERROR(Run(chunks, &out_rows));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+      logits, logits_, static_cast<size_t>(out_rows) * config_.vocab_size * sizeof(float),
+      cudaMemcpyDeviceToHost, stream_));
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  CommitAppends(chunks);
+  return absl::OkStatus();
+}
+
+absl::Status CudaModelRunner::ForwardSample(std::span<const ForwardChunk> chunks,
+                                            std::span<const DeviceSampling> sampling,
+                                            int32_t* tokens) {
+  if (!device_sampling_) {
+    return absl::UnimplementedError("this CUDA runner was made with device_sampling off");
+  }
+  if (chunks.empty()) return absl::OkStatus();
+  if (tokens == nullptr) return absl::InvalidArgumentError("tokens output is null");
+  RETURN_IF_ERROR(ValidateDeviceSampling(chunks, sampling));
+  int64_t out_rows = 0;
+  RETURN_IF_ERROR(Run(chunks, &out_rows));  // one logits row per chunk (no all_logits)
+  RETURN_IF_ERROR(sampler_.Sample(logits_, config_.vocab_size, sampling, tokens, stream_));
+  CommitAppends(chunks);
+  return absl::OkStatus();
+}
+
+void CudaModelRunner::CommitAppends(std::span<const ForwardChunk> chunks) {
+  for (const ForwardChunk& chunk : chunks) {
+    cache_->CommitAppend(chunk.seq, static_cast<int64_t>(chunk.tokens.size()));
+  }
+}
+
+absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t* out_rows_result) {
   RETURN_IF_ERROR(ValidateForwardChunks(chunks, config_, *cache_));
 
   const LlamaConfig& c = config_;
@@ -578,15 +777,18 @@ absl::Status CudaModelRunner::Forward(std::span<const ForwardChunk> chunks, floa
   prefill.prefix_v = prefix_v_;
   prefill.prefix_stride_tokens = max_read;
   prefill.scale = scale;
-  prefill.out_bf16 = attn_;
+  if (fp32()) {
+    prefill.out_f32 = static_cast<float*>(attn_);
+  } else {
+    prefill.out_bf16 = static_cast<uint16_t*>(attn_);
+  }
   const int m = static_cast<int>(rows);
   const int padded_heads = num_kv_heads * group_pad_;
 
-  CUDA_RETURN_IF_ERROR(cuda::LaunchEmbedding(embed_, meta_ + off_tokens, x_, m, hidden, stream_));
+  RETURN_IF_ERROR(Embed(meta_ + off_tokens, m));
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
     const DeviceLayer& w = layers_[layer];
-    CUDA_RETURN_IF_ERROR(
-        cuda::LaunchRmsNormToBf16(x_, w.input_norm, nullptr, normed_, m, hidden, eps, stream_));
+    RETURN_IF_ERROR(RmsNorm(w.input_norm, nullptr, m));
     RETURN_IF_ERROR(Gemm(normed_, w.qkv, qkv_, m, qkv_dim, hidden, 0.0f));
     CUDA_RETURN_IF_ERROR(cuda::LaunchQkvEpilogue(qkv_, w.qkv_bias, w.q_norm, w.k_norm, inv_freq_,
                                                  eps, meta_ + off_pos, m, shape(), q_, stream_));
@@ -597,8 +799,7 @@ absl::Status CudaModelRunner::Forward(std::span<const ForwardChunk> chunks, floa
       const int32_t* encoded = meta_ + off_lens + size_t{2} * f * num_decode;
       RETURN_IF_ERROR(cache.DecodeLayer(layer, decode, encoded, max_encoded[f],
                                         encoded + num_decode, q_, padded_heads, scale, attn_f32_));
-      CUDA_RETURN_IF_ERROR(
-          cuda::LaunchGatherHeadsToBf16(attn_f32_, attn_, num_decode, shape(), stream_));
+      RETURN_IF_ERROR(GatherHeads(num_decode));
     }
     if (num_prefix > 0) {
       RETURN_IF_ERROR(cache.ReadLayer(layer, prefix, meta_ + off_read, static_cast<int>(max_read),
@@ -609,23 +810,15 @@ absl::Status CudaModelRunner::Forward(std::span<const ForwardChunk> chunks, floa
       CUDA_RETURN_IF_ERROR(cuda::LaunchAddBias(x_, w.o_bias, m, hidden, stream_));
     }
     RETURN_IF_ERROR(Gemm(attn_, w.o_proj, x_, m, hidden, q_dim, 1.0f));
-    CUDA_RETURN_IF_ERROR(cuda::LaunchRmsNormToBf16(x_, w.post_attention_norm, nullptr, normed_, m,
-                                                   hidden, eps, stream_));
+    RETURN_IF_ERROR(RmsNorm(w.post_attention_norm, nullptr, m));
     RETURN_IF_ERROR(Gemm(normed_, w.gate_up, gate_up_, m, 2 * inter, hidden, 0.0f));
-    CUDA_RETURN_IF_ERROR(cuda::LaunchSwiGlu(gate_up_, act_, m, inter, stream_));
+    RETURN_IF_ERROR(SwiGlu(m));
     RETURN_IF_ERROR(Gemm(act_, w.down, x_, m, hidden, inter, 1.0f));
   }
   const int outs = static_cast<int>(out_rows);
-  CUDA_RETURN_IF_ERROR(cuda::LaunchRmsNormToBf16(x_, final_norm_, meta_ + off_gather, normed_, outs,
-                                                 hidden, eps, stream_));
+  RETURN_IF_ERROR(RmsNorm(final_norm_, meta_ + off_gather, outs));
   RETURN_IF_ERROR(Gemm(normed_, lm_head_, logits_, outs, c.vocab_size, hidden, 0.0f));
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-      logits, logits_, size_t{static_cast<size_t>(outs)} * c.vocab_size * sizeof(float),
-      cudaMemcpyDeviceToHost, stream_));
-  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-  for (const ForwardChunk& chunk : chunks) {
-    cache.CommitAppend(chunk.seq, static_cast<int64_t>(chunk.tokens.size()));
-  }
+  *out_rows_result = out_rows;
   return absl::OkStatus();
 }
 
@@ -692,8 +885,11 @@ absl::StatusOr<std::unique_ptr<CudaModelRunner>> NewRunner(const LlamaConfig& co
     cudaStreamDestroy(stream);
     return cuda::CublasStatus(s, "cublasCreate");
   }
-  auto runner = std::make_unique<CudaModelRunner>(config, stream, blas);
+  auto runner = std::make_unique<CudaModelRunner>(config, stream, blas, cuda_options);
   CUBLAS_RETURN_IF_ERROR(cublas->set_stream(blas, stream));
+  // Explicitly the default math mode: fp32 GEMMs stay fp32 (TF32 only under
+  // CUBLAS_TF32_TENSOR_OP_MATH), which the fp32 compute mode relies on.
+  CUBLAS_RETURN_IF_ERROR(cublas->set_math_mode(blas, CUBLAS_DEFAULT_MATH));
   return runner;
 }
 
@@ -706,6 +902,17 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> Finish(std::unique_ptr<CudaModelRun
 }
 
 }  // namespace
+
+absl::StatusOr<CudaCompute> ParseCudaCompute(const std::string& name) {
+  if (name == "bf16") return CudaCompute::kBf16;
+  if (name == "fp32") return CudaCompute::kFp32;
+  return absl::InvalidArgumentError(
+      absl::StrCat("CUDA compute mode must be bf16 or fp32, got '", name, "'"));
+}
+
+const char* CudaComputeName(CudaCompute compute) {
+  return compute == CudaCompute::kFp32 ? "fp32" : "bf16";
+}
 
 absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCudaModelRunner(
     const RunnerOptions& options, const CudaRunnerOptions& cuda_options) {
@@ -788,6 +995,39 @@ absl::StatusOr<CudaKvCapacity> GetCudaKvCapacity(const ModelRunner& runner) {
                         .slot_bytes = cache.geometry().slot_bytes,
                         .blocks = cache.total_blocks(),
                         .max_sequences = cache.max_sequences()};
+}
+
+absl::StatusOr<std::vector<int32_t>> SampleOnGpu(std::span<const float> logits, int vocab,
+                                                 std::span<const DeviceSampling> sampling) {
+  if (vocab <= 0 || logits.size() != sampling.size() * static_cast<size_t>(vocab)) {
+    return absl::InvalidArgumentError(absl::StrCat("SampleOnGpu: ", logits.size(), " logits for ",
+                                                   sampling.size(), " rows of vocab ", vocab));
+  }
+  std::vector<ForwardChunk> rows(sampling.size());  // only their count and all_logits matter
+  RETURN_IF_ERROR(ValidateDeviceSampling(rows, sampling));
+  std::vector<int32_t> tokens(sampling.size());
+  if (sampling.empty()) return tokens;
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return absl::FailedPreconditionError("SampleOnGpu: no usable CUDA device");
+  }
+  cudaStream_t stream = nullptr;
+  float* device_logits = nullptr;
+  absl::Status status = [&]() -> absl::Status {
+    CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CUDA_RETURN_IF_ERROR(cudaMalloc(&device_logits, logits.size() * sizeof(float)));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_logits, logits.data(),
+                                         logits.size() * sizeof(float), cudaMemcpyHostToDevice,
+                                         stream));
+    DeviceSampler sampler;
+    return sampler.Sample(device_logits, vocab, sampling, tokens.data(), stream);
+  }();
+  if (stream != nullptr) cudaStreamSynchronize(stream);
+  if (device_logits != nullptr) cudaFree(device_logits);
+  if (stream != nullptr) cudaStreamDestroy(stream);
+  if (!status.ok()) return status;
+  return tokens;
 }
 
 absl::StatusOr<GpuInfo> QueryGpu() {

@@ -3,19 +3,30 @@
 // and the gRPC server run unchanged on it, with the KV cache in any format the CPU reference stores
 // (CudaKvCache, cuda_kv_cache.h).
 //
-// Weights live on the GPU in bf16 (converted from the loader's float32, or generated on the GPU by
-// CreateCudaModelRunnerWithRandomWeights; norms, biases and RoPE frequencies stay fp32/fp64). All
-// tokens of all chunks of a Forward call form one [tokens, hidden] batch, decode tokens first: one
-// cuBLAS GEMM per projection (bf16 inputs, fp32 accumulation and output; o_proj and down_proj
-// accumulate into the fp32 residual stream with beta = 1), fused kernels for the embedding,
-// RMSNorm (emitting the bf16 GEMM input), the q/k/v epilogue (bias, QK-norm, RoPE) and SwiGLU
-// (cuda_kernels.h). Per layer, the step's fp32 keys and values are appended to the cache in one
-// call for all sequences (CudaKvAppend); the decode tokens run one CudaDecodeAttention call over
-// every decode sequence (every stored token read through the format); prefill chunks attend to
-// their cached prefix, read out of the pool through the format (CudaKvAppend::Read) into an fp32
-// scratch, and to the step's own tokens in fp32 (CpuKvCache::PrefillAttention's semantics). The
-// final norm and lm_head run only on the rows whose logits are returned; logits are copied back
-// to the host as fp32 rows: the engine samples on the host.
+// Compute modes (CudaRunnerOptions::compute). bf16 (the default): weights live on the GPU in bf16
+// (converted from the loader's float32, or generated on the GPU by
+// CreateCudaModelRunnerWithRandomWeights) and every GEMM input is bf16: the activations entering a
+// GEMM are rounded to bf16 (about 3e-3 relative logit error against fp32 transformers on the
+// reference model). fp32: weights in fp32 (bf16 checkpoints hold the same values), fp32 GEMM inputs
+// and fp32 GEMMs without TF32 (the CPU runner's arithmetic: whole-prompt logits within ~1e-6 of it,
+// the same keys and values to ~1e-6, so a quantized cache stores the same codes but at boundary
+// ties; decode rows then differ by the decode kernel's fp16 operands, ~1e-4 on average:
+// docs/BENCHMARKS.md); twice the weight memory and bandwidth. Norms, biases and RoPE frequencies
+// are fp32/fp64 in both. All tokens of all chunks of a Forward call form one
+// [tokens, hidden] batch, decode tokens first: one cuBLAS GEMM per projection (fp32 accumulation
+// and output; o_proj and down_proj accumulate into the fp32 residual stream with beta = 1), fused
+// kernels for the embedding, RMSNorm (emitting the GEMM input), the q/k/v epilogue (bias, QK-norm,
+// RoPE) and SwiGLU (cuda_kernels.h). Per layer, the step's fp32 keys and values are appended to the
+// cache in one call for all sequences (CudaKvAppend); the decode tokens run one CudaDecodeAttention
+// call over every decode sequence (every stored token read through the format); prefill chunks
+// attend to their cached prefix, read out of the pool through the format (CudaKvAppend::Read) into
+// an fp32 scratch, and to the step's own tokens in fp32 (CpuKvCache::PrefillAttention's semantics).
+// The final norm and lm_head run only on the rows whose logits are returned. Forward copies the
+// logits back to the host as fp32 rows; ForwardSample (supports_device_sampling() unless
+// CudaRunnerOptions::device_sampling is off) samples on the GPU (LaunchSampleTokens,
+// cuda_kernels.h) and copies back only the token ids. Its sort workspace (sampled rows x vocab x
+// 24 bytes, allocated on first need and grown on demand) comes out of the memory the KV pool
+// leaves free (1 - gpu_memory_fraction).
 //
 // Memory: the KV pool is options.kv_num_blocks blocks if > 0, else gpu_memory_fraction of the GPU
 // memory free after the weights and the step workspace, less max_sequences x the per-sequence
@@ -32,13 +43,21 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "workers/backend/model_runner.h"
 #include "workers/model/llama_config.h"
 
 namespace kvgate::worker {
+
+enum class CudaCompute { kBf16, kFp32 };
+
+// "bf16" | "fp32"; InvalidArgumentError otherwise.
+absl::StatusOr<CudaCompute> ParseCudaCompute(const std::string& name);
+const char* CudaComputeName(CudaCompute compute);
 
 struct CudaRunnerOptions {
   // Fraction (0, 1] of the GPU memory still free after weights and workspace that the KV pool and
@@ -50,6 +69,10 @@ struct CudaRunnerOptions {
   // Sequences the cache can hold at once (per-sequence device state is allocated for each); the
   // worker passes its --max_running. AddSequence beyond it is ResourceExhaustedError.
   int max_sequences = 256;
+  // GEMM inputs and weights in bf16 (fast) or fp32 (parity with the CPU runner); see above.
+  CudaCompute compute = CudaCompute::kBf16;
+  // Whether ForwardSample is offered (the engine then samples on the GPU).
+  bool device_sampling = true;
 };
 
 // FailedPreconditionError when no CUDA device is usable; UnimplementedError for eviction and for
@@ -93,6 +116,12 @@ struct CudaKvCapacity {
   int max_sequences = 0;
 };
 absl::StatusOr<CudaKvCapacity> GetCudaKvCapacity(const ModelRunner& runner);
+
+// Samples one token per row of host `logits` ([sampling.size(), vocab]) on the current GPU with the
+// code ForwardSample runs: for tests and benchmarks of device sampling apart from a model.
+// InvalidArgumentError for bad sizes or parameters (ValidateDeviceSampling's ranges).
+absl::StatusOr<std::vector<int32_t>> SampleOnGpu(std::span<const float> logits, int vocab,
+                                                 std::span<const DeviceSampling> sampling);
 
 // The current device: its name and cudaMemGetInfo. FailedPreconditionError without a device.
 struct GpuInfo {
