@@ -8,6 +8,7 @@
 //       [--gpu-memory-fraction 0.9] [--equal-batch N] [--max-batch N]
 //       [--mixed-batch 32] [--mixed-context 8192] [--mixed-prompt 2048] [--mixed-chunk 512]
 //       [--mixed-every 4] [--mixed-steps 48]   (--mixed-batch 0: no mixed trace)
+//       [--sampling device|host]
 //
 // Per format:
 //   capacity: KV bytes per token (all layers) and the sequences of each context that fit: the
@@ -34,8 +35,10 @@
 //     prefill tokens/s. The same load for every format.
 //   roofline: bytes one decode step must move (the weights but the embedding, once, plus every
 //     stored KV byte of the batch) over the measured device-to-device copy bandwidth.
-// Each Forward includes its host work and the copy of the logits to the host (the engine samples
-// on the host); tokens are fixed ids (no sampling).
+// Timed steps pick their tokens as the engine does: greedy on the GPU (ForwardSample: only token
+// ids come back) with --sampling device (the default), or with the logits copied to the host
+// (--sampling host). Warm-up steps always copy the logits and check that they are finite. The
+// tokens fed are fixed ids, not the sampled ones (the KV contents are synthetic anyway).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -68,7 +71,7 @@ constexpr char kUsage[] =
     "    [--prefill-prompts 8] [--prefill-tokens 2048] [--prefill-chunk 512]\n"
     "    [--gpu-memory-fraction 0.9] [--equal-batch N] [--max-batch N]\n"
     "    [--mixed-batch 32] [--mixed-context 8192] [--mixed-prompt 2048] [--mixed-chunk 512]\n"
-    "    [--mixed-every 4] [--mixed-steps 48]\n";
+    "    [--mixed-every 4] [--mixed-steps 48] [--sampling device|host]\n";
 
 #ifdef KVGATE_CLI_HAVE_CUDA
 
@@ -92,6 +95,7 @@ struct BenchOptions {
   double gpu_memory_fraction = 0.9;
   int equal_batch = 0;  // 0: fp16's batch at each context
   int max_batch = 0;    // 0: no cap
+  bool device_sampling = true;
   // Mixed trace (0 sequences: off).
   int mixed_batch = 32;
   int64_t mixed_context = 8192;
@@ -159,11 +163,26 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> MakeRunner(const worker::LlamaConfi
       /*seed=*/20261129);
 }
 
+absl::Status CheckFinite(const std::vector<float>& logits, const std::string& what);
+
+// One forward step; greedy sampling on the device when `device` and the runner supports it (the
+// engine's path), else the logits rows come back to the host.
+absl::Status Step(ModelRunner& runner, std::span<const ForwardChunk> chunks, bool device,
+                  std::vector<float>& logits) {
+  if (device && runner.supports_device_sampling()) {
+    std::vector<worker::DeviceSampling> greedy(chunks.size());
+    std::vector<int32_t> sampled(chunks.size());
+    return runner.ForwardSample(chunks, greedy, sampled.data());
+  }
+  logits.resize(chunks.size() * static_cast<size_t>(runner.config().vocab_size));
+  return runner.Forward(chunks, logits.data());
+}
+
 // Runs `steps` decode steps over the first `batch` sequences (ids 0..batch-1); returns seconds.
-absl::StatusOr<double> DecodeSteps(ModelRunner& runner, int batch, int steps,
-                                   std::vector<float>& logits) {
+// timed: the sampling path of --sampling; else logits to the host, checked finite.
+absl::StatusOr<double> DecodeSteps(ModelRunner& runner, int batch, int steps, bool timed,
+                                   const BenchOptions& opts, std::vector<float>& logits) {
   const int vocab = runner.config().vocab_size;
-  logits.resize(static_cast<size_t>(batch) * vocab);
   std::vector<int32_t> tokens(batch);
   std::vector<ForwardChunk> chunks(batch);
   const auto start = std::chrono::steady_clock::now();
@@ -172,9 +191,15 @@ absl::StatusOr<double> DecodeSteps(ModelRunner& runner, int batch, int steps,
       tokens[b] = static_cast<int32_t>((b * 7919 + s * 104729) % vocab);
       chunks[b] = {.seq = b, .tokens = std::span<const int32_t>(&tokens[b], 1)};
     }
-    if (absl::Status st = runner.Forward(chunks, logits.data()); !st.ok()) return st;
+    if (absl::Status st = Step(runner, chunks, timed && opts.device_sampling, logits); !st.ok()) {
+      return st;
+    }
   }
-  return Seconds(start);
+  const double seconds = Seconds(start);
+  if (!timed && steps > 0) {
+    if (absl::Status st = CheckFinite(logits, "decode"); !st.ok()) return st;
+  }
+  return seconds;
 }
 
 absl::Status CheckFinite(const std::vector<float>& logits, const std::string& what) {
@@ -231,11 +256,10 @@ absl::StatusOr<DecodeResult> RunDecode(const worker::LlamaConfig& config, const 
   }
   r.fill_s = Seconds(start);
   std::vector<float> logits;
-  auto warm = DecodeSteps(m, r.batch, opts.warmup_steps, logits);
+  auto warm = DecodeSteps(m, r.batch, std::max(opts.warmup_steps, 1), false, opts, logits);
   if (!warm.ok()) return warm.status();
-  auto timed = DecodeSteps(m, r.batch, opts.decode_steps, logits);
+  auto timed = DecodeSteps(m, r.batch, opts.decode_steps, true, opts, logits);
   if (!timed.ok()) return timed.status();
-  if (absl::Status st = CheckFinite(logits, format); !st.ok()) return st;
   r.step_ms = *timed * 1e3 / opts.decode_steps;
   auto used = MemoryUsedGb();
   if (!used.ok()) return used.status();
@@ -245,9 +269,9 @@ absl::StatusOr<DecodeResult> RunDecode(const worker::LlamaConfig& config, const 
                                         static_cast<double>(m.kv_cache().bytes_per_token());
   r.equal_batch = std::min(equal_batch > 0 ? equal_batch : r.batch, r.batch);
   if (r.equal_batch < r.batch) {
-    auto eq_warm = DecodeSteps(m, r.equal_batch, opts.warmup_steps, logits);
+    auto eq_warm = DecodeSteps(m, r.equal_batch, opts.warmup_steps, false, opts, logits);
     if (!eq_warm.ok()) return eq_warm.status();
-    auto eq = DecodeSteps(m, r.equal_batch, opts.decode_steps, logits);
+    auto eq = DecodeSteps(m, r.equal_batch, opts.decode_steps, true, opts, logits);
     if (!eq.ok()) return eq.status();
     r.equal_step_ms = *eq * 1e3 / opts.decode_steps;
   } else {
@@ -289,10 +313,14 @@ absl::Status RunPrefill(const worker::LlamaConfig& config, const std::string& fo
         chunks.push_back(
             {.seq = base + p, .tokens = std::span<const int32_t>(ids[p].data() + begin, n)});
       }
-      if (absl::Status st = m.Forward(chunks, logits.data()); !st.ok()) return st;
+      if (absl::Status st = Step(m, chunks, pass == 1 && opts.device_sampling, logits); !st.ok()) {
+        return st;
+      }
     }
     seconds = Seconds(start);
-    if (absl::Status st = CheckFinite(logits, format + " prefill"); !st.ok()) return st;
+    if (pass == 0) {
+      if (absl::Status st = CheckFinite(logits, format + " prefill"); !st.ok()) return st;
+    }
     for (int p = 0; p < prompts; ++p) m.kv_cache().FreeSequence(base + p);
   }
   out.prefill_tokens_per_s = static_cast<double>(prompts) * length / seconds;
@@ -365,16 +393,20 @@ absl::Status RunMixed(const worker::LlamaConfig& config, const std::string& form
         chunk_taken = true;
       }
     }
-    logits.resize(chunks.size() * static_cast<size_t>(vocab));
     const auto start = std::chrono::steady_clock::now();
-    if (absl::Status st = m.Forward(chunks, logits.data()); !st.ok()) return st;
+    const bool check = step == 0;  // the first step's logits come back and are checked
+    if (absl::Status st = Step(m, chunks, !check && opts.device_sampling, logits); !st.ok()) {
+      return st;
+    }
     const double seconds = Seconds(start);
     total_s += seconds;
     step_ms.push_back(seconds * 1e3);
     decode_tokens += step_decode;
     prefill_tokens += step_prefill;
     for (Live& l : live) l.token = (l.token * 7 + 13) % vocab;
-    if (absl::Status st = CheckFinite(logits, format + " mixed"); !st.ok()) return st;
+    if (check) {
+      if (absl::Status st = CheckFinite(logits, format + " mixed"); !st.ok()) return st;
+    }
   }
   MixedResult& r = out.mixed;
   r.steps = opts.mixed_steps;
@@ -519,6 +551,12 @@ int RunEngineBench(Args& args) {
   opts.gpu_memory_fraction = args.GetDouble("gpu-memory-fraction", opts.gpu_memory_fraction);
   opts.equal_batch = static_cast<int>(args.GetInt("equal-batch", 0));
   opts.max_batch = static_cast<int>(args.GetInt("max-batch", 0));
+  const std::string sampling = args.Get("sampling", "device");
+  if (sampling != "device" && sampling != "host") {
+    std::fprintf(stderr, "kvgate bench engine: --sampling must be device or host\n%s", kUsage);
+    return 2;
+  }
+  opts.device_sampling = sampling == "device";
   opts.mixed_batch = static_cast<int>(args.GetInt("mixed-batch", opts.mixed_batch));
   opts.mixed_context = args.GetInt("mixed-context", opts.mixed_context);
   opts.mixed_prompt = static_cast<int>(args.GetInt("mixed-prompt", opts.mixed_prompt));
@@ -581,9 +619,10 @@ int RunEngineBench(Args& args) {
   std::printf(
       "Engine bench: Llama-3-8B shapes, random bf16 weights; %s, %s; block 16, "
       "gpu_memory_fraction %.2f, %d warm-up + %d timed decode steps; prefill %d x %d "
-      "tokens in chunks of %d.\n",
+      "tokens in chunks of %d; sampling on the %s.\n",
       gpu->name.c_str(), date, opts.gpu_memory_fraction, opts.warmup_steps, opts.decode_steps,
-      opts.prefill_prompts, opts.prefill_tokens, opts.prefill_chunk);
+      opts.prefill_prompts, opts.prefill_tokens, opts.prefill_chunk,
+      opts.device_sampling ? "GPU (greedy)" : "host (logits copied back)");
   PrintTables(results, opts, *bandwidth, StreamedWeightBytes(config));
   if (!failed.ok()) {
     // A CUDA fault leaves the device context unusable: the formats after it are not run.
@@ -603,7 +642,7 @@ int RunBench(int argc, char** argv) {
             {"formats", "contexts", "decode-steps", "warmup-steps", "prefill-prompts",
              "prefill-tokens", "prefill-chunk", "gpu-memory-fraction", "equal-batch", "max-batch",
              "mixed-batch", "mixed-context", "mixed-prompt", "mixed-chunk", "mixed-every",
-             "mixed-steps"},
+             "mixed-steps", "sampling"},
             {});
   if (args.help()) {
     std::fprintf(stdout, "%s", kUsage);

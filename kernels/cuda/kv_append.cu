@@ -24,7 +24,7 @@
 //    amax of its sequence's rows itself while a scale is unset. Otherwise Fp8AmaxKernel runs
 //    first: per (sequence, kv-head, 64-row chunk), the amax for scales still unset, combined with
 //    atomicMax into head_scales as a PROVISIONAL value (sign bit set: -amax), which
-//    EncodeRowsKernel turns into amax/200 (keys) or amax/100 (values) or 0. Either way the warp
+//    EncodeRowsKernel turns into amax/192 (keys) or amax/96 (values) or 0 (kv_codec.cc's rule). Either way the warp
 //    of the sequence's first row writes the final scale back.
 //  - KiviGroupKernel (KIVI): one CTA per (key group flushed by this call, kv-head, sequence);
 //    the group's G tokens (from the fp16 window, or the new rows rounded to fp16) are loaded into
@@ -553,15 +553,15 @@ __global__ void __launch_bounds__(kThreads) EncodeRowsKernel(AppendFormat f, App
           }
           mk = WarpMax(mk);
           mv = WarpMax(mv);
-          if (set_k) scale_k = ChosenScale(mk, 200.0f);
-          if (set_v) scale_v = ChosenScale(mv, 100.0f);
+          if (set_k) scale_k = ChosenScale(mk, 192.0f);
+          if (set_v) scale_v = ChosenScale(mv, 96.0f);
         }
       } else {
         // Provisional amax from Fp8AmaxKernel (sign bit set): every warp derives the same scale.
         set_k = signbit(scale_k);
         set_v = signbit(scale_v);
-        if (set_k) scale_k = ChosenScale(-scale_k, 200.0f);
-        if (set_v) scale_v = ChosenScale(-scale_v, 100.0f);
+        if (set_k) scale_k = ChosenScale(-scale_k, 192.0f);
+        if (set_v) scale_v = ChosenScale(-scale_v, 96.0f);
       }
       // The warp of the sequence's first row publishes the scales (another warp reads either
       // the old or the new value: both give the same scale).

@@ -1,7 +1,7 @@
 // Host-side packing of keys/values into the paged layout the CPU cache stores and the CUDA
 // decode attention reads (kvgate/kernels/cuda_attention.h), one layer, through the CPU codecs
 // (kernels/cpu/kv_codec.h) and with the CPU cache's rules for one Append of all n tokens:
-// FP8 scales from the amax of the appended tokens (amax/200 keys, amax/100 values); KIVI and
+// FP8 scales from the amax of the appended tokens (amax/192 keys, amax/96 values); KIVI and
 // TurboQuant with R > 0 keep the newest tokens in their fp16 residual window (SplitStoredTokens:
 // encoded = 0 if n < R + F, else F*floor((n - R)/F), F = KIVI's G or TurboQuant's 16) and encode
 // the older ones from their fp16-rounded values.

@@ -6,7 +6,7 @@
 // encodes them, and the same per-sequence side state:
 //   - FP8: (key_scale, value_scale) per (sequence, kv-head); 0 = not chosen yet. An append chooses
 //     them like CpuKvCache::Append (KvCodec::ChooseScales): from the amax of the sequence's rows in
-//     that call (keys amax/200, values amax/100), only while still 0 and only from a nonzero
+//     that call (keys amax/192, values amax/96), only while still 0 and only from a nonzero
 //     finite amax; then every row is encoded with them.
 //   - KIVI and TurboQuant with R > 0 (tq4 etc.; "tq:k=4,v=4,r=0" has none): the fp16 residual
 //     window of the newest tokens in the ORIGINAL basis, [kv_heads][residual_capacity = R + F]
