@@ -205,7 +205,9 @@ int RunEval(int argc, char** argv) {
   table.model = model;
   table.meta["date"] = Today();
   table.meta["machine"] = Machine();
-  table.meta["backend"] = backend;
+  table.meta["backend"] =
+      backend == "cuda" ? absl::StrCat("cuda (", args.Get("cuda-compute", "bf16"), " compute)")
+                        : backend;
   table.meta["options"] =
       absl::StrFormat("windows=%d score_tokens=%d probes=%d seed=%d", opts.windows,
                       opts.score_tokens, opts.probes, static_cast<int>(opts.seed));

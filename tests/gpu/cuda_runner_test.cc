@@ -733,9 +733,10 @@ TEST(CudaRunnerBench, DecodeThroughputOnReferenceModel) {
 //     normal range (6.1e-5) and loses relative precision: max 5.4e-3, mean 1.3e-3.
 //   fp8: measured max 5.4e-2, mean 4.0e-3 while the scale rule was amax / 200 (keys) and
 //     amax / 100 (values), which put every head's largest element exactly on an E4M3 rounding tie
-//     (200 between 192 and 208), so a last-bit difference in amax flipped it by ~4%. The rule is
-//     now amax / 192 and amax / 96 (exact E4M3 values, kv_codec.cc): fp8 takes the first group's
-//     bound.
+//     (200 between 192 and 208), so a last-bit difference in amax flipped it by ~4%. With the rule
+//     amax / 192 and amax / 96 (exact E4M3 values, kv_codec.cc): max 7.7e-3, mean 1.4e-3
+//     (2026-11-29T05:11Z): what remains are ordinary level flips, more frequent than TurboQuant's
+//     because E4M3 steps are 1/8 of an octave everywhere.
 // The int8 cause is in the decode kernel (kernels/cuda); once fixed, its bound drops to the
 // first group's.
 constexpr double kFp32PrefillTolerance = 5e-5;
@@ -748,6 +749,7 @@ struct Fp32Bound {
 Fp32Bound Fp32BoundFor(const std::string& format) {
   if (format == "tq3.5" || format == "tq3" || format == "tq2.5") return {1e-2, 5e-4};
   if (format == "int8") return {1.2e-2, 2.5e-3};
+  if (format == "fp8") return {1.5e-2, 2.5e-3};
   return {};
 }
 // Against goldens computed in float64 from the same bf16 weights (issue 6: 1e-3 relative).
