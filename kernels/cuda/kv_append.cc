@@ -240,13 +240,7 @@ class CudaKvAppendImpl final : public CudaKvAppend {
       RETURN_IF_ERROR_(CheckWindow(b.residual_k, b.residual_v, b.residual_capacity, "AppendBatch"));
     }
     internal::AppendArgs a;
-    a.pool = b.pool;
-    a.block_stride_bytes = b.block_stride_bytes;
-    a.layer_offset_bytes = b.layer_offset_bytes;
-    a.block_tables = b.block_tables;
-    a.max_blocks_per_seq = b.max_blocks_per_seq;
-    a.num_seqs = b.num_seqs;
-    a.seq_slots = b.seq_slots;
+    CopySharedFields(b, a);
     a.row_begin = b.row_begin;
     a.stored_before = b.stored_before;
     a.num_rows = b.num_rows;
@@ -254,10 +248,6 @@ class CudaKvAppendImpl final : public CudaKvAppend {
     a.k = b.k;
     a.v = b.v;
     a.row_stride = b.row_stride;
-    a.head_scales = b.head_scales;
-    a.residual_k = b.residual_k;
-    a.residual_v = b.residual_v;
-    a.residual_capacity = b.residual_capacity;
     a.store_width = AddressAlignment(reinterpret_cast<uintptr_t>(b.pool), b.block_stride_bytes,
                                      b.layer_offset_bytes, f_.record_bytes);
     // 16-byte row alignment: lanes load d/32 floats at once, KIVI's kernels 4 floats.
@@ -297,19 +287,9 @@ class CudaKvAppendImpl final : public CudaKvAppend {
       RETURN_IF_ERROR_(CheckWindow(b.residual_k, b.residual_v, b.residual_capacity, "ReadBatch"));
     }
     internal::ReadArgs a;
-    a.pool = b.pool;
-    a.block_stride_bytes = b.block_stride_bytes;
-    a.layer_offset_bytes = b.layer_offset_bytes;
-    a.block_tables = b.block_tables;
-    a.max_blocks_per_seq = b.max_blocks_per_seq;
-    a.num_seqs = b.num_seqs;
-    a.seq_slots = b.seq_slots;
+    CopySharedFields(b, a);
     a.lens = b.lens;
     a.max_len = b.max_len;
-    a.head_scales = b.head_scales;
-    a.residual_k = b.residual_k;
-    a.residual_v = b.residual_v;
-    a.residual_capacity = b.residual_capacity;
     a.out_k = b.out_k;
     a.out_v = b.out_v;
     a.out_stride_tokens = b.out_stride_tokens;
@@ -324,6 +304,23 @@ class CudaKvAppendImpl final : public CudaKvAppend {
 
  private:
   CudaKvAppendImpl() = default;
+
+  // The fields AppendBatch and ReadBatch share with the kernels' argument structs: the pool and
+  // where the layer lives, the sequences' block tables and state slots, FP8 scales and windows.
+  template <class Batch, class Args>
+  static void CopySharedFields(const Batch& b, Args& a) {
+    a.pool = b.pool;
+    a.block_stride_bytes = b.block_stride_bytes;
+    a.layer_offset_bytes = b.layer_offset_bytes;
+    a.block_tables = b.block_tables;
+    a.max_blocks_per_seq = b.max_blocks_per_seq;
+    a.num_seqs = b.num_seqs;
+    a.seq_slots = b.seq_slots;
+    a.head_scales = b.head_scales;
+    a.residual_k = b.residual_k;
+    a.residual_v = b.residual_v;
+    a.residual_capacity = b.residual_capacity;
+  }
 
   // Bytes of the d/32 floats a lane of ReadKernel stores at once.
   int VectorBytes() const { return std::min(16, 4 * (f_.head_dim / 32)); }

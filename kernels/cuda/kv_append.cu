@@ -43,6 +43,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/kv_append_internal.h"
 
@@ -1096,6 +1097,49 @@ __global__ void __launch_bounds__(kThreads) ReadKernel(AppendFormat f, ReadArgs 
 // ---- Launch
 // ----------------------------------------------------------------------------------------
 
+// Calls launch(std::integral_constant<int, K>{}) for the format kind K == kind (one template
+// instance per kind), then returns the launch error.
+template <class Launch>
+cudaError_t WithKind(int kind, Launch&& launch) {
+  switch (kind) {
+    case kAppendFp16:
+      launch(std::integral_constant<int, kAppendFp16>{});
+      break;
+    case kAppendBf16:
+      launch(std::integral_constant<int, kAppendBf16>{});
+      break;
+    case kAppendFp8:
+      launch(std::integral_constant<int, kAppendFp8>{});
+      break;
+    case kAppendInt8:
+      launch(std::integral_constant<int, kAppendInt8>{});
+      break;
+    case kAppendKivi:
+      launch(std::integral_constant<int, kAppendKivi>{});
+      break;
+    case kAppendTurbo:
+      launch(std::integral_constant<int, kAppendTurbo>{});
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+// Calls launch(std::integral_constant<int, D>{}) for the head dimension D == head_dim.
+template <class Launch>
+cudaError_t WithHeadDim(int head_dim, Launch&& launch) {
+  switch (head_dim) {
+    case 64:
+      return launch(std::integral_constant<int, 64>{});
+    case 128:
+      return launch(std::integral_constant<int, 128>{});
+    case 256:
+      return launch(std::integral_constant<int, 256>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 template <int D>
 cudaError_t LaunchAppendD(const AppendFormat& f, const AppendArgs& a, cudaStream_t stream) {
   const int heads = f.num_kv_heads;
@@ -1128,55 +1172,23 @@ cudaError_t LaunchAppendD(const AppendFormat& f, const AppendArgs& a, cudaStream
   const int64_t tasks = static_cast<int64_t>(a.num_rows) * heads;
   const int grid = static_cast<int>(std::min<int64_t>(kMaxGrid, (tasks + kWarps - 1) / kWarps));
   const int smem = RowSmemBytes(f.kind, D, f.record_bytes, true);
-  switch (f.kind) {
-    case kAppendFp16:
-      EncodeRowsKernel<kAppendFp16, D><<<grid, kThreads, smem, stream>>>(f, a);
-      break;
-    case kAppendBf16:
-      EncodeRowsKernel<kAppendBf16, D><<<grid, kThreads, smem, stream>>>(f, a);
-      break;
-    case kAppendFp8:
-      EncodeRowsKernel<kAppendFp8, D><<<grid, kThreads, smem, stream>>>(f, a);
-      break;
-    case kAppendInt8:
-      EncodeRowsKernel<kAppendInt8, D><<<grid, kThreads, smem, stream>>>(f, a);
-      break;
-    case kAppendTurbo:
-      EncodeRowsKernel<kAppendTurbo, D><<<grid, kThreads, smem, stream>>>(f, a);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  // KIVI encodes whole key groups (above), never row by row.
+  if (f.kind == kAppendKivi) return cudaErrorInvalidValue;
+  return WithKind(f.kind, [&](auto kind) {
+    constexpr int kKind = decltype(kind)::value;
+    if constexpr (kKind != kAppendKivi) {
+      EncodeRowsKernel<kKind, D><<<grid, kThreads, smem, stream>>>(f, a);
+    }
+  });
 }
 
 template <int D>
 cudaError_t LaunchReadD(const AppendFormat& f, const ReadArgs& a, cudaStream_t stream) {
   const dim3 grid((a.max_len + kWarps - 1) / kWarps, f.num_kv_heads, a.num_seqs);
   const int smem = RowSmemBytes(f.kind, D, f.record_bytes, false);
-  switch (f.kind) {
-    case kAppendFp16:
-      ReadKernel<kAppendFp16, D><<<grid, kThreads, smem, stream>>>(f, a);
-      break;
-    case kAppendBf16:
-      ReadKernel<kAppendBf16, D><<<grid, kThreads, smem, stream>>>(f, a);
-      break;
-    case kAppendFp8:
-      ReadKernel<kAppendFp8, D><<<grid, kThreads, smem, stream>>>(f, a);
-      break;
-    case kAppendInt8:
-      ReadKernel<kAppendInt8, D><<<grid, kThreads, smem, stream>>>(f, a);
-      break;
-    case kAppendKivi:
-      ReadKernel<kAppendKivi, D><<<grid, kThreads, smem, stream>>>(f, a);
-      break;
-    case kAppendTurbo:
-      ReadKernel<kAppendTurbo, D><<<grid, kThreads, smem, stream>>>(f, a);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return WithKind(f.kind, [&](auto kind) {
+    ReadKernel<decltype(kind)::value, D><<<grid, kThreads, smem, stream>>>(f, a);
+  });
 }
 
 }  // namespace
@@ -1191,42 +1203,20 @@ cudaError_t SetupAppendKernels(const AppendFormat& f) {
   if (f.kind != kAppendKivi) return cudaSuccess;  // the row kernels stay under 48 KB
   const int bytes = KiviGroupSmemBytes(f);
   if (bytes <= 48 * 1024) return cudaSuccess;
-  switch (f.head_dim) {
-    case 64:
-      return cudaFuncSetAttribute(KiviGroupKernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  bytes);
-    case 128:
-      return cudaFuncSetAttribute(KiviGroupKernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  bytes);
-    case 256:
-      return cudaFuncSetAttribute(KiviGroupKernel<256>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  bytes);
-  }
-  return cudaErrorInvalidValue;
+  return WithHeadDim(f.head_dim, [&](auto d) {
+    return cudaFuncSetAttribute(KiviGroupKernel<decltype(d)::value>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  });
 }
 
 cudaError_t LaunchAppend(const AppendFormat& f, const AppendArgs& a, cudaStream_t stream) {
-  switch (f.head_dim) {
-    case 64:
-      return LaunchAppendD<64>(f, a, stream);
-    case 128:
-      return LaunchAppendD<128>(f, a, stream);
-    case 256:
-      return LaunchAppendD<256>(f, a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return WithHeadDim(f.head_dim,
+                     [&](auto d) { return LaunchAppendD<decltype(d)::value>(f, a, stream); });
 }
 
 cudaError_t LaunchRead(const AppendFormat& f, const ReadArgs& a, cudaStream_t stream) {
-  switch (f.head_dim) {
-    case 64:
-      return LaunchReadD<64>(f, a, stream);
-    case 128:
-      return LaunchReadD<128>(f, a, stream);
-    case 256:
-      return LaunchReadD<256>(f, a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return WithHeadDim(f.head_dim,
+                     [&](auto d) { return LaunchReadD<decltype(d)::value>(f, a, stream); });
 }
 
 }  // namespace kvgate::kernels::cuda::internal

@@ -283,11 +283,10 @@ void CudaKvCache::CommitAppend(kernels::SeqId seq, int64_t n) {
 
 // ---- Device methods -----------------------------------------------------------------------------
 
-absl::Status CudaKvCache::AppendLayer(int layer, const DeviceSeqBatch& seqs,
-                                      const int32_t* row_begin, const int32_t* stored_before,
-                                      int num_rows, int max_rows_per_seq, const float* k,
-                                      const float* v, int64_t row_stride) {
-  kernels::cuda::AppendBatch b;
+// The fields AppendBatch, DecodeBatch and ReadBatch share: where a layer's records live, the
+// sequences' block tables and state slots, and the FP8 scales.
+template <class Batch>
+void CudaKvCache::FillPoolFields(int layer, const DeviceSeqBatch& seqs, Batch& b) const {
   b.pool = pool_;
   b.block_stride_bytes = geometry_.block_bytes;
   b.layer_offset_bytes = layer_offset_[layer];
@@ -295,6 +294,15 @@ absl::Status CudaKvCache::AppendLayer(int layer, const DeviceSeqBatch& seqs,
   b.max_blocks_per_seq = seqs.max_blocks;
   b.num_seqs = seqs.num_seqs;
   b.seq_slots = seqs.slots;
+  b.head_scales = head_scales(layer);
+}
+
+absl::Status CudaKvCache::AppendLayer(int layer, const DeviceSeqBatch& seqs,
+                                      const int32_t* row_begin, const int32_t* stored_before,
+                                      int num_rows, int max_rows_per_seq, const float* k,
+                                      const float* v, int64_t row_stride) {
+  kernels::cuda::AppendBatch b;
+  FillPoolFields(layer, seqs, b);
   b.row_begin = row_begin;
   b.stored_before = stored_before;
   b.num_rows = num_rows;
@@ -302,7 +310,6 @@ absl::Status CudaKvCache::AppendLayer(int layer, const DeviceSeqBatch& seqs,
   b.k = k;
   b.v = v;
   b.row_stride = row_stride;
-  b.head_scales = head_scales(layer);
   b.residual_k = residual(layer, false);
   b.residual_v = residual(layer, true);
   b.residual_capacity = residual_capacity_[layer];
@@ -314,11 +321,7 @@ absl::Status CudaKvCache::DecodeLayer(int layer, const DeviceSeqBatch& seqs,
                                       const int32_t* residual_lens, const float* q,
                                       int num_q_heads_padded, float scale, float* out) {
   kernels::cuda::DecodeBatch b;
-  b.pool = pool_;
-  b.block_stride_bytes = geometry_.block_bytes;
-  b.layer_offset_bytes = layer_offset_[layer];
-  b.block_tables = seqs.block_tables;
-  b.max_blocks_per_seq = seqs.max_blocks;
+  FillPoolFields(layer, seqs, b);
   b.encoded_lens = encoded_lens;
   b.max_encoded_len = max_encoded_len;
   if (residual_capacity_[layer] > 0) {
@@ -327,9 +330,6 @@ absl::Status CudaKvCache::DecodeLayer(int layer, const DeviceSeqBatch& seqs,
     b.residual_v = residual(layer, true);
     b.residual_capacity = residual_capacity_[layer];
   }
-  b.head_scales = head_scales(layer);
-  b.seq_slots = seqs.slots;
-  b.num_seqs = seqs.num_seqs;
   b.num_q_heads = num_q_heads_padded;
   b.q = q;
   b.out = out;
@@ -341,16 +341,9 @@ absl::Status CudaKvCache::ReadLayer(int layer, const DeviceSeqBatch& seqs, const
                                     int max_len, float* out_k, float* out_v,
                                     int64_t stride_tokens) {
   kernels::cuda::ReadBatch b;
-  b.pool = pool_;
-  b.block_stride_bytes = geometry_.block_bytes;
-  b.layer_offset_bytes = layer_offset_[layer];
-  b.block_tables = seqs.block_tables;
-  b.max_blocks_per_seq = seqs.max_blocks;
-  b.num_seqs = seqs.num_seqs;
-  b.seq_slots = seqs.slots;
+  FillPoolFields(layer, seqs, b);
   b.lens = lens;
   b.max_len = max_len;
-  b.head_scales = head_scales(layer);
   b.residual_k = residual(layer, false);
   b.residual_v = residual(layer, true);
   b.residual_capacity = residual_capacity_[layer];

@@ -170,6 +170,8 @@ class CudaKvCache final : public kernels::KvCache {
   const Format& format_of(int layer) const { return formats_[layer_format_[layer]]; }
   float* head_scales(int layer) const;
   uint16_t* residual(int layer, bool values) const;
+  template <class Batch>
+  void FillPoolFields(int layer, const DeviceSeqBatch& seqs, Batch& b) const;
   // Reads every stored token of (seq, layer) to device buffers [kv_heads, stored, head_dim].
   absl::Status ReadAll(const Sequence& s, int layer, float* k, float* v) const;
 
