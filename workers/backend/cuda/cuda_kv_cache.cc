@@ -162,9 +162,9 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
       cache->geometry_.residual_bytes_per_sequence / 4 * int64_t{max_sequences};
   if (residual_halves > 0) {
     RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->residual_k_), residual_halves * 2,
-                             "the KIVI residual windows"));
+                             "the fp16 residual windows"));
     RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->residual_v_), residual_halves * 2,
-                             "the KIVI residual windows"));
+                             "the fp16 residual windows"));
   }
   for (int64_t& offset : cache->residual_offset_) offset *= max_sequences;
   cache->free_list_.resize(config.num_blocks);

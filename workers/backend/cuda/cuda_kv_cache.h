@@ -5,14 +5,15 @@
 // (kernels/cpu/cpu_kv_cache.cc): [num_blocks][layer][kv_head][block_size][record_bytes(layer)],
 // the first F and last L layers in fp16 records, the others in the format's. Blocks, block tables
 // and token counts live on the host; per-sequence device state lives at a fixed SLOT per sequence
-// (at most max_sequences slots): FP8's (key, value) scales per (layer, kv-head) and KIVI's fp16
-// residual window per layer. Appends and reads go through kvgate_kernels_cuda's CudaKvAppend,
+// (at most max_sequences slots): FP8's (key, value) scales per (layer, kv-head) and the fp16
+// residual window per layer of KIVI and TurboQuant (unless r=0). Appends and reads go through kvgate_kernels_cuda's CudaKvAppend,
 // decode attention through CudaDecodeAttention, one object of each per distinct layer format. The
-// host knows each sequence's stored tokens per layer and derives KIVI's encoded/residual split from
+// host knows each sequence's stored tokens per layer and derives the encoded/window split from
 // it (kernels::cuda::SplitStoredTokens), so a step never reads counts back from the device.
 //
 // Semantics are CpuKvCache's: Append encodes through the format (FP8 scales chosen by the first
-// append with a nonzero amax; KIVI's newest tokens in the fp16 window, flushed G at a time);
+// append with a nonzero amax; KIVI's and TurboQuant's newest tokens in the fp16 window, flushed G
+// or 16 at a time);
 // DecodeAttention reads every stored token through the format; PrefillAttention reads the cached
 // prefix through the format and the fresh tokens in fp32. Eviction (H2O, sink) is not implemented
 // on the GPU: Create returns UnimplementedError for it.
@@ -45,7 +46,7 @@ namespace kvgate::worker::cuda {
 struct KvCacheGeometry {
   int64_t block_bytes = 0;      // one pool block, all layers
   int64_t bytes_per_token = 0;  // block_bytes / block_size
-  // KIVI's fp16 residual windows of one sequence over all layers (KvCache's
+  // The fp16 residual windows (KIVI, TurboQuant) of one sequence over all layers (KvCache's
   // residual_bytes_per_sequence).
   int64_t residual_bytes_per_sequence = 0;
   // Everything one sequence slot holds outside the pool: the residual windows and FP8's scales.
@@ -183,11 +184,11 @@ class CudaKvCache final : public kernels::KvCache {
   std::vector<Format> formats_;
   std::vector<int> layer_format_;         // [num_layers] index into formats_
   std::vector<int64_t> layer_offset_;     // [num_layers] bytes into a block
-  std::vector<int> residual_capacity_;    // [num_layers] KIVI R + G, else 0
+  std::vector<int> residual_capacity_;    // [num_layers] R + flush (KIVI, TurboQuant), else 0
   std::vector<int64_t> residual_offset_;  // [num_layers] halves into residual_k_ / residual_v_
   uint8_t* pool_ = nullptr;
   float* scales_ = nullptr;         // [layers][slots][kv_heads][2] (FP8 layers' scales)
-  uint16_t* residual_k_ = nullptr;  // per KIVI layer: [slots][kv_heads][capacity][head_dim] fp16
+  uint16_t* residual_k_ = nullptr;  // per windowed layer: [slots][kv_heads][capacity][head_dim] fp16
   uint16_t* residual_v_ = nullptr;
   std::vector<int32_t> free_list_;  // LIFO of free block ids
   std::vector<int> free_slots_;     // LIFO of free state slots

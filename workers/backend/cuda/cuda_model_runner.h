@@ -30,7 +30,7 @@
 //
 // Memory: the KV pool is options.kv_num_blocks blocks if > 0, else gpu_memory_fraction of the GPU
 // memory free after the weights and the step workspace, less max_sequences x the per-sequence
-// state outside the pool (KIVI's fp16 residual windows, FP8 scales). RunnerOptions::kv_cache_bytes
+// state outside the pool (the fp16 residual windows of KIVI and TurboQuant, FP8 scales). RunnerOptions::kv_cache_bytes
 // is not used by this backend. The prefix scratch of prefill chunks ([chunks with a prefix,
 // kv_heads, longest stored length, head_dim] fp32, keys and values) grows on demand. No managed
 // memory; every CUDA / cuBLAS call is checked and returned as a Status. A runner is used by one
@@ -107,7 +107,7 @@ absl::Status AppendSyntheticKv(ModelRunner& runner, kernels::SeqId seq, int64_t 
                                uint64_t seed);
 
 // The KV pool of a CUDA runner: bytes per block, bytes of per-sequence state outside the pool
-// (KIVI residual windows, FP8 scales) per slot, blocks and slots. InvalidArgumentError for a
+// (fp16 residual windows, FP8 scales) per slot, blocks and slots. InvalidArgumentError for a
 // runner that is not a CUDA one.
 struct CudaKvCapacity {
   int64_t block_bytes = 0;
