@@ -30,8 +30,8 @@
 //
 // Memory: the KV pool is options.kv_num_blocks blocks if > 0, else gpu_memory_fraction of the GPU
 // memory free after the weights and the step workspace, less max_sequences x the per-sequence
-// state outside the pool (the fp16 residual windows of KIVI and TurboQuant, FP8 scales). RunnerOptions::kv_cache_bytes
-// is not used by this backend. The prefix scratch of prefill chunks ([chunks with a prefix,
+// state outside the pool (the fp16 residual windows of KIVI and TurboQuant, FP8 scales).
+// RunnerOptions::kv_cache_bytes is not used by this backend. The prefix scratch of prefill chunks ([chunks with a prefix,
 // kv_heads, longest stored length, head_dim] fp32, keys and values) grows on demand. No managed
 // memory; every CUDA / cuBLAS call is checked and returned as a Status. A runner is used by one
 // thread at a time; sequences must be fed through Forward only (not the cache's host methods).
