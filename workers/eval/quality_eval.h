@@ -64,7 +64,7 @@ struct QualityOptions {
   // Makes the runner of each (setting, context); empty: the CPU runner. The options it gets name
   // the model, the setting's format and a pool just large enough for the context.
   std::function<absl::StatusOr<std::unique_ptr<worker::ModelRunner>>(const worker::RunnerOptions&)>
-      make_runner;
+      make_runner = nullptr;
 };
 
 struct QualityEntry {
