@@ -75,7 +75,8 @@ struct CudaRunnerOptions {
   bool device_sampling = true;
 };
 
-// FailedPreconditionError when no CUDA device is usable; UnimplementedError for eviction and for
+// FailedPreconditionError when no CUDA device is usable; UnimplementedError for eviction with
+// formats other than fp16/bf16/fp8/int8 and for
 // shapes without kernels (head_dim other than 64/128, GQA group above 8, block size not a multiple
 // of 16, TurboQuant QJL keys); InvalidArgumentError for a bad model folder or options;
 // ResourceExhaustedError when the weights or the pool do not fit.
