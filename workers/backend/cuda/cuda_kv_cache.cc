@@ -517,7 +517,7 @@ absl::Status CudaKvCache::AppendSynthetic(kernels::SeqId seq, int64_t n, uint64_
   if (n < 0) return absl::InvalidArgumentError("AppendSynthetic: n < 0");
   if (n == 0) return absl::OkStatus();
   const int64_t capacity = static_cast<int64_t>(s->blocks.size()) * config_.block_size;
-  if (evicting()) return AppendSyntheticEvicting(*s, seq, n, seed);
+  if (evicting()) return AppendSyntheticEvicting(*s, n, seed);
   for (int l = 0; l < config_.num_layers; ++l) {
     if (s->stored[l] + n > capacity || s->stored[l] + n > INT32_MAX) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -565,7 +565,7 @@ absl::Status CudaKvCache::AppendSynthetic(kernels::SeqId seq, int64_t n, uint64_
   return absl::OkStatus();
 }
 
-absl::Status CudaKvCache::AppendSyntheticEvicting(Sequence& s, kernels::SeqId seq, int64_t n,
+absl::Status CudaKvCache::AppendSyntheticEvicting(Sequence& s, int64_t n,
                                                   uint64_t seed) {
   // Chunk by chunk as a prefill without attention would append: evict, then append, to every
   // layer (no masses accumulate: H2O keeps the oldest of the equal-mass tokens).
@@ -584,12 +584,9 @@ absl::Status CudaKvCache::AppendSyntheticEvicting(Sequence& s, kernels::SeqId se
     const int64_t rows = std::min(chunk, n - done);
     const EvictPlan plan = Plan(s, 0, rows);
     const int64_t kept = KeptBefore(plan);
-    const int64_t capacity = static_cast<int64_t>(s.blocks.size()) * config_.block_size;
-    if (kept + rows > capacity) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "AppendSynthetic: sequence ", seq, " holds ", kept, " tokens and has room for ",
-          capacity, "; Reserve(", s.length[0] + n, ") first"));
-    }
+    // Grows chunk by chunk (TrimBlocks frees what each eviction empties), so that a long fill
+    // never holds more than the kept budget plus one chunk.
+    RETURN_IF_ERROR(GrowTo(s, s.length[0] + rows));
     // {row_begin = 0, row_end, stored_before} then the plan; synchronous: staged from the stack.
     int32_t meta[9] = {0, static_cast<int32_t>(rows), static_cast<int32_t>(kept)};
     std::copy_n(reinterpret_cast<const int32_t*>(&plan), 6, meta + 3);

@@ -181,8 +181,9 @@ class CudaKvCache final : public kernels::KvCache {
 
   // Appends `n` tokens of synthetic keys and values (uniform in [-sqrt 3, sqrt 3): unit variance,
   // a fixed pattern from `seed`) to every layer of `seq` through the format's append, as the
-  // runner would append computed ones; the sequence must have room reserved. For benchmarks that
-  // need long contexts without prefilling them through the model. Synchronizes.
+  // runner would append computed ones; the sequence must have room reserved (with eviction it
+  // grows itself, chunk by chunk, evicting as appends do; no masses accumulate). For benchmarks
+  // that need long contexts without prefilling them through the model. Synchronizes.
   absl::Status AppendSynthetic(kernels::SeqId seq, int64_t n, uint64_t seed);
 
  private:
@@ -210,7 +211,7 @@ class CudaKvCache final : public kernels::KvCache {
   // Slots `s` needs to reach `length` tokens (CpuKvCache::SlotsNeeded).
   int64_t SlotsNeeded(const Sequence& s, int64_t length) const;
   void TrimBlocks(Sequence& s);
-  absl::Status AppendSyntheticEvicting(Sequence& s, kernels::SeqId seq, int64_t n, uint64_t seed);
+  absl::Status AppendSyntheticEvicting(Sequence& s, int64_t n, uint64_t seed);
   EvictPool PoolFor(int layer, const DeviceSeqBatch& seqs) const;
 
   absl::StatusOr<Sequence*> Find(kernels::SeqId seq, int layer);

@@ -54,6 +54,7 @@ __global__ void EvictCompactKernel(EvictPool p, const EvictPlan* plans) {
   __shared__ int32_t dst_of[kCopySlots];
   __shared__ int32_t pos_stage[kCopySlots];
   __shared__ float mass_stage[kCopySlots];
+  __shared__ bool moving;
   extern __shared__ uint32_t record_stage[];  // [kCopySlots][record_bytes / 4]
 
   const int64_t stored = plan.stored;
@@ -108,10 +109,16 @@ __global__ void EvictCompactKernel(EvictPool p, const EvictPlan* plans) {
           pos_stage[threadIdx.x] = p.positions[m];
           mass_stage[threadIdx.x] = p.mass != nullptr ? p.mass[m] : 0.0f;
         }
+        // A step whose slots all stay where they are (the kept prefix) copies nothing.
+        if (threadIdx.x == 0) moving = !(dst == c0 && keep_ballot == 0xffffffffu);
         equal_seen += __popc(eq_ballot);
         dst += __popc(keep_ballot);
       }
       __syncthreads();
+      if (!moving) {
+        __syncthreads();  // everyone has read `moving` before warp 0 rewrites it
+        continue;
+      }
       for (int e = threadIdx.x; e < kCopySlots * words; e += kThreads) {
         const int s = e / words, w = e % words;
         if (dst_of[s] >= 0) {
@@ -201,10 +208,10 @@ __device__ void AccumulateMass(KeyFn key_fn, MassFn mass_at, int64_t count, cons
     WarpScores(key_fn(t), qs, group, d, scale, s);
     for (int j = 0; j < group; ++j) {
       if (s[j] > m[j]) {
-        l[j] = l[j] * __expf(m[j] - s[j]) + 1.0f;
+        l[j] = l[j] * expf(m[j] - s[j]) + 1.0f;
         m[j] = s[j];
       } else {
-        l[j] += __expf(s[j] - m[j]);
+        l[j] += expf(s[j] - m[j]);
       }
     }
   }

@@ -1019,7 +1019,9 @@ absl::StatusOr<CudaKvCapacity> GetCudaKvCapacity(const ModelRunner& runner) {
         absl::StrCat("GetCudaKvCapacity needs a CUDA runner, got ", runner.backend_name()));
   }
   const CudaKvCache& cache = cuda_runner->cache();
-  return CudaKvCapacity{.block_bytes = cache.geometry().block_bytes,
+  // A block's share of the budget: its records and, with eviction, its positions and masses.
+  return CudaKvCapacity{.block_bytes = cache.geometry().block_bytes +
+                                       cache.geometry().eviction_bytes_per_block,
                         .slot_bytes = cache.geometry().slot_bytes,
                         .blocks = cache.total_blocks(),
                         .max_sequences = cache.max_sequences()};

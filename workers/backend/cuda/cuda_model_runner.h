@@ -111,7 +111,7 @@ absl::Status AppendSyntheticKv(ModelRunner& runner, kernels::SeqId seq, int64_t 
 // (KIVI residual windows, FP8 scales) per slot, blocks and slots. InvalidArgumentError for a
 // runner that is not a CUDA one.
 struct CudaKvCapacity {
-  int64_t block_bytes = 0;
+  int64_t block_bytes = 0;  // with eviction, plus the block's positions and masses
   int64_t slot_bytes = 0;
   int64_t blocks = 0;
   int max_sequences = 0;
