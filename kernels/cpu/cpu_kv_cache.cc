@@ -278,7 +278,10 @@ int64_t CpuKvCache::KeepOld(int64_t length, int64_t n) const {
 
 int64_t CpuKvCache::ProjectedSlots(const LayerState& ls, int64_t length) const {
   const int64_t n = std::max<int64_t>(0, length - ls.length);
-  if (!evicting()) return ls.stored + n;
+  // Eviction happens at the start of an append: with nothing left to append, every stored slot
+  // stays (after a large append, e.g. a prompt, stored exceeds KeepOld(length, 0) until the next
+  // append evicts; TrimBlocks must not free the blocks that still hold those tokens).
+  if (!evicting() || n == 0) return ls.stored + n;
   return std::min(ls.stored, KeepOld(length, n)) + n;
 }
 

@@ -190,6 +190,10 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
     if (cache->h2o()) {
       RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->mass_),
                                slots * int64_t{sizeof(float)}, "the H2O masses"));
+      RETURN_IF_ERROR(allocate(
+          reinterpret_cast<void**>(&cache->mass_scratch_),
+          DecodeMassScratchFloats(max_sequences, config.num_kv_heads) * int64_t{sizeof(float)},
+          "the H2O mass scratch"));
     }
   }
   cache->free_list_.resize(config.num_blocks);
@@ -205,7 +209,8 @@ CudaKvCache::~CudaKvCache() {
   if (pool_ != nullptr) cudaStreamSynchronize(stream_);  // no kernel may still use the buffers
   for (void* p : {static_cast<void*>(pool_), static_cast<void*>(scales_),
                   static_cast<void*>(residual_k_), static_cast<void*>(residual_v_),
-                  static_cast<void*>(positions_), static_cast<void*>(mass_)}) {
+                  static_cast<void*>(positions_), static_cast<void*>(mass_),
+                  static_cast<void*>(mass_scratch_)}) {
     if (p != nullptr) cudaFree(p);
   }
 }
@@ -235,6 +240,7 @@ EvictPlan CudaKvCache::Plan(const Sequence& s, int layer, int64_t n) const {
                  .n = static_cast<int32_t>(n)};
   const kernels::EvictionSpec& e = config_.format.eviction;
   const int64_t new_length = length + n;
+  if (n == 0) return plan;  // eviction runs at the start of an append: none, nothing evicted
   if (e.kind == kernels::EvictionSpec::Kind::kSink) {
     // Old tokens at positions < sinks (the first slots: never evicted) or >= new_length - window
     // (the last slots: every such position is still stored, the window only slides forward).
@@ -415,14 +421,18 @@ MassKeyFormat MassFormat(kernels::KvFormatKind kind) {
 }  // namespace
 
 absl::Status CudaKvCache::DecodeMassLayer(int layer, const DeviceSeqBatch& seqs,
-                                          const int32_t* lens, const float* q, int group,
-                                          int group_pad, float scale) {
+                                          const int32_t* lens, int max_len, const float* q,
+                                          int group, int group_pad, float scale) {
   if (!h2o()) return absl::FailedPreconditionError("DecodeMassLayer: the cache is not H2O");
+  if (seqs.num_seqs > max_sequences_) {
+    return absl::InvalidArgumentError(absl::StrCat("DecodeMassLayer: ", seqs.num_seqs,
+                                                   " sequences, at most ", max_sequences_));
+  }
   const MassKeys keys{.format = MassFormat(layer_spec(layer).kind),
                       .head_scales = head_scales(layer),
                       .seq_slots = seqs.slots};
-  CUDA_RETURN_IF_ERROR(LaunchDecodeMass(PoolFor(layer, seqs), keys, lens, q, group, group_pad,
-                                        scale, stream_));
+  CUDA_RETURN_IF_ERROR(LaunchDecodeMass(PoolFor(layer, seqs), keys, lens, max_len, q, group,
+                                        group_pad, scale, mass_scratch_, stream_));
   return absl::OkStatus();
 }
 
@@ -813,7 +823,8 @@ absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num
   RETURN_IF_ERROR(DecodeLayer(layer, batch, dlens.get(), lens[0], dlens.get() + 1, dq.get(),
                               hkv * pad, scale, dout.get()));
   if (h2o()) {  // per-token formats: every stored token is encoded (lens[0])
-    RETURN_IF_ERROR(DecodeMassLayer(layer, batch, dlens.get(), dq.get(), group, pad, scale));
+    RETURN_IF_ERROR(
+        DecodeMassLayer(layer, batch, dlens.get(), lens[0], dq.get(), group, pad, scale));
   }
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(padded.data(), dout.get(), padded.size() * sizeof(float),
                                        cudaMemcpyDeviceToHost, stream_));

@@ -150,9 +150,9 @@ class CudaKvCache final : public kernels::KvCache {
   // (device) for each sequence of the batch and the positions of the slots the append fills.
   absl::Status EvictLayer(int layer, const DeviceSeqBatch& seqs, const EvictPlan* plans);
   // H2O: adds the decode queries' attention probabilities to the masses of `layer`: q as for
-  // DecodeLayer, lens [num_seqs] (device) stored slots.
+  // DecodeLayer, lens [num_seqs] (device) stored slots, max_len >= each of them.
   absl::Status DecodeMassLayer(int layer, const DeviceSeqBatch& seqs, const int32_t* lens,
-                               const float* q, int group, int group_pad, float scale);
+                               int max_len, const float* q, int group, int group_pad, float scale);
   // H2O: the same for prefill chunks (cuda_kv_evict.h, LaunchPrefillMass); `seqs` holds the
   // block tables chunks[i].batch_index refers to.
   absl::Status PrefillMassLayer(int layer, const DeviceSeqBatch& seqs,
@@ -242,6 +242,7 @@ class CudaKvCache final : public kernels::KvCache {
   std::vector<int> free_slots_;     // LIFO of free state slots
   int32_t* positions_ = nullptr;    // evicting: [num_blocks][layers][kv_heads][block_size]
   float* mass_ = nullptr;           // H2O: same layout
+  float* mass_scratch_ = nullptr;   // H2O: DecodeMassScratchFloats(max_sequences_, kv_heads)
   std::map<kernels::SeqId, Sequence> seqs_;
 };
 

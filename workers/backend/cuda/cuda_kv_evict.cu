@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include <algorithm>
 #include <cfloat>
 
 namespace kvgate::worker::cuda {
@@ -151,28 +152,171 @@ __global__ void EvictCompactKernel(EvictPool p, const EvictPlan* plans) {
   }
 }
 
-__device__ __forceinline__ float KeyElement(MassKeyFormat format, const uint8_t* record, int c,
-                                            int d, float fp8_scale) {
-  switch (format) {
-    case MassKeyFormat::kFp16:
-      return __half2float(reinterpret_cast<const __half*>(record)[c]);
-    case MassKeyFormat::kBf16:
-      return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(record)[c]);
-    case MassKeyFormat::kFp8: {
-      __nv_fp8_e4m3 x;
-      x.__x = record[c];
-      return static_cast<float>(x) * fp8_scale;
+// Scores of one stored key (its record) for the group's queries qs [group][d] (shared memory),
+// by one thread: the key decoded exactly as the CPU codec decodes it, dot products in fp32.
+__device__ __forceinline__ void RecordScores(MassKeyFormat format, const uint8_t* record,
+                                             const float* qs, int group, int d, float fp8_scale,
+                                             float scale, float* s) {
+  float acc[kMaxGroup];
+  for (int j = 0; j < kMaxGroup; ++j) acc[j] = 0.0f;
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(record);
+  auto add = [&](int c, float k) {
+    for (int j = 0; j < group; ++j) acc[j] += qs[j * d + c] * k;
+  };
+  if (format == MassKeyFormat::kFp16 || format == MassKeyFormat::kBf16) {
+    for (int w = 0; w < d / 2; ++w) {
+      const uint32_t x = words[w];
+      float lo, hi;
+      if (format == MassKeyFormat::kFp16) {
+        const __half2 h = *reinterpret_cast<const __half2*>(&x);
+        lo = __low2float(h);
+        hi = __high2float(h);
+      } else {
+        const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&x);
+        lo = __low2float(h);
+        hi = __high2float(h);
+      }
+      add(2 * w, lo);
+      add(2 * w + 1, hi);
     }
-    case MassKeyFormat::kInt8: {
-      const __half s = *reinterpret_cast<const __half*>(record + d);
-      return static_cast<float>(static_cast<int8_t>(record[c])) * __half2float(s);
+  } else {
+    const float int8_scale =
+        format == MassKeyFormat::kInt8
+            ? __half2float(*reinterpret_cast<const __half*>(record + d))
+            : 0.0f;
+    for (int w = 0; w < d / 4; ++w) {
+      const uint32_t x = words[w];
+      for (int b = 0; b < 4; ++b) {
+        const uint8_t code = static_cast<uint8_t>(x >> (8 * b));
+        float k;
+        if (format == MassKeyFormat::kFp8) {
+          __nv_fp8_e4m3 e;
+          e.__x = code;
+          k = static_cast<float>(e) * fp8_scale;
+        } else {
+          k = static_cast<float>(static_cast<int8_t>(code)) * int8_scale;
+        }
+        add(4 * w + b, k);
+      }
     }
   }
-  return 0.0f;
+  for (int j = 0; j < group; ++j) s[j] = acc[j] * scale;
 }
 
-// Scores of one key for `group` queries (qs [group][d] in shared memory), by one warp; every lane
-// returns all scores.
+// Merges softmax statistics (m, l) of two sets of scores.
+__device__ __forceinline__ void MergeMl(float& m, float& l, float m2, float l2) {
+  const float mm = fmaxf(m, m2);
+  l = (l > 0.0f ? l * expf(m - mm) : 0.0f) + (l2 > 0.0f ? l2 * expf(m2 - mm) : 0.0f);
+  m = mm;
+}
+
+struct DecodeMassArgs {
+  EvictPool p;
+  MassKeys keys;
+  const int32_t* lens;
+  const float* q;
+  float* partial_ml;  // [num_seqs, kv_heads, max_splits, kMaxGroup, 2]
+  int max_splits;
+  int split_tokens;  // a multiple of kThreads
+  int group, group_pad;
+  float scale;
+};
+
+// Loads the group's queries of (seq, head) into qs and returns the FP8 key scale.
+__device__ float LoadDecodeQueries(const DecodeMassArgs& a, int seq, int head, float* qs) {
+  const int d = a.p.head_dim;
+  const float* qh =
+      a.q + (int64_t{seq} * a.p.num_kv_heads * a.group_pad + int64_t{head} * a.group_pad) * d;
+  for (int e = threadIdx.x; e < a.group * d; e += kThreads) qs[e] = qh[e];
+  __syncthreads();
+  return a.keys.format == MassKeyFormat::kFp8
+             ? a.keys.head_scales[(int64_t{a.keys.seq_slots[seq]} * a.p.num_kv_heads + head) * 2]
+             : 0.0f;
+}
+
+// Grid (max_splits_used, kv_heads, num_seqs), one key per thread at a time. Pass 1: each split's
+// softmax statistics per query head.
+__global__ void DecodeMassPartialKernel(DecodeMassArgs a) {
+  const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z, d = a.p.head_dim;
+  const int64_t len = a.lens[seq], begin = int64_t{split} * a.split_tokens;
+  if (begin >= len) return;
+  const int64_t end = len < begin + a.split_tokens ? len : begin + a.split_tokens;
+  __shared__ float qs[kMaxGroup * kMaxHeadDim];
+  __shared__ float warp_ml[kWarps][kMaxGroup][2];
+  const float fp8_scale = LoadDecodeQueries(a, seq, head, qs);
+  const int32_t* table = a.p.block_tables + int64_t{seq} * a.p.max_blocks;
+  float m[kMaxGroup], l[kMaxGroup], sc[kMaxGroup];
+  for (int j = 0; j < kMaxGroup; ++j) {
+    m[j] = -FLT_MAX;
+    l[j] = 0.0f;
+  }
+  for (int64_t t = begin + threadIdx.x; t < end; t += kThreads) {
+    RecordScores(a.keys.format, SlotRecord(a.p, table, head, t), qs, a.group, d, fp8_scale,
+                 a.scale, sc);
+    for (int j = 0; j < a.group; ++j) MergeMl(m[j], l[j], sc[j], 1.0f);
+  }
+  for (int j = 0; j < a.group; ++j) {
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m[j], o);
+      const float l2 = __shfl_xor_sync(0xffffffffu, l[j], o);
+      MergeMl(m[j], l[j], m2, l2);
+    }
+  }
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) == 0) {
+    for (int j = 0; j < a.group; ++j) {
+      warp_ml[warp][j][0] = m[j];
+      warp_ml[warp][j][1] = l[j];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < a.group) {
+    const int j = threadIdx.x;
+    float mm = -FLT_MAX, ll = 0.0f;
+    for (int w = 0; w < kWarps; ++w) MergeMl(mm, ll, warp_ml[w][j][0], warp_ml[w][j][1]);
+    float* out = a.partial_ml +
+                 (((int64_t{seq} * a.p.num_kv_heads + head) * a.max_splits + split) * kMaxGroup + j) * 2;
+    out[0] = mm;
+    out[1] = ll;
+  }
+}
+
+// Pass 2, same grid: the statistics of every split of the sequence give (M, L) per query head;
+// each thread adds sum_j exp(s_j - M_j) / L_j to its keys' masses (each key has one owner).
+__global__ void DecodeMassAddKernel(DecodeMassArgs a) {
+  const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z, d = a.p.head_dim;
+  const int64_t len = a.lens[seq], begin = int64_t{split} * a.split_tokens;
+  if (begin >= len) return;
+  const int64_t end = len < begin + a.split_tokens ? len : begin + a.split_tokens;
+  __shared__ float qs[kMaxGroup * kMaxHeadDim];
+  __shared__ float final_m[kMaxGroup], final_inv_l[kMaxGroup];
+  const float fp8_scale = LoadDecodeQueries(a, seq, head, qs);
+  if (threadIdx.x < a.group) {
+    const int j = threadIdx.x;
+    const int splits = static_cast<int>((len + a.split_tokens - 1) / a.split_tokens);
+    const float* in =
+        a.partial_ml + ((int64_t{seq} * a.p.num_kv_heads + head) * a.max_splits) * kMaxGroup * 2;
+    float mm = -FLT_MAX, ll = 0.0f;
+    for (int x = 0; x < splits; ++x) {
+      MergeMl(mm, ll, in[(x * kMaxGroup + j) * 2], in[(x * kMaxGroup + j) * 2 + 1]);
+    }
+    final_m[j] = mm;
+    final_inv_l[j] = ll > 0.0f ? 1.0f / ll : 0.0f;
+  }
+  __syncthreads();
+  const int32_t* table = a.p.block_tables + int64_t{seq} * a.p.max_blocks;
+  float sc[kMaxGroup];
+  for (int64_t t = begin + threadIdx.x; t < end; t += kThreads) {
+    RecordScores(a.keys.format, SlotRecord(a.p, table, head, t), qs, a.group, d, fp8_scale,
+                 a.scale, sc);
+    float add = 0.0f;
+    for (int j = 0; j < a.group; ++j) add += expf(sc[j] - final_m[j]) * final_inv_l[j];
+    a.p.mass[SlotMeta(a.p, table, head, t)] += add;
+  }
+}
+
+// Scores of one fp32 key for `group` queries (qs [group][d] in shared memory), by one warp (the
+// prefill mass: keys read back or fresh in fp32); every lane returns all scores.
 template <class KeyAt>
 __device__ __forceinline__ void WarpScores(KeyAt key_at, const float* qs, int group, int d,
                                            float scale, float* s) {
@@ -191,11 +335,11 @@ __device__ __forceinline__ void WarpScores(KeyAt key_at, const float* qs, int gr
 }
 
 // Online (max, sum) of the group over keys [0, count), each warp a strided share, merged across
-// warps; then mass[key] += sum_j exp(s_j - M_j) / L_j. key_at(t) returns a functor of the
+// warps; then mass[key] += sum_j exp(s_j - M_j) / L_j. key_fn(t) returns a functor of the
 // channel; mass_at(t) the mass address of key t.
 template <class KeyFn, class MassFn>
 __device__ void AccumulateMass(KeyFn key_fn, MassFn mass_at, int64_t count, const float* qs,
-                               int group, int d, float scale, bool atomic) {
+                               int group, int d, float scale) {
   __shared__ float warp_m[kWarps][kMaxGroup], warp_l[kWarps][kMaxGroup];
   __shared__ float final_m[kMaxGroup], final_inv_l[kMaxGroup];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -206,14 +350,7 @@ __device__ void AccumulateMass(KeyFn key_fn, MassFn mass_at, int64_t count, cons
   }
   for (int64_t t = warp; t < count; t += kWarps) {
     WarpScores(key_fn(t), qs, group, d, scale, s);
-    for (int j = 0; j < group; ++j) {
-      if (s[j] > m[j]) {
-        l[j] = l[j] * expf(m[j] - s[j]) + 1.0f;
-        m[j] = s[j];
-      } else {
-        l[j] += expf(s[j] - m[j]);
-      }
-    }
+    for (int j = 0; j < group; ++j) MergeMl(m[j], l[j], s[j], 1.0f);
   }
   if (lane == 0) {
     for (int j = 0; j < group; ++j) {
@@ -224,12 +361,8 @@ __device__ void AccumulateMass(KeyFn key_fn, MassFn mass_at, int64_t count, cons
   __syncthreads();
   if (threadIdx.x < group) {
     const int j = threadIdx.x;
-    float mm = -FLT_MAX;
-    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, warp_m[w][j]);
-    float ll = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
-      if (warp_l[w][j] > 0.0f) ll += warp_l[w][j] * expf(warp_m[w][j] - mm);
-    }
+    float mm = -FLT_MAX, ll = 0.0f;
+    for (int w = 0; w < kWarps; ++w) MergeMl(mm, ll, warp_m[w][j], warp_l[w][j]);
     final_m[j] = mm;
     final_inv_l[j] = ll > 0.0f ? 1.0f / ll : 0.0f;
   }
@@ -239,36 +372,10 @@ __device__ void AccumulateMass(KeyFn key_fn, MassFn mass_at, int64_t count, cons
     if (lane == 0) {
       float add = 0.0f;
       for (int j = 0; j < group; ++j) add += expf(s[j] - final_m[j]) * final_inv_l[j];
-      float* mass = mass_at(t);
-      if (atomic) {
-        atomicAdd(mass, add);
-      } else {
-        *mass += add;
-      }
+      atomicAdd(mass_at(t), add);  // the CTAs of a chunk's query tokens share the keys
     }
   }
   __syncthreads();
-}
-
-// Grid (num_seqs, kv_heads).
-__global__ void DecodeMassKernel(EvictPool p, MassKeys keys, const int32_t* lens, const float* q,
-                                 int group, int group_pad, float scale) {
-  const int seq = blockIdx.x, head = blockIdx.y, d = p.head_dim;
-  const int32_t* table = p.block_tables + int64_t{seq} * p.max_blocks;
-  __shared__ float qs[kMaxGroup * kMaxHeadDim];
-  const float* qh = q + (int64_t{seq} * p.num_kv_heads * group_pad + int64_t{head} * group_pad) * d;
-  for (int e = threadIdx.x; e < group * d; e += kThreads) qs[e] = qh[e];
-  __syncthreads();
-  const float fp8_scale =
-      keys.format == MassKeyFormat::kFp8
-          ? keys.head_scales[(int64_t{keys.seq_slots[seq]} * p.num_kv_heads + head) * 2]
-          : 0.0f;
-  auto key_fn = [&](int64_t t) {
-    const uint8_t* record = SlotRecord(p, table, head, t);
-    return [=](int c) { return KeyElement(keys.format, record, c, d, fp8_scale); };
-  };
-  auto mass_at = [&](int64_t t) { return p.mass + SlotMeta(p, table, head, t); };
-  AccumulateMass(key_fn, mass_at, lens[seq], qs, group, d, scale, /*atomic=*/false);
 }
 
 // Grid (max_chunk_tokens, num_chunks, kv_heads): one query token (all its group's heads) per CTA.
@@ -298,8 +405,7 @@ __global__ void PrefillMassKernel(EvictPool p, const PrefillMassChunk* chunks, c
     return [=](int c) { return key[c]; };
   };
   auto mass_at = [&](int64_t t) { return p.mass + SlotMeta(p, table, head, t); };
-  AccumulateMass(key_fn, mass_at, int64_t{chunk.cached} + i + 1, qs, group, d, scale,
-                 /*atomic=*/true);
+  AccumulateMass(key_fn, mass_at, int64_t{chunk.cached} + i + 1, qs, group, d, scale);
 }
 
 }  // namespace
@@ -312,13 +418,29 @@ cudaError_t LaunchEvictCompact(const EvictPool& p, const EvictPlan* plans, cudaS
   return cudaGetLastError();
 }
 
+int DecodeMassSplitTokens(int max_len) {
+  const int per_split = (max_len + kMaxMassSplits - 1) / kMaxMassSplits;
+  return std::max(kThreads, (per_split + kThreads - 1) / kThreads * kThreads);
+}
+
 cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int32_t* lens,
-                             const float* q, int group, int group_pad, float scale,
-                             cudaStream_t stream) {
-  if (p.num_seqs == 0) return cudaSuccess;
+                             int max_len, const float* q, int group, int group_pad, float scale,
+                             float* partial_ml, cudaStream_t stream) {
+  if (p.num_seqs == 0 || max_len <= 0) return cudaSuccess;
   if (group > kMaxGroup || p.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
-  DecodeMassKernel<<<dim3(p.num_seqs, p.num_kv_heads), kThreads, 0, stream>>>(
-      p, keys, lens, q, group, group_pad, scale);
+  DecodeMassArgs a{.p = p,
+                   .keys = keys,
+                   .lens = lens,
+                   .q = q,
+                   .partial_ml = partial_ml,
+                   .max_splits = kMaxMassSplits,
+                   .split_tokens = DecodeMassSplitTokens(max_len),
+                   .group = group,
+                   .group_pad = group_pad,
+                   .scale = scale};
+  const dim3 grid((max_len + a.split_tokens - 1) / a.split_tokens, p.num_kv_heads, p.num_seqs);
+  DecodeMassPartialKernel<<<grid, kThreads, 0, stream>>>(a);
+  DecodeMassAddKernel<<<grid, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

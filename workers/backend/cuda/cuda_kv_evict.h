@@ -10,8 +10,9 @@
 //     i.e. older position), compact records, positions and masses in slot order, then give the
 //     `n` slots the append will fill their positions and zero mass.
 //   LaunchDecodeMass: after decode attention, per (sequence, kv-head): recompute the scores of the
-//     stored keys for the group's queries (fp32, as the CPU does), their softmax (M, L), and add
-//     sum_j exp(s_j - M_j) / L_j to every slot's mass.
+//     stored keys for the group's queries (fp32, as the CPU does; one key per thread, the keys
+//     split over CTAs), their softmax (M, L), and add sum_j exp(s_j - M_j) / L_j to every slot's
+//     mass.
 //   LaunchPrefillMass: the same for chunks of prefill queries over the cached prefix (read back in
 //     fp32) and the fresh keys (causal).
 #pragma once
@@ -63,11 +64,19 @@ struct MassKeys {
   const int32_t* seq_slots = nullptr;  // [num_seqs] state slot of each sequence
 };
 
+// Splits of the decode mass: each (sequence, kv-head) runs over at most kMaxMassSplits CTAs of
+// one key per thread (two passes: per-split softmax statistics, then the masses).
+inline constexpr int kMaxMassSplits = 256;
+// Floats of the per-split statistics for num_seqs sequences ([seqs][kv_heads][splits][8][2]).
+inline constexpr int64_t DecodeMassScratchFloats(int64_t num_seqs, int num_kv_heads) {
+  return num_seqs * num_kv_heads * kMaxMassSplits * 8 * 2;
+}
+
 // q [num_seqs, kv_heads * group_pad, head_dim] fp32 (padding heads ignored), lens [num_seqs]
-// stored slots (device).
+// stored slots (device), max_len >= every lens[s]; partial_ml: DecodeMassScratchFloats floats.
 cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int32_t* lens,
-                             const float* q, int group, int group_pad, float scale,
-                             cudaStream_t stream);
+                             int max_len, const float* q, int group, int group_pad, float scale,
+                             float* partial_ml, cudaStream_t stream);
 
 // One prefill chunk: batch index (its block table row), first query row in q / fresh keys, query
 // tokens n, cached slots before the fresh ones, and its row in prefix_k (-1: none).

@@ -824,8 +824,8 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
       RETURN_IF_ERROR(cache.DecodeLayer(layer, decode, encoded, max_encoded[f],
                                         encoded + num_decode, q_, padded_heads, scale, attn_f32_));
       if (cache.h2o()) {
-        RETURN_IF_ERROR(cache.DecodeMassLayer(layer, decode, encoded, q_, num_heads / num_kv_heads,
-                                              group_pad_, scale));
+        RETURN_IF_ERROR(cache.DecodeMassLayer(layer, decode, encoded, max_encoded[f], q_,
+                                              num_heads / num_kv_heads, group_pad_, scale));
       }
       RETURN_IF_ERROR(GatherHeads(num_decode));
     }
