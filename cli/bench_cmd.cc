@@ -295,10 +295,16 @@ absl::StatusOr<DecodeResult> RunDecode(const worker::LlamaConfig& config, const 
   }
   auto start = std::chrono::steady_clock::now();
   for (int s = 0; s < r.batch; ++s) {
-    if (absl::Status st = worker::AppendSyntheticKv(m, s, filled, 1000 + s); !st.ok()) return st;
-    if (evicting) {
-      if (absl::Status st = m.kv_cache().Reserve(s, tokens); !st.ok()) return st;
+    if (!evicting) {
+      if (absl::Status st = worker::AppendSyntheticKv(m, s, filled, 1000 + s); !st.ok()) return st;
+      continue;
     }
+    // Evicting: the last token alone, so that the sequence ends the fill evicted down to its
+    // budget as after a decode step (a sequence keeps its last append whole until the next one).
+    for (const auto& [count, seed] : {std::pair{filled - 1, 1000 + s}, std::pair{int64_t{1}, 2000 + s}}) {
+      if (absl::Status st = worker::AppendSyntheticKv(m, s, count, seed); !st.ok()) return st;
+    }
+    if (absl::Status st = m.kv_cache().Reserve(s, tokens); !st.ok()) return st;
   }
   r.fill_s = Seconds(start);
   std::vector<float> logits;

@@ -270,7 +270,9 @@ int64_t CudaKvCache::SlotsNeeded(const Sequence& s, int64_t length) const {
   int64_t slots = 0;
   for (int l = 0; l < config_.num_layers; ++l) {
     const int64_t n = std::max<int64_t>(0, length - s.length[l]);
-    slots = std::max(slots, KeptBefore(Plan(s, l, n)) + n);
+    // At least what the layer stores now: it evicts only at the start of its own next append (the
+    // host-pointer Append runs layer by layer; a prompt stays whole until the next append).
+    slots = std::max({slots, s.stored[l], KeptBefore(Plan(s, l, n)) + n});
   }
   return slots;
 }
