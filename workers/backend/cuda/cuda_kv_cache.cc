@@ -136,6 +136,9 @@ absl::Status CudaKvCache::InitLayout() {
     geometry_.eviction_bytes_per_block =
         int64_t{c.num_layers} * c.num_kv_heads * c.block_size * per_slot;
   }
+  if (h2o()) {  // the decode mass pass's per-split statistics
+    geometry_.slot_bytes += DecodeMassScratchFloats(1, c.num_kv_heads) * int64_t{sizeof(float)};
+  }
   return absl::OkStatus();
 }
 

@@ -57,7 +57,8 @@ struct KvCacheGeometry {
   // KIVI's fp16 residual windows of one sequence over all layers (KvCache's
   // residual_bytes_per_sequence).
   int64_t residual_bytes_per_sequence = 0;
-  // Everything one sequence slot holds outside the pool: the residual windows and FP8's scales.
+  // Everything one sequence slot holds outside the pool: the residual windows, FP8's scales and
+  // (H2O) the mass pass's scratch.
   int64_t slot_bytes = 0;
   // Eviction's per-slot positions and masses of one block (outside the pool); 0 without eviction.
   int64_t eviction_bytes_per_block = 0;
