@@ -583,9 +583,21 @@ TEST(CudaKvCacheEviction, OtherFormatsAndSinkShiftAreUnimplemented) {
             absl::StatusCode::kUnimplemented);
 }
 
-// The runners end to end with eviction (fp16 cache): the parity steps of the formats above with
-// H2O and with sinks, fp32 compute; the GPU's logits stay within the bf16 tolerances of the CPU's.
+// The runners end to end with H2O eviction (fp16 cache): the parity steps of the formats above,
+// fp32 compute; the GPU's logits stay within the bf16 tolerances of the CPU's. (Sinks: the CPU
+// runner scores them at positions within the cache, which the GPU does not do yet, so the CUDA
+// runner refuses sink eviction: SinkEvictionIsRefusedByTheRunner below.)
 class CudaRunnerEviction : public ::testing::TestWithParam<EvictCase> {};
+
+TEST(CudaRunnerSinks, SinkEvictionIsRefusedByTheRunner) {
+  SKIP_WITHOUT_GPU();
+  const std::string dir = ModelDir("llama");
+  if (dir.empty()) GTEST_SKIP() << "model llama not found";
+  RunnerOptions o = Options(dir, 256, "fp16");
+  o.kv_format.eviction = *kernels::ParseEviction("sink:sinks=4,window=32");
+  auto gpu = CreateCudaModelRunner(o, {.max_sequences = 8});
+  EXPECT_EQ(gpu.status().code(), absl::StatusCode::kUnimplemented) << gpu.status();
+}
 
 TEST_P(CudaRunnerEviction, LogitsMatchCpu) {
   SKIP_WITHOUT_GPU();
@@ -612,12 +624,8 @@ TEST_P(CudaRunnerEviction, LogitsMatchCpu) {
 INSTANTIATE_TEST_SUITE_P(
     Models, CudaRunnerEviction,
     ::testing::Values(EvictCase{"llama", "h2o:heavy=0.2,recent=0.1"},
-                      EvictCase{"llama", "sink:sinks=4,window=32"},
-                      EvictCase{"reference", "h2o:heavy=0.2,recent=0.1"},
-                      EvictCase{"reference", "sink:sinks=4,window=32"}),
-    [](const ::testing::TestParamInfo<EvictCase>& info) {
-      return info.param.format + (info.param.eviction[0] == 'h' ? "_h2o" : "_sink");
-    });
+                      EvictCase{"reference", "h2o:heavy=0.2,recent=0.1"}),
+    [](const ::testing::TestParamInfo<EvictCase>& info) { return info.param.format + "_h2o"; });
 
 // Bytes per token and kv-head of one layer in `spec`'s quantized format (the layer option aside).
 double DescriptorBytesPerHead(kernels::KvFormatSpec spec, int head_dim) {

@@ -496,7 +496,10 @@ absl::Status CudaModelRunner::CreateCache(const RunnerOptions& options,
                                       .block_size = options.kv_block_size,
                                       .num_blocks = options.kv_num_blocks,
                                       .format = options.kv_format,
-                                      .rope_inv_freq = {}};  // no eviction on the GPU
+                                      // As the CPU runner's (CreateSizedKvCache): sink eviction
+                                      // shifts the sinks' query by these; CudaKvCache refuses
+                                      // sinks until it does the same.
+                                      .rope_inv_freq = RopeInverseFrequencies(c)};
   ASSIGN_OR_RETURN(const cuda::KvCacheGeometry geometry, CudaKvCache::Measure(cache_config));
   size_t free_bytes = 0, total_bytes = 0;
   CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
