@@ -3,6 +3,8 @@
 // tables (docs/BENCHMARKS.md, "Engine on H200").
 //
 //   kvgate bench engine [--formats fp16,fp8,int8,kivi4,kivi2,tq4,tq3.5,tq2.5]
+//       (an entry FORMAT+EVICTION evicts, e.g. fp16+h2o:heavy=0.1,recent=0.1: H2O at a 20%
+//       budget; a comma-separated key=value after an entry with ':' continues that entry)
 //       [--contexts 32768,131072] [--decode-steps 8] [--warmup-steps 2]
 //       [--prefill-prompts 8] [--prefill-tokens 2048] [--prefill-chunk 512]
 //       [--gpu-memory-fraction 0.9] [--equal-batch N] [--max-batch N]
@@ -11,7 +13,8 @@
 //       [--sampling device|host]
 //
 // Per format:
-//   capacity: KV bytes per token (all layers) and the sequences of each context that fit: the
+//   capacity (with eviction: the blocks of the slots a sequence keeps at the context, as the cache
+//     reserves them, plus one synthetic fill chunk of headroom): KV bytes per token (all layers) and the sequences of each context that fit: the
 //     KV budget (gpu_memory_fraction of the memory free after weights and workspace) over the
 //     blocks of one sequence plus its per-sequence state (KIVI's fp16 residual windows); then a
 //     runner sized for exactly that many sequences admits them (the figure reported is what it
@@ -146,12 +149,46 @@ double StreamedWeightBytes(const worker::LlamaConfig& c) {
   return 2.0 * (c.num_hidden_layers * per_layer + static_cast<double>(c.vocab_size) * hidden);
 }
 
+// A --formats entry: a KV format, optionally followed by "+" and an eviction.
+absl::StatusOr<kernels::KvFormatSpec> ParseBenchFormat(const std::string& entry) {
+  const size_t plus = entry.find('+');
+  auto spec = kernels::ParseKvFormat(entry.substr(0, plus));
+  if (!spec.ok() || plus == std::string::npos) return spec;
+  auto eviction = kernels::ParseEviction(entry.substr(plus + 1));
+  if (!eviction.ok()) return eviction.status();
+  spec->eviction = *eviction;
+  return spec;
+}
+
+// Slots a sequence holds once reserved to `tokens` with the last `n` of them still to come:
+// CpuKvCache's rule (what the old tokens keep, plus the new ones), for a sequence that has
+// already been evicted down to it (the synthetic fill appends far more than the kept budget).
+int64_t ReservedSlots(const kernels::EvictionSpec& e, int64_t tokens, int64_t n) {
+  switch (e.kind) {
+    case kernels::EvictionSpec::Kind::kNone:
+      return tokens;
+    case kernels::EvictionSpec::Kind::kSink:
+      return std::min<int64_t>(tokens, e.sink_tokens + std::max<int64_t>(e.window_tokens, n));
+    case kernels::EvictionSpec::Kind::kH2O: {
+      int64_t heavy = static_cast<int64_t>(std::floor(e.heavy_fraction * tokens + 1e-9));
+      int64_t recent = static_cast<int64_t>(std::floor(e.recent_fraction * tokens + 1e-9));
+      if (heavy + recent == 0) recent = 1;
+      return std::min<int64_t>(tokens, heavy + std::max(recent, n));
+    }
+  }
+  return tokens;
+}
+
+// Synthetic fill chunk of the CUDA cache (CudaKvCache::AppendSynthetic): an evicting sequence
+// holds up to this many slots above its budget while it is filled.
+constexpr int64_t kFillChunkTokens = 4096;
+
 absl::StatusOr<std::unique_ptr<ModelRunner>> MakeRunner(const worker::LlamaConfig& config,
                                                         const std::string& format,
                                                         const BenchOptions& opts, int max_sequences,
                                                         int step_tokens) {
   worker::RunnerOptions options;
-  auto spec = kernels::ParseKvFormat(format);
+  auto spec = ParseBenchFormat(format);
   if (!spec.ok()) return spec.status();
   options.kv_format = *spec;
   options.kv_block_size = 16;
@@ -229,9 +266,14 @@ absl::StatusOr<DecodeResult> RunDecode(const worker::LlamaConfig& config, const 
     return absl::InvalidArgumentError(
         absl::StrCat("context ", context, " is shorter than the decode steps"));
   }
-  const int64_t blocks_per_seq = (tokens + 15) / 16;
-  const double budget = static_cast<double>(probe.blocks) * probe.block_bytes +
-                        static_cast<double>(probe.max_sequences) * probe.slot_bytes;
+  const kernels::EvictionSpec eviction = ParseBenchFormat(format)->eviction;
+  const bool evicting = eviction.kind != kernels::EvictionSpec::Kind::kNone;
+  const int64_t slots = ReservedSlots(eviction, tokens, tokens - filled);
+  const int64_t blocks_per_seq = (slots + 15) / 16;
+  const double budget =
+      static_cast<double>(probe.blocks) * probe.block_bytes +
+      static_cast<double>(probe.max_sequences) * probe.slot_bytes -
+      (evicting ? static_cast<double>(kFillChunkTokens / 16) * probe.block_bytes : 0.0);
   r.fit = static_cast<int>(
       budget / (static_cast<double>(blocks_per_seq) * probe.block_bytes + probe.slot_bytes));
   int want = r.fit;
@@ -245,14 +287,24 @@ absl::StatusOr<DecodeResult> RunDecode(const worker::LlamaConfig& config, const 
   if (!runner.ok()) return runner.status();
   ModelRunner& m = **runner;
   for (int s = 0; s < want; ++s) {
-    absl::Status st = m.kv_cache().AddSequence(s, tokens);
+    // An evicting sequence grows as it is filled, then reserves what the decode steps need.
+    absl::Status st = m.kv_cache().AddSequence(s, evicting ? 0 : tokens);
     if (absl::IsResourceExhausted(st)) break;  // block rounding: report what was admitted
     if (!st.ok()) return st;
     ++r.batch;
   }
   auto start = std::chrono::steady_clock::now();
   for (int s = 0; s < r.batch; ++s) {
-    if (absl::Status st = worker::AppendSyntheticKv(m, s, filled, 1000 + s); !st.ok()) return st;
+    if (!evicting) {
+      if (absl::Status st = worker::AppendSyntheticKv(m, s, filled, 1000 + s); !st.ok()) return st;
+      continue;
+    }
+    // Evicting: the last token alone, so that the sequence ends the fill evicted down to its
+    // budget as after a decode step (a sequence keeps its last append whole until the next one).
+    for (const auto& [count, seed] : {std::pair{filled - 1, 1000 + s}, std::pair{int64_t{1}, 2000 + s}}) {
+      if (absl::Status st = worker::AppendSyntheticKv(m, s, count, seed); !st.ok()) return st;
+    }
+    if (absl::Status st = m.kv_cache().Reserve(s, tokens); !st.ok()) return st;
   }
   r.fill_s = Seconds(start);
   std::vector<float> logits;
@@ -264,8 +316,9 @@ absl::StatusOr<DecodeResult> RunDecode(const worker::LlamaConfig& config, const 
   auto used = MemoryUsedGb();
   if (!used.ok()) return used.status();
   r.memory_used_gb = *used;
+  // Decode reads the stored tokens: the kept slots with eviction.
   r.bytes_per_step =
-      StreamedWeightBytes(config) + static_cast<double>(r.batch) * static_cast<double>(context) *
+      StreamedWeightBytes(config) + static_cast<double>(r.batch) * static_cast<double>(slots) *
                                         static_cast<double>(m.kv_cache().bytes_per_token());
   r.equal_batch = std::min(equal_batch > 0 ? equal_batch : r.batch, r.batch);
   if (r.equal_batch < r.batch) {
@@ -531,7 +584,16 @@ int RunEngineBench(Args& args) {
   BenchOptions opts;
   for (absl::string_view f :
        absl::StrSplit(args.Get("formats", kDefaultFormats), ',', absl::SkipEmpty())) {
-    opts.formats.emplace_back(f);
+    // "key=value" after an entry with parameters continues it (tq:k=4,v=3; h2o:heavy=..,recent=..).
+    const size_t eq = f.find('=');
+    const bool continuation =
+        eq != absl::string_view::npos && f.substr(0, eq).find_first_of(":+") == absl::string_view::npos &&
+        !opts.formats.empty() && opts.formats.back().find(':') != std::string::npos;
+    if (continuation) {
+      absl::StrAppend(&opts.formats.back(), ",", f);
+    } else {
+      opts.formats.emplace_back(f);
+    }
   }
   for (absl::string_view c :
        absl::StrSplit(args.Get("contexts", "32768,131072"), ',', absl::SkipEmpty())) {
@@ -579,7 +641,7 @@ int RunEngineBench(Args& args) {
     return 2;
   }
   for (const std::string& f : opts.formats) {
-    if (auto spec = kernels::ParseKvFormat(f); !spec.ok()) {
+    if (auto spec = ParseBenchFormat(f); !spec.ok()) {
       std::fprintf(stderr, "kvgate bench engine: --formats: %s\n",
                    std::string(spec.status().message()).c_str());
       return 2;

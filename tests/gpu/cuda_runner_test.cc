@@ -144,14 +144,9 @@ int Argmax(const float* row, int n) {
   return static_cast<int>(std::max_element(row, row + n) - row);
 }
 
-TEST(CudaRunnerOptions, EvictionAndQjlKeysAreUnimplemented) {
+TEST(CudaRunnerOptions, QjlKeysAreUnimplemented) {
   // Checked before any GPU or model access: runs everywhere.
-  RunnerOptions o = Options("/nonexistent", 16, "kivi2");
-  o.kv_format.eviction.kind = kernels::EvictionSpec::Kind::kH2O;
-  absl::Status s = CreateCudaModelRunner(o).status();
-  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
-  EXPECT_NE(s.message().find("eviction"), std::string::npos) << s;
-  s = CreateCudaModelRunner(Options("/nonexistent", 16, "tq:k=4,v=4,qjl")).status();
+  absl::Status s = CreateCudaModelRunner(Options("/nonexistent", 16, "tq:k=4,v=4,qjl")).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
   EXPECT_NE(s.message().find("QJL"), std::string::npos) << s;
   s = CreateCudaModelRunner(Options("/nonexistent", 16), {.max_sequences = 0}).status();
@@ -445,6 +440,192 @@ INSTANTIATE_TEST_SUITE_P(Formats, CudaKvCacheHost, ::testing::ValuesIn(AllFormat
                            }
                            return name;
                          });
+
+// ---- Eviction (H2O, sinks) against CpuKvCache ----------------------------------------------------
+
+struct EvictCase {
+  std::string format;
+  std::string eviction;
+};
+
+class CudaKvCacheEviction : public ::testing::TestWithParam<EvictCase> {};
+
+// Identical fp32 inputs to both caches: a 90-token prefill (Append + PrefillAttention: H2O masses
+// from the prefill queries), then 160 decode steps (Append 1 + DecodeAttention). Keys have
+// per-token norms spread over 0.2..3 so that masses sit far apart (no near-ties for the fp32
+// summation order to flip). Checked: the same stored count and positions per kv-head for every
+// layer, block accounting, and decode outputs within the cache decode tolerance at every step.
+TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
+  SKIP_WITHOUT_GPU();
+  const int layers = 2, kv_heads = 2, d = 64, q_heads = 8;
+  kernels::KvCacheConfig cfg{.num_layers = layers,
+                             .num_kv_heads = kv_heads,
+                             .head_dim = d,
+                             .block_size = 16,
+                             .num_blocks = 64,
+                             .format = *kernels::ParseKvFormat(GetParam().format),
+                             .rope_inv_freq = {}};
+  cfg.format.eviction = *kernels::ParseEviction(GetParam().eviction);
+  auto cpu = kernels::CreateCpuKvCache(cfg);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto gpu = cuda::CudaKvCache::Create(cfg, nullptr, /*max_sequences=*/2);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal;
+  std::uniform_real_distribution<float> norm(0.2f, 3.0f);
+  auto keys = [&](int n) {
+    std::vector<float> v(size_t(n) * kv_heads * d);
+    for (int t = 0; t < n * kv_heads; ++t) {
+      const float g = norm(rng);
+      for (int e = 0; e < d; ++e) v[size_t(t) * d + e] = g * normal(rng);
+    }
+    return v;
+  };
+  auto randn = [&](size_t n) {
+    std::vector<float> v(n);
+    for (float& x : v) x = normal(rng);
+    return v;
+  };
+  const int prompt = 90, steps = 160;
+  ASSERT_TRUE((*cpu)->AddSequence(3, prompt).ok());
+  ASSERT_TRUE((*gpu)->AddSequence(3, prompt).ok());
+  double worst = 0;
+  for (int layer = 0; layer < layers; ++layer) {
+    std::vector<float> k = keys(prompt), v = randn(k.size()), q = randn(size_t(prompt) * q_heads * d);
+    ASSERT_TRUE((*cpu)->Append(3, layer, prompt, k.data(), v.data()).ok());
+    absl::Status s = (*gpu)->Append(3, layer, prompt, k.data(), v.data());
+    ASSERT_TRUE(s.ok()) << s;
+    std::vector<float> want(q.size()), got(q.size());
+    ASSERT_TRUE((*cpu)->PrefillAttention(3, layer, prompt, q_heads, q.data(), k.data(), v.data(),
+                                         0.125f, want.data()).ok());
+    s = (*gpu)->PrefillAttention(3, layer, prompt, q_heads, q.data(), k.data(), v.data(), 0.125f,
+                                 got.data());
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  for (int step = 0; step < steps; ++step) {
+    const int64_t length = prompt + step + 1;
+    ASSERT_TRUE((*cpu)->Reserve(3, length).ok());
+    ASSERT_TRUE((*gpu)->Reserve(3, length).ok());
+    for (int layer = 0; layer < layers; ++layer) {
+      std::vector<float> k = keys(1), v = randn(k.size()), q = randn(size_t(q_heads) * d);
+      ASSERT_TRUE((*cpu)->Append(3, layer, 1, k.data(), v.data()).ok());
+      absl::Status s = (*gpu)->Append(3, layer, 1, k.data(), v.data());
+      ASSERT_TRUE(s.ok()) << s;
+      std::vector<float> want(q.size()), got(q.size());
+      ASSERT_TRUE((*cpu)->DecodeAttention(3, layer, q_heads, q.data(), 0.125f, want.data()).ok());
+      s = (*gpu)->DecodeAttention(3, layer, q_heads, q.data(), 0.125f, got.data());
+      ASSERT_TRUE(s.ok()) << s;
+      for (int h = 0; h < q_heads; ++h) {
+        const double err = RowError(&got[size_t(h) * d], &want[size_t(h) * d], d);
+        worst = std::max(worst, err);
+        ASSERT_LT(err, kCacheDecodeTolerance) << "step " << step << " layer " << layer << " head " << h;
+      }
+    }
+    EXPECT_EQ((*gpu)->free_blocks(), (*cpu)->free_blocks()) << "step " << step;
+  }
+  for (int layer = 0; layer < layers; ++layer) {
+    const int64_t stored = (*cpu)->StoredTokens(3, layer);
+    ASSERT_EQ((*gpu)->StoredTokens(3, layer), stored);
+    ASSERT_LT(stored, prompt + steps) << "nothing was evicted";
+    EXPECT_EQ((*gpu)->Length(3, layer), prompt + steps);
+    for (int h = 0; h < kv_heads; ++h) {
+      std::vector<float> ck(size_t(stored) * d), cv(ck.size()), gk(ck.size()), gv(ck.size());
+      std::vector<int64_t> cp(stored), gp(stored);
+      ASSERT_TRUE((*cpu)->ReadStored(3, layer, h, ck.data(), cv.data(), cp.data()).ok());
+      ASSERT_TRUE((*gpu)->ReadStored(3, layer, h, gk.data(), gv.data(), gp.data()).ok());
+      EXPECT_EQ(gp, cp) << "kept positions, layer " << layer << " kv-head " << h;
+      EXPECT_LT(RowError(gk.data(), ck.data(), ck.size()), 1e-5) << "keys layer " << layer;
+      EXPECT_LT(RowError(gv.data(), cv.data(), cv.size()), 1e-5) << "values layer " << layer;
+    }
+  }
+  std::printf("[cuda evict] %s %s: %lld of %d tokens kept, decode error max %.3g\n",
+              GetParam().format.c_str(), GetParam().eviction.c_str(),
+              static_cast<long long>((*gpu)->StoredTokens(3, 0)), prompt + steps, worst);
+  (*gpu)->FreeSequence(3);
+  EXPECT_EQ((*gpu)->free_blocks(), 64);
+}
+
+std::vector<EvictCase> EvictCases() {
+  std::vector<EvictCase> cases;
+  for (const char* format : {"fp16", "bf16", "fp8", "int8"}) {
+    cases.push_back({format, "h2o:heavy=0.2,recent=0.1"});
+    cases.push_back({format, "sink:sinks=4,window=40"});
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(FormatsAndEvictions, CudaKvCacheEviction,
+                         ::testing::ValuesIn(EvictCases()),
+                         [](const ::testing::TestParamInfo<EvictCase>& info) {
+                           std::string name = info.param.format + "_" + info.param.eviction;
+                           for (char& ch : name) {
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           }
+                           return name;
+                         });
+
+TEST(CudaKvCacheEviction, OtherFormatsAndSinkShiftAreUnimplemented) {
+  SKIP_WITHOUT_GPU();
+  kernels::KvCacheConfig cfg{.num_layers = 1,
+                             .num_kv_heads = 1,
+                             .head_dim = 64,
+                             .block_size = 16,
+                             .num_blocks = 4,
+                             .format = *kernels::ParseKvFormat("kivi2"),
+                             .rope_inv_freq = {}};
+  cfg.format.eviction.kind = kernels::EvictionSpec::Kind::kH2O;
+  EXPECT_EQ(cuda::CudaKvCache::Create(cfg, nullptr).status().code(),
+            absl::StatusCode::kUnimplemented);
+  cfg.format = *kernels::ParseKvFormat("fp16");
+  cfg.format.eviction.kind = kernels::EvictionSpec::Kind::kSink;
+  cfg.rope_inv_freq.assign(32, 0.5);
+  EXPECT_EQ(cuda::CudaKvCache::Create(cfg, nullptr).status().code(),
+            absl::StatusCode::kUnimplemented);
+}
+
+// The runners end to end with H2O eviction (fp16 cache): the parity steps of the formats above,
+// fp32 compute; the GPU's logits stay within the bf16 tolerances of the CPU's. (Sinks: the CPU
+// runner scores them at positions within the cache, which the GPU does not do yet, so the CUDA
+// runner refuses sink eviction: SinkEvictionIsRefusedByTheRunner below.)
+class CudaRunnerEviction : public ::testing::TestWithParam<EvictCase> {};
+
+TEST(CudaRunnerSinks, SinkEvictionIsRefusedByTheRunner) {
+  SKIP_WITHOUT_GPU();
+  const std::string dir = ModelDir("llama");
+  if (dir.empty()) GTEST_SKIP() << "model llama not found";
+  RunnerOptions o = Options(dir, 256, "fp16");
+  o.kv_format.eviction = *kernels::ParseEviction("sink:sinks=4,window=32");
+  auto gpu = CreateCudaModelRunner(o, {.max_sequences = 8});
+  EXPECT_EQ(gpu.status().code(), absl::StatusCode::kUnimplemented) << gpu.status();
+}
+
+TEST_P(CudaRunnerEviction, LogitsMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const std::string dir = ModelDir(GetParam().format);
+  if (dir.empty()) GTEST_SKIP() << "model " << GetParam().format << " not found";
+  RunnerOptions o = Options(dir, 256, "fp16");
+  o.kv_format.eviction = *kernels::ParseEviction(GetParam().eviction);
+  auto cpu = CreateCpuModelRunner(o);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  // fp32 compute: the CPU runner's arithmetic, so the masses (and the kept tokens) agree.
+  auto gpu = CreateCudaModelRunner(o, {.max_sequences = 8, .compute = CudaCompute::kFp32});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  Runners pair(**cpu, **gpu, nullptr);
+  RunParitySteps(pair, (*cpu)->config().vocab_size);
+  if (HasFailure()) return;
+  const std::vector<double>& err = pair.errors();
+  std::printf("[cuda evict parity] %s %s: %zu rows, max %.3g mean %.3g, argmax equal %d/%zu\n",
+              GetParam().format.c_str(), GetParam().eviction.c_str(), err.size(),
+              Runners::Max(err), Runners::Mean(err), pair.same_argmax(), err.size());
+  EXPECT_LT(Runners::Max(err), kBf16Tolerance);
+  EXPECT_LT(Runners::Mean(err), kBf16MeanTolerance);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Models, CudaRunnerEviction,
+    ::testing::Values(EvictCase{"llama", "h2o:heavy=0.2,recent=0.1"},
+                      EvictCase{"reference", "h2o:heavy=0.2,recent=0.1"}),
+    [](const ::testing::TestParamInfo<EvictCase>& info) { return info.param.format + "_h2o"; });
 
 // Bytes per token and kv-head of one layer in `spec`'s quantized format (the layer option aside).
 double DescriptorBytesPerHead(kernels::KvFormatSpec spec, int head_dim) {

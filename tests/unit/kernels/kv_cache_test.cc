@@ -558,6 +558,34 @@ TEST(EvictionTest, SinkAttendsWithPositionsWithinTheCache) {
   EXPECT_GT(MaxAbsDiff(orig, ref), 1e-2f) << "the test must distinguish the two numberings";
 }
 
+TEST(EvictionTest, LayersNotYetEvictedKeepTheirBlocks) {
+  // Blocks are shared by the layers: after layer 0's append evicted (and trimmed), layer 1 still
+  // holds all 12 prompt tokens until its own append. Its blocks must not go back to the pool,
+  // where another sequence would overwrite them.
+  const int d = 64;
+  auto cfg = Config("fp16", 2, 1, d, 4, 6);
+  cfg.format.eviction = *ParseEviction("sink:sinks=2,window=5");
+  auto cache = CreateCpuKvCache(cfg);
+  ASSERT_TRUE(cache.ok());
+  KvCache& c = **cache;
+  const auto k = RandomVector(13 * d, 71);
+  ASSERT_TRUE(c.AddSequence(1, 12).ok());
+  for (int l = 0; l < 2; ++l) ASSERT_TRUE(c.Append(1, l, 12, k.data(), k.data()).ok());
+  ASSERT_TRUE(c.Reserve(1, 13).ok());
+  ASSERT_TRUE(c.Append(1, 0, 1, &k[12 * d], &k[12 * d]).ok());  // layer 0 keeps 2 + 4 + 1
+  EXPECT_EQ(c.StoredTokens(1, 1), 12);
+  // Another sequence takes every free block and fills it.
+  const int64_t free_tokens = c.free_blocks() * 4;
+  ASSERT_GT(free_tokens, 0);
+  ASSERT_TRUE(c.AddSequence(2, free_tokens).ok());
+  const std::vector<float> other(free_tokens * d, 7.0f);
+  for (int l = 0; l < 2; ++l) ASSERT_TRUE(c.Append(2, l, free_tokens, other.data(), other.data()).ok());
+  std::vector<float> rk(12 * d), rv(12 * d);
+  std::vector<int64_t> pos(12);
+  ASSERT_TRUE(c.ReadStored(1, 1, 0, rk.data(), rv.data(), pos.data()).ok());
+  for (int i = 0; i < 12 * d; ++i) ASSERT_NEAR(rk[i], k[i], 1e-2f) << "layer 1 slot " << i / d;
+}
+
 TEST(EvictionTest, H2OKeepsHeavyHittersPerHeadAndRecentTokens) {
   // Two kv-heads, two query heads each. Keys are orthogonal one-hot directions scaled so that a
   // query aligned with a key gives it (almost) all the probability: we steer which tokens become

@@ -65,10 +65,19 @@ absl::Status CudaKvCache::InitLayout() {
   }
   const kernels::KvFormatSpec& fmt = c.format;
   if (fmt.eviction.kind != kernels::EvictionSpec::Kind::kNone) {
-    return absl::UnimplementedError(
-        absl::StrCat("the CUDA KV cache does not implement eviction (got ",
-                     kernels::EvictionToString(fmt.eviction), " with ", fmt.name,
-                     "): use --evict none, or --backend cpu for H2O / sink eviction"));
+    const kernels::KvFormatKind k = fmt.kind;
+    if (k != kernels::KvFormatKind::kFp16 && k != kernels::KvFormatKind::kBf16 &&
+        k != kernels::KvFormatKind::kFp8 && k != kernels::KvFormatKind::kInt8) {
+      return absl::UnimplementedError(
+          absl::StrCat("the CUDA KV cache evicts (", kernels::EvictionToString(fmt.eviction),
+                       ") only with fp16, bf16, fp8 and int8, got ", fmt.name,
+                       ": use --backend cpu for eviction with it"));
+    }
+    if (fmt.eviction.kind == kernels::EvictionSpec::Kind::kSink && !c.rope_inv_freq.empty()) {
+      return absl::UnimplementedError(
+          "the CUDA KV cache scores sinks with the unshifted query: rope_inv_freq (the query "
+          "shift for the sink scores) is not implemented on the GPU");
+    }
   }
   if (fmt.full_precision_first_layers < 0 || fmt.full_precision_last_layers < 0) {
     return absl::InvalidArgumentError("full-precision layer counts must be >= 0");
@@ -81,6 +90,7 @@ absl::Status CudaKvCache::InitLayout() {
   // The format of the quantized layers without the layer option (a per-layer codec), and fp16.
   kernels::KvFormatSpec quantized = fmt;
   quantized.full_precision_first_layers = quantized.full_precision_last_layers = 0;
+  quantized.eviction = {};  // the cache evicts; the encoders and decoders see plain records
   const kernels::KvFormatSpec fp16;
   int quantized_index = -1, fp16_index = -1;
   auto add_format = [&](const kernels::KvFormatSpec& spec) -> absl::StatusOr<int> {
@@ -121,6 +131,14 @@ absl::Status CudaKvCache::InitLayout() {
   geometry_.residual_bytes_per_sequence = residual_halves * 2 * 2;  // k and v, 2 bytes each
   geometry_.slot_bytes = geometry_.residual_bytes_per_sequence +
                          int64_t{c.num_layers} * c.num_kv_heads * 2 * int64_t{sizeof(float)};
+  if (evicting()) {
+    const int64_t per_slot = int64_t{sizeof(int32_t)} + (h2o() ? int64_t{sizeof(float)} : 0);
+    geometry_.eviction_bytes_per_block =
+        int64_t{c.num_layers} * c.num_kv_heads * c.block_size * per_slot;
+  }
+  if (h2o()) {  // the decode mass pass's per-split statistics
+    geometry_.slot_bytes += DecodeMassScratchFloats(1, c.num_kv_heads) * int64_t{sizeof(float)};
+  }
   return absl::OkStatus();
 }
 
@@ -167,6 +185,20 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
                              "the fp16 residual windows"));
   }
   for (int64_t& offset : cache->residual_offset_) offset *= max_sequences;
+  if (cache->evicting()) {
+    const int64_t slots =
+        int64_t{config.num_blocks} * config.num_layers * config.num_kv_heads * config.block_size;
+    RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->positions_),
+                             slots * int64_t{sizeof(int32_t)}, "the eviction positions"));
+    if (cache->h2o()) {
+      RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->mass_),
+                               slots * int64_t{sizeof(float)}, "the H2O masses"));
+      RETURN_IF_ERROR(allocate(
+          reinterpret_cast<void**>(&cache->mass_scratch_),
+          DecodeMassScratchFloats(max_sequences, config.num_kv_heads) * int64_t{sizeof(float)},
+          "the H2O mass scratch"));
+    }
+  }
   cache->free_list_.resize(config.num_blocks);
   for (int64_t b = 0; b < config.num_blocks; ++b) {
     cache->free_list_[b] = static_cast<int32_t>(config.num_blocks - 1 - b);  // pop 0 first
@@ -179,7 +211,9 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
 CudaKvCache::~CudaKvCache() {
   if (pool_ != nullptr) cudaStreamSynchronize(stream_);  // no kernel may still use the buffers
   for (void* p : {static_cast<void*>(pool_), static_cast<void*>(scales_),
-                  static_cast<void*>(residual_k_), static_cast<void*>(residual_v_)}) {
+                  static_cast<void*>(residual_k_), static_cast<void*>(residual_v_),
+                  static_cast<void*>(positions_), static_cast<void*>(mass_),
+                  static_cast<void*>(mass_scratch_)}) {
     if (p != nullptr) cudaFree(p);
   }
 }
@@ -201,8 +235,64 @@ uint16_t* CudaKvCache::residual(int layer, bool values) const {
   return (values ? residual_v_ : residual_k_) + residual_offset_[layer];
 }
 
+EvictPlan CudaKvCache::Plan(const Sequence& s, int layer, int64_t n) const {
+  const int64_t stored = s.stored[layer], length = s.length[layer];
+  EvictPlan plan{.stored = static_cast<int32_t>(stored),
+                 .lead = static_cast<int32_t>(stored),
+                 .length = static_cast<int32_t>(length),
+                 .n = static_cast<int32_t>(n)};
+  const kernels::EvictionSpec& e = config_.format.eviction;
+  const int64_t new_length = length + n;
+  if (n == 0) return plan;  // eviction runs at the start of an append: none, nothing evicted
+  if (e.kind == kernels::EvictionSpec::Kind::kSink) {
+    // Old tokens at positions < sinks (the first slots: never evicted) or >= new_length - window
+    // (the last slots: every such position is still stored, the window only slides forward).
+    plan.lead = static_cast<int32_t>(std::min<int64_t>(e.sink_tokens, stored));
+    const int64_t window_old =
+        std::max<int64_t>(0, length - std::max<int64_t>(e.sink_tokens, new_length - e.window_tokens));
+    plan.trail = static_cast<int32_t>(std::min<int64_t>(window_old, stored - plan.lead));
+  } else if (e.kind == kernels::EvictionSpec::Kind::kH2O) {
+    // The same floors as CpuKvCache::Evict.
+    int64_t heavy = static_cast<int64_t>(std::floor(e.heavy_fraction * new_length + 1e-9));
+    int64_t recent = static_cast<int64_t>(std::floor(e.recent_fraction * new_length + 1e-9));
+    if (heavy + recent == 0) recent = 1;
+    plan.lead = 0;
+    plan.trail = static_cast<int32_t>(std::min<int64_t>(stored, std::max<int64_t>(0, recent - n)));
+    plan.heavy = static_cast<int32_t>(std::min<int64_t>(heavy, stored - plan.trail));
+  }
+  return plan;
+}
+
+EvictPlan CudaKvCache::PlanAppend(kernels::SeqId seq, int64_t n) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return {};
+  return Plan(it->second, 0, n);
+}
+
+int64_t CudaKvCache::SlotsNeeded(const Sequence& s, int64_t length) const {
+  int64_t slots = 0;
+  for (int l = 0; l < config_.num_layers; ++l) {
+    const int64_t n = std::max<int64_t>(0, length - s.length[l]);
+    // At least what the layer stores now: it evicts only at the start of its own next append (the
+    // host-pointer Append runs layer by layer; a prompt stays whole until the next append).
+    slots = std::max({slots, s.stored[l], KeptBefore(Plan(s, l, n)) + n});
+  }
+  return slots;
+}
+
+void CudaKvCache::TrimBlocks(Sequence& s) {
+  int64_t length = s.reserved_length;
+  for (int64_t l : s.length) length = std::max(length, l);
+  const int64_t keep = BlocksForTokens(SlotsNeeded(s, length));
+  while (static_cast<int64_t>(s.blocks.size()) > keep) {
+    free_list_.push_back(s.blocks.back());
+    s.blocks.pop_back();
+  }
+}
+
 absl::Status CudaKvCache::GrowTo(Sequence& s, int64_t num_tokens) {
-  const int64_t need = BlocksForTokens(num_tokens) - static_cast<int64_t>(s.blocks.size());
+  const int64_t need =
+      BlocksForTokens(SlotsNeeded(s, num_tokens)) - static_cast<int64_t>(s.blocks.size());
   if (need <= 0) return absl::OkStatus();
   if (need > free_blocks()) {
     return absl::ResourceExhaustedError(
@@ -224,6 +314,8 @@ absl::Status CudaKvCache::AddSequence(kernels::SeqId seq, int64_t reserve_tokens
   }
   Sequence s;
   s.stored.assign(config_.num_layers, 0);
+  s.length.assign(config_.num_layers, 0);
+  s.reserved_length = reserve_tokens;
   if (absl::Status status = GrowTo(s, reserve_tokens); !status.ok()) {
     for (int32_t b : s.blocks) free_list_.push_back(b);
     return status;
@@ -242,7 +334,9 @@ absl::Status CudaKvCache::AddSequence(kernels::SeqId seq, int64_t reserve_tokens
 absl::Status CudaKvCache::Reserve(kernels::SeqId seq, int64_t num_tokens) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return absl::NotFoundError(absl::StrCat("sequence ", seq));
-  return GrowTo(it->second, num_tokens);
+  RETURN_IF_ERROR(GrowTo(it->second, num_tokens));
+  it->second.reserved_length = std::max(it->second.reserved_length, num_tokens);
+  return absl::OkStatus();
 }
 
 void CudaKvCache::FreeSequence(kernels::SeqId seq) {
@@ -254,6 +348,12 @@ void CudaKvCache::FreeSequence(kernels::SeqId seq) {
 }
 
 int64_t CudaKvCache::Length(kernels::SeqId seq, int layer) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end() || layer < 0 || layer >= config_.num_layers) return -1;
+  return it->second.length[layer];
+}
+
+int64_t CudaKvCache::StoredTokens(kernels::SeqId seq, int layer) const {
   auto it = seqs_.find(seq);
   if (it == seqs_.end() || layer < 0 || layer >= config_.num_layers) return -1;
   return it->second.stored[layer];
@@ -278,7 +378,81 @@ int64_t CudaKvCache::Capacity(kernels::SeqId seq) const {
 void CudaKvCache::CommitAppend(kernels::SeqId seq, int64_t n) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
-  for (int64_t& stored : it->second.stored) stored += n;
+  Sequence& s = it->second;
+  for (int l = 0; l < config_.num_layers; ++l) {
+    s.stored[l] = KeptBefore(Plan(s, l, n)) + n;
+    s.length[l] += n;
+  }
+  if (evicting()) TrimBlocks(s);
+}
+
+EvictPool CudaKvCache::PoolFor(int layer, const DeviceSeqBatch& seqs) const {
+  return EvictPool{.pool = pool_,
+                   .block_stride_bytes = geometry_.block_bytes,
+                   .layer_offset_bytes = layer_offset_[layer],
+                   .record_bytes = format_of(layer).append->record_bytes(),
+                   .positions = positions_,
+                   .mass = mass_,
+                   .num_layers = config_.num_layers,
+                   .layer = layer,
+                   .num_kv_heads = config_.num_kv_heads,
+                   .block_size = config_.block_size,
+                   .head_dim = config_.head_dim,
+                   .block_tables = seqs.block_tables,
+                   .max_blocks = seqs.max_blocks,
+                   .num_seqs = seqs.num_seqs};
+}
+
+absl::Status CudaKvCache::EvictLayer(int layer, const DeviceSeqBatch& seqs,
+                                     const EvictPlan* plans) {
+  if (!evicting()) return absl::FailedPreconditionError("EvictLayer: the cache does not evict");
+  CUDA_RETURN_IF_ERROR(LaunchEvictCompact(PoolFor(layer, seqs), plans, stream_));
+  return absl::OkStatus();
+}
+
+namespace {
+MassKeyFormat MassFormat(kernels::KvFormatKind kind) {
+  switch (kind) {
+    case kernels::KvFormatKind::kBf16:
+      return MassKeyFormat::kBf16;
+    case kernels::KvFormatKind::kFp8:
+      return MassKeyFormat::kFp8;
+    case kernels::KvFormatKind::kInt8:
+      return MassKeyFormat::kInt8;
+    default:
+      return MassKeyFormat::kFp16;
+  }
+}
+}  // namespace
+
+absl::Status CudaKvCache::DecodeMassLayer(int layer, const DeviceSeqBatch& seqs,
+                                          const int32_t* lens, int max_len, const float* q,
+                                          int group, int group_pad, float scale) {
+  if (!h2o()) return absl::FailedPreconditionError("DecodeMassLayer: the cache is not H2O");
+  if (seqs.num_seqs > max_sequences_) {
+    return absl::InvalidArgumentError(absl::StrCat("DecodeMassLayer: ", seqs.num_seqs,
+                                                   " sequences, at most ", max_sequences_));
+  }
+  const MassKeys keys{.format = MassFormat(layer_spec(layer).kind),
+                      .head_scales = head_scales(layer),
+                      .seq_slots = seqs.slots};
+  CUDA_RETURN_IF_ERROR(LaunchDecodeMass(PoolFor(layer, seqs), keys, lens, max_len, q, group,
+                                        group_pad, scale, mass_scratch_, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaKvCache::PrefillMassLayer(int layer, const DeviceSeqBatch& seqs,
+                                           const PrefillMassChunk* chunks, int num_chunks,
+                                           int max_chunk_tokens, const float* q, int group,
+                                           int group_pad, const float* fresh_k,
+                                           int64_t fresh_row_stride, const float* prefix_k,
+                                           int64_t prefix_stride_tokens, float scale) {
+  if (!h2o()) return absl::FailedPreconditionError("PrefillMassLayer: the cache is not H2O");
+  CUDA_RETURN_IF_ERROR(LaunchPrefillMass(PoolFor(layer, seqs), chunks, num_chunks,
+                                         max_chunk_tokens, q, group, group_pad, fresh_k,
+                                         fresh_row_stride, prefix_k, prefix_stride_tokens, scale,
+                                         stream_));
+  return absl::OkStatus();
 }
 
 // ---- Device methods -----------------------------------------------------------------------------
@@ -358,6 +532,7 @@ absl::Status CudaKvCache::AppendSynthetic(kernels::SeqId seq, int64_t n, uint64_
   if (n < 0) return absl::InvalidArgumentError("AppendSynthetic: n < 0");
   if (n == 0) return absl::OkStatus();
   const int64_t capacity = static_cast<int64_t>(s->blocks.size()) * config_.block_size;
+  if (evicting()) return AppendSyntheticEvicting(*s, n, seed);
   for (int l = 0; l < config_.num_layers; ++l) {
     if (s->stored[l] + n > capacity || s->stored[l] + n > INT32_MAX) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -401,6 +576,56 @@ absl::Status CudaKvCache::AppendSynthetic(kernels::SeqId seq, int64_t n, uint64_
   }
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   for (int64_t& stored : s->stored) stored += n;
+  for (int64_t& length : s->length) length += n;
+  return absl::OkStatus();
+}
+
+absl::Status CudaKvCache::AppendSyntheticEvicting(Sequence& s, int64_t n,
+                                                  uint64_t seed) {
+  // Chunk by chunk as a prefill without attention would append: evict, then append, to every
+  // layer (no masses accumulate: H2O keeps the oldest of the equal-mass tokens).
+  const int64_t chunk = std::min(n, kSyntheticChunk);
+  const int64_t row_floats = int64_t{config_.num_kv_heads} * config_.head_dim;
+  DeviceArray<float> k, v;
+  RETURN_IF_ERROR(k.Allocate(chunk * row_floats));
+  RETURN_IF_ERROR(v.Allocate(chunk * row_floats));
+  const float bound = std::sqrt(3.0f);
+  CUDA_RETURN_IF_ERROR(LaunchFillUniformFloat(k.get(), chunk * row_floats, seed, bound, stream_));
+  CUDA_RETURN_IF_ERROR(LaunchFillUniformFloat(v.get(), chunk * row_floats, ~seed, bound, stream_));
+  DeviceArray<int32_t> dmeta, slot;
+  RETURN_IF_ERROR(dmeta.Allocate(9));
+  RETURN_IF_ERROR(slot.Upload(&s.slot, 1, stream_));
+  for (int64_t done = 0; done < n; done += chunk) {
+    const int64_t rows = std::min(chunk, n - done);
+    const EvictPlan plan = Plan(s, 0, rows);
+    const int64_t kept = KeptBefore(plan);
+    // Grows chunk by chunk (TrimBlocks frees what each eviction empties), so that a long fill
+    // never holds more than the kept budget plus one chunk.
+    RETURN_IF_ERROR(GrowTo(s, s.length[0] + rows));
+    // {row_begin = 0, row_end, stored_before} then the plan; synchronous: staged from the stack.
+    int32_t meta[9] = {0, static_cast<int32_t>(rows), static_cast<int32_t>(kept)};
+    std::copy_n(reinterpret_cast<const int32_t*>(&plan), 6, meta + 3);
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(dmeta.get(), meta, sizeof(meta), cudaMemcpyHostToDevice, stream_));
+    DeviceArray<int32_t> step_table;
+    RETURN_IF_ERROR(step_table.Upload(s.blocks.data(), s.blocks.size(), stream_));
+    const DeviceSeqBatch batch{.num_seqs = 1,
+                               .block_tables = step_table.get(),
+                               .max_blocks = static_cast<int>(s.blocks.size()),
+                               .slots = slot.get()};
+    for (int l = 0; l < config_.num_layers; ++l) {
+      RETURN_IF_ERROR(
+          EvictLayer(l, batch, reinterpret_cast<const EvictPlan*>(dmeta.get() + 3)));
+      RETURN_IF_ERROR(AppendLayer(l, batch, dmeta.get(), dmeta.get() + 2, static_cast<int>(rows),
+                                  static_cast<int>(rows), k.get(), v.get(), row_floats));
+    }
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    for (int l = 0; l < config_.num_layers; ++l) {
+      s.stored[l] = KeptBefore(Plan(s, l, rows)) + rows;
+      s.length[l] += rows;
+    }
+    TrimBlocks(s);
+  }
   return absl::OkStatus();
 }
 
@@ -427,11 +652,12 @@ absl::Status CudaKvCache::Append(kernels::SeqId seq, int layer, int64_t n, const
   if (n == 0) return absl::OkStatus();
   if (k == nullptr || v == nullptr) return absl::InvalidArgumentError("Append: null k or v");
   const int64_t capacity = static_cast<int64_t>(s->blocks.size()) * config_.block_size;
-  const int64_t stored = s->stored[layer];
+  const EvictPlan plan = Plan(*s, layer, n);
+  const int64_t stored = KeptBefore(plan);
   if (stored + n > capacity) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("Append: sequence ", seq, " layer ", layer, " holds ", stored,
-                     " tokens and has room for ", capacity, "; Reserve(", stored + n, ") first"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Append: sequence ", seq, " layer ", layer, " holds ", stored, " tokens and has room for ",
+        capacity, "; Reserve(", s->length[layer] + n, ") first"));
   }
   const int64_t row_floats = int64_t{config_.num_kv_heads} * config_.head_dim;
   const std::vector<int32_t> meta = {0, static_cast<int32_t>(n), static_cast<int32_t>(stored)};
@@ -446,10 +672,17 @@ absl::Status CudaKvCache::Append(kernels::SeqId seq, int layer, int64_t n, const
                              .block_tables = table.get(),
                              .max_blocks = static_cast<int>(s->blocks.size()),
                              .slots = slot.get()};
+  DeviceArray<int32_t> dplan;
+  if (evicting()) {
+    RETURN_IF_ERROR(dplan.Upload(reinterpret_cast<const int32_t*>(&plan), 6, stream_));
+    RETURN_IF_ERROR(EvictLayer(layer, batch, reinterpret_cast<const EvictPlan*>(dplan.get())));
+  }
   RETURN_IF_ERROR(AppendLayer(layer, batch, dmeta.get(), dmeta.get() + 2, static_cast<int>(n),
                               static_cast<int>(n), dk.get(), dv.get(), row_floats));
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-  s->stored[layer] += n;
+  s->stored[layer] = stored + n;
+  s->length[layer] += n;
+  if (evicting()) TrimBlocks(*s);
   return absl::OkStatus();
 }
 
@@ -528,6 +761,26 @@ absl::Status CudaKvCache::PrefillAttention(kernels::SeqId seq, int layer, int64_
   args.scale = scale;
   args.out_f32 = dout.get();
   CUDA_RETURN_IF_ERROR(LaunchPrefillAttention(args, stream_));
+  DeviceArray<int32_t> dchunk, table, slot;
+  if (h2o()) {
+    const PrefillMassChunk chunk{.batch_index = 0,
+                                 .first_row = 0,
+                                 .n = static_cast<int32_t>(n),
+                                 .cached = static_cast<int32_t>(past),
+                                 .prefix_index = past > 0 ? 0 : -1};
+    RETURN_IF_ERROR(dchunk.Upload(reinterpret_cast<const int32_t*>(&chunk), 5, stream_));
+    RETURN_IF_ERROR(table.Upload(s->blocks.data(), s->blocks.size(), stream_));
+    RETURN_IF_ERROR(slot.Upload(&s->slot, 1, stream_));
+    const DeviceSeqBatch batch{.num_seqs = 1,
+                               .block_tables = table.get(),
+                               .max_blocks = static_cast<int>(s->blocks.size()),
+                               .slots = slot.get()};
+    const int group = num_q_heads / hkv;
+    RETURN_IF_ERROR(PrefillMassLayer(layer, batch,
+                                     reinterpret_cast<const PrefillMassChunk*>(dchunk.get()), 1,
+                                     static_cast<int>(n), dq.get(), group, group, dk.get(),
+                                     int64_t{hkv} * d, prefix_k.get(), stored, scale));
+  }
   CUDA_RETURN_IF_ERROR(
       cudaMemcpyAsync(out, dout.get(), q_floats * sizeof(float), cudaMemcpyDeviceToHost, stream_));
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
@@ -574,6 +827,10 @@ absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num
                              .slots = slot.get()};
   RETURN_IF_ERROR(DecodeLayer(layer, batch, dlens.get(), lens[0], dlens.get() + 1, dq.get(),
                               hkv * pad, scale, dout.get()));
+  if (h2o()) {  // per-token formats: every stored token is encoded (lens[0])
+    RETURN_IF_ERROR(
+        DecodeMassLayer(layer, batch, dlens.get(), lens[0], dq.get(), group, pad, scale));
+  }
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(padded.data(), dout.get(), padded.size() * sizeof(float),
                                        cudaMemcpyDeviceToHost, stream_));
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
@@ -601,7 +858,20 @@ absl::Status CudaKvCache::ReadStored(kernels::SeqId seq, int layer, int kv_head,
                                   cudaMemcpyDeviceToHost));
   CUDA_RETURN_IF_ERROR(cudaMemcpy(v, dv.get() + kv_head * head_floats, head_floats * sizeof(float),
                                   cudaMemcpyDeviceToHost));
-  for (int64_t i = 0; i < n; ++i) positions[i] = i;
+  if (!evicting()) {
+    for (int64_t i = 0; i < n; ++i) positions[i] = i;
+    return absl::OkStatus();
+  }
+  // Positions of the head's slots, block by block ([block][layer][kv_head][block_size]).
+  const int bs = config_.block_size;
+  std::vector<int32_t> pos(static_cast<size_t>(bs));
+  for (int64_t b = 0; b * bs < n; ++b) {
+    const int64_t index =
+        ((int64_t{s->blocks[b]} * config_.num_layers + layer) * config_.num_kv_heads + kv_head) * bs;
+    CUDA_RETURN_IF_ERROR(cudaMemcpy(pos.data(), positions_ + index, bs * sizeof(int32_t),
+                                    cudaMemcpyDeviceToHost));
+    for (int64_t i = b * bs; i < std::min<int64_t>(n, (b + 1) * bs); ++i) positions[i] = pos[i - b * bs];
+  }
   return absl::OkStatus();
 }
 

@@ -15,8 +15,15 @@
 // append with a nonzero amax; KIVI's and TurboQuant's newest tokens in the fp16 window, flushed G
 // or 16 at a time);
 // DecodeAttention reads every stored token through the format; PrefillAttention reads the cached
-// prefix through the format and the fresh tokens in fp32. Eviction (H2O, sink) is not implemented
-// on the GPU: Create returns UnimplementedError for it.
+// prefix through the format and the fresh tokens in fp32.
+//
+// Eviction (H2O, sink; per-token formats fp16, bf16, fp8, int8) follows CpuKvCache: before each
+// append of n tokens to a layer the cache keeps, per kv-head, the tokens CpuKvCache keeps and
+// compacts them in slot (= position) order (cuda_kv_evict.h); H2O masses accumulate after every
+// decode and prefill attention. How many slots survive is a function of the stored count and the
+// length (PlanAppend), so the host tracks stored tokens without reading anything back. Sinks score
+// with the unshifted query: a config with rope_inv_freq (the CPU's query shift for the sinks) is
+// UnimplementedError.
 //
 // The CUDA runner drives the device methods (AppendLayer, DecodeLayer, ReadLayer) for whole steps
 // with its own device metadata and then CommitAppend. The host-pointer KvCache methods stage
@@ -29,6 +36,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -39,6 +47,7 @@
 #include "kvgate/kernels/cuda_attention.h"
 #include "kvgate/kernels/cuda_kv_append.h"
 #include "kvgate/kernels/kv_cache.h"
+#include "workers/backend/cuda/cuda_kv_evict.h"
 
 namespace kvgate::worker::cuda {
 
@@ -49,8 +58,11 @@ struct KvCacheGeometry {
   // The fp16 residual windows (KIVI, TurboQuant) of one sequence over all layers (KvCache's
   // residual_bytes_per_sequence).
   int64_t residual_bytes_per_sequence = 0;
-  // Everything one sequence slot holds outside the pool: the residual windows and FP8's scales.
+  // Everything one sequence slot holds outside the pool: the residual windows, FP8's scales and
+  // (H2O) the mass pass's scratch.
   int64_t slot_bytes = 0;
+  // Eviction's per-slot positions and masses of one block (outside the pool); 0 without eviction.
+  int64_t eviction_bytes_per_block = 0;
 };
 
 // Sequences of a batch as the device kernels see them (device arrays).
@@ -63,7 +75,8 @@ struct DeviceSeqBatch {
 
 class CudaKvCache final : public kernels::KvCache {
  public:
-  // UnimplementedError for eviction, TurboQuant QJL keys, head_dim other than 64/128 and block
+  // UnimplementedError for eviction with formats other than fp16/bf16/fp8/int8 (or sinks with
+  // rope_inv_freq), TurboQuant QJL keys, head_dim other than 64/128 and block
   // sizes that are not a multiple of 16 (no kernels; DecodeAttention also refuses GQA groups
   // above 8). ResourceExhausted when the pool or the slots cannot be allocated. `stream` (not
   // owned) carries every kernel and copy. max_sequences: sequences that can be registered at once
@@ -92,6 +105,7 @@ class CudaKvCache final : public kernels::KvCache {
   absl::Status Reserve(kernels::SeqId seq, int64_t num_tokens) override;
   void FreeSequence(kernels::SeqId seq) override;
   int64_t Length(kernels::SeqId seq, int layer) const override;
+  int64_t StoredTokens(kernels::SeqId seq, int layer) const override;
 
   absl::Status Append(kernels::SeqId seq, int layer, int64_t n, const float* k,
                       const float* v) override;
@@ -119,10 +133,35 @@ class CudaKvCache final : public kernels::KvCache {
   const std::vector<int32_t>* BlockTable(kernels::SeqId seq) const;
   // State slot of a known sequence; -1 if unknown.
   int Slot(kernels::SeqId seq) const;
-  // Reserved token capacity of a known sequence (blocks * block_size); -1 if unknown.
+  // Reserved slot capacity of a known sequence (blocks * block_size); -1 if unknown.
   int64_t Capacity(kernels::SeqId seq) const;
-  // Records that `n` tokens were appended on the device to every layer of `seq`.
+  bool evicting() const { return config_.format.eviction.kind != kernels::EvictionSpec::Kind::kNone; }
+  bool h2o() const { return config_.format.eviction.kind == kernels::EvictionSpec::Kind::kH2O; }
+  // What a known sequence keeps before an append of n tokens (the same for every layer when all
+  // layers hold the same tokens, as the runner's steps keep them); plan.stored - evicted is
+  // KeptBefore(plan). Without eviction: everything.
+  EvictPlan PlanAppend(kernels::SeqId seq, int64_t n) const;
+  static int64_t KeptBefore(const EvictPlan& plan) {
+    return std::min<int64_t>(plan.stored, int64_t{plan.lead} + plan.trail + plan.heavy);
+  }
+  // Records that `n` tokens were appended on the device to every layer of `seq` (after the
+  // eviction PlanAppend(seq, n) describes) and frees the blocks eviction emptied.
   void CommitAppend(kernels::SeqId seq, int64_t n);
+
+  // Eviction (evicting() only). Enqueues, before AppendLayer of `layer`, the eviction of plans[s]
+  // (device) for each sequence of the batch and the positions of the slots the append fills.
+  absl::Status EvictLayer(int layer, const DeviceSeqBatch& seqs, const EvictPlan* plans);
+  // H2O: adds the decode queries' attention probabilities to the masses of `layer`: q as for
+  // DecodeLayer, lens [num_seqs] (device) stored slots, max_len >= each of them.
+  absl::Status DecodeMassLayer(int layer, const DeviceSeqBatch& seqs, const int32_t* lens,
+                               int max_len, const float* q, int group, int group_pad, float scale);
+  // H2O: the same for prefill chunks (cuda_kv_evict.h, LaunchPrefillMass); `seqs` holds the
+  // block tables chunks[i].batch_index refers to.
+  absl::Status PrefillMassLayer(int layer, const DeviceSeqBatch& seqs,
+                                const PrefillMassChunk* chunks, int num_chunks,
+                                int max_chunk_tokens, const float* q, int group, int group_pad,
+                                const float* fresh_k, int64_t fresh_row_stride,
+                                const float* prefix_k, int64_t prefix_stride_tokens, float scale);
 
   // Enqueues the append of rows to `layer` for a batch: sequence s owns rows
   // [row_begin[s], row_begin[s + 1]) of k / v (device, row r and kv-head h at
@@ -144,15 +183,18 @@ class CudaKvCache final : public kernels::KvCache {
 
   // Appends `n` tokens of synthetic keys and values (uniform in [-sqrt 3, sqrt 3): unit variance,
   // a fixed pattern from `seed`) to every layer of `seq` through the format's append, as the
-  // runner would append computed ones; the sequence must have room reserved. For benchmarks that
-  // need long contexts without prefilling them through the model. Synchronizes.
+  // runner would append computed ones; the sequence must have room reserved (with eviction it
+  // grows itself, chunk by chunk, evicting as appends do; no masses accumulate). For benchmarks
+  // that need long contexts without prefilling them through the model. Synchronizes.
   absl::Status AppendSynthetic(kernels::SeqId seq, int64_t n, uint64_t seed);
 
  private:
   struct Sequence {
     int slot = -1;
     std::vector<int32_t> blocks;
-    std::vector<int64_t> stored;  // per layer
+    std::vector<int64_t> stored;  // per layer: slots in use
+    std::vector<int64_t> length;  // per layer: tokens appended (== stored without eviction)
+    int64_t reserved_length = 0;  // largest length asked for by AddSequence / Reserve
   };
   // One distinct layer format: its spec and device objects.
   struct Format {
@@ -165,7 +207,15 @@ class CudaKvCache final : public kernels::KvCache {
   // Validates config_ and builds everything but the device allocations: formats, per-layer
   // offsets and residual capacities, geometry_.
   absl::Status InitLayout();
+  // Grows the block table to hold the slots a length of num_tokens needs.
   absl::Status GrowTo(Sequence& s, int64_t num_tokens);
+  EvictPlan Plan(const Sequence& s, int layer, int64_t n) const;
+  // Slots `s` needs to reach `length` tokens (CpuKvCache::SlotsNeeded).
+  int64_t SlotsNeeded(const Sequence& s, int64_t length) const;
+  void TrimBlocks(Sequence& s);
+  absl::Status AppendSyntheticEvicting(Sequence& s, int64_t n, uint64_t seed);
+  EvictPool PoolFor(int layer, const DeviceSeqBatch& seqs) const;
+
   absl::StatusOr<Sequence*> Find(kernels::SeqId seq, int layer);
   absl::StatusOr<const Sequence*> Find(kernels::SeqId seq, int layer) const;
   const Format& format_of(int layer) const { return formats_[layer_format_[layer]]; }
@@ -192,6 +242,9 @@ class CudaKvCache final : public kernels::KvCache {
   uint16_t* residual_v_ = nullptr;
   std::vector<int32_t> free_list_;  // LIFO of free block ids
   std::vector<int> free_slots_;     // LIFO of free state slots
+  int32_t* positions_ = nullptr;    // evicting: [num_blocks][layers][kv_heads][block_size]
+  float* mass_ = nullptr;           // H2O: same layout
+  float* mass_scratch_ = nullptr;   // H2O: DecodeMassScratchFloats(max_sequences_, kv_heads)
   std::map<kernels::SeqId, Sequence> seqs_;
 };
 

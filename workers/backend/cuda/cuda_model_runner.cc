@@ -27,6 +27,8 @@ namespace {
 
 using cuda::CudaKvCache;
 using cuda::CudaStatus;
+using cuda::EvictPlan;
+using cuda::PrefillMassChunk;
 
 // Round-to-nearest-even float -> bf16 bits (NaN kept quiet).
 uint16_t ToBf16(float x) {
@@ -494,7 +496,10 @@ absl::Status CudaModelRunner::CreateCache(const RunnerOptions& options,
                                       .block_size = options.kv_block_size,
                                       .num_blocks = options.kv_num_blocks,
                                       .format = options.kv_format,
-                                      .rope_inv_freq = {}};  // no eviction on the GPU
+                                      // As the CPU runner's (CreateSizedKvCache): sink eviction
+                                      // shifts the sinks' query by these; CudaKvCache refuses
+                                      // sinks until it does the same.
+                                      .rope_inv_freq = RopeInverseFrequencies(c)};
   ASSIGN_OR_RETURN(const cuda::KvCacheGeometry geometry, CudaKvCache::Measure(cache_config));
   size_t free_bytes = 0, total_bytes = 0;
   CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
@@ -502,7 +507,8 @@ absl::Status CudaModelRunner::CreateCache(const RunnerOptions& options,
     const double budget = static_cast<double>(free_bytes) * cuda_options.gpu_memory_fraction -
                           static_cast<double>(geometry.slot_bytes) * cuda_options.max_sequences;
     cache_config.num_blocks =
-        static_cast<int64_t>(budget / static_cast<double>(geometry.block_bytes));
+        static_cast<int64_t>(budget / static_cast<double>(geometry.block_bytes +
+                                                          geometry.eviction_bytes_per_block));
     if (cache_config.num_blocks < 1) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "no GPU memory left for the KV pool: ", free_bytes, " bytes free after the weights, ",
@@ -631,6 +637,9 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
   // follow that order, so the decode rows are rows [0, num_decode).
   const int num_chunks = static_cast<int>(chunks.size());
   std::vector<int64_t> past(num_chunks);
+  // Slots each chunk's sequence keeps before its append (== past without eviction).
+  std::vector<int64_t> kept(num_chunks);
+  std::vector<EvictPlan> plans(num_chunks);
   std::vector<int> order;
   order.reserve(num_chunks);
   int num_decode = 0, num_prefix = 0;
@@ -643,12 +652,15 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
       const int kind = (n == 1 && p > 0) ? 0 : (p > 0 ? 1 : 2);
       if (kind != pass) continue;
       past[ci] = p;
+      plans[ci] = cache.PlanAppend(chunks[ci].seq, n);
+      kept[ci] = CudaKvCache::KeptBefore(plans[ci]);
       order.push_back(ci);
       num_decode += kind == 0;
       num_prefix += kind == 1;
       const int64_t capacity = cache.Capacity(chunks[ci].seq);
-      if (p + n > capacity) {
-        return absl::FailedPreconditionError(absl::StrCat("sequence ", chunks[ci].seq, " holds ", p,
+      if (kept[ci] + n > capacity) {
+        return absl::FailedPreconditionError(absl::StrCat("sequence ", chunks[ci].seq, " holds ",
+                                                          kept[ci],
                                                           " tokens and has room for ", capacity,
                                                           "; Reserve(", p + n, ") first"));
       }
@@ -669,7 +681,7 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
   for (int oi = num_decode; oi < num_chunks; ++oi) {
     const int64_t n = static_cast<int64_t>(chunks[order[oi]].tokens.size());
     num_tiles += (n + cuda::kPrefillTileRows - 1) / cuda::kPrefillTileRows;
-    if (oi < num_decode + num_prefix) max_read = std::max(max_read, past[order[oi]] + n);
+    if (oi < num_decode + num_prefix) max_read = std::max(max_read, kept[order[oi]] + n);
   }
   const int num_formats = cache.num_formats();
 
@@ -685,7 +697,11 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
   const size_t off_lens = off_stored + num_chunks;
   const size_t off_read = off_lens + size_t{2} * num_formats * num_decode;
   const size_t off_tiles = off_read + num_prefix;
-  const size_t total = off_tiles + size_t{5} * num_tiles;
+  // Eviction: plans[chunks * 6]; H2O prefill masses: mass_chunks[(chunks - num_decode) * 5].
+  const size_t off_plans = off_tiles + size_t{5} * num_tiles;
+  const size_t off_mass = off_plans + size_t{6} * num_chunks;
+  const int num_prefill = num_chunks - num_decode;
+  const size_t total = off_mass + size_t{5} * num_prefill;
   RETURN_IF_ERROR(EnsurePinned(total));
   int32_t* h = pinned_;
   std::vector<int64_t> first_row(num_chunks);
@@ -696,7 +712,8 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
     const int64_t n = static_cast<int64_t>(chunk.tokens.size());
     first_row[ci] = row;
     h[off_row_begin + oi] = static_cast<int32_t>(row);
-    h[off_stored + oi] = static_cast<int32_t>(past[ci]);
+    h[off_stored + oi] = static_cast<int32_t>(kept[ci]);
+    std::copy_n(reinterpret_cast<const int32_t*>(&plans[ci]), 6, h + off_plans + size_t{6} * oi);
     h[off_slots + oi] = cache.Slot(chunk.seq);
     for (int64_t i = 0; i < n; ++i, ++row) {
       h[off_tokens + row] = chunk.tokens[i];
@@ -722,7 +739,7 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
     int32_t* residual = encoded + num_decode;
     for (int oi = 0; oi < num_decode; ++oi) {
       const kernels::cuda::KiviCounts counts =
-          kernels::cuda::SplitStoredTokens(cache.format_spec(f), past[order[oi]] + 1);
+          kernels::cuda::SplitStoredTokens(cache.format_spec(f), kept[order[oi]] + 1);
       encoded[oi] = static_cast<int32_t>(counts.encoded);
       residual[oi] = static_cast<int32_t>(counts.residual);
       max_encoded[f] = std::max(max_encoded[f], encoded[oi]);
@@ -738,13 +755,19 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
     const int ci = order[oi];
     const int64_t n = static_cast<int64_t>(chunks[ci].tokens.size());
     const bool has_prefix = oi < num_decode + num_prefix;
-    if (has_prefix) h[off_read + (oi - num_decode)] = static_cast<int32_t>(past[ci] + n);
+    if (has_prefix) h[off_read + (oi - num_decode)] = static_cast<int32_t>(kept[ci] + n);
+    auto* mass_chunk = reinterpret_cast<PrefillMassChunk*>(h + off_mass) + (oi - num_decode);
+    *mass_chunk = {.batch_index = oi,
+                   .first_row = static_cast<int32_t>(first_row[ci]),
+                   .n = static_cast<int32_t>(n),
+                   .cached = static_cast<int32_t>(kept[ci]),
+                   .prefix_index = has_prefix ? oi - num_decode : -1};
     for (int64_t t = 0; t < n; t += cuda::kPrefillTileRows) {
       tiles[tile++] = {
           .first_row = static_cast<int32_t>(first_row[ci]),
           .tile_begin = static_cast<int32_t>(t),
           .tile_rows = static_cast<int32_t>(std::min<int64_t>(cuda::kPrefillTileRows, n - t)),
-          .past = static_cast<int32_t>(past[ci]),
+          .past = static_cast<int32_t>(kept[ci]),
           .prefix_index = has_prefix ? oi - num_decode : -1};
     }
   }
@@ -792,6 +815,10 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
     RETURN_IF_ERROR(Gemm(normed_, w.qkv, qkv_, m, qkv_dim, hidden, 0.0f));
     CUDA_RETURN_IF_ERROR(cuda::LaunchQkvEpilogue(qkv_, w.qkv_bias, w.q_norm, w.k_norm, inv_freq_,
                                                  eps, meta_ + off_pos, m, shape(), q_, stream_));
+    if (cache.evicting()) {
+      RETURN_IF_ERROR(
+          cache.EvictLayer(layer, all, reinterpret_cast<const EvictPlan*>(meta_ + off_plans)));
+    }
     RETURN_IF_ERROR(cache.AppendLayer(layer, all, meta_ + off_row_begin, meta_ + off_stored, m,
                                       max_rows, qkv_ + q_dim, qkv_ + q_dim + kv_dim, qkv_dim));
     if (num_decode > 0) {
@@ -799,6 +826,10 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
       const int32_t* encoded = meta_ + off_lens + size_t{2} * f * num_decode;
       RETURN_IF_ERROR(cache.DecodeLayer(layer, decode, encoded, max_encoded[f],
                                         encoded + num_decode, q_, padded_heads, scale, attn_f32_));
+      if (cache.h2o()) {
+        RETURN_IF_ERROR(cache.DecodeMassLayer(layer, decode, encoded, max_encoded[f], q_,
+                                              num_heads / num_kv_heads, group_pad_, scale));
+      }
       RETURN_IF_ERROR(GatherHeads(num_decode));
     }
     if (num_prefix > 0) {
@@ -806,6 +837,12 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
                                       prefix_k_, prefix_v_, max_read));
     }
     CUDA_RETURN_IF_ERROR(cuda::LaunchPrefillAttention(prefill, stream_));
+    if (cache.h2o() && num_prefill > 0) {
+      RETURN_IF_ERROR(cache.PrefillMassLayer(
+          layer, all, reinterpret_cast<const PrefillMassChunk*>(meta_ + off_mass), num_prefill,
+          max_rows, q_, num_heads / num_kv_heads, group_pad_, qkv_ + q_dim, qkv_dim, prefix_k_,
+          max_read, scale));
+    }
     if (w.o_bias != nullptr) {
       CUDA_RETURN_IF_ERROR(cuda::LaunchAddBias(x_, w.o_bias, m, hidden, stream_));
     }
@@ -825,12 +862,6 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
 // The checks that need neither a GPU nor a model.
 absl::Status CheckOptions(const RunnerOptions& options, const CudaRunnerOptions& cuda_options) {
   const kernels::KvFormatSpec& format = options.kv_format;
-  if (format.eviction.kind != kernels::EvictionSpec::Kind::kNone) {
-    return absl::UnimplementedError(
-        absl::StrCat("the CUDA backend does not implement KV eviction (got ",
-                     kernels::EvictionToString(format.eviction), " with ", format.name,
-                     "): use --evict none, or --backend cpu for H2O / sink eviction"));
-  }
   if (format.kind == kernels::KvFormatKind::kTurbo && format.qjl_keys) {
     return absl::UnimplementedError(
         absl::StrCat("the CUDA backend has no kernel for TurboQuant QJL keys (", format.name,
@@ -991,7 +1022,9 @@ absl::StatusOr<CudaKvCapacity> GetCudaKvCapacity(const ModelRunner& runner) {
         absl::StrCat("GetCudaKvCapacity needs a CUDA runner, got ", runner.backend_name()));
   }
   const CudaKvCache& cache = cuda_runner->cache();
-  return CudaKvCapacity{.block_bytes = cache.geometry().block_bytes,
+  // A block's share of the budget: its records and, with eviction, its positions and masses.
+  return CudaKvCapacity{.block_bytes = cache.geometry().block_bytes +
+                                       cache.geometry().eviction_bytes_per_block,
                         .slot_bytes = cache.geometry().slot_bytes,
                         .blocks = cache.total_blocks(),
                         .max_sequences = cache.max_sequences()};

@@ -75,7 +75,8 @@ struct CudaRunnerOptions {
   bool device_sampling = true;
 };
 
-// FailedPreconditionError when no CUDA device is usable; UnimplementedError for eviction and for
+// FailedPreconditionError when no CUDA device is usable; UnimplementedError for eviction with
+// formats other than fp16/bf16/fp8/int8 and for
 // shapes without kernels (head_dim other than 64/128, GQA group above 8, block size not a multiple
 // of 16, TurboQuant QJL keys); InvalidArgumentError for a bad model folder or options;
 // ResourceExhaustedError when the weights or the pool do not fit.
@@ -110,7 +111,7 @@ absl::Status AppendSyntheticKv(ModelRunner& runner, kernels::SeqId seq, int64_t 
 // (fp16 residual windows, FP8 scales) per slot, blocks and slots. InvalidArgumentError for a
 // runner that is not a CUDA one.
 struct CudaKvCapacity {
-  int64_t block_bytes = 0;
+  int64_t block_bytes = 0;  // with eviction, plus the block's positions and masses
   int64_t slot_bytes = 0;
   int64_t blocks = 0;
   int max_sequences = 0;
