@@ -279,7 +279,10 @@ int64_t CpuKvCache::KeepOld(int64_t length, int64_t n) const {
 int64_t CpuKvCache::ProjectedSlots(const LayerState& ls, int64_t length) const {
   const int64_t n = std::max<int64_t>(0, length - ls.length);
   if (!evicting()) return ls.stored + n;
-  return std::min(ls.stored, KeepOld(length, n)) + n;
+  // Eviction happens at the start of this layer's next append; until then every stored slot still
+  // holds a token (a prompt's, or those of a layer that other layers' appends ran ahead of), so
+  // TrimBlocks must keep at least the stored slots.
+  return std::max(ls.stored, std::min(ls.stored, KeepOld(length, n)) + n);
 }
 
 int64_t CpuKvCache::SlotsNeeded(const Sequence& s, int64_t length) const {
