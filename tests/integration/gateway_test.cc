@@ -93,12 +93,27 @@ class GatewayTest : public ::testing::Test {
     http_port_ = gateway_->PrintedPort("HTTP");
     stub_ = pb::Gateway::NewStub(grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
                                                      grpc::InsecureChannelCredentials()));
-    // Ready once both workers are probed SERVING.
+    // Ready once both workers are probed SERVING (/readyz is "ok" as soon as one pool is).
     for (int i = 0; i < 100; ++i) {
       auto ready = testing::HttpGet(http_port_, "/readyz");
-      if (ready && *ready == "ok\n" && RouteOf(Chat()).route().pool() == "compressed") break;
+      if (ready && *ready == "ok\n" && RouteOf(Chat()).route().pool() == "compressed" &&
+          HealthyEndpoints() == 2) {
+        break;
+      }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
+  }
+
+  // Endpoints the gateway's prober currently sees SERVING (its kvgate_gateway_endpoint_healthy).
+  int HealthyEndpoints() {
+    const std::string m = Metrics();
+    int healthy = 0;
+    for (size_t at = m.find("\nkvgate_gateway_endpoint_healthy{"); at != std::string::npos;
+         at = m.find("\nkvgate_gateway_endpoint_healthy{", at + 1)) {
+      const size_t end = m.find('\n', at + 1);
+      if (m.compare(end - 2, 2, " 1") == 0) ++healthy;
+    }
+    return healthy;
   }
 
   std::unique_ptr<Subprocess> StartWorker(const std::string& blocks, const std::string& kv) {
