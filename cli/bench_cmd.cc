@@ -59,6 +59,7 @@
 #include "absl/strings/str_split.h"
 #include "cli/args.h"
 #include "cli/command.h"
+#include "cli/setting_list.h"
 #include "kvgate/kernels/kv_format.h"
 #include "workers/backend/model_runner.h"
 #ifdef KVGATE_CLI_HAVE_CUDA
@@ -582,19 +583,7 @@ absl::Status BenchFormat(const worker::LlamaConfig& config, const std::string& f
 
 int RunEngineBench(Args& args) {
   BenchOptions opts;
-  for (absl::string_view f :
-       absl::StrSplit(args.Get("formats", kDefaultFormats), ',', absl::SkipEmpty())) {
-    // "key=value" after an entry with parameters continues it (tq:k=4,v=3; h2o:heavy=..,recent=..).
-    const size_t eq = f.find('=');
-    const bool continuation =
-        eq != absl::string_view::npos && f.substr(0, eq).find_first_of(":+") == absl::string_view::npos &&
-        !opts.formats.empty() && opts.formats.back().find(':') != std::string::npos;
-    if (continuation) {
-      absl::StrAppend(&opts.formats.back(), ",", f);
-    } else {
-      opts.formats.emplace_back(f);
-    }
-  }
+  opts.formats = SplitSettingList(args.Get("formats", kDefaultFormats));
   for (absl::string_view c :
        absl::StrSplit(args.Get("contexts", "32768,131072"), ',', absl::SkipEmpty())) {
     int64_t value = 0;

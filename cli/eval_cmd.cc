@@ -19,6 +19,7 @@
 #include "absl/strings/str_split.h"
 #include "cli/args.h"
 #include "cli/command.h"
+#include "cli/setting_list.h"
 #include "kvgate/common/tokenizer.h"
 #include "workers/eval/quality_eval.h"
 #include "workers/eval/quality_table.h"
@@ -30,38 +31,6 @@ namespace kvgate::cli {
 namespace {
 
 constexpr char kDefaultFormats[] = "fp16,fp8,int8,kivi4,kivi2,tq4,tq3.5,tq3,tq2.5";
-
-// "h2o:heavy=0.1,recent=0.1,sink:sinks=4,window=256" -> {"h2o:heavy=0.1,recent=0.1",
-// "sink:sinks=4,window=256"}: a piece that names a kind ("h2o", "sink", "none") starts a new spec.
-std::vector<std::string> SplitEvictions(const std::string& text) {
-  std::vector<std::string> out;
-  for (absl::string_view piece : absl::StrSplit(text, ',', absl::SkipEmpty())) {
-    const std::string p(piece);
-    if (out.empty() || p.rfind("h2o", 0) == 0 || p.rfind("sink", 0) == 0 || p == "none") {
-      out.push_back(p);
-    } else {
-      out.back() += "," + p;
-    }
-  }
-  return out;
-}
-
-// Splits --formats on commas, keeping TurboQuant's own parameters with their format:
-// "fp16,tq:k=4,v=4,r=0,kivi2" -> fp16 | tq:k=4,v=4,r=0 | kivi2.
-std::vector<std::string> SplitFormats(const std::string& text) {
-  std::vector<std::string> out;
-  for (absl::string_view piece : absl::StrSplit(text, ',', absl::SkipEmpty())) {
-    const std::string p(piece);
-    const bool tq_param = p == "qjl" || p.rfind("k=", 0) == 0 || p.rfind("v=", 0) == 0 ||
-                          p.rfind("r=", 0) == 0;
-    if (!out.empty() && tq_param && out.back().rfind("tq:", 0) == 0) {
-      out.back() += "," + p;
-    } else {
-      out.push_back(p);
-    }
-  }
-  return out;
-}
 
 std::string Machine() {
   utsname u{};
@@ -158,7 +127,7 @@ int RunEval(int argc, char** argv) {
   }
 
   std::vector<eval::EvalSetting> settings;
-  for (const std::string& f : SplitFormats(args.Get("formats", kDefaultFormats))) {
+  for (const std::string& f : SplitSettingList(args.Get("formats", kDefaultFormats))) {
     auto s = eval::ParseEvalSetting(f);
     if (!s.ok()) {
       std::fprintf(stderr, "kvgate eval: %s\n", std::string(s.status().message()).c_str());
@@ -166,7 +135,7 @@ int RunEval(int argc, char** argv) {
     }
     settings.push_back(*s);
   }
-  for (const std::string& e : SplitEvictions(args.Get("evict"))) {
+  for (const std::string& e : SplitSettingList(args.Get("evict"))) {
     auto s = eval::ParseEvalSetting(args.Get("evict-format", "fp16") + "+" + e);
     if (!s.ok()) {
       std::fprintf(stderr, "kvgate eval: %s\n", std::string(s.status().message()).c_str());
