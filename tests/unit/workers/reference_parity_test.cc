@@ -124,6 +124,27 @@ class ReferenceParityTest : public ::testing::Test {
     cache.FreeSequence(seq);
   }
 
+  // Runs every golden prompt through `runner`: each golden logits row within `tolerance` relative
+  // error and the greedy continuation identical. Returns the largest error.
+  double CheckGoldens(ModelRunner& runner, double tolerance) {
+    const int vocab = runner.config().vocab_size;
+    double worst = 0;
+    for (size_t p = 0; p < golden_.prompts.size(); ++p) {
+      std::vector<float> logits;
+      std::vector<int32_t> greedy;
+      RunPrompt(runner, static_cast<int>(p), &logits, &greedy);
+      for (const auto& row : golden_.rows) {
+        if (row.prompt != static_cast<int>(p)) continue;
+        const double err = testing::RelativeError(logits.data() + int64_t{row.position} * vocab,
+                                                  row.logits);
+        worst = std::max(worst, err);
+        EXPECT_LT(err, tolerance) << "prompt " << p << " position " << row.position;
+      }
+      EXPECT_EQ(greedy, golden_.greedy[p]) << "prompt " << p;
+    }
+    return worst;
+  }
+
   ReferenceGolden golden_;
 };
 
@@ -145,21 +166,7 @@ TEST_F(ReferenceParityTest, TokenizerMatchesHuggingFaceIds) {
 TEST_F(ReferenceParityTest, LogitsAndGreedyMatchTransformersWithF32Cache) {
   auto runner = CreateCpuModelRunnerWithCache(Options("fp16"), MakeF32KvCache);
   ASSERT_TRUE(runner.ok()) << runner.status();
-  const int vocab = (*runner)->config().vocab_size;
-  double worst = 0;
-  for (size_t p = 0; p < golden_.prompts.size(); ++p) {
-    std::vector<float> logits;
-    std::vector<int32_t> greedy;
-    RunPrompt(**runner, static_cast<int>(p), &logits, &greedy);
-    for (const auto& row : golden_.rows) {
-      if (row.prompt != static_cast<int>(p)) continue;
-      const double err = testing::RelativeError(logits.data() + int64_t{row.position} * vocab,
-                                                row.logits);
-      worst = std::max(worst, err);
-      EXPECT_LT(err, kTolerance) << "prompt " << p << " position " << row.position;
-    }
-    EXPECT_EQ(greedy, golden_.greedy[p]) << "prompt " << p;
-  }
+  const double worst = CheckGoldens(**runner, kTolerance);
   std::printf("max relative logits error vs transformers (F32 cache): %.3g over %zu rows\n", worst,
               golden_.rows.size());
 }
@@ -167,21 +174,7 @@ TEST_F(ReferenceParityTest, LogitsAndGreedyMatchTransformersWithF32Cache) {
 TEST_F(ReferenceParityTest, GreedyMatchesTransformersWithFp16Cache) {
   auto runner = CreateCpuModelRunner(Options("fp16"));
   ASSERT_TRUE(runner.ok()) << runner.status();
-  const int vocab = (*runner)->config().vocab_size;
-  double worst = 0;
-  for (size_t p = 0; p < golden_.prompts.size(); ++p) {
-    std::vector<float> logits;
-    std::vector<int32_t> greedy;
-    RunPrompt(**runner, static_cast<int>(p), &logits, &greedy);
-    for (const auto& row : golden_.rows) {
-      if (row.prompt != static_cast<int>(p)) continue;
-      const double err = testing::RelativeError(logits.data() + int64_t{row.position} * vocab,
-                                                row.logits);
-      worst = std::max(worst, err);
-      EXPECT_LT(err, kFp16CacheTolerance) << "prompt " << p << " position " << row.position;
-    }
-    EXPECT_EQ(greedy, golden_.greedy[p]) << "prompt " << p;
-  }
+  const double worst = CheckGoldens(**runner, kFp16CacheTolerance);
   std::printf("max relative logits error vs transformers (fp16 cache): %.3g\n", worst);
 }
 
