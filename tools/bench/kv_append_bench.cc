@@ -26,6 +26,7 @@
 
 #include "kvgate/kernels/cuda_attention.h"
 #include "kvgate/kernels/cuda_kv_append.h"
+#include "tools/bench/cuda_check.h"
 
 namespace {
 
@@ -33,15 +34,6 @@ using kvgate::kernels::KvFormatKind;
 using kvgate::kernels::KvFormatSpec;
 using kvgate::kernels::ParseKvFormat;
 using namespace kvgate::kernels::cuda;
-
-#define CHECK_CUDA(expr)                                                                         \
-  do {                                                                                           \
-    cudaError_t _e = (expr);                                                                     \
-    if (_e != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(_e)); \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
 
 #define CHECK_OK(expr)                                                               \
   do {                                                                               \

@@ -23,21 +23,13 @@
 #include "kernels/cuda/paged_kv_host.h"
 #include "kvgate/kernels/cuda_attention.h"
 #include "kvgate/kernels/cuda_kv_append.h"
+#include "tools/bench/cuda_check.h"
 
 namespace {
 
 using kvgate::kernels::KvFormatSpec;
 using kvgate::kernels::ParseKvFormat;
 using namespace kvgate::kernels::cuda;
-
-#define CHECK_CUDA(expr)                                                                         \
-  do {                                                                                           \
-    cudaError_t _e = (expr);                                                                     \
-    if (_e != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(_e)); \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
 
 struct Case {
   const char* name;

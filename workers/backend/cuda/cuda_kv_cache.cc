@@ -458,7 +458,8 @@ absl::Status CudaKvCache::PrefillMassLayer(int layer, const DeviceSeqBatch& seqs
 // ---- Device methods -----------------------------------------------------------------------------
 
 // The fields AppendBatch, DecodeBatch and ReadBatch share: where a layer's records live, the
-// sequences' block tables and state slots, and the FP8 scales.
+// sequences' block tables and state slots, the FP8 scales and the fp16 windows (null and 0 for
+// layers without them).
 template <class Batch>
 void CudaKvCache::FillPoolFields(int layer, const DeviceSeqBatch& seqs, Batch& b) const {
   b.pool = pool_;
@@ -469,6 +470,9 @@ void CudaKvCache::FillPoolFields(int layer, const DeviceSeqBatch& seqs, Batch& b
   b.num_seqs = seqs.num_seqs;
   b.seq_slots = seqs.slots;
   b.head_scales = head_scales(layer);
+  b.residual_k = residual(layer, false);
+  b.residual_v = residual(layer, true);
+  b.residual_capacity = residual_capacity_[layer];
 }
 
 absl::Status CudaKvCache::AppendLayer(int layer, const DeviceSeqBatch& seqs,
@@ -484,9 +488,6 @@ absl::Status CudaKvCache::AppendLayer(int layer, const DeviceSeqBatch& seqs,
   b.k = k;
   b.v = v;
   b.row_stride = row_stride;
-  b.residual_k = residual(layer, false);
-  b.residual_v = residual(layer, true);
-  b.residual_capacity = residual_capacity_[layer];
   return format_of(layer).append->Append(b, stream_);
 }
 
@@ -498,12 +499,7 @@ absl::Status CudaKvCache::DecodeLayer(int layer, const DeviceSeqBatch& seqs,
   FillPoolFields(layer, seqs, b);
   b.encoded_lens = encoded_lens;
   b.max_encoded_len = max_encoded_len;
-  if (residual_capacity_[layer] > 0) {
-    b.residual_lens = residual_lens;
-    b.residual_k = residual(layer, false);
-    b.residual_v = residual(layer, true);
-    b.residual_capacity = residual_capacity_[layer];
-  }
+  if (residual_capacity_[layer] > 0) b.residual_lens = residual_lens;
   b.num_q_heads = num_q_heads_padded;
   b.q = q;
   b.out = out;
@@ -518,9 +514,6 @@ absl::Status CudaKvCache::ReadLayer(int layer, const DeviceSeqBatch& seqs, const
   FillPoolFields(layer, seqs, b);
   b.lens = lens;
   b.max_len = max_len;
-  b.residual_k = residual(layer, false);
-  b.residual_v = residual(layer, true);
-  b.residual_capacity = residual_capacity_[layer];
   b.out_k = out_k;
   b.out_v = out_v;
   b.out_stride_tokens = stride_tokens;
