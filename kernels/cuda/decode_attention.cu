@@ -181,23 +181,35 @@ __device__ __forceinline__ void Turbo8(const uint8_t* rec, int lane, int hi_chan
   for (int i = 0; i < 8; ++i) o[i] = scale * c[(w >> (bits * i)) & mask];
 }
 
-// Key (key domain) of token `tok` of a tile, channels [8 lane, 8 lane + 8).
+// Channels [8 lane, 8 lane + 8) of one half (key or value, at `rec`) of a per-token record:
+// fp16, bf16, fp8 (the head scale is applied by the caller), int8 (its fp16 scale follows the D
+// codes).
 template <int KIND, int D>
-__device__ __forceinline__ void KeyChunk(const uint8_t* tile, int tok, int lane,
-                                         const FormatParams& fp, const float* tables, float o[8]) {
-  const uint8_t* rec = tile + static_cast<size_t>(tok) * fp.record_bytes;
+__device__ __forceinline__ void PerTokenChunk(const uint8_t* rec, int lane, float o[8]) {
   if constexpr (KIND == kKindFp16) {
     Half8(rec + 16 * lane, o);
   } else if constexpr (KIND == kKindBf16) {
     Bf16x8(rec + 16 * lane, o);
   } else if constexpr (KIND == kKindFp8) {
     Fp8x8(rec + 8 * lane, o);
-  } else if constexpr (KIND == kKindInt8) {
+  } else {
+    static_assert(KIND == kKindInt8, "per-token formats only");
     uint8_t b[8];
     Load8(rec + 8 * lane, b);
     const float s = LoadHalfF(rec + D);
 #pragma unroll
     for (int i = 0; i < 8; ++i) o[i] = static_cast<float>(static_cast<int8_t>(b[i])) * s;
+  }
+}
+
+// Key (key domain) of token `tok` of a tile, channels [8 lane, 8 lane + 8).
+template <int KIND, int D>
+__device__ __forceinline__ void KeyChunk(const uint8_t* tile, int tok, int lane,
+                                         const FormatParams& fp, const float* tables, float o[8]) {
+  const uint8_t* rec = tile + static_cast<size_t>(tok) * fp.record_bytes;
+  if constexpr (KIND == kKindFp16 || KIND == kKindBf16 || KIND == kKindFp8 ||
+                KIND == kKindInt8) {
+    PerTokenChunk<KIND, D>(rec, lane, o);
   } else if constexpr (KIND == kKindKivi) {
     const int bits = fp.kivi_bits, group = fp.kivi_group, cpt = D / group;
     const uint32_t w = LoadBytes(rec + lane * bits, bits);
@@ -223,18 +235,9 @@ __device__ __forceinline__ void ValueChunk(const uint8_t* tile, int tok, int lan
                                            const FormatParams& fp, const float* tables,
                                            float o[8]) {
   const uint8_t* rec = tile + static_cast<size_t>(tok) * fp.record_bytes + fp.key_bytes;
-  if constexpr (KIND == kKindFp16) {
-    Half8(rec + 16 * lane, o);
-  } else if constexpr (KIND == kKindBf16) {
-    Bf16x8(rec + 16 * lane, o);
-  } else if constexpr (KIND == kKindFp8) {
-    Fp8x8(rec + 8 * lane, o);
-  } else if constexpr (KIND == kKindInt8) {
-    uint8_t b[8];
-    Load8(rec + 8 * lane, b);
-    const float s = LoadHalfF(rec + D);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) o[i] = static_cast<float>(static_cast<int8_t>(b[i])) * s;
+  if constexpr (KIND == kKindFp16 || KIND == kKindBf16 || KIND == kKindFp8 ||
+                KIND == kKindInt8) {
+    PerTokenChunk<KIND, D>(rec, lane, o);
   } else if constexpr (KIND == kKindKivi) {
     const int bits = fp.kivi_bits;
     const uint32_t w = LoadBytes(rec + lane * bits, bits);
