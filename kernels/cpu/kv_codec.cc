@@ -614,7 +614,7 @@ class TurboCodec final : public KvCodec {
   }
 
   int residual_tokens() const override { return residual_; }
-  int residual_flush_tokens() const override { return kResidualFlushTokens; }
+  int residual_flush_tokens() const override { return kTurboResidualFlushTokens; }
   bool rotated_keys() const override { return true; }
   bool rotated_values() const override { return true; }
   int prepared_query_floats() const override { return qjl_ ? 2 * head_dim() : head_dim(); }
@@ -716,7 +716,6 @@ class TurboCodec final : public KvCodec {
 
  private:
   static constexpr float kSqrtHalfPi = 1.2533141373155003f;
-  static constexpr int kResidualFlushTokens = 16;
 
   TurboCodec(int d, TurboCodebook key_cb, TurboCodebook value_cb, bool qjl, int residual)
       : KvCodec(d, key_cb.code_bytes() + 2 + (qjl ? d / 8 + 2 : 0), value_cb.code_bytes() + 2),

@@ -110,6 +110,9 @@ void FastWalshHadamard(float* x, int n);
 // TurboQuant rotation Pi = H D / sqrt(d): D a fixed +-1 diagonal drawn from SplitMix64 seeded
 // with kTurboSignSeed ^ d (so every process and every backend uses the same Pi for a head_dim).
 inline constexpr uint64_t kTurboSignSeed = 0x6b76676174650001ull;
+// Tokens the cache encodes at a time out of TurboQuant's fp16 window (residual_flush_tokens()):
+// the window shifts once per 16 decode steps rather than at every step.
+inline constexpr int kTurboResidualFlushTokens = 16;
 // QJL Gaussian matrix S [d, d], i.i.d. N(0, 1), SplitMix64 seeded with kQjlSeed ^ d.
 inline constexpr uint64_t kQjlSeed = 0x6b76676174650002ull;
 

@@ -84,15 +84,11 @@ int AddressAlignment(uintptr_t base, int64_t block_stride, int64_t layer_offset,
 
 bool Aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-// TurboCodec::residual_flush_tokens() (kernels/cpu/kv_codec.cc). SplitStoredTokens must not
-// build a codec per call; Create checks that the codec agrees.
-constexpr int kTurboFlushTokens = 16;
-
 // Tokens the CPU cache encodes out of a format's fp16 window at a time; 0 without a window.
 int WindowFlushTokens(const KvFormatSpec& spec) {
   if (spec.residual_tokens <= 0) return 0;
   if (spec.kind == KvFormatKind::kKivi) return spec.group_size;
-  if (spec.kind == KvFormatKind::kTurbo) return kTurboFlushTokens;
+  if (spec.kind == KvFormatKind::kTurbo) return cpu::kTurboResidualFlushTokens;
   return 0;
 }
 
