@@ -257,20 +257,27 @@ const std::vector<float>& LloydMaxLevels(int bits) {
   return levels[std::clamp(bits, 1, 4)];
 }
 
+absl::Status TurboChannelSplit(int d, double rate, int* hi_channels, int* hi_bits, int* lo_bits) {
+  if (rate == 4 || rate == 3 || rate == 2 || rate == 1) {
+    *hi_channels = d, *hi_bits = *lo_bits = static_cast<int>(rate);
+  } else if (rate == 3.5) {
+    *hi_channels = d / 2, *hi_bits = 4, *lo_bits = 3;
+  } else if (rate == 2.5) {
+    *hi_channels = d / 4, *hi_bits = 3, *lo_bits = 2;
+  } else if (rate == 1.5) {
+    *hi_channels = d / 2, *hi_bits = 2, *lo_bits = 1;
+  } else {
+    return absl::InvalidArgumentError(absl::StrFormat("TurboQuant rate %g not supported", rate));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<TurboCodebook> TurboCodebook::Create(int d, double rate) {
   TurboCodebook cb;
   cb.d_ = d;
-  if (rate == 4 || rate == 3 || rate == 2 || rate == 1) {
-    cb.hi_channels_ = d;
-    cb.hi_bits_ = cb.lo_bits_ = static_cast<int>(rate);
-  } else if (rate == 3.5) {
-    cb.hi_channels_ = d / 2, cb.hi_bits_ = 4, cb.lo_bits_ = 3;
-  } else if (rate == 2.5) {
-    cb.hi_channels_ = d / 4, cb.hi_bits_ = 3, cb.lo_bits_ = 2;
-  } else if (rate == 1.5) {
-    cb.hi_channels_ = d / 2, cb.hi_bits_ = 2, cb.lo_bits_ = 1;
-  } else {
-    return absl::InvalidArgumentError(absl::StrFormat("TurboQuant rate %g not supported", rate));
+  if (absl::Status st = TurboChannelSplit(d, rate, &cb.hi_channels_, &cb.hi_bits_, &cb.lo_bits_);
+      !st.ok()) {
+    return st;
   }
   if (cb.hi_channels_ % 8 != 0 || (d - cb.hi_channels_) % 8 != 0) {
     return absl::UnimplementedError(absl::StrFormat(
@@ -608,9 +615,8 @@ class TurboCodec final : public KvCodec {
     if (!key_cb.ok()) return key_cb.status();
     auto value_cb = TurboCodebook::Create(d, spec.value_bits);
     if (!value_cb.ok()) return value_cb.status();
-    return std::unique_ptr<TurboCodec>(
-        new TurboCodec(d, *std::move(key_cb), *std::move(value_cb), spec.qjl_keys,
-                       spec.residual_tokens));
+    return std::unique_ptr<TurboCodec>(new TurboCodec(d, *std::move(key_cb), *std::move(value_cb),
+                                                      spec.qjl_keys, spec.residual_tokens));
   }
 
   int residual_tokens() const override { return residual_; }
@@ -838,8 +844,8 @@ absl::StatusOr<std::unique_ptr<KvCodec>> CreateKvCodec(const KvFormatSpec& spec,
     }
     case KvFormatKind::kTurbo: {
       if (spec.residual_tokens < 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("TurboQuant residual window must be >= 0 (got ", spec.residual_tokens, ")"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "TurboQuant residual window must be >= 0 (got ", spec.residual_tokens, ")"));
       }
       auto codec = TurboCodec::Create(spec, head_dim);
       if (!codec.ok()) return codec.status();

@@ -136,6 +136,11 @@ const std::vector<float>& LloydMaxLevels(int bits);
 //   1.5: d/2 at 2 bits + d/2 at 1.
 // The split is by fixed channel index after rotation: the random-sign Hadamard rotation spreads
 // energy (and outliers) evenly over coordinates, so any fixed set is as good as any other.
+// The channel split of a TurboQuant rate (the table above): the first *hi_channels rotated
+// channels at *hi_bits, the rest at *lo_bits. InvalidArgumentError for another rate. The CUDA
+// encoder and decoder take their layout from it too.
+absl::Status TurboChannelSplit(int d, double rate, int* hi_channels, int* hi_bits, int* lo_bits);
+
 class TurboCodebook {
  public:
   static absl::StatusOr<TurboCodebook> Create(int d, double rate);

@@ -10,38 +10,14 @@
 #include "kernels/cpu/kv_codec.h"
 #include "kernels/cpu/numeric.h"
 #include "kernels/cuda/decode_attention_internal.h"
+#include "kernels/cuda/host_status.h"
 #include "kvgate/kernels/cuda_attention.h"
 
 namespace kvgate::kernels::cuda {
 namespace {
 
-#define RETURN_IF_ERROR_LOCAL(expr) \
-  do {                              \
-    absl::Status _st = (expr);      \
-    if (!_st.ok()) return _st;      \
-  } while (0)
-
+using internal::CudaError;
 using internal::FormatParams;
-
-absl::Status CudaError(cudaError_t e, const char* what) {
-  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
-}
-
-// TurboCodebook's channel split for a rate (kernels/cpu/kv_codec.cc, TurboCodebook::Create).
-absl::Status TurboSplit(int d, double rate, int* hi_channels, int* hi_bits, int* lo_bits) {
-  if (rate == 4 || rate == 3 || rate == 2 || rate == 1) {
-    *hi_channels = d, *hi_bits = *lo_bits = static_cast<int>(rate);
-  } else if (rate == 3.5) {
-    *hi_channels = d / 2, *hi_bits = 4, *lo_bits = 3;
-  } else if (rate == 2.5) {
-    *hi_channels = d / 4, *hi_bits = 3, *lo_bits = 2;
-  } else if (rate == 1.5) {
-    *hi_channels = d / 2, *hi_bits = 2, *lo_bits = 1;
-  } else {
-    return absl::UnimplementedError(absl::StrCat("TurboQuant rate ", rate, " has no CUDA kernel"));
-  }
-  return absl::OkStatus();
-}
 
 void Centroids(int bits, int d, float* out) {
   const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(d));
@@ -94,7 +70,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
 
   static absl::StatusOr<std::unique_ptr<CudaDecodeAttention>> Make(const KvFormatSpec& spec, int d,
                                                                    int num_kv_heads, int bs) {
-    RETURN_IF_ERROR_LOCAL(CudaDeviceStatus());
+    KVGATE_KERNELS_RETURN_IF_ERROR(CudaDeviceStatus());
     if (d != 64 && d != 128) {
       return absl::UnimplementedError(absl::StrCat("CUDA decode: head_dim ", d, " (64 or 128)"));
     }
@@ -148,10 +124,11 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
         if (spec.qjl_keys) {
           return absl::UnimplementedError("CUDA decode: TurboQuant QJL keys have no kernel");
         }
-        RETURN_IF_ERROR_LOCAL(TurboSplit(d, spec.key_bits, &fp.tq_key_hi_channels,
-                                         &fp.tq_key_hi_bits, &fp.tq_key_lo_bits));
-        RETURN_IF_ERROR_LOCAL(TurboSplit(d, spec.value_bits, &fp.tq_value_hi_channels,
-                                         &fp.tq_value_hi_bits, &fp.tq_value_lo_bits));
+        KVGATE_KERNELS_RETURN_IF_ERROR(cpu::TurboChannelSplit(
+            d, spec.key_bits, &fp.tq_key_hi_channels, &fp.tq_key_hi_bits, &fp.tq_key_lo_bits));
+        KVGATE_KERNELS_RETURN_IF_ERROR(
+            cpu::TurboChannelSplit(d, spec.value_bits, &fp.tq_value_hi_channels,
+                                   &fp.tq_value_hi_bits, &fp.tq_value_lo_bits));
         fp.tq_key_code_bytes = (fp.tq_key_hi_channels * fp.tq_key_hi_bits +
                                 (d - fp.tq_key_hi_channels) * fp.tq_key_lo_bits) /
                                8;
@@ -320,9 +297,9 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     const size_t q_floats = size_t(b.num_seqs) * b.num_q_heads * d;
     const size_t acc_floats = size_t(b.num_seqs) * hkv * a.total_splits * g * d;
     const size_t ml_floats = size_t(b.num_seqs) * hkv * a.total_splits * g * 2;
-    RETURN_IF_ERROR_LOCAL(Grow(&qprep_, &qprep_cap_, q_floats));
-    RETURN_IF_ERROR_LOCAL(Grow(&part_acc_, &part_acc_cap_, acc_floats));
-    RETURN_IF_ERROR_LOCAL(Grow(&part_ml_, &part_ml_cap_, ml_floats));
+    KVGATE_KERNELS_RETURN_IF_ERROR(Grow(&qprep_, &qprep_cap_, q_floats));
+    KVGATE_KERNELS_RETURN_IF_ERROR(Grow(&part_acc_, &part_acc_cap_, acc_floats));
+    KVGATE_KERNELS_RETURN_IF_ERROR(Grow(&part_ml_, &part_ml_cap_, ml_floats));
     a.qprep = qprep_;
     a.part_acc = part_acc_;
     a.part_ml = part_ml_;

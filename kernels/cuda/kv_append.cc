@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "kernels/cpu/kv_codec.h"
 #include "kernels/cpu/numeric.h"
+#include "kernels/cuda/host_status.h"
 #include "kernels/cuda/kv_append_internal.h"
 #include "kvgate/kernels/cuda_attention.h"
 #include "kvgate/kernels/cuda_kv_append.h"
@@ -20,33 +21,11 @@
 namespace kvgate::kernels::cuda {
 namespace {
 
-// kvgate_kernels_cuda does not link kvgate_common (common/status_macros.h).
-#define RETURN_IF_ERROR_(expr) \
-  do {                         \
-    absl::Status _st = (expr); \
-    if (!_st.ok()) return _st; \
-  } while (0)
-
 using internal::AppendFormat;
 
+// InternalError "CUDA KV append: <what>: <CUDA error string>".
 absl::Status CudaError(cudaError_t e, const char* what) {
-  return absl::InternalError(absl::StrCat("CUDA KV append: ", what, ": ", cudaGetErrorString(e)));
-}
-
-// TurboCodebook::Create's channel split for a rate (kernels/cpu/kv_codec.cc).
-absl::Status TurboSplit(int d, double rate, int* hi_channels, int* hi_bits, int* lo_bits) {
-  if (rate == 4 || rate == 3 || rate == 2 || rate == 1) {
-    *hi_channels = d, *hi_bits = *lo_bits = static_cast<int>(rate);
-  } else if (rate == 3.5) {
-    *hi_channels = d / 2, *hi_bits = 4, *lo_bits = 3;
-  } else if (rate == 2.5) {
-    *hi_channels = d / 4, *hi_bits = 3, *lo_bits = 2;
-  } else if (rate == 1.5) {
-    *hi_channels = d / 2, *hi_bits = 2, *lo_bits = 1;
-  } else {
-    return absl::InvalidArgumentError(absl::StrFormat("TurboQuant rate %g not supported", rate));
-  }
-  return absl::OkStatus();
+  return internal::CudaError(e, absl::StrCat("CUDA KV append: ", what).c_str());
 }
 
 // The TurboQuant table (kv_append_internal.h), with TurboCodebook's and HadamardRotation's
@@ -165,8 +144,8 @@ class CudaKvAppendImpl final : public CudaKvAppend {
         }
         const double rates[2] = {spec.key_bits, spec.value_bits};
         for (int half = 0; half < 2; ++half) {
-          absl::Status st = TurboSplit(d, rates[half], &f.tq_hi_channels[half], &f.tq_hi_bits[half],
-                                       &f.tq_lo_bits[half]);
+          absl::Status st = cpu::TurboChannelSplit(d, rates[half], &f.tq_hi_channels[half],
+                                                   &f.tq_hi_bits[half], &f.tq_lo_bits[half]);
           if (!st.ok()) return st;
           f.tq_code_bytes[half] = (f.tq_hi_channels[half] * f.tq_hi_bits[half] +
                                    (d - f.tq_hi_channels[half]) * f.tq_lo_bits[half]) /
@@ -227,13 +206,14 @@ class CudaKvAppendImpl final : public CudaKvAppend {
     if (!Aligned(b.k, 4) || !Aligned(b.v, 4)) {
       return absl::InvalidArgumentError("AppendBatch: k and v must be float-aligned");
     }
-    RETURN_IF_ERROR_(CheckPool(b.pool, b.block_stride_bytes, b.layer_offset_bytes,
-                               b.max_blocks_per_seq, "AppendBatch"));
+    KVGATE_KERNELS_RETURN_IF_ERROR(CheckPool(b.pool, b.block_stride_bytes, b.layer_offset_bytes,
+                                             b.max_blocks_per_seq, "AppendBatch"));
     if (f_.kind == internal::kAppendFp8 && b.head_scales == nullptr) {
       return absl::InvalidArgumentError("AppendBatch: FP8 needs head_scales");
     }
     if (residual_capacity() > 0) {
-      RETURN_IF_ERROR_(CheckWindow(b.residual_k, b.residual_v, b.residual_capacity, "AppendBatch"));
+      KVGATE_KERNELS_RETURN_IF_ERROR(
+          CheckWindow(b.residual_k, b.residual_v, b.residual_capacity, "AppendBatch"));
     }
     internal::AppendArgs a;
     CopySharedFields(b, a);
@@ -274,13 +254,14 @@ class CudaKvAppendImpl final : public CudaKvAppend {
     if (!Aligned(b.out_k, 4) || !Aligned(b.out_v, 4)) {
       return absl::InvalidArgumentError("ReadBatch: out_k and out_v must be float-aligned");
     }
-    RETURN_IF_ERROR_(CheckPool(b.pool, b.block_stride_bytes, b.layer_offset_bytes,
-                               b.max_blocks_per_seq, "ReadBatch"));
+    KVGATE_KERNELS_RETURN_IF_ERROR(CheckPool(b.pool, b.block_stride_bytes, b.layer_offset_bytes,
+                                             b.max_blocks_per_seq, "ReadBatch"));
     if (f_.kind == internal::kAppendFp8 && b.head_scales == nullptr) {
       return absl::InvalidArgumentError("ReadBatch: FP8 needs head_scales");
     }
     if (residual_capacity() > 0) {
-      RETURN_IF_ERROR_(CheckWindow(b.residual_k, b.residual_v, b.residual_capacity, "ReadBatch"));
+      KVGATE_KERNELS_RETURN_IF_ERROR(
+          CheckWindow(b.residual_k, b.residual_v, b.residual_capacity, "ReadBatch"));
     }
     internal::ReadArgs a;
     CopySharedFields(b, a);

@@ -24,6 +24,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cli/setting_list.h"
 #include "kvgate/kernels/cuda_attention.h"
 #include "kvgate/kernels/cuda_kv_append.h"
 #include "tools/bench/cuda_check.h"
@@ -46,18 +47,6 @@ using namespace kvgate::kernels::cuda;
 
 constexpr int kKvHeads = 8, kHeadDim = 128, kBlock = 16, kWarmup = 5;
 constexpr int kDecodeSeqs = 256, kDecodeBase = 1000, kPrefillTokens = 8192;
-
-std::vector<std::string> Split(const std::string& s) {
-  std::vector<std::string> out;
-  size_t start = 0;
-  while (start <= s.size()) {
-    size_t end = s.find(',', start);
-    if (end == std::string::npos) end = s.size();
-    if (end > start) out.push_back(s.substr(start, end - start));
-    start = end + 1;
-  }
-  return out;
-}
 
 template <class T>
 T* Upload(const std::vector<T>& host) {
@@ -208,16 +197,7 @@ int main(int argc, char** argv) {
       "| format | record B | call | rows | us/call | Mtokens/s | records GB/s | traffic GB/s |\n");
   std::printf("|---|---:|---|---:|---:|---:|---:|---:|\n");
   // Formats are split on ',' except inside "tq:k=A,v=B[,qjl][,r=R]".
-  std::vector<std::string> names;
-  for (const std::string& part : Split(formats)) {
-    const bool tq_item = part.rfind("v=", 0) == 0 || part.rfind("r=", 0) == 0 || part == "qjl";
-    if (!names.empty() && names.back().rfind("tq:", 0) == 0 && tq_item) {
-      names.back() += "," + part;
-    } else {
-      names.push_back(part);
-    }
-  }
-  for (const std::string& name : names) {
+  for (const std::string& name : kvgate::cli::SplitSettingList(formats)) {
     auto spec = ParseKvFormat(name);
     CHECK_OK(spec.status());
     auto append = CudaKvAppend::Create(*spec, kHeadDim, kKvHeads, kBlock);

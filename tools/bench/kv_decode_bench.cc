@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/setting_list.h"
 #include "kernels/cuda/paged_kv_host.h"
 #include "kvgate/kernels/cuda_attention.h"
 #include "kvgate/kernels/cuda_kv_append.h"
@@ -39,18 +40,6 @@ struct Case {
 constexpr Case kCases[] = {
     {"B1_L32K", 1, 32768}, {"B1_L128K", 1, 131072}, {"B16_L32K", 16, 32768}, {"B64_L4K", 64, 4096}};
 constexpr int kQHeads = 32, kKvHeads = 8, kHeadDim = 128, kBlock = 16;
-
-std::vector<std::string> Split(const std::string& s) {
-  std::vector<std::string> out;
-  size_t start = 0;
-  while (start <= s.size()) {
-    size_t end = s.find(',', start);
-    if (end == std::string::npos) end = s.size();
-    if (end > start) out.push_back(s.substr(start, end - start));
-    start = end + 1;
-  }
-  return out;
-}
 
 float Median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
@@ -260,7 +249,7 @@ int main(int argc, char** argv) {
                prop.l2CacheSize >> 20);
   std::printf("format,case,batch,context,us_per_call,bytes_read,gb_per_s,splits\n");
   CopyCeiling();
-  const auto case_list = Split(cases);
-  for (const auto& f : Split(formats)) RunFormat(f, case_list);
+  const auto case_list = kvgate::cli::SplitSettingList(cases);
+  for (const auto& f : kvgate::cli::SplitSettingList(formats)) RunFormat(f, case_list);
   return 0;
 }
