@@ -46,15 +46,17 @@ std::string Today() {
 }
 
 void PrintTable(const eval::QualityTable& table, const std::vector<int>& contexts) {
-  std::printf("%-34s %6s %9s %10s %7s %7s %7s %7s %8s\n", "setting", "ctx", "ppl", "ppl_ratio",
-              "kl", "top1", "retr", "exact", "retr_p");
+  // "+-": half-widths of 95% intervals (ppl_ratio; retrieval's difference from fp16, "d_retr").
+  std::printf("%-34s %6s %9s %10s %8s %7s %7s %7s %8s %7s %7s %8s\n", "setting", "ctx", "ppl",
+              "ppl_ratio", "+-", "kl", "top1", "retr", "d_retr", "+-", "exact", "retr_p");
   for (const auto& name : table.settings) {
     for (int ctx : contexts) {
       const eval::QualityEntry* e = table.Find(name, ctx);
       if (e == nullptr) continue;
-      std::printf("%-34s %6d %9.4f %10.4f %7.4f %7.4f %7.3f %7.3f %8.3f\n", name.c_str(), ctx,
-                  e->ppl, e->ppl_ratio, e->kl, e->top1, e->retrieval, e->retrieval_exact,
-                  e->retrieval_p);
+      std::printf("%-34s %6d %9.4f %10.4f %8.4f %7.4f %7.4f %7.3f %+8.3f %7.3f %7.3f %8.3f\n",
+                  name.c_str(), ctx, e->ppl, e->ppl_ratio, e->ppl_ratio_ci95, e->kl, e->top1,
+                  e->retrieval, e->retrieval - e->retrieval_fp16, e->retrieval_ci95,
+                  e->retrieval_exact, e->retrieval_p);
     }
   }
 }
@@ -62,7 +64,7 @@ void PrintTable(const eval::QualityTable& table, const std::vector<int>& context
 int RunEval(int argc, char** argv) {
   Args args(argc, argv,
             {"model", "data", "formats", "evict", "evict-format", "contexts", "windows",
-             "score-tokens", "probes", "threads", "seed", "out", "backend", "cuda-compute"},
+             "score-tokens", "probes", "threads", "seed", "batch", "out", "backend", "cuda-compute"},
             {"rerun", "quiet"});
   if (args.help() || !args.ok() || args.Get("model").empty()) {
     if (!args.ok()) std::fprintf(stderr, "kvgate eval: %s\n", args.error().c_str());
@@ -71,8 +73,8 @@ int RunEval(int argc, char** argv) {
         "usage: kvgate eval --model DIR [--data FILE|DIR] [--formats %s]\n"
         "         [--evict 'h2o:heavy=0.1,recent=0.1,sink:sinks=4,window=256'] [--evict-format fp16]\n"
         "         [--contexts 512,1024,2048] [--windows 8] [--score-tokens 64] [--probes 8]\n"
-        "         [--threads N] [--seed 1] [--out DIR/quality.yaml] [--backend cpu|cuda]\n"
-        "         [--cuda-compute bf16|fp32] [--rerun] [--quiet]\n"
+        "         [--threads N] [--seed 1] [--batch 16] [--out DIR/quality.yaml]\n"
+        "         [--backend cpu|cuda] [--cuda-compute bf16|fp32] [--rerun] [--quiet]\n"
         "Measures perplexity (and its ratio to fp16), KL divergence and top-1 agreement with\n"
         "fp16, and retrieval of early context, for each KV setting at each context length.\n"
         "--data: {\"files\":[{\"ids\":[...]}]} JSON or a folder of text files (default\n"
@@ -88,6 +90,7 @@ int RunEval(int argc, char** argv) {
   opts.probes = static_cast<int>(args.GetInt("probes", 8));
   opts.num_threads = static_cast<int>(args.GetInt("threads", 0));
   opts.seed = static_cast<uint64_t>(args.GetInt("seed", 1));
+  opts.batch = static_cast<int>(args.GetInt("batch", 16));
   const std::string backend = args.Get("backend", "cpu");
   if (backend == "cuda") {
 #ifdef KVGATE_CLI_HAVE_CUDA
@@ -178,8 +181,8 @@ int RunEval(int argc, char** argv) {
       backend == "cuda" ? absl::StrCat("cuda (", args.Get("cuda-compute", "bf16"), " compute)")
                         : backend;
   table.meta["options"] =
-      absl::StrFormat("windows=%d score_tokens=%d probes=%d seed=%d", opts.windows,
-                      opts.score_tokens, opts.probes, static_cast<int>(opts.seed));
+      absl::StrFormat("windows=%d score_tokens=%d probes=%d seed=%d batch=%d", opts.windows,
+                      opts.score_tokens, opts.probes, static_cast<int>(opts.seed), opts.batch);
 
   const bool quiet = args.GetBool("quiet");
   int index = 0;

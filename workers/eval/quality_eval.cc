@@ -5,7 +5,9 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <span>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -82,11 +84,31 @@ struct Probe {
   std::vector<int32_t> prefix, query, value;
 };
 
-// Per-context fp16 baseline: log-probabilities of every scored prediction.
+// Per-context fp16 baseline: log-probabilities of every scored prediction, and which probe value
+// tokens it gets right (the paired comparisons of QualityEntry's *_ci95 fields).
 struct Baseline {
   std::vector<std::vector<float>> logprobs;  // [windows][S * vocab]
   std::vector<std::vector<int>> argmax;      // [windows][S]
+  std::vector<int> probe_hits;               // [probes]: value tokens top-1
 };
+
+// One sequence of an evaluation run: `prefill` is prefilled (its logits unused), then every token
+// of `decode` is fed as one decode step; the step logits are the job's rows [decode.size(), vocab].
+struct Job {
+  std::span<const int32_t> prefill, decode;
+};
+
+// Half-width of a 95% normal interval for the mean of `xs` (NaN with fewer than 2 values).
+double MeanCi95(const std::vector<double>& xs) {
+  const size_t n = xs.size();
+  if (n < 2) return std::nan("");
+  double mean = 0;
+  for (double x : xs) mean += x;
+  mean /= n;
+  double ss = 0;
+  for (double x : xs) ss += (x - mean) * (x - mean);
+  return 1.96 * std::sqrt(ss / (n - 1) / n);
+}
 
 class QualityEvaluatorImpl final : public QualityEvaluator {
  public:
@@ -114,50 +136,81 @@ class QualityEvaluatorImpl final : public QualityEvaluator {
       ++done;
       if (progress) progress(done, total);
     };
+    const int vocab = config_.vocab_size;
+    const int prefill = context - options_.score_tokens;
+    std::vector<Job> window_jobs, probe_jobs;
+    std::vector<std::vector<int32_t>> probe_decode(probes.size());
+    for (const auto* ids : windows) {
+      window_jobs.push_back({std::span<const int32_t>(ids->data(), prefill),
+                             std::span<const int32_t>(ids->data() + prefill, options_.score_tokens)});
+    }
+    for (size_t p = 0; p < probes.size(); ++p) {
+      // The query, then every value token but the last (teacher-forced): the rows from the
+      // query's last token on predict the value tokens.
+      probe_decode[p] = probes[p].query;
+      probe_decode[p].insert(probe_decode[p].end(), probes[p].value.begin(),
+                             probes[p].value.end() - 1);
+      probe_jobs.push_back({probes[p].prefix, probe_decode[p]});
+    }
+    // Value tokens that `rows` (a probe job's rows) gets right.
+    auto probe_hits = [&](const Probe& probe, const float* rows, double* value_p) {
+      const float* first = rows + (probe.query.size() - 1) * static_cast<size_t>(vocab);
+      int hits = 0;
+      std::vector<double> lp;
+      for (size_t t = 0; t < probe.value.size(); ++t) {
+        const float* row = first + t * static_cast<size_t>(vocab);
+        hits += ArgMax(row, vocab) == probe.value[t];
+        if (value_p != nullptr) {
+          LogSoftmax(row, vocab, lp);
+          *value_p += std::exp(lp[probe.value[t]]);
+        }
+      }
+      return hits;
+    };
 
     if (!baselines_.count(context)) {
       ASSIGN_OR_RETURN(auto fp16, MakeRunner("fp16", ParseEvalSetting("fp16")->spec, context));
       Baseline b;
-      for (const auto* ids : windows) {
-        std::vector<float> rows;
-        RETURN_IF_ERROR(ScoreWindow(*fp16, *ids, context, rows));
-        const int vocab = config_.vocab_size;
+      b.logprobs.resize(windows.size());
+      b.argmax.resize(windows.size());
+      RETURN_IF_ERROR(RunJobs(*fp16, window_jobs, [&](size_t w, const float* rows) {
         std::vector<double> lp;
-        std::vector<float> logprobs(rows.size());
-        std::vector<int> argmax;
+        b.logprobs[w].resize(static_cast<size_t>(options_.score_tokens) * vocab);
         for (int s = 0; s < options_.score_tokens; ++s) {
-          LogSoftmax(rows.data() + int64_t{s} * vocab, vocab, lp);
-          std::copy(lp.begin(), lp.end(), logprobs.begin() + int64_t{s} * vocab);
-          argmax.push_back(ArgMax(rows.data() + int64_t{s} * vocab, vocab));
+          LogSoftmax(rows + int64_t{s} * vocab, vocab, lp);
+          std::copy(lp.begin(), lp.end(), b.logprobs[w].begin() + int64_t{s} * vocab);
+          b.argmax[w].push_back(ArgMax(rows + int64_t{s} * vocab, vocab));
         }
-        b.logprobs.push_back(std::move(logprobs));
-        b.argmax.push_back(std::move(argmax));
         tick();
-      }
+      }));
+      b.probe_hits.resize(probes.size());
+      RETURN_IF_ERROR(RunJobs(*fp16, probe_jobs, [&](size_t p, const float* rows) {
+        b.probe_hits[p] = probe_hits(probes[p], rows, nullptr);
+        tick();
+      }));
       baselines_[context] = std::move(b);
     } else {
-      done += static_cast<int>(windows.size());
+      done += static_cast<int>(windows.size() + probes.size());
     }
     const Baseline& base = baselines_.at(context);
-    done += static_cast<int>(probes.size());  // baseline probes are not needed
 
     ASSIGN_OR_RETURN(auto runner, MakeRunner(setting.name, setting.spec, context));
-    const int vocab = config_.vocab_size;
     double nll = 0, nll_base = 0, kl = 0;
     int64_t agree = 0, count = 0;
-    std::vector<double> lp;
-    for (size_t w = 0; w < windows.size(); ++w) {
-      std::vector<float> rows;
-      RETURN_IF_ERROR(ScoreWindow(*runner, *windows[w], context, rows));
+    std::vector<double> window_log_ratio(windows.size());  // mean nll - nll_base per window
+    const int first_target = context - options_.score_tokens + 1;
+    RETURN_IF_ERROR(RunJobs(*runner, window_jobs, [&](size_t w, const float* rows) {
+      std::vector<double> lp;
       const auto& ids = *windows[w];
-      const int first_target = context - options_.score_tokens + 1;
+      double diff = 0;
       for (int s = 0; s < options_.score_tokens; ++s) {
-        const float* row = rows.data() + int64_t{s} * vocab;
+        const float* row = rows + int64_t{s} * vocab;
         const float* base_lp = base.logprobs[w].data() + int64_t{s} * vocab;
         LogSoftmax(row, vocab, lp);
         const int32_t target = ids[first_target + s];
         nll -= lp[target];
         nll_base -= base_lp[target];
+        diff += base_lp[target] - lp[target];
         double k = 0;
         for (int i = 0; i < vocab; ++i) {
           const double p = std::exp(double{base_lp[i]});
@@ -167,27 +220,21 @@ class QualityEvaluatorImpl final : public QualityEvaluator {
         agree += ArgMax(row, vocab) == base.argmax[w][s];
         ++count;
       }
+      window_log_ratio[w] = diff / options_.score_tokens;
       tick();
-    }
+    }));
 
-    int64_t value_hits = 0, value_tokens = 0, exact = 0;
+    int64_t value_hits = 0, value_tokens = 0, base_hits = 0, exact = 0;
     double value_p = 0;
-    for (const Probe& probe : probes) {
-      std::vector<float> rows;
-      RETURN_IF_ERROR(ScoreProbe(*runner, probe, rows));
-      bool all = true;
-      for (size_t t = 0; t < probe.value.size(); ++t) {
-        const float* row = rows.data() + t * vocab;
-        LogSoftmax(row, vocab, lp);
-        const bool hit = ArgMax(row, vocab) == probe.value[t];
-        value_hits += hit;
-        all = all && hit;
-        value_p += std::exp(lp[probe.value[t]]);
-        ++value_tokens;
-      }
-      exact += all;
+    std::vector<int> hits(probes.size());
+    RETURN_IF_ERROR(RunJobs(*runner, probe_jobs, [&](size_t p, const float* rows) {
+      hits[p] = probe_hits(probes[p], rows, &value_p);
+      value_hits += hits[p];
+      base_hits += base.probe_hits[p];
+      value_tokens += static_cast<int64_t>(probes[p].value.size());
+      exact += hits[p] == static_cast<int>(probes[p].value.size());
       tick();
-    }
+    }));
 
     QualityEntry e;
     e.setting = setting.name;
@@ -195,9 +242,27 @@ class QualityEvaluatorImpl final : public QualityEvaluator {
     e.ppl = std::exp(nll / count);
     e.ppl_fp16 = std::exp(nll_base / count);
     e.ppl_ratio = e.ppl / e.ppl_fp16;
+    // Windows are the independent units (predictions within one are correlated): the interval of
+    // the mean per-window log ratio, mapped to the ratio (to first order).
+    e.ppl_ratio_ci95 = e.ppl_ratio * MeanCi95(window_log_ratio);
     e.kl = kl / count;
     e.top1 = static_cast<double>(agree) / count;
     e.retrieval = value_tokens ? static_cast<double>(value_hits) / value_tokens : 0;
+    e.retrieval_fp16 = value_tokens ? static_cast<double>(base_hits) / value_tokens : 0;
+    if (probes.size() >= 2) {
+      // Paired by probe: the difference from fp16 is a ratio of sums (hits over value tokens);
+      // its standard error by the delta method over probes.
+      const double delta = e.retrieval - e.retrieval_fp16;
+      const double mean_tokens = static_cast<double>(value_tokens) / probes.size();
+      std::vector<double> residual;
+      for (size_t p = 0; p < probes.size(); ++p) {
+        residual.push_back((hits[p] - base.probe_hits[p] - delta * probes[p].value.size()) /
+                           mean_tokens);
+      }
+      e.retrieval_ci95 = MeanCi95(residual);
+    } else {
+      e.retrieval_ci95 = std::nan("");
+    }
     e.retrieval_exact = probes.empty() ? 0 : static_cast<double>(exact) / probes.size();
     e.retrieval_p = value_tokens ? value_p / value_tokens : 0;
     e.scored_tokens = count;
@@ -215,7 +280,7 @@ class QualityEvaluatorImpl final : public QualityEvaluator {
     opts.model_dir = model_dir_;
     opts.kv_format = spec;
     opts.kv_block_size = 16;
-    opts.kv_num_blocks = (context + 1 + 15) / 16 + 2;
+    opts.kv_num_blocks = int64_t{options_.batch} * ((context + 1 + 15) / 16 + 2);
     opts.num_threads = options_.num_threads;
     auto runner = options_.make_runner ? options_.make_runner(opts)
                                        : worker::CreateCpuModelRunner(opts);
@@ -278,48 +343,57 @@ class QualityEvaluatorImpl final : public QualityEvaluator {
     return probes;
   }
 
-  // Prefills ids[0, C - S), decodes ids[C - S, C) one token at a time; rows: [S, vocab] logits,
-  // row s predicting ids[C - S + 1 + s].
-  absl::Status ScoreWindow(ModelRunner& runner, const std::vector<int32_t>& ids, int context,
-                           std::vector<float>& rows) {
-    const int prefill = context - options_.score_tokens;
-    std::vector<int32_t> decode(ids.begin() + prefill, ids.begin() + context);
-    return Run(runner, std::vector<int32_t>(ids.begin(), ids.begin() + prefill), decode, rows);
-  }
-
-  // Prefills the probe prefix, decodes the query and all value tokens but the last; rows: one per
-  // value token, [value.size(), vocab], row t predicting value[t].
-  absl::Status ScoreProbe(ModelRunner& runner, const Probe& probe, std::vector<float>& rows) {
-    std::vector<int32_t> decode = probe.query;
-    decode.insert(decode.end(), probe.value.begin(), probe.value.end() - 1);
-    std::vector<float> all;
-    RETURN_IF_ERROR(Run(runner, probe.prefix, decode, all));
+  // Runs `jobs` on `runner`, options_.batch sequences at a time: each sequence's prefill is one
+  // Forward call (so a batch's prompts never share one huge step), then the batch's decode steps
+  // run together, one token per running sequence per Forward call. Sequences are independent, so
+  // the rows are what one-at-a-time runs give (up to the order of floating-point sums in batched
+  // products). done(job index, rows) is called once per job, in order, when its batch finishes.
+  absl::Status RunJobs(ModelRunner& runner, std::span<const Job> jobs,
+                       const std::function<void(size_t, const float*)>& done) {
     const int vocab = config_.vocab_size;
-    const size_t skip = probe.query.size() - 1;
-    rows.assign(all.begin() + skip * vocab, all.end());
-    return absl::OkStatus();
-  }
-
-  // One sequence: prefill `prefill` (logits discarded), then one decode step per token of
-  // `decode`, keeping each step's logits row.
-  absl::Status Run(ModelRunner& runner, const std::vector<int32_t>& prefill,
-                   const std::vector<int32_t>& decode, std::vector<float>& rows) {
-    const int vocab = config_.vocab_size;
-    const kernels::SeqId seq = ++next_seq_;
     auto& cache = runner.kv_cache();
-    RETURN_IF_ERROR(cache.AddSequence(seq, static_cast<int64_t>(prefill.size() + decode.size())));
-    struct Free {
-      kernels::KvCache& cache;
-      kernels::SeqId seq;
-      ~Free() { cache.FreeSequence(seq); }
-    } free_on_exit{cache, seq};
-    std::vector<float> row(vocab);
-    ForwardChunk chunk{.seq = seq, .tokens = prefill};
-    RETURN_IF_ERROR(runner.Forward({&chunk, 1}, row.data()));
-    rows.resize(decode.size() * vocab);
-    for (size_t i = 0; i < decode.size(); ++i) {
-      ForwardChunk step{.seq = seq, .tokens = std::span<const int32_t>(&decode[i], 1)};
-      RETURN_IF_ERROR(runner.Forward({&step, 1}, rows.data() + i * vocab));
+    std::vector<float> step_rows, prefill_row(vocab);
+    for (size_t first = 0; first < jobs.size(); first += options_.batch) {
+      const size_t n = std::min<size_t>(options_.batch, jobs.size() - first);
+      std::vector<kernels::SeqId> seqs;
+      struct FreeAll {
+        kernels::KvCache& cache;
+        std::vector<kernels::SeqId>& seqs;
+        ~FreeAll() {
+          for (kernels::SeqId s : seqs) cache.FreeSequence(s);
+        }
+      } free_on_exit{cache, seqs};
+      std::vector<std::vector<float>> rows(n);
+      size_t steps = 0;
+      for (size_t j = 0; j < n; ++j) {
+        const Job& job = jobs[first + j];
+        const kernels::SeqId seq = ++next_seq_;
+        RETURN_IF_ERROR(cache.AddSequence(
+            seq, static_cast<int64_t>(job.prefill.size() + job.decode.size())));
+        seqs.push_back(seq);
+        ForwardChunk chunk{.seq = seq, .tokens = job.prefill};
+        RETURN_IF_ERROR(runner.Forward({&chunk, 1}, prefill_row.data()));
+        rows[j].resize(job.decode.size() * static_cast<size_t>(vocab));
+        steps = std::max(steps, job.decode.size());
+      }
+      std::vector<ForwardChunk> chunks;
+      std::vector<size_t> who;
+      for (size_t i = 0; i < steps; ++i) {
+        chunks.clear();
+        who.clear();
+        for (size_t j = 0; j < n; ++j) {
+          const Job& job = jobs[first + j];
+          if (i >= job.decode.size()) continue;
+          chunks.push_back({.seq = seqs[j], .tokens = job.decode.subspan(i, 1)});
+          who.push_back(j);
+        }
+        step_rows.resize(chunks.size() * static_cast<size_t>(vocab));
+        RETURN_IF_ERROR(runner.Forward(chunks, step_rows.data()));
+        for (size_t c = 0; c < who.size(); ++c) {
+          std::copy_n(step_rows.data() + c * vocab, vocab, rows[who[c]].data() + i * vocab);
+        }
+      }
+      for (size_t j = 0; j < n; ++j) done(first + j, rows[j].data());
     }
     return absl::OkStatus();
   }
@@ -388,8 +462,8 @@ absl::StatusOr<EvalSetting> ParseEvalSetting(const std::string& text) {
 
 absl::StatusOr<std::unique_ptr<QualityEvaluator>> QualityEvaluator::Create(
     const std::string& model_dir, EvalData data, const QualityOptions& options) {
-  if (options.windows < 1 || options.score_tokens < 1 || options.probes < 0) {
-    return absl::InvalidArgumentError("windows and score_tokens must be >= 1, probes >= 0");
+  if (options.windows < 1 || options.score_tokens < 1 || options.probes < 0 || options.batch < 1) {
+    return absl::InvalidArgumentError("windows, score_tokens and batch must be >= 1, probes >= 0");
   }
   ASSIGN_OR_RETURN(worker::LlamaConfig config, worker::LoadLlamaConfig(model_dir + "/config.json"));
   ASSIGN_OR_RETURN(auto tokenizer, Tokenizer::FromFile(model_dir + "/tokenizer.json"));

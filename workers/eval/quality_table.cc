@@ -1,6 +1,7 @@
 #include "workers/eval/quality_table.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -14,7 +15,8 @@ namespace kvgate::eval {
 namespace {
 
 
-std::string Num(double v) { return absl::StrFormat("%.6g", v); }
+// YAML's spelling of NaN (an interval that one window or probe cannot give) is ".nan".
+std::string Num(double v) { return std::isnan(v) ? ".nan" : absl::StrFormat("%.6g", v); }
 
 absl::Status Bad(const YAML::Node& node, const std::string& what) {
   const auto mark = node.Mark();
@@ -51,8 +53,11 @@ std::string QualityTableToYaml(const QualityTable& table) {
   for (const auto& name : table.settings) {
     absl::StrAppend(&out, "  \"", name, "\":\n");
     for (const auto& [ctx, e] : table.entries.at(name)) {
-      absl::StrAppend(&out, "    ", ctx, ": {ppl_ratio: ", Num(e.ppl_ratio), ", kl: ", Num(e.kl),
+      absl::StrAppend(&out, "    ", ctx, ": {ppl_ratio: ", Num(e.ppl_ratio),
+                      ", ppl_ratio_ci95: ", Num(e.ppl_ratio_ci95), ", kl: ", Num(e.kl),
                       ", top1: ", Num(e.top1), ", retrieval: ", Num(e.retrieval),
+                      ", retrieval_fp16: ", Num(e.retrieval_fp16),
+                      ", retrieval_ci95: ", Num(e.retrieval_ci95),
                       ", retrieval_exact: ", Num(e.retrieval_exact),
                       ", retrieval_p: ", Num(e.retrieval_p), ", ppl: ", Num(e.ppl),
                       ", ppl_fp16: ", Num(e.ppl_fp16), ", scored_tokens: ", e.scored_tokens,
@@ -101,6 +106,10 @@ absl::StatusOr<QualityTable> LoadQualityTable(const std::string& path) {
         e.kl = v["kl"].as<double>();
         e.top1 = v["top1"].as<double>();
         e.retrieval = v["retrieval"].as<double>();
+        // Tables written before the intervals existed lack them: unknown, not zero.
+        e.ppl_ratio_ci95 = v["ppl_ratio_ci95"].as<double>(std::nan(""));
+        e.retrieval_fp16 = v["retrieval_fp16"].as<double>(std::nan(""));
+        e.retrieval_ci95 = v["retrieval_ci95"].as<double>(std::nan(""));
         e.retrieval_exact = v["retrieval_exact"].as<double>(0);
         e.retrieval_p = v["retrieval_p"].as<double>(0);
         e.ppl = v["ppl"].as<double>(0);

@@ -3,6 +3,7 @@
 // committed reference model at a short context (fp16 against itself is exact; a coarser format
 // distorts more than a finer one; a sliding window that drops the probe's header loses retrieval).
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -54,7 +55,8 @@ TEST(QualityTableTest, RoundTripsAndFinds) {
   t.model = "models/reference";
   t.meta["date"] = "2026-11-29";
   QualityEntry a{.setting = "tq3.5", .context = 1024, .ppl = 4.2, .ppl_fp16 = 4.1,
-                 .ppl_ratio = 4.2 / 4.1, .kl = 0.0125, .top1 = 0.9375, .retrieval = 0.75,
+                 .ppl_ratio = 4.2 / 4.1, .ppl_ratio_ci95 = 0.004, .kl = 0.0125, .top1 = 0.9375,
+                 .retrieval = 0.75, .retrieval_fp16 = 0.8, .retrieval_ci95 = 0.03,
                  .retrieval_exact = 0.5, .retrieval_p = 0.6, .scored_tokens = 512, .windows = 8,
                  .probes = 8, .seconds = 12.5};
   QualityEntry b = a;
@@ -62,6 +64,7 @@ TEST(QualityTableTest, RoundTripsAndFinds) {
   b.kl = 0.01;
   QualityEntry c = a;
   c.setting = "fp16+sink:sinks=4,window=256";
+  c.retrieval_ci95 = std::nan("");  // one probe: no interval
   t.Put(a);
   t.Put(b);
   t.Put(c);
@@ -79,6 +82,10 @@ TEST(QualityTableTest, RoundTripsAndFinds) {
   EXPECT_NEAR(got->top1, 0.9375, 1e-9);
   EXPECT_NEAR(got->retrieval, 0.75, 1e-9);
   EXPECT_EQ(got->scored_tokens, 512);
+  EXPECT_NEAR(got->ppl_ratio_ci95, 0.004, 1e-9);
+  EXPECT_NEAR(got->retrieval_fp16, 0.8, 1e-9);
+  EXPECT_NEAR(got->retrieval_ci95, 0.03, 1e-9);
+  EXPECT_TRUE(std::isnan(loaded->Find("fp16+sink:sinks=4,window=256", 1024)->retrieval_ci95));
   EXPECT_NEAR(loaded->Find("tq3.5", 512)->kl, 0.01, 1e-9);
   EXPECT_NE(loaded->Find("fp16+sink:sinks=4,window=256", 1024), nullptr);
   EXPECT_EQ(loaded->Find("tq3.5", 2048), nullptr);
@@ -153,6 +160,44 @@ TEST_F(ReferenceQualityTest, Fp16AgainstItselfIsExact) {
   EXPECT_EQ(e.top1, 1.0);
   EXPECT_GT(e.ppl, 1.0);
   EXPECT_EQ(e.probes, 3);
+  // Identical runs: every paired difference is zero (up to the float baseline), so are the
+  // intervals.
+  EXPECT_EQ(e.retrieval, e.retrieval_fp16);
+  EXPECT_NEAR(e.ppl_ratio_ci95, 0.0, 1e-6);
+  EXPECT_EQ(e.retrieval_ci95, 0.0);
+}
+
+TEST_F(ReferenceQualityTest, IntervalsMeasureTheSpreadOfPairedDifferences) {
+  const QualityEntry e = Measure("kivi2", 160);
+  // kivi2 moves every window's log-likelihood by a different amount: a positive, finite
+  // interval, narrower than the ratio itself.
+  EXPECT_GT(e.ppl_ratio_ci95, 0.0);
+  EXPECT_LT(e.ppl_ratio_ci95, e.ppl_ratio);
+  EXPECT_TRUE(std::isfinite(e.retrieval_ci95));
+  EXPECT_GE(e.retrieval_ci95, 0.0);
+  const QualityEntry fp16 = Measure("fp16", 160);
+  EXPECT_EQ(e.retrieval_fp16, fp16.retrieval) << "the baseline's probes are fp16's own";
+}
+
+TEST_F(ReferenceQualityTest, BatchingChangesNothingButSpeed) {
+  auto data = LoadEvalData(ModelDir() + "/eval/heldout_ids.json", nullptr);
+  ASSERT_TRUE(data.ok()) << data.status();
+  QualityOptions one{.windows = 2, .score_tokens = 24, .probes = 3, .num_threads = 2, .batch = 1};
+  auto serial = QualityEvaluator::Create(ModelDir(), std::move(*data), one);
+  ASSERT_TRUE(serial.ok()) << serial.status();
+  auto setting = ParseEvalSetting("tq3");
+  ASSERT_TRUE(setting.ok());
+  auto a = (*serial)->Evaluate(*setting, 160, nullptr);
+  ASSERT_TRUE(a.ok()) << a.status();
+  const QualityEntry b = Measure("tq3", 160);  // the fixture's default batch: all 3 at once
+  EXPECT_NEAR(a->ppl, b.ppl, 1e-4 * b.ppl);
+  // Batched products sum in another order (BLAS blocking by row count): KL, a small difference
+  // of nearly equal distributions, moves in its fourth digit; the predictions do not.
+  EXPECT_NEAR(a->kl, b.kl, 2e-3 * b.kl);
+  EXPECT_EQ(a->top1, b.top1);
+  EXPECT_EQ(a->retrieval, b.retrieval);
+  EXPECT_EQ(a->retrieval_fp16, b.retrieval_fp16);
+  EXPECT_EQ(a->scored_tokens, b.scored_tokens);
 }
 
 TEST_F(ReferenceQualityTest, CoarserFormatsDistortMore) {
