@@ -2,9 +2,10 @@
 //
 // LtGemm (cublas_api.h) against a float64 reference on the host: bf16 and fp32 inputs, with and
 // without accumulation into y and the bias epilogue, at decode-like and prefill-like shapes. The
-// inputs are bf16-representable, so every product is exact in fp32 and the only error is fp32
-// summation (~1e-6 relative); TF32 (10-bit mantissa inputs) would be ~1e-3 on the fp32 inputs, so
-// the 2e-5 bound also checks that the fp32 compute mode stays full fp32.
+// bf16 case's products are exact in fp32 and the fp32 case's are rounded once, so what remains is
+// fp32 summation: ~1e-7..1e-6 of the sum of |terms|. TF32 (inputs rounded to 10 mantissa bits,
+// relative 2^-11 each) would put the fp32 case near 2e-5 on that scale, so the 4e-6 bound also
+// checks that the fp32 compute mode stays full fp32.
 //
 // Graph replay against eager launches: two runners on the reference model, one with
 // CudaRunnerOptions::cuda_graphs on and one off, fed the same schedule: prompts join (their
@@ -110,14 +111,15 @@ TEST(LtGemm, MatchesFloat64Reference) {
     for (const GemmCase c : {GemmCase{1, 1152, 384, false, false}, GemmCase{3, 384, 384, true, true},
                              GemmCase{16, 2048, 384, false, false},
                              GemmCase{37, 384, 1024, true, false},
-                             GemmCase{200, 8192, 384, false, true}}) {
+                             GemmCase{128, 1536, 384, false, true}}) {
       SCOPED_TRACE(testing::Message() << (fp32 ? "fp32 " : "bf16 ") << c.m << "x" << c.n << "x"
                                       << c.k << (c.accumulate ? " accumulate" : "")
                                       << (c.bias ? " bias" : ""));
       std::vector<float> x(size_t(c.m) * c.k), w(size_t(c.n) * c.k), y0(size_t(c.m) * c.n),
           bias(c.n);
-      for (float& v : x) v = RoundToBf16(uniform(rng));
-      for (float& v : w) v = RoundToBf16(uniform(rng));
+      // bf16 inputs hold bf16 values; fp32 inputs use all 24 bits (TF32 would round them).
+      for (float& v : x) v = fp32 ? uniform(rng) : RoundToBf16(uniform(rng));
+      for (float& v : w) v = fp32 ? uniform(rng) : RoundToBf16(uniform(rng));
       for (float& v : y0) v = uniform(rng);
       for (float& v : bias) v = uniform(rng);
       void* dx = nullptr;
@@ -157,7 +159,7 @@ TEST(LtGemm, MatchesFloat64Reference) {
             worst = std::max(worst, std::abs(y[size_t(i) * c.n + j] - want) / magnitude);
           }
         }
-        EXPECT_LT(worst, 2e-5);
+        EXPECT_LT(worst, 4e-6);
       }
       EXPECT_GE((*gemm)->plans(), 1u);
       for (void* p : {dx, dw, static_cast<void*>(dy), static_cast<void*>(dbias)}) cudaFree(p);
