@@ -36,7 +36,7 @@
 // positions, block tables, lengths) in one device metadata buffer at a fixed address. Each such
 // shape is captured into a CUDA graph on its second step (the first runs eagerly and grows the
 // workspaces: nothing allocates during a capture) and replayed afterwards: one launch instead of
-// ~14 per layer. Graphs are dropped when a buffer they use is reallocated, and at most 128 are
+// ~13 per layer. Graphs are dropped when a buffer they use is reallocated, and at most 128 are
 // kept (least recently used first out). Prefill and mixed steps, and caches that evict, launch
 // eagerly. The decode shapes are the same with graphs off, so a replay gives the bits an eager
 // launch gives. Sampling (ForwardSample) runs eagerly after the graph.
