@@ -9,9 +9,9 @@
 //
 // Graph replay against eager launches: two runners on the reference model, one with
 // CudaRunnerOptions::cuda_graphs on and one off, fed the same schedule: prompts join (their
-// prefill alone or mixed with decode tokens) and sequences finish while the others decode for 320
-// steps, so the batch size changes, the block-table width crosses many buckets and the step
-// buffers grow (dropping the graphs). Every step's logits (Forward) must be bit-identical and every
+// prefill in a step mixed with the others' decode tokens, launched eagerly) and sequences finish
+// while the others decode for 320 steps, so the batch size changes, the block-table width crosses
+// many buckets and the step buffers grow (dropping the graphs). Every step's logits (Forward) must be bit-identical and every
 // sampled token (ForwardSample, temperature 0.8 / top-p 0.95) equal, and the graph runner must
 // have replayed graphs. Cases: bf16 with fp16, KIVI-4 (fp16 window), TurboQuant-4 with fp16 first
 // and last layers (two layer formats), and fp32 compute with fp16 KV.
