@@ -1,6 +1,7 @@
 // kvgate bench engine: the CUDA engine at long context for each KV format, on a Llama-3-8B-shaped
-// model with random bf16 weights made on the GPU (no download; Llama3_8BConfig). Prints markdown
-// tables (docs/BENCHMARKS.md, "Engine on H200").
+// model with random bf16 weights made on the GPU (no download; Llama3_8BConfig), or on the model
+// folder --model names (its own weights and shapes). Prints markdown tables (docs/BENCHMARKS.md,
+// "Engine on H200").
 //
 //   kvgate bench engine [--formats fp16,fp8,int8,kivi4,kivi2,tq4,tq3.5,tq2.5]
 //       (an entry FORMAT+EVICTION evicts, e.g. fp16+h2o:heavy=0.1,recent=0.1: H2O at a 20%
@@ -10,7 +11,7 @@
 //       [--gpu-memory-fraction 0.9] [--equal-batch N] [--max-batch N]
 //       [--mixed-batch 32] [--mixed-context 8192] [--mixed-prompt 2048] [--mixed-chunk 512]
 //       [--mixed-every 4] [--mixed-steps 48]   (--mixed-batch 0: no mixed trace)
-//       [--sampling device|host]
+//       [--sampling device|host] [--cuda-graphs on|off] [--model DIR]
 //
 // Per format:
 //   capacity (with eviction: the blocks of the slots a sequence keeps at the context, as the cache
@@ -42,6 +43,8 @@
 // ids come back) with --sampling device (the default), or with the logits copied to the host
 // (--sampling host). Warm-up steps always copy the logits and check that they are finite. The
 // tokens fed are fixed ids, not the sampled ones (the KV contents are synthetic anyway).
+// --cuda-graphs off makes every decode step launch its kernels instead of replaying a CUDA graph
+// (CudaRunnerOptions::cuda_graphs; the same results).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -75,7 +78,8 @@ constexpr char kUsage[] =
     "    [--prefill-prompts 8] [--prefill-tokens 2048] [--prefill-chunk 512]\n"
     "    [--gpu-memory-fraction 0.9] [--equal-batch N] [--max-batch N]\n"
     "    [--mixed-batch 32] [--mixed-context 8192] [--mixed-prompt 2048] [--mixed-chunk 512]\n"
-    "    [--mixed-every 4] [--mixed-steps 48] [--sampling device|host]\n";
+    "    [--mixed-every 4] [--mixed-steps 48] [--sampling device|host]\n"
+    "    [--cuda-graphs on|off] [--model DIR]\n";
 
 #ifdef KVGATE_CLI_HAVE_CUDA
 
@@ -100,6 +104,8 @@ struct BenchOptions {
   int equal_batch = 0;  // 0: fp16's batch at each context
   int max_batch = 0;    // 0: no cap
   bool device_sampling = true;
+  bool cuda_graphs = true;
+  std::string model_dir;  // empty: random weights of Llama3_8BConfig's shapes
   // Mixed trace (0 sequences: off).
   int mixed_batch = 32;
   int64_t mixed_context = 8192;
@@ -193,12 +199,16 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> MakeRunner(const worker::LlamaConfi
   if (!spec.ok()) return spec.status();
   options.kv_format = *spec;
   options.kv_block_size = 16;
-  return worker::CreateCudaModelRunnerWithRandomWeights(
-      config, options,
-      {.gpu_memory_fraction = opts.gpu_memory_fraction,
-       .initial_step_tokens = step_tokens,
-       .max_sequences = max_sequences},
-      /*seed=*/20261129);
+  const worker::CudaRunnerOptions cuda_options{.gpu_memory_fraction = opts.gpu_memory_fraction,
+                                               .initial_step_tokens = step_tokens,
+                                               .max_sequences = max_sequences,
+                                               .cuda_graphs = opts.cuda_graphs};
+  if (!opts.model_dir.empty()) {
+    options.model_dir = opts.model_dir;
+    return worker::CreateCudaModelRunner(options, cuda_options);
+  }
+  return worker::CreateCudaModelRunnerWithRandomWeights(config, options, cuda_options,
+                                                        /*seed=*/20261129);
 }
 
 absl::Status CheckFinite(const std::vector<float>& logits, const std::string& what);
@@ -608,6 +618,13 @@ int RunEngineBench(Args& args) {
     return 2;
   }
   opts.device_sampling = sampling == "device";
+  const std::string graphs = args.Get("cuda-graphs", "on");
+  if (graphs != "on" && graphs != "off") {
+    std::fprintf(stderr, "kvgate bench engine: --cuda-graphs must be on or off\n%s", kUsage);
+    return 2;
+  }
+  opts.cuda_graphs = graphs == "on";
+  opts.model_dir = args.Get("model", "");
   opts.mixed_batch = static_cast<int>(args.GetInt("mixed-batch", opts.mixed_batch));
   opts.mixed_context = args.GetInt("mixed-context", opts.mixed_context);
   opts.mixed_prompt = static_cast<int>(args.GetInt("mixed-prompt", opts.mixed_prompt));
@@ -647,7 +664,19 @@ int RunEngineBench(Args& args) {
                  std::string(bandwidth.status().message()).c_str());
     return 1;
   }
-  const worker::LlamaConfig config = worker::Llama3_8BConfig();
+  worker::LlamaConfig config = worker::Llama3_8BConfig();
+  std::string model_name = "Llama-3-8B shapes, random bf16 weights";
+  if (!opts.model_dir.empty()) {
+    auto loaded = worker::LoadLlamaConfig(opts.model_dir + "/config.json");
+    if (!loaded.ok()) {
+      std::fprintf(stderr, "kvgate bench engine: --model: %s\n",
+                   std::string(loaded.status().message()).c_str());
+      return 2;
+    }
+    config = *loaded;
+    model_name = absl::StrCat(opts.model_dir, " (", config.num_hidden_layers, " layers, hidden ",
+                              config.hidden_size, "; bf16 compute)");
+  }
   const std::time_t now = std::time(nullptr);
   char date[32];
   std::strftime(date, sizeof date, "%Y-%m-%dT%H:%MZ", std::gmtime(&now));
@@ -668,12 +697,13 @@ int RunEngineBench(Args& args) {
     results.push_back(std::move(result));
   }
   std::printf(
-      "Engine bench: Llama-3-8B shapes, random bf16 weights; %s, %s; block 16, "
+      "Engine bench: %s; %s, %s; block 16, "
       "gpu_memory_fraction %.2f, %d warm-up + %d timed decode steps; prefill %d x %d "
-      "tokens in chunks of %d; sampling on the %s.\n",
-      gpu->name.c_str(), date, opts.gpu_memory_fraction, opts.warmup_steps, opts.decode_steps,
-      opts.prefill_prompts, opts.prefill_tokens, opts.prefill_chunk,
-      opts.device_sampling ? "GPU (greedy)" : "host (logits copied back)");
+      "tokens in chunks of %d; sampling on the %s; CUDA graphs %s.\n",
+      model_name.c_str(), gpu->name.c_str(), date, opts.gpu_memory_fraction, opts.warmup_steps,
+      opts.decode_steps, opts.prefill_prompts, opts.prefill_tokens, opts.prefill_chunk,
+      opts.device_sampling ? "GPU (greedy)" : "host (logits copied back)",
+      opts.cuda_graphs ? "on" : "off");
   PrintTables(results, opts, *bandwidth, StreamedWeightBytes(config));
   if (!failed.ok()) {
     // A CUDA fault leaves the device context unusable: the formats after it are not run.
@@ -693,7 +723,7 @@ int RunBench(int argc, char** argv) {
             {"formats", "contexts", "decode-steps", "warmup-steps", "prefill-prompts",
              "prefill-tokens", "prefill-chunk", "gpu-memory-fraction", "equal-batch", "max-batch",
              "mixed-batch", "mixed-context", "mixed-prompt", "mixed-chunk", "mixed-every",
-             "mixed-steps", "sampling"},
+             "mixed-steps", "sampling", "cuda-graphs", "model"},
             {});
   if (args.help()) {
     std::fprintf(stdout, "%s", kUsage);

@@ -75,6 +75,9 @@ ABSL_FLAG(double, gpu_memory_fraction, 0.85, "cuda backend: fraction of the GPU 
 ABSL_FLAG(std::string, cuda_compute, "bf16",
           "cuda backend: bf16 (bf16 weights and GEMM inputs; fast) or fp32 (fp32 weights and "
           "GEMMs: logits as the CPU backend computes them, twice the weight memory)");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "cuda backend: replay decode steps from CUDA graphs, one per batch size and context "
+          "bucket (false: launch every kernel of every step; the same results)");
 
 namespace kvgate::worker {
 namespace {
@@ -226,7 +229,8 @@ int Main(int argc, char** argv) {
     runner = CreateCudaModelRunner(ropts,
                                    {.gpu_memory_fraction = absl::GetFlag(FLAGS_gpu_memory_fraction),
                                     .max_sequences = absl::GetFlag(FLAGS_max_running),
-                                    .compute = *cuda_compute});
+                                    .compute = *cuda_compute,
+                                    .cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs)});
   }
 #endif
   if (!runner.ok()) {

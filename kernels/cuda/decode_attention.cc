@@ -211,6 +211,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
   int record_bytes() const override { return fp_.record_bytes; }
   int last_num_splits() const override { return last_splits_; }
   void set_forced_splits(int splits) override { forced_splits_ = splits; }
+  uint64_t workspace_generation() const override { return workspace_generation_; }
 
   absl::Status Run(const DecodeBatch& b, void* stream_ptr) override {
     const int d = d_, hkv = num_kv_heads_;
@@ -297,6 +298,9 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     const size_t q_floats = size_t(b.num_seqs) * b.num_q_heads * d;
     const size_t acc_floats = size_t(b.num_seqs) * hkv * a.total_splits * g * d;
     const size_t ml_floats = size_t(b.num_seqs) * hkv * a.total_splits * g * 2;
+    if (q_floats > qprep_cap_ || acc_floats > part_acc_cap_ || ml_floats > part_ml_cap_) {
+      ++workspace_generation_;
+    }
     KVGATE_KERNELS_RETURN_IF_ERROR(Grow(&qprep_, &qprep_cap_, q_floats));
     KVGATE_KERNELS_RETURN_IF_ERROR(Grow(&part_acc_, &part_acc_cap_, acc_floats));
     KVGATE_KERNELS_RETURN_IF_ERROR(Grow(&part_ml_, &part_ml_cap_, ml_floats));
@@ -332,6 +336,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
   bool has_window_ = false;  // KIVI, TurboQuant with R > 0
   int ctas_per_sm_[4] = {1, 1, 1, 1};
   int forced_splits_ = 0, last_splits_ = 0;
+  uint64_t workspace_generation_ = 0;
   int mma_fmt_ = -1;  // DecodeMmaKernel (v2) format id; -1: DecodeSplitKernel (v1)
   int smem_v1_bytes_ = 0;
   FormatParams fp_;

@@ -380,14 +380,6 @@ __global__ void SwiGluKernel(const float* gate_up, T* act, int num_rows, int int
   }
 }
 
-__global__ void AddBiasKernel(float* x, const float* bias, int num_rows, int cols) {
-  const int64_t total = int64_t{num_rows} * cols;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    x[i] += bias[i % cols];
-  }
-}
-
 // SplitMix64's output function over the counter seed + (i + 1) * golden ratio: a stateless hash,
 // so every element is independent of the launch shape.
 __device__ __forceinline__ float UniformAt(uint64_t seed, int64_t i) {
@@ -683,14 +675,6 @@ cudaError_t LaunchSwiGlu(const float* gate_up, T* act, int num_rows, int inter,
   if (num_rows <= 0) return cudaSuccess;
   SwiGluKernel<T><<<GridFor(int64_t{num_rows} * inter, 256), 256, 0, stream>>>(gate_up, act,
                                                                                num_rows, inter);
-  return cudaGetLastError();
-}
-
-cudaError_t LaunchAddBias(float* x, const float* bias, int num_rows, int cols,
-                          cudaStream_t stream) {
-  if (num_rows <= 0) return cudaSuccess;
-  AddBiasKernel<<<GridFor(int64_t{num_rows} * cols, 256), 256, 0, stream>>>(x, bias, num_rows,
-                                                                            cols);
   return cudaGetLastError();
 }
 

@@ -103,9 +103,6 @@ template <class T>
 cudaError_t LaunchSwiGlu(const float* gate_up, T* act, int num_rows, int inter,
                          cudaStream_t stream);
 
-// x[r, :] += bias (bias [cols]).
-cudaError_t LaunchAddBias(float* x, const float* bias, int num_rows, int cols, cudaStream_t stream);
-
 // Counter-based random fills (a SplitMix64-style hash of (seed, i); the same values on every run
 // and device): dst[i] uniform in [-bound, bound). LaunchFillUniformBf16 rounds each value to bf16
 // and stores it as T, so a bf16 and an fp32 runner made from one seed hold the same weights.

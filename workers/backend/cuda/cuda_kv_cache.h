@@ -129,6 +129,13 @@ class CudaKvCache final : public kernels::KvCache {
   int format_index(int layer) const { return layer_format_[layer]; }
   const kernels::KvFormatSpec& format_spec(int index) const { return formats_[index].spec; }
   const kernels::KvFormatSpec& layer_spec(int layer) const { return format_of(layer).spec; }
+  // Changes whenever a decode attention workspace is reallocated (CUDA graphs that captured
+  // DecodeLayer are stale then).
+  uint64_t decode_workspace_generation() const {
+    uint64_t generation = 0;
+    for (const Format& f : formats_) generation += f.decode->workspace_generation();
+    return generation;
+  }
   // Host block table of a known sequence (pool block ids, in logical order); nullptr if unknown.
   const std::vector<int32_t>* BlockTable(kernels::SeqId seq) const;
   // State slot of a known sequence; -1 if unknown.

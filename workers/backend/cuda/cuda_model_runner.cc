@@ -1,16 +1,20 @@
 #include "workers/backend/cuda/cuda_model_runner.h"
 
-#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <compare>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <set>
 #include <span>
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "kvgate/common/log.h"
 #include "kvgate/common/status_macros.h"
@@ -185,6 +189,96 @@ class DeviceSampler {
   size_t workspace_bytes_ = 0;
 };
 
+// Bytes of the cuBLASLt workspace (allocated once per runner): what NVIDIA recommends for Hopper.
+constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;
+
+// Instantiated CUDA graphs kept per runner; the least recently replayed one goes beyond this.
+constexpr size_t kMaxDecodeGraphs = 128;
+
+// Block-table width of a decode-only step: the widest table rounded up to 1/8 of its power of two
+// (every width up to 16 blocks, then steps of 2, 4, 8, ... blocks: at most 12.5% more), so that
+// the split-KV attention's grid (planned from the width) and the metadata layout change only every
+// few hundred tokens, while the padding's idle splits stay a small fraction.
+int DecodeTableWidth(int blocks) {
+  if (blocks <= 16) return blocks;
+  const int step = std::bit_floor(static_cast<unsigned>(blocks)) / 8;
+  return (blocks + step - 1) / step * step;
+}
+
+// The CUDA graphs of decode-only steps, one per launch shape. A shape is captured on its second
+// step (the first runs eagerly and grows every workspace it needs, since nothing may allocate
+// during a capture) and replayed from then on. The graphs hold the addresses of the buffers their
+// kernels use: when any of them is reallocated (the caller's generation changes), all are dropped
+// and the shapes already seen are captured again on their next step.
+class DecodeGraphs {
+ public:
+  struct Key {
+    int batch = 0;        // decode rows
+    int table_width = 0;  // DecodeTableWidth
+    auto operator<=>(const Key&) const = default;
+  };
+  enum class Action { kEager, kCapture, kReplay };
+
+  DecodeGraphs() = default;
+  DecodeGraphs(const DecodeGraphs&) = delete;
+  DecodeGraphs& operator=(const DecodeGraphs&) = delete;
+  ~DecodeGraphs() { Clear(); }
+
+  // What the step of `key` does, its buffers being at `generation`.
+  Action Prepare(const Key& key, uint64_t generation) {
+    if (generation != generation_) {
+      Clear();
+      generation_ = generation;
+    }
+    if (auto it = graphs_.find(key); it != graphs_.end()) {
+      it->second.last_use = ++clock_;
+      ++stats_.replays;
+      return Action::kReplay;
+    }
+    return seen_.insert(key).second ? Action::kEager : Action::kCapture;
+  }
+  cudaGraphExec_t exec(const Key& key) const { return graphs_.at(key).exec; }
+  // Instantiates the captured `graph` (destroyed here) for `key`.
+  absl::StatusOr<cudaGraphExec_t> Add(const Key& key, cudaGraph_t graph) {
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t error = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    CUDA_RETURN_IF_ERROR(error);
+    if (graphs_.size() >= kMaxDecodeGraphs) {
+      auto oldest = std::min_element(graphs_.begin(), graphs_.end(), [](const auto& a, const auto& b) {
+        return a.second.last_use < b.second.last_use;
+      });
+      cudaGraphExecDestroy(oldest->second.exec);
+      graphs_.erase(oldest);
+    }
+    graphs_[key] = {.exec = exec, .last_use = ++clock_};
+    ++stats_.captures;
+    ++stats_.replays;
+    return exec;
+  }
+  CudaGraphStats stats() const {
+    CudaGraphStats s = stats_;
+    s.graphs = static_cast<int>(graphs_.size());
+    return s;
+  }
+
+ private:
+  struct Entry {
+    cudaGraphExec_t exec = nullptr;
+    uint64_t last_use = 0;
+  };
+  void Clear() {
+    for (auto& [key, entry] : graphs_) cudaGraphExecDestroy(entry.exec);
+    graphs_.clear();
+  }
+
+  std::map<Key, Entry> graphs_;
+  std::set<Key> seen_;
+  uint64_t generation_ = 0;
+  uint64_t clock_ = 0;
+  CudaGraphStats stats_;
+};
+
 // Matrices are of the compute type: bf16 bits (uint16_t) or float (CudaCompute).
 struct DeviceLayer {
   const float* input_norm = nullptr;
@@ -202,21 +296,21 @@ struct DeviceLayer {
 class CudaModelRunner final : public ModelRunner {
  public:
   // config's query heads must be a multiple of its kv heads.
-  CudaModelRunner(LlamaConfig config, cudaStream_t stream, cublasHandle_t blas,
-                  const CudaRunnerOptions& options)
+  CudaModelRunner(LlamaConfig config, cudaStream_t stream, const CudaRunnerOptions& options)
       : config_(std::move(config)),
         stream_(stream),
-        blas_(blas),
         compute_(options.compute),
         device_sampling_(options.device_sampling) {
+    if (options.cuda_graphs) graphs_ = std::make_unique<DecodeGraphs>();
     const int group = config_.num_attention_heads / config_.num_key_value_heads;
     while (group_pad_ < group) group_pad_ *= 2;
   }
   ~CudaModelRunner() override {
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+    graphs_.reset();
     cache_.reset();
+    gemm_.reset();
     if (pinned_ != nullptr) cudaFreeHost(pinned_);
-    if (blas_ != nullptr) (*cuda::LoadCublas())->destroy(blas_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
@@ -228,6 +322,8 @@ class CudaModelRunner final : public ModelRunner {
   absl::Status ForwardSample(std::span<const ForwardChunk> chunks,
                              std::span<const DeviceSampling> sampling, int32_t* tokens) override;
 
+  // The cuBLASLt workspace (part of the step workspace, sized before the KV pool) and its plans.
+  absl::Status InitGemm();
   absl::Status UploadWeights(const LlamaWeights& weights);
   absl::Status GenerateWeights(uint64_t seed);
   absl::Status EnsureWorkspace(int64_t rows);
@@ -237,14 +333,26 @@ class CudaModelRunner final : public ModelRunner {
   const CudaKvCache& cache() const { return *cache_; }
   int64_t weight_bytes() const { return weight_bytes_; }
   size_t device_bytes() const { return arena_.bytes(); }
+  CudaGraphStats graph_stats() const {
+    return graphs_ != nullptr ? graphs_->stats() : CudaGraphStats{};
+  }
 
  private:
   // The forward of `chunks` up to their logits in logits_ (device; rows in chunk order, as
   // Forward returns them), enqueued on stream_; the cache appends are not committed yet.
   absl::Status Run(std::span<const ForwardChunk> chunks, int64_t* out_rows);
+  // Run's work, for decode-only steps through DecodeGraphs; sets capture_failed_ when a graph
+  // capture fails (nothing was launched then).
+  absl::Status RunStep(std::span<const ForwardChunk> chunks, int64_t* out_rows);
   void CommitAppends(std::span<const ForwardChunk> chunks);
-  // y[m, n] (+)= x[m, k] * w[n, k]^T; x, w of the compute type, row-major; y fp32 row-major.
-  absl::Status Gemm(const void* x, const void* w, float* y, int m, int n, int k, float beta);
+  // y[m, n] (+)= x[m, k] * w[n, k]^T (+ bias[n]); x, w of the compute type, row-major; y fp32
+  // row-major; `accumulate` adds into y (the residual stream).
+  absl::Status Gemm(const void* x, const void* w, float* y, int m, int n, int k, bool accumulate,
+                    const float* bias = nullptr);
+  // Changes whenever a buffer the step's kernels use is reallocated (DecodeGraphs).
+  uint64_t BufferGeneration() const {
+    return buffer_generation_ + cache_->decode_workspace_generation();
+  }
   bool fp32() const { return compute_ == CudaCompute::kFp32; }
   size_t compute_bytes() const { return fp32() ? sizeof(float) : sizeof(uint16_t); }
   // f(T{}) with T the compute type's element (float, or uint16_t holding bf16 bits).
@@ -270,12 +378,15 @@ class CudaModelRunner final : public ModelRunner {
 
   LlamaConfig config_;
   cudaStream_t stream_ = nullptr;
-  cublasHandle_t blas_ = nullptr;
   const CudaCompute compute_;
   const bool device_sampling_;
   DeviceArena arena_;
   DeviceSampler sampler_;
+  std::unique_ptr<cuda::LtGemm> gemm_;
   std::unique_ptr<CudaKvCache> cache_;
+  std::unique_ptr<DecodeGraphs> graphs_;  // null with CudaRunnerOptions::cuda_graphs off
+  uint64_t buffer_generation_ = 0;        // reallocations of the step buffers below
+  bool capture_failed_ = false;
   int group_pad_ = 1;  // query heads per kv-head in q_ (the GQA group rounded up; see QkvShape)
 
   // Weights (matrices of the compute type).
@@ -428,6 +539,7 @@ absl::Status CudaModelRunner::EnsureWorkspace(int64_t rows) {
     if (p != nullptr) arena_.Free(p);
   }
   workspace_rows_ = 0;
+  ++buffer_generation_;
   ASSIGN_OR_RETURN(x_, arena_.Allocate<float>(rows * c.hidden_size));
   ASSIGN_OR_RETURN(qkv_, arena_.Allocate<float>(rows * (q_dim + 2 * kv_dim)));
   ASSIGN_OR_RETURN(q_, arena_.Allocate<float>(rows * padded_q_dim));
@@ -448,6 +560,7 @@ absl::Status CudaModelRunner::EnsureLogits(int64_t rows) {
   if (logits_ != nullptr) arena_.Free(logits_);
   logits_ = nullptr;
   logits_rows_ = 0;
+  ++buffer_generation_;
   ASSIGN_OR_RETURN(logits_, arena_.Allocate<float>(rows * config_.vocab_size));
   logits_rows_ = rows;
   return absl::OkStatus();
@@ -461,6 +574,7 @@ absl::Status CudaModelRunner::EnsurePrefixScratch(int64_t floats) {
   }
   prefix_k_ = prefix_v_ = nullptr;
   prefix_floats_ = 0;
+  ++buffer_generation_;
   ASSIGN_OR_RETURN(prefix_k_, arena_.Allocate<float>(floats));
   ASSIGN_OR_RETURN(prefix_v_, arena_.Allocate<float>(floats));
   prefix_floats_ = floats;
@@ -481,6 +595,7 @@ absl::Status CudaModelRunner::EnsurePinned(size_t int32s) {
     if (meta_ != nullptr) arena_.Free(meta_);
     meta_ = nullptr;
     meta_capacity_ = 0;
+    ++buffer_generation_;
     ASSIGN_OR_RETURN(meta_, arena_.Allocate<int32_t>(want));
     meta_capacity_ = want;
   }
@@ -531,18 +646,16 @@ absl::Status CudaModelRunner::CreateCache(const RunnerOptions& options,
   return absl::OkStatus();
 }
 
-absl::Status CudaModelRunner::Gemm(const void* x, const void* w, float* y, int m, int n, int k,
-                                   float beta) {
-  // Row-major y[m, n] = x[m, k] w[n, k]^T is column-major y^T[n, m] = w^T... : C = op(A) B with
-  // A = w (column-major [k, n], transposed), B = x (column-major [k, m]). fp32 inputs with
-  // CUBLAS_COMPUTE_32F under the handle's CUBLAS_DEFAULT_MATH are full fp32 (no TF32).
-  const float alpha = 1.0f;
-  const cudaDataType in = fp32() ? CUDA_R_32F : CUDA_R_16BF;
-  CUBLAS_RETURN_IF_ERROR((*cuda::LoadCublas())
-                             ->gemm_ex(blas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w, in, k,
-                                       x, in, k, &beta, y, CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
-                                       CUBLAS_GEMM_DEFAULT));
+absl::Status CudaModelRunner::InitGemm() {
+  ASSIGN_OR_RETURN(void* workspace, arena_.Allocate<char>(kGemmWorkspaceBytes));
+  ASSIGN_OR_RETURN(gemm_, cuda::LtGemm::Create(fp32() ? CUDA_R_32F : CUDA_R_16BF, workspace,
+                                               kGemmWorkspaceBytes));
   return absl::OkStatus();
+}
+
+absl::Status CudaModelRunner::Gemm(const void* x, const void* w, float* y, int m, int n, int k,
+                                   bool accumulate, const float* bias) {
+  return gemm_->Run(x, w, y, m, n, k, accumulate, bias, stream_);
 }
 
 absl::Status CudaModelRunner::Embed(const int32_t* tokens, int rows) {
@@ -617,7 +730,20 @@ void CudaModelRunner::CommitAppends(std::span<const ForwardChunk> chunks) {
   }
 }
 
-absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t* out_rows_result) {
+absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t* out_rows) {
+  capture_failed_ = false;
+  absl::Status status = RunStep(chunks, out_rows);
+  if (status.ok() || !capture_failed_) return status;
+  // A capture launches nothing, and the cache is only committed after Run: the step can run again
+  // eagerly. Graphs stay off for this runner from then on.
+  KVGATE_LOG(WARNING) << "CUDA graph capture failed (" << status
+                      << "); decode steps launch their kernels eagerly from now on";
+  graphs_.reset();
+  return RunStep(chunks, out_rows);
+}
+
+absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
+                                      int64_t* out_rows_result) {
   RETURN_IF_ERROR(ValidateForwardChunks(chunks, config_, *cache_));
 
   const LlamaConfig& c = config_;
@@ -670,6 +796,12 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
       max_blocks = std::max(max_blocks, static_cast<int>(cache.BlockTable(chunks[ci].seq)->size()));
     }
   }
+  // Decode-only steps on a cache without eviction launch shapes that depend only on the batch and
+  // a bucketed block-table width (the split-KV attention is planned for the table's whole width),
+  // so that one CUDA graph serves many steps; they do so with graphs off too, so that turning
+  // graphs off changes the timing, never the results.
+  const bool graph_shape = num_decode == num_chunks && !cache.evicting();
+  if (graph_shape) max_blocks = DecodeTableWidth(max_blocks);
   if (rows > INT32_MAX / std::max(qkv_dim, 2 * inter)) {
     return absl::InvalidArgumentError(absl::StrCat("step of ", rows, " tokens is too large"));
   }
@@ -744,6 +876,7 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
       residual[oi] = static_cast<int32_t>(counts.residual);
       max_encoded[f] = std::max(max_encoded[f], encoded[oi]);
     }
+    if (graph_shape) max_encoded[f] = max_blocks * cache.config().block_size;
   }
   // Prefill chunks with a prefix read their whole stored length after the append (the prefix
   // then is what CpuKvCache::PrefillAttention reads: e.g. KIVI tokens flushed by this append are
@@ -808,11 +941,39 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
   const int m = static_cast<int>(rows);
   const int padded_heads = num_kv_heads * group_pad_;
 
+  // Decode-only steps: replay this shape's graph, capture it, or run eagerly (DecodeGraphs). The
+  // metadata went to meta_ above, where the graph's kernels read it.
+  const DecodeGraphs::Key graph_key{.batch = num_decode, .table_width = max_blocks};
+  bool capturing = false;
+  if (graph_shape && graphs_ != nullptr) {
+    switch (graphs_->Prepare(graph_key, BufferGeneration())) {
+      case DecodeGraphs::Action::kReplay:
+        CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graphs_->exec(graph_key), stream_));
+        *out_rows_result = out_rows;
+        return absl::OkStatus();
+      case DecodeGraphs::Action::kCapture:
+        CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+        capturing = true;
+        break;
+      case DecodeGraphs::Action::kEager:
+        break;
+    }
+  }
+  // An error while capturing ends the capture (its graph dropped) before the error returns.
+  absl::Cleanup abandon_capture = [&] {
+    if (!capturing) return;
+    capture_failed_ = true;
+    cudaGraph_t graph = nullptr;
+    if (cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph != nullptr) {
+      cudaGraphDestroy(graph);
+    }
+    cudaGetLastError();
+  };
   RETURN_IF_ERROR(Embed(meta_ + off_tokens, m));
   for (int layer = 0; layer < c.num_hidden_layers; ++layer) {
     const DeviceLayer& w = layers_[layer];
     RETURN_IF_ERROR(RmsNorm(w.input_norm, nullptr, m));
-    RETURN_IF_ERROR(Gemm(normed_, w.qkv, qkv_, m, qkv_dim, hidden, 0.0f));
+    RETURN_IF_ERROR(Gemm(normed_, w.qkv, qkv_, m, qkv_dim, hidden, false));
     CUDA_RETURN_IF_ERROR(cuda::LaunchQkvEpilogue(qkv_, w.qkv_bias, w.q_norm, w.k_norm, inv_freq_,
                                                  eps, meta_ + off_pos, m, shape(), q_, stream_));
     if (cache.evicting()) {
@@ -843,18 +1004,28 @@ absl::Status CudaModelRunner::Run(std::span<const ForwardChunk> chunks, int64_t*
           max_rows, q_, num_heads / num_kv_heads, group_pad_, qkv_ + q_dim, qkv_dim, prefix_k_,
           max_read, scale));
     }
-    if (w.o_bias != nullptr) {
-      CUDA_RETURN_IF_ERROR(cuda::LaunchAddBias(x_, w.o_bias, m, hidden, stream_));
-    }
-    RETURN_IF_ERROR(Gemm(attn_, w.o_proj, x_, m, hidden, q_dim, 1.0f));
+    RETURN_IF_ERROR(Gemm(attn_, w.o_proj, x_, m, hidden, q_dim, true, w.o_bias));
     RETURN_IF_ERROR(RmsNorm(w.post_attention_norm, nullptr, m));
-    RETURN_IF_ERROR(Gemm(normed_, w.gate_up, gate_up_, m, 2 * inter, hidden, 0.0f));
+    RETURN_IF_ERROR(Gemm(normed_, w.gate_up, gate_up_, m, 2 * inter, hidden, false));
     RETURN_IF_ERROR(SwiGlu(m));
-    RETURN_IF_ERROR(Gemm(act_, w.down, x_, m, hidden, inter, 1.0f));
+    RETURN_IF_ERROR(Gemm(act_, w.down, x_, m, hidden, inter, true));
   }
   const int outs = static_cast<int>(out_rows);
   RETURN_IF_ERROR(RmsNorm(final_norm_, meta_ + off_gather, outs));
-  RETURN_IF_ERROR(Gemm(normed_, lm_head_, logits_, outs, c.vocab_size, hidden, 0.0f));
+  RETURN_IF_ERROR(Gemm(normed_, lm_head_, logits_, outs, c.vocab_size, hidden, false));
+  if (capturing) {
+    capturing = false;  // nothing left for abandon_capture
+    cudaGraph_t graph = nullptr;
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+    absl::StatusOr<cudaGraphExec_t> exec =
+        ended == cudaSuccess ? graphs_->Add(graph_key, graph)
+                             : CudaStatus(ended, "cudaStreamEndCapture (decode step)");
+    if (!exec.ok()) {
+      capture_failed_ = true;
+      return exec.status();
+    }
+    CUDA_RETURN_IF_ERROR(cudaGraphLaunch(*exec, stream_));
+  }
   *out_rows_result = out_rows;
   return absl::OkStatus();
 }
@@ -908,25 +1079,16 @@ absl::StatusOr<std::unique_ptr<CudaModelRunner>> NewRunner(const LlamaConfig& co
     return absl::UnimplementedError(absl::StrCat(
         "the CUDA backend's decode kernel runs GQA groups of at most 8 query heads, got ", group));
   }
-  ASSIGN_OR_RETURN(const cuda::CublasApi* cublas, cuda::LoadCublas());
+  RETURN_IF_ERROR(cuda::LoadCublasLt().status());
   cudaStream_t stream = nullptr;
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cublasHandle_t blas = nullptr;
-  if (cublasStatus_t s = cublas->create(&blas); s != CUBLAS_STATUS_SUCCESS) {
-    cudaStreamDestroy(stream);
-    return cuda::CublasStatus(s, "cublasCreate");
-  }
-  auto runner = std::make_unique<CudaModelRunner>(config, stream, blas, cuda_options);
-  CUBLAS_RETURN_IF_ERROR(cublas->set_stream(blas, stream));
-  // Explicitly the default math mode: fp32 GEMMs stay fp32 (TF32 only under
-  // CUBLAS_TF32_TENSOR_OP_MATH), which the fp32 compute mode relies on.
-  CUBLAS_RETURN_IF_ERROR(cublas->set_math_mode(blas, CUBLAS_DEFAULT_MATH));
-  return runner;
+  return std::make_unique<CudaModelRunner>(config, stream, cuda_options);
 }
 
 absl::StatusOr<std::unique_ptr<ModelRunner>> Finish(std::unique_ptr<CudaModelRunner> runner,
                                                     const RunnerOptions& options,
                                                     const CudaRunnerOptions& cuda_options) {
+  RETURN_IF_ERROR(runner->InitGemm());
   RETURN_IF_ERROR(runner->EnsureWorkspace(std::max(1, cuda_options.initial_step_tokens)));
   RETURN_IF_ERROR(runner->CreateCache(options, cuda_options));
   return std::unique_ptr<ModelRunner>(std::move(runner));
@@ -1003,6 +1165,11 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCudaModelRunnerWithRandomWeig
 int64_t CudaRunnerWeightBytes(const ModelRunner& runner) {
   const auto* cuda_runner = dynamic_cast<const CudaModelRunner*>(&runner);
   return cuda_runner != nullptr ? cuda_runner->weight_bytes() : 0;
+}
+
+CudaGraphStats GetCudaGraphStats(const ModelRunner& runner) {
+  const auto* cuda_runner = dynamic_cast<const CudaModelRunner*>(&runner);
+  return cuda_runner != nullptr ? cuda_runner->graph_stats() : CudaGraphStats{};
 }
 
 absl::Status AppendSyntheticKv(ModelRunner& runner, kernels::SeqId seq, int64_t tokens,

@@ -13,8 +13,9 @@
 // ties; decode rows then differ by the decode kernel's fp16 operands, ~1e-4 on average:
 // docs/BENCHMARKS.md); twice the weight memory and bandwidth. Norms, biases and RoPE frequencies
 // are fp32/fp64 in both. All tokens of all chunks of a Forward call form one
-// [tokens, hidden] batch, decode tokens first: one cuBLAS GEMM per projection (fp32 accumulation
-// and output; o_proj and down_proj accumulate into the fp32 residual stream with beta = 1), fused
+// [tokens, hidden] batch, decode tokens first: one cuBLASLt matmul per projection (fp32
+// accumulation and output, the algorithm chosen once per shape; o_proj and down_proj accumulate
+// into the fp32 residual stream in place with beta = 1, o_proj's bias added in the epilogue), fused
 // kernels for the embedding, RMSNorm (emitting the GEMM input), the q/k/v epilogue (bias, QK-norm,
 // RoPE) and SwiGLU (cuda_kernels.h). Per layer, the step's fp32 keys and values are appended to the
 // cache in one call for all sequences (CudaKvAppend); the decode tokens run one CudaDecodeAttention
@@ -28,12 +29,24 @@
 // 24 bytes, allocated on first need and grown on demand) comes out of the memory the KV pool
 // leaves free (1 - gpu_memory_fraction).
 //
+// CUDA graphs (CudaRunnerOptions::cuda_graphs): a step whose chunks are all decode tokens, on a
+// cache without eviction, launches shapes that depend only on the batch size and the block-table
+// width rounded up to 1/8 of its power of two (the split-KV attention is planned for that width;
+// shorter sequences leave their last splits empty), with every per-step value (tokens,
+// positions, block tables, lengths) in one device metadata buffer at a fixed address. Each such
+// shape is captured into a CUDA graph on its second step (the first runs eagerly and grows the
+// workspaces: nothing allocates during a capture) and replayed afterwards: one launch instead of
+// ~13 per layer. Graphs are dropped when a buffer they use is reallocated, and at most 128 are
+// kept (least recently used first out). Prefill and mixed steps, and caches that evict, launch
+// eagerly. The decode shapes are the same with graphs off, so a replay gives the bits an eager
+// launch gives. Sampling (ForwardSample) runs eagerly after the graph.
+//
 // Memory: the KV pool is options.kv_num_blocks blocks if > 0, else gpu_memory_fraction of the GPU
 // memory free after the weights and the step workspace, less max_sequences x the per-sequence
 // state outside the pool (the fp16 residual windows of KIVI and TurboQuant, FP8 scales).
 // RunnerOptions::kv_cache_bytes is not used by this backend. The prefix scratch of prefill chunks ([chunks with a prefix,
 // kv_heads, longest stored length, head_dim] fp32, keys and values) grows on demand. No managed
-// memory; every CUDA / cuBLAS call is checked and returned as a Status. A runner is used by one
+// memory; every CUDA / cuBLASLt call is checked and returned as a Status. A runner is used by one
 // thread at a time; sequences must be fed through Forward only (not the cache's host methods).
 //
 //   ASSIGN_OR_RETURN(auto runner, CreateCudaModelRunner(options, {.gpu_memory_fraction = 0.85}));
@@ -73,6 +86,9 @@ struct CudaRunnerOptions {
   CudaCompute compute = CudaCompute::kBf16;
   // Whether ForwardSample is offered (the engine then samples on the GPU).
   bool device_sampling = true;
+  // Whether decode-only steps replay CUDA graphs (see above); off: every step launches eagerly,
+  // with the same results.
+  bool cuda_graphs = true;
 };
 
 // FailedPreconditionError when no CUDA device is usable; UnimplementedError for eviction with
@@ -99,6 +115,15 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> CreateCudaModelRunnerWithRandomWeig
 
 // Bytes of the runner's weights on the GPU (a CUDA runner; 0 for any other).
 int64_t CudaRunnerWeightBytes(const ModelRunner& runner);
+
+// The CUDA graphs of a runner's decode steps (all 0 for a runner that is not a CUDA one or has
+// graphs off).
+struct CudaGraphStats {
+  int graphs = 0;         // held now
+  int64_t captures = 0;   // captured so far
+  int64_t replays = 0;    // steps launched from a graph (the capturing step included)
+};
+CudaGraphStats GetCudaGraphStats(const ModelRunner& runner);
 
 // Appends `tokens` tokens of synthetic keys and values (a fixed pattern from `seed`, unit
 // variance) to every layer of `seq` in a CUDA runner's cache, through the format's append as a

@@ -2,7 +2,7 @@
 // an error becomes InternalError naming the call and CUDA's message (never an abort).
 //
 //   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
-//   CUBLAS_RETURN_IF_ERROR(cublasGemmEx(...));
+//   CUBLAS_RETURN_IF_ERROR(lt->matmul(...));
 #pragma once
 
 #include <cublas_v2.h>

@@ -77,7 +77,8 @@ class CudaDecodeAttention {
                                                                      int block_size);
   virtual int record_bytes() const = 0;
   // Enqueues the attention on `stream` (cudaStream_t or nullptr). Grows an internal workspace on
-  // first use (that call synchronizes). InvalidArgumentError for bad shapes or a pool, block
+  // first use (that call synchronizes; it fails inside a CUDA graph capture, so run a shape
+  // eagerly before capturing it). InvalidArgumentError for bad shapes or a pool, block
   // stride or layer offset that is not 16-byte aligned; InternalError with the CUDA error string
   // when a launch fails.
   virtual absl::Status Run(const DecodeBatch& batch, void* stream) = 0;
@@ -86,6 +87,9 @@ class CudaDecodeAttention {
   // Forces the number of splits of the block range (0 = automatic); tests use it to exercise
   // the reduction with many and with one split.
   virtual void set_forced_splits(int splits) = 0;
+  // Counts the reallocations of the internal workspace: a CUDA graph that captured Run holds the
+  // workspace's address and is stale once this changes.
+  virtual uint64_t workspace_generation() const = 0;
 };
 
 }  // namespace kvgate::kernels::cuda
