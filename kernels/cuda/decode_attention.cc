@@ -89,6 +89,8 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     // none.
     a->has_window_ = (spec.kind == KvFormatKind::kKivi || spec.kind == KvFormatKind::kTurbo) &&
                      spec.residual_tokens > 0;
+    a->per_token_ = spec.kind == KvFormatKind::kFp16 || spec.kind == KvFormatKind::kBf16 ||
+                    spec.kind == KvFormatKind::kFp8 || spec.kind == KvFormatKind::kInt8;
     FormatParams& fp = a->fp_;
     fp.record_bytes = (*codec)->record_bytes();
     fp.key_bytes = (*codec)->key_bytes();
@@ -244,6 +246,19 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     if (residual && (!b.residual_k || !b.residual_v || b.residual_capacity <= 0)) {
       return absl::InvalidArgumentError("DecodeBatch: residual window pointers missing");
     }
+    // Sinks: one more split per (sequence, kv-head) on the tensor-core kernel, for the formats
+    // sink eviction runs with (they have no window, so the split index after the block splits
+    // is free).
+    const bool sinks = b.sink_slots != nullptr;
+    if (sinks && !(per_token_ && mma_fmt_ >= 0)) {
+      return absl::UnimplementedError(
+          "CUDA decode: attention sinks (sink eviction's shifted query) are implemented for fp16, "
+          "bf16, fp8 and int8 only");
+    }
+    if (sinks && (!b.sink_shift || !b.rope_inv_freq)) {
+      return absl::InvalidArgumentError(
+          "DecodeBatch: sink_slots needs sink_shift and rope_inv_freq");
+    }
     // Split planning: whole tiles per split. Automatic: the split count whose estimated time is
     // least, time = waves of CTAs (ceil(CTAs / resident CTA slots)) x (tiles per split + 1 for
     // the pipeline's fill), so that the last wave is not a small tail; ties go to fewer splits.
@@ -252,7 +267,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     const int gi = g == 1 ? 0 : g == 2 ? 1 : g == 4 ? 2 : 3;
     const int64_t slots = int64_t{num_sms_} * ctas_per_sm_[gi];
     const int64_t pairs = int64_t{b.num_seqs} * hkv;
-    const int split_cap = internal::kMaxReduceSplits - 1;  // one left for the window's split
+    const int split_cap = internal::kMaxReduceSplits - 1;  // one left for the window or sinks
     int splits = 1;
     if (forced_splits_ > 0) {
       splits = forced_splits_;
@@ -293,18 +308,25 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     a.tile_blocks = tile_blocks_;
     a.blocks_per_split = tiles_per_split * tile_blocks_;
     a.num_splits = splits;
-    a.total_splits = splits + (residual ? 1 : 0);
-    // Workspace.
+    a.total_splits = splits + (residual || sinks ? 1 : 0);
+    // Workspace (with sinks: the shifted prepared query after the prepared one).
     const size_t q_floats = size_t(b.num_seqs) * b.num_q_heads * d;
     const size_t acc_floats = size_t(b.num_seqs) * hkv * a.total_splits * g * d;
     const size_t ml_floats = size_t(b.num_seqs) * hkv * a.total_splits * g * 2;
-    if (q_floats > qprep_cap_ || acc_floats > part_acc_cap_ || ml_floats > part_ml_cap_) {
-      ++workspace_generation_;
+    const size_t qprep_floats = q_floats * (sinks ? 2 : 1);
+    if (qprep_floats > qprep_cap_ || acc_floats > part_acc_cap_ || ml_floats > part_ml_cap_) {
+      ++workspace_generation_;  // buffers move: captured CUDA graphs are stale
     }
-    KVGATE_KERNELS_RETURN_IF_ERROR(Grow(&qprep_, &qprep_cap_, q_floats));
+    KVGATE_KERNELS_RETURN_IF_ERROR(Grow(&qprep_, &qprep_cap_, qprep_floats));
     KVGATE_KERNELS_RETURN_IF_ERROR(Grow(&part_acc_, &part_acc_cap_, acc_floats));
     KVGATE_KERNELS_RETURN_IF_ERROR(Grow(&part_ml_, &part_ml_cap_, ml_floats));
     a.qprep = qprep_;
+    if (sinks) {
+      a.sink_slots = b.sink_slots;
+      a.sink_shift = b.sink_shift;
+      a.rope_inv_freq = b.rope_inv_freq;
+      a.qprep_sink = qprep_ + q_floats;
+    }
     a.part_acc = part_acc_;
     a.part_ml = part_ml_;
     cudaError_t e = internal::LaunchDecode(kind_, mma_fmt_, d, g, a, fp_, hkv, b.num_seqs,
@@ -334,6 +356,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
   int kind_ = 0, d_ = 0, num_kv_heads_ = 0, block_size_ = 0, tile_blocks_ = 1;
   int residual_tile_tokens_ = 0, smem_bytes_ = 0, num_sms_ = 1;
   bool has_window_ = false;  // KIVI, TurboQuant with R > 0
+  bool per_token_ = false;   // fp16, bf16, fp8, int8: the formats that may have sinks
   int ctas_per_sm_[4] = {1, 1, 1, 1};
   int forced_splits_ = 0, last_splits_ = 0;
   uint64_t workspace_generation_ = 0;

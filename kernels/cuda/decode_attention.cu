@@ -9,7 +9,9 @@
 //  a
 //    power-of-two group, TurboQuant with equal key/value rates 4/3.5/3/2.5): tensor cores
 //    (mma.sync m16n8k16) for Q K^T and P V with the GQA group as N, per-warp online softmax on
-//    the fragments; its comment below has the fragment mapping.
+//    the fragments; its comment below has the fragment mapping. With attention sinks (sink
+//    eviction) one more CTA per (sequence, kv-head) scores the sink slots against the RoPE-shifted
+//    query (PrepareQueryKernel writes it next to the prepared one) and the block splits mask them.
 //  - DecodeSplitKernel (v1: the other layouts, and the fp16 residual window of KIVI and
 //    TurboQuant as one extra split): a split is a range of whole tiles; a tile is `tile_blocks`
 //    blocks. Each block
@@ -535,15 +537,28 @@ __device__ void Fwht(float* x, bool active, int c) {
   __syncthreads();
 }
 
-// grid [num_q_heads, num_seqs], D threads: qprep = (rotated) q * scale * log2(e).
+// grid [num_q_heads, num_seqs], D threads: qprep = (rotated) q * scale * log2(e). With sinks
+// (qprep_sink non-null; per-token formats, so signs is null) also qprep_sink = the query rotated
+// back by sink_shift[seq] RoPE positions, times scale * log2(e): CpuKvCache's ShiftRope, angles
+// -shift * inv_freq[j] in double, rotate-half pairs (j, j + D/2).
 template <int D>
 __global__ void PrepareQueryKernel(const float* q, float* qprep, const float* signs,
-                                   int num_q_heads, float scale) {
+                                   int num_q_heads, float scale, const int32_t* sink_shift,
+                                   const double* inv_freq, float* qprep_sink) {
   __shared__ float x[D];
   GridDepLaunch();  // the split kernel may start its loads; it waits for qprep itself
   const size_t row = static_cast<size_t>(blockIdx.y) * num_q_heads + blockIdx.x;
   const int c = threadIdx.x;
   float v = q[row * D + c];
+  if (qprep_sink != nullptr) {
+    constexpr int kHalf = D / 2;
+    const float partner = q[row * D + (c < kHalf ? c + kHalf : c - kHalf)];
+    double sn, cs;
+    sincos(-static_cast<double>(sink_shift[blockIdx.y]) * inv_freq[c % kHalf], &sn, &cs);
+    const float cf = static_cast<float>(cs), sf = static_cast<float>(sn);
+    const float shifted = c < kHalf ? v * cf - partner * sf : v * cf + partner * sf;
+    qprep_sink[row * D + c] = shifted * scale * kLog2e;
+  }
   if (signs != nullptr) {
     x[c] = v * signs[c];
     Fwht<D>(x, true, c);
@@ -1172,11 +1187,26 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
     value_scale = hs[1];
   }
 
-  const int enc = a.encoded_lens[seq];
+  int enc = a.encoded_lens[seq];
   const int bs = a.block_size;
+  int b0 = split * a.blocks_per_split, span = a.blocks_per_split;
+  // Attention sinks: the CTA at split num_splits scores slots [0, sinks) with the shifted query
+  // (its blocks from the first), the block splits mask slots below `masked`.
+  const float* qsrc = a.qprep;
+  int masked = 0;
+  if (a.sink_slots != nullptr) {
+    const int sinks = min(a.sink_slots[seq], enc);
+    if (split == a.num_splits) {
+      enc = sinks;
+      b0 = 0;
+      span = (sinks + bs - 1) / bs;
+      qsrc = a.qprep_sink;
+    } else {
+      masked = sinks;
+    }
+  }
   const int seq_blocks = (enc + bs - 1) / bs;
-  const int b0 = split * a.blocks_per_split;
-  const int b1 = min(b0 + a.blocks_per_split, seq_blocks);
+  const int b1 = min(b0 + span, seq_blocks);
   const int ntiles = b1 > b0 ? (b1 - b0 + a.tile_blocks - 1) / a.tile_blocks : 0;
   const int seg_bytes = bs * rb;
   const int stage_bytes = a.tile_blocks * seg_bytes;
@@ -1222,7 +1252,7 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
   uint32_t qf_lo[kBf ? kKeySteps : 1][2];
   {
     const float* qp =
-        a.qprep + (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + min(g, G - 1)) * D;
+        qsrc + (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + min(g, G - 1)) * D;
 #pragma unroll
     for (int s = 0; s < kKeySteps; ++s) {
       // Entries 4s .. 4s + 3 of the lane's key list (not consecutive channels for KIVI's pairs).
@@ -1251,7 +1281,9 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
       next_entry = table_entry(tt + kStagesMma);
     }
     const uint8_t* tile = smem + (tt % kStagesMma) * stage_bytes;
-    const int ntok = min(tile_tokens, enc - (b0 + tt * a.tile_blocks) * bs);
+    const int tile_first = (b0 + tt * a.tile_blocks) * bs;
+    const int ntok = min(tile_tokens, enc - tile_first);
+    const int skip = masked - tile_first;  // leading tokens of the tile that are sinks (<= 0: none)
     if constexpr (F::kKivi) {
       // Stage the tile's key-group metadata in the order of the lanes' key pairs (lane t's pair j
       // at t * kKeyCh / 2 + j): [group][D/2] (scale, scale) of the pair's two channels divided by
@@ -1328,9 +1360,9 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
         s[2] *= sg8;
         s[3] *= sg8;
       }
-      if (!full) {
-        if (c0 + g >= ntok) s[0] = s[1] = -INFINITY;
-        if (c0 + g + 8 >= ntok) s[2] = s[3] = -INFINITY;
+      if (!full || c0 < skip) {
+        if (c0 + g >= ntok || c0 + g < skip) s[0] = s[1] = -INFINITY;
+        if (c0 + g + 8 >= ntok || c0 + g + 8 < skip) s[2] = s[3] = -INFINITY;
       }
       // ---- online softmax (heads 2t, 2t+1) ----
       // The running max moves only when a score of the chunk exceeds it, which gets rare after
@@ -1547,9 +1579,11 @@ cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a
                          float scale, cudaStream_t stream) {
   const dim3 rows(a.num_q_heads, num_seqs);
   if (d == 64) {
-    PrepareQueryKernel<64><<<rows, 64, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale);
+    PrepareQueryKernel<64><<<rows, 64, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale,
+                                                    a.sink_shift, a.rope_inv_freq, a.qprep_sink);
   } else {
-    PrepareQueryKernel<128><<<rows, 128, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale);
+    PrepareQueryKernel<128><<<rows, 128, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale,
+                                                      a.sink_shift, a.rope_inv_freq, a.qprep_sink);
   }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
@@ -1561,9 +1595,10 @@ cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a
   if (mma_fmt < 0) {
     e = Dispatch(false, kind, d, g, sa, fp, grid, smem_bytes, stream, nullptr);
   } else {
-    e = DispatchMma(false, mma_fmt, d, g, sa, fp, dim3(a.num_splits, num_kv_heads, num_seqs),
+    const int mma_splits = a.num_splits + (a.sink_slots != nullptr ? 1 : 0);
+    e = DispatchMma(false, mma_fmt, d, g, sa, fp, dim3(mma_splits, num_kv_heads, num_seqs),
                     smem_bytes, stream, nullptr);
-    if (e == cudaSuccess && a.total_splits > a.num_splits) {  // the fp16 window: v1, last split
+    if (e == cudaSuccess && a.total_splits > mma_splits) {  // the fp16 window: v1, last split
       SplitArgs r = sa;
       r.split_offset = a.num_splits;
       e = Dispatch(false, kind, d, g, r, fp,

@@ -57,12 +57,22 @@ struct SplitArgs {
   float* qprep = nullptr;     // [seqs, q_heads, d]
   float* part_acc = nullptr;  // [seqs, kv_heads, total_splits, G, d]
   float* part_ml = nullptr;   // [seqs, kv_heads, total_splits, G, 2]
+  // Attention sinks (DecodeBatch::sink_slots; nullptr: none). PrepareQueryKernel also writes
+  // qprep_sink, the query rotated back by sink_shift[s] RoPE positions (rope_inv_freq) and
+  // prepared; the tensor-core kernel's CTA at split index num_splits scores slots
+  // [0, sink_slots[s]) against it and the block splits mask those slots. Never with a window
+  // split (the host allows sinks for the per-token formats only), so the index is free.
+  const int32_t* sink_slots = nullptr;
+  const int32_t* sink_shift = nullptr;
+  const double* rope_inv_freq = nullptr;
+  float* qprep_sink = nullptr;  // [seqs, q_heads, d]
   int num_q_heads = 0;
   int block_size = 0;
   int tile_blocks = 0;
   int blocks_per_split = 0;
   int num_splits = 0;    // splits over the blocks
-  int total_splits = 0;  // + 1 for the fp16 window's split (KIVI, TurboQuant with R > 0)
+  int total_splits = 0;  // + 1 for the fp16 window's split (KIVI, TurboQuant with R > 0) or
+                         // the sinks' split
   int split_offset = 0;  // v1 kernel: blockIdx.x + split_offset is the split
 };
 
@@ -77,9 +87,9 @@ cudaError_t SetupSplitKernel(int kind, int d, int g, int smem_bytes, int* blocks
 int MmaStages();
 inline constexpr int MmaMergeBytes(int d) { return 4 * 8 * d * 4 + 4 * 8 * 2 * 4; }
 cudaError_t SetupMmaKernel(int fmt, int d, int smem_bytes, int* blocks_per_sm);
-// mma_fmt < 0: the v1 DecodeSplitKernel over all splits (smem_bytes). Otherwise DecodeMmaKernel
-// over the num_splits block splits (smem_bytes) and, for the fp16 window's split (KIVI,
-// TurboQuant), DecodeSplitKernel (smem_v1_bytes).
+// mma_fmt < 0: the v1 DecodeSplitKernel over all splits (smem_bytes; no sinks). Otherwise
+// DecodeMmaKernel over the num_splits block splits (+ the sinks' split; smem_bytes) and, for the
+// fp16 window's split (KIVI, TurboQuant), DecodeSplitKernel (smem_v1_bytes).
 cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a,
                          const FormatParams& fp, int num_kv_heads, int num_seqs, int smem_bytes,
                          int smem_v1_bytes, const float* q, float* out, const float* signs,

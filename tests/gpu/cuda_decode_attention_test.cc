@@ -3,7 +3,8 @@
 // whose lengths are not multiples of the block size (1, 17, 1000, 4097), forced split counts, and
 // long sequences, garbage in unused slots, the layouts that take the v1 fallback kernel,
 // per-sequence state at scattered slots (DecodeBatch::seq_slots), and TurboQuant's fp16 window
-// (default R, r=0, r=32) around its flush boundaries. Both
+// (default R, r=0, r=32) around its flush boundaries, and the attention sinks of sink eviction
+// (DecodeBatch::sink_slots: the sinks scored with the RoPE-shifted query). Both
 // sides read identical stored bytes (PackPagedKv encodes with the CPU codecs under the cache's
 // rules); the tensor-core kernel rounds q and p to fp16 (2^-11 relative each; bf16 splits them into
 // hi + lo parts), which measured 2.4e-4..6.7e-4 relative L2 (v1 and bf16: <= 4e-6), so the bound
@@ -408,6 +409,223 @@ TEST(CudaDecodeWindowTest, TurboQuantWindowMatchesCpu) {
                   res.max_rel_l2);
     }
   }
+}
+
+// ---- Attention sinks (sink eviction: StreamingLLM positions within the cache) -------------------
+
+// Llama-style RoPE frequencies: inv_freq[j] = 10000^(-2j/d).
+std::vector<double> RopeFrequencies(int d) {
+  std::vector<double> f(d / 2);
+  for (int j = 0; j < d / 2; ++j) f[j] = std::pow(10000.0, -2.0 * j / d);
+  return f;
+}
+
+struct SinkResult {
+  double max_rel_l2 = 0;
+  bool all_finite = true;
+  int64_t shifted_seqs = 0;  // sequences whose sinks were scored with a shifted query
+};
+
+// A CPU cache with sink eviction (sinks=S, window=W) and RoPE frequencies appends each sequence's
+// prompt of prompts[s] tokens, then one token (the eviction keeps positions < S and the newest
+// W - 1 before it) and decodes: slots [0, min(S, stored)) are scored against the query rotated
+// back by delta = length - stored positions when delta > 0 (CpuKvCache's SinkShift). The kernel
+// reads the same stored tokens (the CPU's, read back and packed: fp16 / bf16 / int8 re-encode to
+// the same codes; FP8 too because token 0 holds every head's largest element, as attention sinks
+// do, so the head scale of the kept tokens is the sequence's) with sink_slots / sink_shift as the
+// CPU cache derives them. shift_sinks = false runs the kernel without them (the control).
+void RunSinkCase(const std::string& format, int d, int ratio, int sinks, int window,
+                 const std::vector<int>& prompts, int forced_splits, uint64_t seed,
+                 bool shift_sinks, SinkResult* result) {
+  const int kv_heads = 2, q_heads = kv_heads * ratio, bs = 16;
+  auto spec = ParseKvFormat(format);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  KvCacheConfig cfg{.num_layers = 1,
+                    .num_kv_heads = kv_heads,
+                    .head_dim = d,
+                    .block_size = bs,
+                    .num_blocks = 0,
+                    .format = *spec,
+                    .rope_inv_freq = RopeFrequencies(d)};
+  auto eviction =
+      ParseEviction("sink:sinks=" + std::to_string(sinks) + ",window=" + std::to_string(window));
+  ASSERT_TRUE(eviction.ok()) << eviction.status();
+  cfg.format.eviction = *eviction;
+  for (int n : prompts) cfg.num_blocks += (n + 1 + bs - 1) / bs;
+  auto cache = CreateCpuKvCache(cfg);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const int num_seqs = static_cast<int>(prompts.size());
+  std::vector<float> q(size_t(num_seqs) * q_heads * d);
+  for (float& x : q) x = normal(rng);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  std::vector<float> expected(q.size());
+  std::vector<std::vector<float>> stored_k(num_seqs), stored_v(num_seqs);
+  std::vector<int32_t> sink_slots(num_seqs), sink_shift(num_seqs);
+  for (int s = 0; s < num_seqs; ++s) {
+    const int n = prompts[s];
+    std::vector<float> k(size_t(n + 1) * kv_heads * d), v(k.size());
+    for (size_t i = 0; i < k.size(); ++i) {
+      k[i] = normal(rng) + 0.5f * static_cast<float>(i % 3);
+      v[i] = normal(rng);
+    }
+    for (int h = 0; h < kv_heads; ++h) k[size_t(h) * d] = v[size_t(h) * d] = 20.0f;  // token 0
+    ASSERT_TRUE((*cache)->AddSequence(s, n + 1).ok());
+    ASSERT_TRUE((*cache)->Append(s, 0, n, k.data(), v.data()).ok());
+    ASSERT_TRUE((*cache)
+                    ->Append(s, 0, 1, k.data() + size_t(n) * kv_heads * d,
+                             v.data() + size_t(n) * kv_heads * d)
+                    .ok());
+    ASSERT_TRUE((*cache)
+                    ->DecodeAttention(s, 0, q_heads, q.data() + size_t(s) * q_heads * d, scale,
+                                      expected.data() + size_t(s) * q_heads * d)
+                    .ok());
+    const int64_t stored = (*cache)->StoredTokens(s, 0);
+    const int64_t length = n + 1;
+    ASSERT_EQ(stored, std::min<int64_t>(length, sinks + window)) << "prompt " << n;
+    if (length > stored) {
+      sink_slots[s] = static_cast<int32_t>(std::min<int64_t>(sinks, stored));
+      sink_shift[s] = static_cast<int32_t>(length - stored);
+      ++result->shifted_seqs;
+    }
+    // The stored tokens, [stored, kv_heads, d], in slot order: positions 0..S-1, then the newest.
+    stored_k[s].resize(size_t(stored) * kv_heads * d);
+    stored_v[s].resize(stored_k[s].size());
+    std::vector<float> hk(size_t(stored) * d), hv(hk.size());
+    std::vector<int64_t> pos(stored);
+    for (int h = 0; h < kv_heads; ++h) {
+      ASSERT_TRUE((*cache)->ReadStored(s, 0, h, hk.data(), hv.data(), pos.data()).ok());
+      for (int64_t i = 0; i < stored; ++i) {
+        const int64_t want = i < sinks || length == stored ? i : length - (stored - i);
+        ASSERT_EQ(pos[i], want) << "slot " << i << " of prompt " << n;
+        std::copy_n(hk.begin() + i * d, d, stored_k[s].begin() + (i * kv_heads + h) * d);
+        std::copy_n(hv.begin() + i * d, d, stored_v[s].begin() + (i * kv_heads + h) * d);
+      }
+    }
+  }
+  auto packed = PackPagedKv(*spec, d, kv_heads, bs, stored_k, stored_v, seed ^ 0x5eed);
+  ASSERT_TRUE(packed.ok()) << packed.status();
+  auto attn = CudaDecodeAttention::Create(*spec, d, kv_heads, bs);
+  ASSERT_TRUE(attn.ok()) << attn.status();
+  (*attn)->set_forced_splits(forced_splits);
+  uint8_t* pool = Upload(packed->pool);
+  int32_t* tables = Upload(packed->block_tables);
+  int32_t* enc = Upload(packed->encoded_lens);
+  float* scales = Upload(packed->head_scales);
+  int32_t* dslots = Upload(sink_slots);
+  int32_t* dshift = Upload(sink_shift);
+  double* dfreq = Upload(cfg.rope_inv_freq);
+  float* dq = Upload(q);
+  float* dout = nullptr;
+  CUDA_OK(cudaMalloc(&dout, q.size() * sizeof(float)));
+  CUDA_OK(cudaMemset(dout, 0xFF, q.size() * sizeof(float)));  // NaN poison
+  DecodeBatch b;
+  b.pool = pool;
+  b.block_stride_bytes = packed->block_bytes;
+  b.block_tables = tables;
+  b.max_blocks_per_seq = packed->max_blocks_per_seq;
+  b.encoded_lens = enc;
+  b.max_encoded_len = packed->max_encoded_len;
+  b.head_scales = scales;
+  if (shift_sinks) {
+    b.sink_slots = dslots;
+    b.sink_shift = dshift;
+    b.rope_inv_freq = dfreq;
+  }
+  b.num_seqs = num_seqs;
+  b.num_q_heads = q_heads;
+  b.q = dq;
+  b.out = dout;
+  b.scale = scale;
+  absl::Status st = (*attn)->Run(b, nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<float> got(q.size());
+  CUDA_OK(cudaMemcpy(got.data(), dout, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  for (void* p :
+       {static_cast<void*>(pool), static_cast<void*>(tables), static_cast<void*>(enc),
+        static_cast<void*>(scales), static_cast<void*>(dslots), static_cast<void*>(dshift),
+        static_cast<void*>(dfreq), static_cast<void*>(dq), static_cast<void*>(dout)}) {
+    if (p) cudaFree(p);
+  }
+  for (int s = 0; s < num_seqs; ++s) {
+    double err = 0, ref = 0;
+    for (size_t i = size_t(s) * q_heads * d; i < size_t(s + 1) * q_heads * d; ++i) {
+      if (!std::isfinite(got[i])) result->all_finite = false;
+      err += (double(got[i]) - expected[i]) * (double(got[i]) - expected[i]);
+      ref += double(expected[i]) * expected[i];
+    }
+    result->max_rel_l2 = std::max(result->max_rel_l2, std::sqrt(err / std::max(ref, 1e-30)));
+  }
+}
+
+// Per-token formats x head_dim 64 / 128 x GQA 1 / 4 / 8; sinks inside the first block (S = 4)
+// and straddling a block boundary (S = 20, block 16); prompts below S + W (nothing evicted: no
+// shift), just above it and far above it (delta in the thousands); automatic, one and three
+// splits (the first block split masks the sink slots, the sinks' split scores them).
+TEST(CudaDecodeSinkTest, ShiftedSinkQueriesMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  int ratio_index = 0;
+  for (const char* format : {"fp16", "bf16", "fp8", "int8"}) {
+    for (int d : {64, 128}) {
+      for (const auto& [sinks, window] : {std::pair{4, 100}, std::pair{20, 300}}) {
+        const int ratio = std::vector<int>{1, 4, 8}[ratio_index++ % 3];
+        const std::vector<int> prompts = {sinks + window - 10, sinks + window + 3, 1000, 4097};
+        for (int splits : {0, 1, 3}) {
+          SinkResult r;
+          RunSinkCase(format, d, ratio, sinks, window, prompts, splits, 700 + d + sinks + splits,
+                      /*shift_sinks=*/true, &r);
+          if (HasFatalFailure()) return;
+          EXPECT_EQ(r.shifted_seqs, 3);
+          EXPECT_TRUE(r.all_finite) << format << " d=" << d;
+          EXPECT_LT(r.max_rel_l2, kTolerance) << format << " d=" << d << " gqa=" << ratio
+                                              << " sinks=" << sinks << " splits=" << splits;
+          std::printf("[ result ] %s sinks d=%d gqa=%d S=%d W=%d splits=%d rel_l2=%.3g\n", format,
+                      d, ratio, sinks, window, splits, r.max_rel_l2);
+        }
+      }
+    }
+  }
+}
+
+// The check of the check: without the shift the same batch is far off the CPU (the sinks hold
+// large keys, and a delta of hundreds of positions rotates them away from the query).
+TEST(CudaDecodeSinkTest, UnshiftedSinksDoNotMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  SinkResult r;
+  RunSinkCase("fp16", 128, 4, 4, 100, {104, 1000, 4097}, 0, 5, /*shift_sinks=*/false, &r);
+  if (HasFatalFailure()) return;
+  EXPECT_GT(r.max_rel_l2, 20 * kTolerance);
+  std::printf("[ result ] fp16 sinks unshifted rel_l2=%.3g (must be large)\n", r.max_rel_l2);
+}
+
+TEST(CudaDecodeSinkTest, SinksNeedAPerTokenFormatAndTheShiftArrays) {
+  SKIP_WITHOUT_GPU();
+  int32_t* dummy = nullptr;
+  CUDA_OK(cudaMalloc(&dummy, 64));
+  DecodeBatch b;
+  b.pool = reinterpret_cast<const uint8_t*>(dummy);
+  b.block_tables = b.encoded_lens = dummy;
+  b.max_blocks_per_seq = 1;
+  b.q = reinterpret_cast<const float*>(dummy);
+  b.out = reinterpret_cast<float*>(dummy);
+  b.num_seqs = 1;
+  b.num_q_heads = 8;
+  b.sink_slots = dummy;
+  auto kivi = ParseKvFormat("kivi2");
+  ASSERT_TRUE(kivi.ok());
+  auto attn = CudaDecodeAttention::Create(*kivi, 128, 2, 16);
+  ASSERT_TRUE(attn.ok()) << attn.status();
+  absl::Status st = (*attn)->Run(b, nullptr);
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented) << st;
+  auto fp16 = ParseKvFormat("fp16");
+  ASSERT_TRUE(fp16.ok());
+  attn = CudaDecodeAttention::Create(*fp16, 128, 2, 16);
+  ASSERT_TRUE(attn.ok()) << attn.status();
+  st = (*attn)->Run(b, nullptr);  // sink_shift and rope_inv_freq missing
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  cudaFree(dummy);
 }
 
 TEST(CudaDecodeApiTest, RejectsUnsupportedAndBadInput) {

@@ -7,7 +7,9 @@
 // format; pool capacity against the format descriptor; the random-weight Llama-3-8B; greedy
 // generations through the Engine on the reference model (issue 5 item 2: the first 16 tokens
 // identical for >= 90% of 50 varied prompts, differences only at near-ties of the CPU's logits);
-// and decode throughput at batch 1, 32 and 128 (printed, for docs/BENCHMARKS.md).
+// and decode throughput at batch 1, 32 and 128 (printed, for docs/BENCHMARKS.md). Eviction: the
+// CudaKvCache against CpuKvCache (H2O, sinks with and without the RoPE shift of the sink scores)
+// and the runners end to end (H2O; sinks in fp32 compute with the same kept tokens).
 //
 // Tolerance of the runner parity: the GPU runs bf16 weights (the CPU fp32; for bf16 checkpoints
 // the weights are identical) and bf16 GEMM inputs, so logits differ by bf16 rounding of
@@ -446,15 +448,27 @@ INSTANTIATE_TEST_SUITE_P(Formats, CudaKvCacheHost, ::testing::ValuesIn(AllFormat
 struct EvictCase {
   std::string format;
   std::string eviction;
+  // Sinks: the caches get RoPE frequencies, so the sinks are scored with the shifted query.
+  bool rope = false;
 };
+
+// Llama-style RoPE frequencies: inv_freq[j] = 10000^(-2j/d).
+std::vector<double> RopeFrequencies(int d) {
+  std::vector<double> f(d / 2);
+  for (int j = 0; j < d / 2; ++j) f[j] = std::pow(10000.0, -2.0 * j / d);
+  return f;
+}
 
 class CudaKvCacheEviction : public ::testing::TestWithParam<EvictCase> {};
 
 // Identical fp32 inputs to both caches: a 90-token prefill (Append + PrefillAttention: H2O masses
-// from the prefill queries), then 160 decode steps (Append 1 + DecodeAttention). Keys have
-// per-token norms spread over 0.2..3 so that masses sit far apart (no near-ties for the fp32
-// summation order to flip). Checked: the same stored count and positions per kv-head for every
-// layer, block accounting, and decode outputs within the cache decode tolerance at every step.
+// from the prefill queries), then 160 decode steps (Append 1 + DecodeAttention), then a 24-token
+// chunk over the cached prefix (Append + PrefillAttention). Keys have per-token norms spread over
+// 0.2..3 so that masses sit far apart (no near-ties for the fp32 summation order to flip).
+// Checked: the same stored count and positions per kv-head for every layer, block accounting,
+// decode outputs within the cache decode tolerance at every step and the chunk's outputs within
+// the prefill tolerance. Sinks with RoPE frequencies: both caches score the sinks with the
+// query shifted back by the evicted count.
 TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
   SKIP_WITHOUT_GPU();
   const int layers = 2, kv_heads = 2, d = 64, q_heads = 8;
@@ -466,6 +480,7 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
                              .format = *kernels::ParseKvFormat(GetParam().format),
                              .rope_inv_freq = {}};
   cfg.format.eviction = *kernels::ParseEviction(GetParam().eviction);
+  if (GetParam().rope) cfg.rope_inv_freq = RopeFrequencies(d);
   auto cpu = kernels::CreateCpuKvCache(cfg);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   auto gpu = cuda::CudaKvCache::Create(cfg, nullptr, /*max_sequences=*/2);
@@ -523,11 +538,32 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
     }
     EXPECT_EQ((*gpu)->free_blocks(), (*cpu)->free_blocks()) << "step " << step;
   }
+  const int chunk = 24;
+  ASSERT_TRUE((*cpu)->Reserve(3, prompt + steps + chunk).ok());
+  ASSERT_TRUE((*gpu)->Reserve(3, prompt + steps + chunk).ok());
+  for (int layer = 0; layer < layers; ++layer) {
+    std::vector<float> k = keys(chunk), v = randn(k.size()), q = randn(size_t(chunk) * q_heads * d);
+    ASSERT_TRUE((*cpu)->Append(3, layer, chunk, k.data(), v.data()).ok());
+    absl::Status s = (*gpu)->Append(3, layer, chunk, k.data(), v.data());
+    ASSERT_TRUE(s.ok()) << s;
+    std::vector<float> want(q.size()), got(q.size());
+    ASSERT_TRUE((*cpu)
+                    ->PrefillAttention(3, layer, chunk, q_heads, q.data(), k.data(), v.data(),
+                                       0.125f, want.data())
+                    .ok());
+    s = (*gpu)->PrefillAttention(3, layer, chunk, q_heads, q.data(), k.data(), v.data(), 0.125f,
+                                 got.data());
+    ASSERT_TRUE(s.ok()) << s;
+    for (int row = 0; row < chunk * q_heads; ++row) {
+      ASSERT_LT(RowError(&got[size_t(row) * d], &want[size_t(row) * d], d), kCachePrefillTolerance)
+          << "chunk over the prefix, layer " << layer << " row " << row;
+    }
+  }
   for (int layer = 0; layer < layers; ++layer) {
     const int64_t stored = (*cpu)->StoredTokens(3, layer);
     ASSERT_EQ((*gpu)->StoredTokens(3, layer), stored);
     ASSERT_LT(stored, prompt + steps) << "nothing was evicted";
-    EXPECT_EQ((*gpu)->Length(3, layer), prompt + steps);
+    EXPECT_EQ((*gpu)->Length(3, layer), prompt + steps + chunk);
     for (int h = 0; h < kv_heads; ++h) {
       std::vector<float> ck(size_t(stored) * d), cv(ck.size()), gk(ck.size()), gv(ck.size());
       std::vector<int64_t> cp(stored), gp(stored);
@@ -538,9 +574,10 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
       EXPECT_LT(RowError(gv.data(), cv.data(), cv.size()), 1e-5) << "values layer " << layer;
     }
   }
-  std::printf("[cuda evict] %s %s: %lld of %d tokens kept, decode error max %.3g\n",
+  std::printf("[cuda evict] %s %s%s: %lld of %d tokens kept, decode error max %.3g\n",
               GetParam().format.c_str(), GetParam().eviction.c_str(),
-              static_cast<long long>((*gpu)->StoredTokens(3, 0)), prompt + steps, worst);
+              GetParam().rope ? " (rope)" : "", static_cast<long long>((*gpu)->StoredTokens(3, 0)),
+              prompt + steps + chunk, worst);
   (*gpu)->FreeSequence(3);
   EXPECT_EQ((*gpu)->free_blocks(), 64);
 }
@@ -550,6 +587,7 @@ std::vector<EvictCase> EvictCases() {
   for (const char* format : {"fp16", "bf16", "fp8", "int8"}) {
     cases.push_back({format, "h2o:heavy=0.2,recent=0.1"});
     cases.push_back({format, "sink:sinks=4,window=40"});
+    cases.push_back({format, "sink:sinks=20,window=40", /*rope=*/true});
   }
   return cases;
 }
@@ -557,14 +595,15 @@ std::vector<EvictCase> EvictCases() {
 INSTANTIATE_TEST_SUITE_P(FormatsAndEvictions, CudaKvCacheEviction,
                          ::testing::ValuesIn(EvictCases()),
                          [](const ::testing::TestParamInfo<EvictCase>& info) {
-                           std::string name = info.param.format + "_" + info.param.eviction;
+                           std::string name = info.param.format + "_" + info.param.eviction +
+                                              (info.param.rope ? "_rope" : "");
                            for (char& ch : name) {
                              if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
                            }
                            return name;
                          });
 
-TEST(CudaKvCacheEviction, OtherFormatsAndSinkShiftAreUnimplemented) {
+TEST(CudaKvCacheEviction, OtherFormatsAreUnimplemented) {
   SKIP_WITHOUT_GPU();
   kernels::KvCacheConfig cfg{.num_layers = 1,
                              .num_kv_heads = 1,
@@ -578,26 +617,17 @@ TEST(CudaKvCacheEviction, OtherFormatsAndSinkShiftAreUnimplemented) {
             absl::StatusCode::kUnimplemented);
   cfg.format = *kernels::ParseKvFormat("fp16");
   cfg.format.eviction.kind = kernels::EvictionSpec::Kind::kSink;
-  cfg.rope_inv_freq.assign(32, 0.5);
+  cfg.rope_inv_freq.assign(31, 0.5);  // head_dim / 2 = 32
   EXPECT_EQ(cuda::CudaKvCache::Create(cfg, nullptr).status().code(),
-            absl::StatusCode::kUnimplemented);
+            absl::StatusCode::kInvalidArgument);
+  cfg.rope_inv_freq.assign(32, 0.5);
+  EXPECT_TRUE(cuda::CudaKvCache::Create(cfg, nullptr).ok());
 }
 
 // The runners end to end with H2O eviction (fp16 cache): the parity steps of the formats above,
-// fp32 compute; the GPU's logits stay within the bf16 tolerances of the CPU's. (Sinks: the CPU
-// runner scores them at positions within the cache, which the GPU does not do yet, so the CUDA
-// runner refuses sink eviction: SinkEvictionIsRefusedByTheRunner below.)
+// fp32 compute; the GPU's logits stay within the bf16 tolerances of the CPU's. Sink eviction:
+// CudaRunnerSinks below.
 class CudaRunnerEviction : public ::testing::TestWithParam<EvictCase> {};
-
-TEST(CudaRunnerSinks, SinkEvictionIsRefusedByTheRunner) {
-  SKIP_WITHOUT_GPU();
-  const std::string dir = ModelDir("llama");
-  if (dir.empty()) GTEST_SKIP() << "model llama not found";
-  RunnerOptions o = Options(dir, 256, "fp16");
-  o.kv_format.eviction = *kernels::ParseEviction("sink:sinks=4,window=32");
-  auto gpu = CreateCudaModelRunner(o, {.max_sequences = 8});
-  EXPECT_EQ(gpu.status().code(), absl::StatusCode::kUnimplemented) << gpu.status();
-}
 
 TEST_P(CudaRunnerEviction, LogitsMatchCpu) {
   SKIP_WITHOUT_GPU();
@@ -989,6 +1019,77 @@ INSTANTIATE_TEST_SUITE_P(ModelsAndFormats, CudaRunnerFp32Parity,
                              if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
                            }
                            return name;
+                         });
+
+// Sink eviction end to end (StreamingLLM: the sinks scored at positions within the cache, the
+// query shifted back by the evicted count): the parity steps with sink:sinks=4,window=32 (the 37-
+// and 150-token prompts evict from the first decode step on; the late prompt's second chunk
+// attends to a prefix of just its 4 sinks, 116 positions back), the CUDA runner in fp32 compute
+// against the CPU runner. Rows stay within the format's fp32 parity bounds (whole-prompt prefill:
+// kFp32PrefillTolerance; the others: Fp32BoundFor), and both caches keep the same positions per
+// (sequence, layer, kv-head).
+class CudaRunnerSinks : public ::testing::TestWithParam<ParityCase> {};
+
+TEST_P(CudaRunnerSinks, LogitsAndKeptTokensMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const ParityCase& p = GetParam();
+  const std::string dir = ModelDir(p.model);
+  if (dir.empty()) GTEST_SKIP() << "model " << p.model << " not found";
+  RunnerOptions o = Options(dir, 256, p.format);
+  o.kv_format.eviction = *kernels::ParseEviction("sink:sinks=4,window=32");
+  auto cpu = CreateCpuModelRunner(o);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto gpu = CreateCudaModelRunner(o, Fp32Options());
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  Runners pair(**cpu, **gpu, nullptr);
+  const size_t prefill_rows = RunParitySteps(pair, (*cpu)->config().vocab_size);
+  if (HasFailure()) return;
+  const std::vector<double>& err = pair.errors();
+  ASSERT_GT(prefill_rows, 0u);
+  ASSERT_LT(prefill_rows, err.size());
+  const std::vector<double> prefill(err.begin(), err.begin() + prefill_rows);
+  const std::vector<double> later(err.begin() + prefill_rows, err.end());
+  std::printf(
+      "[cuda sinks] %s %s sinks=4 window=32: %zu logits rows, whole-prompt prefill max %.3g; "
+      "later rows max %.3g mean %.3g; argmax equal %d/%zu\n",
+      p.model.c_str(), p.format.c_str(), err.size(), Runners::Max(prefill), Runners::Max(later),
+      Runners::Mean(later), pair.same_argmax(), err.size());
+  EXPECT_LT(Runners::Max(prefill), kFp32PrefillTolerance);
+  const Fp32Bound bound = Fp32BoundFor(p.format);
+  EXPECT_LT(Runners::Max(later), bound.max);
+  EXPECT_LT(Runners::Mean(later), bound.mean);
+  // The same kept tokens.
+  kernels::KvCache& cc = (*cpu)->kv_cache();
+  kernels::KvCache& gc = (*gpu)->kv_cache();
+  const int layers = cc.config().num_layers, kv_heads = cc.config().num_kv_heads;
+  const int d = cc.config().head_dim;
+  int evicting = 0;
+  for (kernels::SeqId seq = 0; seq < 4; ++seq) {
+    for (int layer : {0, layers - 1}) {
+      const int64_t stored = cc.StoredTokens(seq, layer);
+      ASSERT_EQ(gc.StoredTokens(seq, layer), stored) << "sequence " << seq << " layer " << layer;
+      evicting += stored < cc.Length(seq, layer);
+      std::vector<float> k(size_t(stored) * d), v(k.size());
+      std::vector<int64_t> want(stored), got(stored);
+      for (int h = 0; h < kv_heads; ++h) {
+        ASSERT_TRUE(cc.ReadStored(seq, layer, h, k.data(), v.data(), want.data()).ok());
+        ASSERT_TRUE(gc.ReadStored(seq, layer, h, k.data(), v.data(), got.data()).ok());
+        EXPECT_EQ(got, want) << "kept positions of sequence " << seq << " layer " << layer
+                             << " kv-head " << h;
+      }
+    }
+  }
+  EXPECT_GT(evicting, 0) << "nothing was evicted";
+}
+
+INSTANTIATE_TEST_SUITE_P(ModelsAndFormats, CudaRunnerSinks,
+                         ::testing::Values(ParityCase{"llama", "fp16"},
+                                           ParityCase{"reference", "fp16"},
+                                           ParityCase{"reference", "bf16"},
+                                           ParityCase{"llama", "fp8"},
+                                           ParityCase{"reference", "int8"}),
+                         [](const ::testing::TestParamInfo<ParityCase>& info) {
+                           return info.param.model + "_" + info.param.format;
                          });
 
 std::string SourceDir() {

@@ -218,10 +218,17 @@ __global__ void __launch_bounds__(kPrefillThreads) PrefillAttentionKernel(Prefil
   const int64_t num_keys = pos0 + tile.tile_rows;
   const float* prefix_k = nullptr;
   const float* prefix_v = nullptr;
+  int64_t sinks = 0;  // cached slots scored with the shifted query (attention sinks)
+  int32_t shift = 0;
   if (tile.prefix_index >= 0) {
     const int64_t base = (int64_t{tile.prefix_index} * hkv + kv_head) * a.prefix_stride_tokens * D;
     prefix_k = a.prefix_k + base;
     prefix_v = a.prefix_v + base;
+    if (a.sink_slots != nullptr) {
+      sinks = a.sink_slots[tile.prefix_index] < tile.past ? a.sink_slots[tile.prefix_index]
+                                                          : tile.past;
+      shift = a.sink_shift[tile.prefix_index];
+    }
   }
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float4 acc[2][C4];
@@ -250,6 +257,23 @@ __global__ void __launch_bounds__(kPrefillThreads) PrefillAttentionKernel(Prefil
       }
       *reinterpret_cast<float4*>(k_s + kk * LD + c) = kval;
       *reinterpret_cast<float4*>(v_s + kk * LD + c) = vval;
+    }
+    if (k0 < sinks) {
+      // Sink keys rotated forward by `shift` positions: q . R(shift) k = R(-shift) q . k, the
+      // CPU's shifted-query score, with one rotation per key instead of one per query.
+      __syncthreads();
+      constexpr int kHalf = D / 2;
+      const int rows = static_cast<int>(sinks - k0 < KT ? sinks - k0 : KT);
+      for (int i = tid; i < rows * kHalf; i += kPrefillThreads) {
+        const int kk = i / kHalf, j = i % kHalf;
+        double sn, cs;
+        sincos(static_cast<double>(shift) * a.rope_inv_freq[j], &sn, &cs);
+        const float cf = static_cast<float>(cs), sf = static_cast<float>(sn);
+        float* key = k_s + kk * LD;
+        const float x0 = key[j], x1 = key[j + kHalf];
+        key[j] = x0 * cf - x1 * sf;
+        key[j + kHalf] = x1 * cf + x0 * sf;
+      }
     }
     __syncthreads();
 

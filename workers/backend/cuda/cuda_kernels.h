@@ -79,6 +79,12 @@ struct PrefillAttentionArgs {
   const float* prefix_k = nullptr;
   const float* prefix_v = nullptr;
   int64_t prefix_stride_tokens = 0;
+  // Attention sinks under sink eviction (CpuKvCache's SinkShift), per prefix entry e: cached slots
+  // [0, sink_slots[e]) are scored against the query rotated back by sink_shift[e] RoPE positions
+  // (angles in double: shift * rope_inv_freq[j], rope_inv_freq [D/2]). nullptr: no sinks.
+  const int32_t* sink_slots = nullptr;
+  const int32_t* sink_shift = nullptr;
+  const double* rope_inv_freq = nullptr;
   float scale = 1.0f;
   // Output row r, head h at [(r * Hq + h) * D]: bf16 into out_bf16, or fp32 into out_f32 when
   // that is non-null.
@@ -89,7 +95,7 @@ struct PrefillAttentionArgs {
 // Causal attention of every query of the tiles: query i of a chunk (position past + i) attends to
 // positions [0, past + i]; positions below past come from the prefix arrays (the cache read through
 // its format), the others from the fresh fp32 keys/values (CpuKvCache::PrefillAttention's
-// semantics). fp32 scores, online softmax and accumulation. D must be 64 or 128.
+// semantics, sinks included). fp32 scores, online softmax and accumulation. D must be 64 or 128.
 cudaError_t LaunchPrefillAttention(const PrefillAttentionArgs& args, cudaStream_t stream);
 
 // out[r, h, :] = T(in[r, (h / G) * group_pad + h % G, :]) for the Hq real heads of each row:

@@ -73,10 +73,11 @@ absl::Status CudaKvCache::InitLayout() {
                        ") only with fp16, bf16, fp8 and int8, got ", fmt.name,
                        ": use --backend cpu for eviction with it"));
     }
-    if (fmt.eviction.kind == kernels::EvictionSpec::Kind::kSink && !c.rope_inv_freq.empty()) {
-      return absl::UnimplementedError(
-          "the CUDA KV cache scores sinks with the unshifted query: rope_inv_freq (the query "
-          "shift for the sink scores) is not implemented on the GPU");
+    if (!c.rope_inv_freq.empty() &&
+        2 * static_cast<int64_t>(c.rope_inv_freq.size()) != c.head_dim) {
+      return absl::InvalidArgumentError(absl::StrCat("KV cache config: rope_inv_freq has ",
+                                                     c.rope_inv_freq.size(),
+                                                     " entries, head_dim / 2 = ", c.head_dim / 2));
     }
   }
   if (fmt.full_precision_first_layers < 0 || fmt.full_precision_last_layers < 0) {
@@ -199,6 +200,14 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
           "the H2O mass scratch"));
     }
   }
+  if (config.format.eviction.kind == kernels::EvictionSpec::Kind::kSink &&
+      !config.rope_inv_freq.empty()) {
+    const size_t bytes = config.rope_inv_freq.size() * sizeof(double);
+    RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->rope_inv_freq_),
+                             static_cast<int64_t>(bytes), "the RoPE frequencies"));
+    CUDA_RETURN_IF_ERROR(cudaMemcpy(cache->rope_inv_freq_, config.rope_inv_freq.data(), bytes,
+                                    cudaMemcpyHostToDevice));
+  }
   cache->free_list_.resize(config.num_blocks);
   for (int64_t b = 0; b < config.num_blocks; ++b) {
     cache->free_list_[b] = static_cast<int32_t>(config.num_blocks - 1 - b);  // pop 0 first
@@ -210,10 +219,10 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
 
 CudaKvCache::~CudaKvCache() {
   if (pool_ != nullptr) cudaStreamSynchronize(stream_);  // no kernel may still use the buffers
-  for (void* p : {static_cast<void*>(pool_), static_cast<void*>(scales_),
-                  static_cast<void*>(residual_k_), static_cast<void*>(residual_v_),
-                  static_cast<void*>(positions_), static_cast<void*>(mass_),
-                  static_cast<void*>(mass_scratch_)}) {
+  for (void* p :
+       {static_cast<void*>(pool_), static_cast<void*>(scales_), static_cast<void*>(residual_k_),
+        static_cast<void*>(residual_v_), static_cast<void*>(positions_), static_cast<void*>(mass_),
+        static_cast<void*>(mass_scratch_), static_cast<void*>(rope_inv_freq_)}) {
     if (p != nullptr) cudaFree(p);
   }
 }
@@ -261,6 +270,18 @@ EvictPlan CudaKvCache::Plan(const Sequence& s, int layer, int64_t n) const {
     plan.heavy = static_cast<int32_t>(std::min<int64_t>(heavy, stored - plan.trail));
   }
   return plan;
+}
+
+SinkShift CudaKvCache::SinkShiftFor(int64_t stored, int64_t length) const {
+  // CpuKvCache::SinkShiftFor: nothing evicted, nothing shifted.
+  if (rope_inv_freq_ == nullptr || length <= stored) return {};
+  return {
+      .slots = static_cast<int32_t>(std::min<int64_t>(config_.format.eviction.sink_tokens, stored)),
+      .shift = static_cast<int32_t>(length - stored)};
+}
+
+SinkShift CudaKvCache::SinkShiftAfter(const EvictPlan& plan) const {
+  return SinkShiftFor(KeptBefore(plan) + plan.n, int64_t{plan.length} + plan.n);
 }
 
 EvictPlan CudaKvCache::PlanAppend(kernels::SeqId seq, int64_t n) const {
@@ -494,9 +515,19 @@ absl::Status CudaKvCache::AppendLayer(int layer, const DeviceSeqBatch& seqs,
 absl::Status CudaKvCache::DecodeLayer(int layer, const DeviceSeqBatch& seqs,
                                       const int32_t* encoded_lens, int max_encoded_len,
                                       const int32_t* residual_lens, const float* q,
-                                      int num_q_heads_padded, float scale, float* out) {
+                                      int num_q_heads_padded, float scale, float* out,
+                                      const int32_t* sink_slots, const int32_t* sink_shift) {
   kernels::cuda::DecodeBatch b;
   FillPoolFields(layer, seqs, b);
+  if (sink_slots != nullptr) {
+    if (rope_inv_freq_ == nullptr || sink_shift == nullptr) {
+      return absl::FailedPreconditionError(
+          "DecodeLayer: sink shifts need sink eviction with rope_inv_freq and both arrays");
+    }
+    b.sink_slots = sink_slots;
+    b.sink_shift = sink_shift;
+    b.rope_inv_freq = rope_inv_freq_;
+  }
   b.encoded_lens = encoded_lens;
   b.max_encoded_len = max_encoded_len;
   if (residual_capacity_[layer] > 0) b.residual_lens = residual_lens;
@@ -728,7 +759,9 @@ absl::Status CudaKvCache::PrefillAttention(kernels::SeqId seq, int layer, int64_
                      .past = static_cast<int32_t>(past),
                      .prefix_index = past > 0 ? 0 : -1});
   }
-  DeviceArray<int32_t> dtiles;
+  const SinkShift sink = SinkShiftFor(stored, s->length[layer]);
+  const int32_t sink_meta[2] = {sink.slots, sink.shift};
+  DeviceArray<int32_t> dtiles, dsink;
   static_assert(sizeof(PrefillTile) == 5 * sizeof(int32_t));
   RETURN_IF_ERROR(
       dtiles.Upload(reinterpret_cast<const int32_t*>(tiles.data()), tiles.size() * 5, stream_));
@@ -751,6 +784,12 @@ absl::Status CudaKvCache::PrefillAttention(kernels::SeqId seq, int layer, int64_
   args.prefix_k = prefix_k.get();
   args.prefix_v = prefix_v.get();
   args.prefix_stride_tokens = stored;
+  if (sink.slots > 0) {
+    RETURN_IF_ERROR(dsink.Upload(sink_meta, 2, stream_));
+    args.sink_slots = dsink.get();
+    args.sink_shift = dsink.get() + 1;
+    args.rope_inv_freq = rope_inv_freq_;
+  }
   args.scale = scale;
   args.out_f32 = dout.get();
   CUDA_RETURN_IF_ERROR(LaunchPrefillAttention(args, stream_));
@@ -805,8 +844,9 @@ absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num
               padded.begin() + ((h / group) * pad + h % group) * int64_t{d});
   }
   const kernels::cuda::KiviCounts counts = SplitStoredTokens(layer_spec(layer), stored);
+  const SinkShift sink = SinkShiftFor(stored, s->length[layer]);
   const std::vector<int32_t> lens = {static_cast<int32_t>(counts.encoded),
-                                     static_cast<int32_t>(counts.residual)};
+                                     static_cast<int32_t>(counts.residual), sink.slots, sink.shift};
   DeviceArray<float> dq, dout;
   DeviceArray<int32_t> dlens, table, slot;
   RETURN_IF_ERROR(dq.Upload(padded.data(), padded.size(), stream_));
@@ -818,8 +858,9 @@ absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num
                              .block_tables = table.get(),
                              .max_blocks = static_cast<int>(s->blocks.size()),
                              .slots = slot.get()};
-  RETURN_IF_ERROR(DecodeLayer(layer, batch, dlens.get(), lens[0], dlens.get() + 1, dq.get(),
-                              hkv * pad, scale, dout.get()));
+  RETURN_IF_ERROR(DecodeLayer(
+      layer, batch, dlens.get(), lens[0], dlens.get() + 1, dq.get(), hkv * pad, scale, dout.get(),
+      sink.slots > 0 ? dlens.get() + 2 : nullptr, sink.slots > 0 ? dlens.get() + 3 : nullptr));
   if (h2o()) {  // per-token formats: every stored token is encoded (lens[0])
     RETURN_IF_ERROR(
         DecodeMassLayer(layer, batch, dlens.get(), lens[0], dq.get(), group, pad, scale));

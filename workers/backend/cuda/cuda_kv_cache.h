@@ -21,9 +21,10 @@
 // append of n tokens to a layer the cache keeps, per kv-head, the tokens CpuKvCache keeps and
 // compacts them in slot (= position) order (cuda_kv_evict.h); H2O masses accumulate after every
 // decode and prefill attention. How many slots survive is a function of the stored count and the
-// length (PlanAppend), so the host tracks stored tokens without reading anything back. Sinks score
-// with the unshifted query: a config with rope_inv_freq (the CPU's query shift for the sinks) is
-// UnimplementedError.
+// length (PlanAppend), so the host tracks stored tokens without reading anything back. With
+// rope_inv_freq, sinks are scored at positions within the cache as CpuKvCache scores them: the
+// query rotated back by the evicted count for the sink slots (SinkShiftAfter; the decode and
+// prefill attention take it per sequence).
 //
 // The CUDA runner drives the device methods (AppendLayer, DecodeLayer, ReadLayer) for whole steps
 // with its own device metadata and then CommitAppend. The host-pointer KvCache methods stage
@@ -65,6 +66,13 @@ struct KvCacheGeometry {
   int64_t eviction_bytes_per_block = 0;
 };
 
+// Sink eviction's query shift for one sequence's attention (CpuKvCache's SinkShift): slots
+// [0, slots) are scored against the query rotated back by `shift` RoPE positions.
+struct SinkShift {
+  int32_t slots = 0;
+  int32_t shift = 0;  // evicted tokens: length - stored
+};
+
 // Sequences of a batch as the device kernels see them (device arrays).
 struct DeviceSeqBatch {
   int num_seqs = 0;
@@ -75,12 +83,12 @@ struct DeviceSeqBatch {
 
 class CudaKvCache final : public kernels::KvCache {
  public:
-  // UnimplementedError for eviction with formats other than fp16/bf16/fp8/int8 (or sinks with
-  // rope_inv_freq), TurboQuant QJL keys, head_dim other than 64/128 and block
-  // sizes that are not a multiple of 16 (no kernels; DecodeAttention also refuses GQA groups
-  // above 8). ResourceExhausted when the pool or the slots cannot be allocated. `stream` (not
-  // owned) carries every kernel and copy. max_sequences: sequences that can be registered at once
-  // (slots of per-sequence state).
+  // UnimplementedError for eviction with formats other than fp16/bf16/fp8/int8, TurboQuant QJL
+  // keys, head_dim other than 64/128 and block sizes that are not a multiple of 16 (no kernels;
+  // DecodeAttention also refuses GQA groups above 8); InvalidArgumentError for rope_inv_freq of
+  // a size other than head_dim / 2. ResourceExhausted when the pool or the slots cannot be
+  // allocated. `stream` (not owned) carries every kernel and copy. max_sequences: sequences that
+  // can be registered at once (slots of per-sequence state).
   static absl::StatusOr<std::unique_ptr<CudaKvCache>> Create(const kernels::KvCacheConfig& config,
                                                              cudaStream_t stream,
                                                              int max_sequences = 256);
@@ -151,6 +159,12 @@ class CudaKvCache final : public kernels::KvCache {
   static int64_t KeptBefore(const EvictPlan& plan) {
     return std::min<int64_t>(plan.stored, int64_t{plan.lead} + plan.trail + plan.heavy);
   }
+  // Sink eviction with rope_inv_freq (else nullptr): the frequencies on the device [head_dim / 2],
+  // for the prefill attention's sink shift.
+  const double* sink_rope_inv_freq() const { return rope_inv_freq_; }
+  // The sink shift of a sequence's attention right after the append `plan` describes (as
+  // PlanAppend gave it): {0, 0} without sink_rope_inv_freq() or when nothing was evicted.
+  SinkShift SinkShiftAfter(const EvictPlan& plan) const;
   // Records that `n` tokens were appended on the device to every layer of `seq` (after the
   // eviction PlanAppend(seq, n) describes) and frees the blocks eviction emptied.
   void CommitAppend(kernels::SeqId seq, int64_t n);
@@ -179,10 +193,13 @@ class CudaKvCache final : public kernels::KvCache {
   // Enqueues decode attention of one query token per sequence over everything stored for
   // `layer`: encoded_lens / residual_lens [num_seqs] (device) as SplitStoredTokens gives them for
   // layer_spec(layer) (residual_lens may be null without a residual window), q / out
-  // [num_seqs, num_kv_heads * group_pad, head_dim] fp32.
+  // [num_seqs, num_kv_heads * group_pad, head_dim] fp32. sink_slots / sink_shift [num_seqs]
+  // (device; both or neither): the SinkShiftAfter of each sequence.
   absl::Status DecodeLayer(int layer, const DeviceSeqBatch& seqs, const int32_t* encoded_lens,
                            int max_encoded_len, const int32_t* residual_lens, const float* q,
-                           int num_q_heads_padded, float scale, float* out);
+                           int num_q_heads_padded, float scale, float* out,
+                           const int32_t* sink_slots = nullptr,
+                           const int32_t* sink_shift = nullptr);
   // Enqueues the read of the first lens[s] (= stored) tokens of each sequence for `layer`, in the
   // original basis: out_k / out_v [num_seqs, kv_heads, stride_tokens, head_dim] fp32.
   absl::Status ReadLayer(int layer, const DeviceSeqBatch& seqs, const int32_t* lens, int max_len,
@@ -217,6 +234,8 @@ class CudaKvCache final : public kernels::KvCache {
   // Grows the block table to hold the slots a length of num_tokens needs.
   absl::Status GrowTo(Sequence& s, int64_t num_tokens);
   EvictPlan Plan(const Sequence& s, int layer, int64_t n) const;
+  // The sink shift of attention over `stored` slots of a sequence of `length` tokens.
+  SinkShift SinkShiftFor(int64_t stored, int64_t length) const;
   // Slots `s` needs to reach `length` tokens (CpuKvCache::SlotsNeeded).
   int64_t SlotsNeeded(const Sequence& s, int64_t length) const;
   void TrimBlocks(Sequence& s);
@@ -252,6 +271,7 @@ class CudaKvCache final : public kernels::KvCache {
   int32_t* positions_ = nullptr;    // evicting: [num_blocks][layers][kv_heads][block_size]
   float* mass_ = nullptr;           // H2O: same layout
   float* mass_scratch_ = nullptr;   // H2O: DecodeMassScratchFloats(max_sequences_, kv_heads)
+  double* rope_inv_freq_ = nullptr;  // sinks with rope_inv_freq: [head_dim / 2]
   std::map<kernels::SeqId, Sequence> seqs_;
 };
 

@@ -612,8 +612,7 @@ absl::Status CudaModelRunner::CreateCache(const RunnerOptions& options,
                                       .num_blocks = options.kv_num_blocks,
                                       .format = options.kv_format,
                                       // As the CPU runner's (CreateSizedKvCache): sink eviction
-                                      // shifts the sinks' query by these; CudaKvCache refuses
-                                      // sinks until it does the same.
+                                      // shifts the sinks' query by these.
                                       .rope_inv_freq = RopeInverseFrequencies(c)};
   ASSIGN_OR_RETURN(const cuda::KvCacheGeometry geometry, CudaKvCache::Measure(cache_config));
   size_t free_bytes = 0, total_bytes = 0;
@@ -833,7 +832,11 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
   const size_t off_plans = off_tiles + size_t{5} * num_tiles;
   const size_t off_mass = off_plans + size_t{6} * num_chunks;
   const int num_prefill = num_chunks - num_decode;
-  const size_t total = off_mass + size_t{5} * num_prefill;
+  // Sink eviction's shift (CudaKvCache::SinkShiftAfter) of the chunks with a cached prefix:
+  // sink_slots[num_shifted] then sink_shift[num_shifted], decode chunks first.
+  const int num_shifted = cache.sink_rope_inv_freq() != nullptr ? num_decode + num_prefix : 0;
+  const size_t off_sinks = off_mass + size_t{5} * num_prefill;
+  const size_t total = off_sinks + size_t{2} * num_shifted;
   RETURN_IF_ERROR(EnsurePinned(total));
   int32_t* h = pinned_;
   std::vector<int64_t> first_row(num_chunks);
@@ -847,6 +850,11 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
     h[off_stored + oi] = static_cast<int32_t>(kept[ci]);
     std::copy_n(reinterpret_cast<const int32_t*>(&plans[ci]), 6, h + off_plans + size_t{6} * oi);
     h[off_slots + oi] = cache.Slot(chunk.seq);
+    if (oi < num_shifted) {
+      const cuda::SinkShift sink = cache.SinkShiftAfter(plans[ci]);
+      h[off_sinks + oi] = sink.slots;
+      h[off_sinks + num_shifted + oi] = sink.shift;
+    }
     for (int64_t i = 0; i < n; ++i, ++row) {
       h[off_tokens + row] = chunk.tokens[i];
       h[off_pos + row] = static_cast<int32_t>(past[ci] + i);
@@ -932,6 +940,11 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
   prefill.prefix_k = prefix_k_;
   prefill.prefix_v = prefix_v_;
   prefill.prefix_stride_tokens = max_read;
+  if (num_shifted > 0) {  // indexed by prefix entry: the chunks after the decode ones
+    prefill.sink_slots = meta_ + off_sinks + num_decode;
+    prefill.sink_shift = meta_ + off_sinks + num_shifted + num_decode;
+    prefill.rope_inv_freq = cache.sink_rope_inv_freq();
+  }
   prefill.scale = scale;
   if (fp32()) {
     prefill.out_f32 = static_cast<float*>(attn_);
@@ -985,8 +998,10 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
     if (num_decode > 0) {
       const int f = cache.format_index(layer);
       const int32_t* encoded = meta_ + off_lens + size_t{2} * f * num_decode;
-      RETURN_IF_ERROR(cache.DecodeLayer(layer, decode, encoded, max_encoded[f],
-                                        encoded + num_decode, q_, padded_heads, scale, attn_f32_));
+      RETURN_IF_ERROR(cache.DecodeLayer(
+          layer, decode, encoded, max_encoded[f], encoded + num_decode, q_, padded_heads, scale,
+          attn_f32_, num_shifted > 0 ? meta_ + off_sinks : nullptr,
+          num_shifted > 0 ? meta_ + off_sinks + num_shifted : nullptr));
       if (cache.h2o()) {
         RETURN_IF_ERROR(cache.DecodeMassLayer(layer, decode, encoded, max_encoded[f], q_,
                                               num_heads / num_kv_heads, group_pad_, scale));

@@ -12,9 +12,11 @@
 // Kernels: split-KV (each CTA one kv-head group x a range of blocks, all query heads of the group
 // so each KV byte is read once; whole block segments copied into shared memory by bulk copies,
 // fp32 online softmax), then a reduction kernel over the splits (docs/GPU_NOTES.md). The fp16
-// window is one more split. TurboQuant scores codes against the query rotated once per call and
-// accumulates values in the rotated domain; its window split scores against the query as given
-// and rotates its partial output, and the reduction un-rotates the merged output once.
+// window is one more split, and so are the attention sinks of sink eviction (scored with a
+// RoPE-shifted query; DecodeBatch::sink_slots). TurboQuant scores codes against the query rotated
+// once per call and accumulates values in the rotated domain; its window split scores against the
+// query as given and rotates its partial output, and the reduction un-rotates the merged output
+// once.
 //
 //   ASSIGN_OR_RETURN(auto attn, CudaDecodeAttention::Create(spec, /*head_dim=*/128,
 //                                                            /*num_kv_heads=*/8,
@@ -60,6 +62,15 @@ struct DecodeBatch {
   // block_tables, encoded_lens, residual_lens, q and out stay indexed by s. Lets a runner keep
   // state at fixed slots (kvgate/kernels/cuda_kv_append.h) and batch any subset of sequences.
   const int32_t* seq_slots = nullptr;
+  // Attention sinks under sink eviction (StreamingLLM positions within the cache; CpuKvCache's
+  // SinkShift): when sink_slots is non-null, slots [0, sink_slots[s]) of sequence s are scored
+  // against its query rotated back by sink_shift[s] RoPE positions (rotate-half pairs (j, j + d/2)
+  // at angle -sink_shift[s] * rope_inv_freq[j], computed in double), every other slot against the
+  // query as given. sink_slots[s] = 0 (or a shift of 0) leaves the sequence unshifted. Per-token
+  // formats (fp16, bf16, fp8, int8) only: Run returns UnimplementedError for the others.
+  const int32_t* sink_slots = nullptr;    // [num_seqs]
+  const int32_t* sink_shift = nullptr;    // [num_seqs] evicted tokens (length - stored)
+  const double* rope_inv_freq = nullptr;  // [head_dim / 2]
   int num_seqs = 0;
   int num_q_heads = 0;
   const float* q = nullptr;  // [num_seqs, num_q_heads, head_dim] fp32
