@@ -135,6 +135,10 @@ absl::Status CudaKvCache::InitLayout() {
     const int64_t per_slot = int64_t{sizeof(int32_t)} + (h2o() ? int64_t{sizeof(float)} : 0);
     geometry_.eviction_bytes_per_block =
         int64_t{c.num_layers} * c.num_kv_heads * c.block_size * per_slot;
+    if (h2o()) {  // the decode mass pass's scores of one layer
+      geometry_.eviction_bytes_per_block +=
+          DecodeMassScoreFloatsPerBlock(c.num_kv_heads, c.block_size) * int64_t{sizeof(float)};
+    }
   }
   if (h2o()) {  // the decode mass pass's per-split statistics
     geometry_.slot_bytes += DecodeMassScratchFloats(1, c.num_kv_heads) * int64_t{sizeof(float)};
@@ -197,6 +201,12 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
           reinterpret_cast<void**>(&cache->mass_scratch_),
           DecodeMassScratchFloats(max_sequences, config.num_kv_heads) * int64_t{sizeof(float)},
           "the H2O mass scratch"));
+      RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->mass_scores_),
+                               int64_t{config.num_blocks} *
+                                   DecodeMassScoreFloatsPerBlock(config.num_kv_heads,
+                                                                 config.block_size) *
+                                   int64_t{sizeof(float)},
+                               "the H2O decode scores"));
     }
   }
   cache->free_list_.resize(config.num_blocks);
@@ -213,7 +223,7 @@ CudaKvCache::~CudaKvCache() {
   for (void* p : {static_cast<void*>(pool_), static_cast<void*>(scales_),
                   static_cast<void*>(residual_k_), static_cast<void*>(residual_v_),
                   static_cast<void*>(positions_), static_cast<void*>(mass_),
-                  static_cast<void*>(mass_scratch_)}) {
+                  static_cast<void*>(mass_scratch_), static_cast<void*>(mass_scores_)}) {
     if (p != nullptr) cudaFree(p);
   }
 }
@@ -437,7 +447,7 @@ absl::Status CudaKvCache::DecodeMassLayer(int layer, const DeviceSeqBatch& seqs,
                       .head_scales = head_scales(layer),
                       .seq_slots = seqs.slots};
   CUDA_RETURN_IF_ERROR(LaunchDecodeMass(PoolFor(layer, seqs), keys, lens, max_len, q, group,
-                                        group_pad, scale, mass_scratch_, stream_));
+                                        group_pad, scale, mass_scratch_, mass_scores_, stream_));
   return absl::OkStatus();
 }
 

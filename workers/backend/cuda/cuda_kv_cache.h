@@ -18,9 +18,11 @@
 // prefix through the format and the fresh tokens in fp32.
 //
 // Eviction (H2O, sink; per-token formats fp16, bf16, fp8, int8) follows CpuKvCache: before each
-// append of n tokens to a layer the cache keeps, per kv-head, the tokens CpuKvCache keeps and
-// compacts them in slot (= position) order (cuda_kv_evict.h); H2O masses accumulate after every
-// decode and prefill attention. How many slots survive is a function of the stored count and the
+// append of n tokens to a layer the cache keeps, per kv-head, the tokens CpuKvCache keeps in the
+// first slots (cuda_kv_evict.h): sinks compact them in slot (= position) order, H2O refills the
+// evicted tokens' slots with the newest kept ones, so its slots are in no particular order
+// (ReadStored's positions say which token each holds); H2O masses accumulate after every decode
+// and prefill attention. How many slots survive is a function of the stored count and the
 // length (PlanAppend), so the host tracks stored tokens without reading anything back. Sinks score
 // with the unshifted query: a config with rope_inv_freq (the CPU's query shift for the sinks) is
 // UnimplementedError.
@@ -61,7 +63,8 @@ struct KvCacheGeometry {
   // Everything one sequence slot holds outside the pool: the residual windows, FP8's scales and
   // (H2O) the mass pass's scratch.
   int64_t slot_bytes = 0;
-  // Eviction's per-slot positions and masses of one block (outside the pool); 0 without eviction.
+  // Eviction's per-slot positions and masses of one block (outside the pool), and (H2O) the
+  // decode mass pass's scores of one layer for the block's slots; 0 without eviction.
   int64_t eviction_bytes_per_block = 0;
 };
 
@@ -245,6 +248,7 @@ class CudaKvCache final : public kernels::KvCache {
   int32_t* positions_ = nullptr;    // evicting: [num_blocks][layers][kv_heads][block_size]
   float* mass_ = nullptr;           // H2O: same layout
   float* mass_scratch_ = nullptr;   // H2O: DecodeMassScratchFloats(max_sequences_, kv_heads)
+  float* mass_scores_ = nullptr;    // H2O: DecodeMassScoreFloatsPerBlock per block (one layer)
   std::map<kernels::SeqId, Sequence> seqs_;
 };
 

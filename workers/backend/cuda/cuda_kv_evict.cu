@@ -6,202 +6,289 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <cstdint>
 
 namespace kvgate::worker::cuda {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kCopySlots = 32;  // records staged per compaction step
-constexpr int kMaxGroup = 8;
+constexpr uint32_t kFullMask = 0xffffffffu;
+constexpr int kMaxGroup = kMaxMassGroup;
 constexpr int kMaxHeadDim = 128;
+// Sinks (ordered compaction): records staged per step.
+constexpr int kCopySlots = 32;
+// H2O: up to this many evicted tokens are found by repeated minimum searches (one pass each over
+// the stored slots: a decode step evicts at most one); more (a prefill chunk's append) by a radix
+// select (8 passes).
+constexpr int kFewEvictions = 8;
+// H2O, radix path: (hole, source) pairs per round.
+constexpr int kPairChunk = 1024;
+constexpr uint64_t kNoKey = ~uint64_t{0};
+// Decode mass: keys per tile, one per thread.
+constexpr int kMassThreads = 128;
 
 __device__ __forceinline__ int64_t MetaIndex(const EvictPool& p, int32_t block, int head,
-                                             int64_t slot_in_block) {
+                                             int slot_in_block) {
   return ((int64_t{block} * p.num_layers + p.layer) * p.num_kv_heads + head) * p.block_size +
          slot_in_block;
 }
 
 __device__ __forceinline__ int64_t SlotMeta(const EvictPool& p, const int32_t* table, int head,
                                             int64_t slot) {
-  return MetaIndex(p, table[slot / p.block_size], head, slot % p.block_size);
+  const int s = static_cast<int>(slot);  // a sequence's slots fit int32 (block tables do)
+  return MetaIndex(p, table[s / p.block_size], head, s % p.block_size);
 }
 
 __device__ __forceinline__ uint8_t* SlotRecord(const EvictPool& p, const int32_t* table, int head,
                                                int64_t slot) {
-  return p.pool + int64_t{table[slot / p.block_size]} * p.block_stride_bytes +
-         p.layer_offset_bytes +
-         (int64_t{head} * p.block_size + slot % p.block_size) * p.record_bytes;
+  const int s = static_cast<int>(slot);
+  return p.pool + int64_t{table[s / p.block_size]} * p.block_stride_bytes + p.layer_offset_bytes +
+         (int64_t{head} * p.block_size + s % p.block_size) * p.record_bytes;
 }
 
-// Block-wide sum of one int per thread.
-__device__ int BlockSum(int v, int* scratch) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
-  __syncthreads();
-  int total = 0;
-  for (int w = 0; w < kWarps; ++w) total += scratch[w];
-  return total;
+// ---- Eviction -----------------------------------------------------------------------------------
+
+// H2O eviction order of a slot (smaller leaves first). Tokens older than the window order by
+// mass, then newer position first (CpuKvCache's partial_sort keeps the older of equal masses);
+// masses are >= 0, so their bits order like the floats. Tokens of the window come after all of
+// them (the plan never evicts one). Keys are unique: positions are.
+__device__ __forceinline__ uint64_t EvictKey(const EvictPool& p, const int32_t* table, int head,
+                                             int slot, int32_t window) {
+  const int64_t m = SlotMeta(p, table, head, slot);
+  const int32_t pos = p.positions[m];
+  const uint32_t high = pos < window ? __float_as_uint(p.mass[m]) : 0xffffffffu;
+  return (uint64_t{high} << 32) | static_cast<uint32_t>(INT32_MAX - pos);
 }
 
-// Grid (num_seqs, kv_heads). Masses are >= 0, so their bit patterns order like the floats: the
-// heavy-th largest is found by a radix search on the bits (32 counting passes over the middle).
-__global__ void EvictCompactKernel(EvictPool p, const EvictPlan* plans) {
+// Block-wide minimum of (key, slot); every thread gets it. `keys`, `slots`: kWarps entries.
+__device__ void BlockMinKey(uint64_t& key, int& slot, uint64_t* keys, int* slots) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t k2 = __shfl_xor_sync(kFullMask, key, o);
+    const int s2 = __shfl_xor_sync(kFullMask, slot, o);
+    if (k2 < key) {
+      key = k2;
+      slot = s2;
+    }
+  }
+  __syncthreads();  // the previous call's readers are done
+  if ((threadIdx.x & 31) == 0) {
+    keys[threadIdx.x >> 5] = key;
+    slots[threadIdx.x >> 5] = slot;
+  }
+  __syncthreads();
+  for (int w = 0; w < kWarps; ++w) {
+    if (keys[w] < key) {
+      key = keys[w];
+      slot = slots[w];
+    }
+  }
+}
+
+// Exclusive count of `flag` over the block's threads in thread order; *total gets the sum.
+__device__ int BlockExclusiveCount(bool flag, int* warp_counts, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint32_t ballot = __ballot_sync(kFullMask, flag);
+  __syncthreads();  // the previous call's readers are done
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, all = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    all += warp_counts[w];
+  }
+  *total = all;
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+// The rank-th smallest (from 0) EvictKey of slots [0, stored): radix select, 8 bits per pass.
+__device__ uint64_t SelectKey(const EvictPool& p, const int32_t* table, int head, int stored,
+                              int32_t window, int rank) {
+  __shared__ uint32_t hist[256];
+  __shared__ int found[2];  // digit, rank within it
+  const int lane = threadIdx.x & 31;
+  uint64_t prefix = 0;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
+    __syncthreads();
+    const uint64_t above = shift == 56 ? 0 : ~uint64_t{0} << (shift + 8);
+    for (int i = threadIdx.x; i < stored; i += kThreads) {
+      const uint64_t key = EvictKey(p, table, head, i, window);
+      if ((key & above) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {  // lane l scans bins [8l, 8l + 8)
+      uint32_t own = 0;
+      for (int b = 0; b < 8; ++b) own += hist[8 * lane + b];
+      uint32_t inclusive = own;
+      for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t v = __shfl_up_sync(kFullMask, inclusive, o);
+        if (lane >= o) inclusive += v;
+      }
+      uint32_t below = inclusive - own;
+      if (below <= static_cast<uint32_t>(rank) && static_cast<uint32_t>(rank) < inclusive) {
+        int b = 8 * lane;
+        while (below + hist[b] <= static_cast<uint32_t>(rank)) below += hist[b++];
+        found[0] = b;
+        found[1] = rank - static_cast<int>(below);
+      }
+    }
+    __syncthreads();
+    prefix |= uint64_t(found[0]) << shift;
+    rank = found[1];
+  }
+  return prefix;
+}
+
+// Slots of [lo, hi) whose evicted state (key <= threshold) is `evicted`, in slot order: those of
+// rank [first, first + kPairChunk) go to out[rank - first]. Returns how many there are.
+__device__ int CollectSlots(const EvictPool& p, const int32_t* table, int head, int32_t window,
+                            uint64_t threshold, int lo, int hi, bool evicted, int first, int* out,
+                            int* warp_counts) {
+  int running = 0;
+  for (int c = lo; c < hi; c += kThreads) {
+    const int i = c + static_cast<int>(threadIdx.x);
+    const bool flag = i < hi && (EvictKey(p, table, head, i, window) <= threshold) == evicted;
+    int total;
+    const int rank = running + BlockExclusiveCount(flag, warp_counts, &total);
+    if (flag && rank >= first && rank < first + kPairChunk) out[rank - first] = i;
+    running += total;
+  }
+  return running;
+}
+
+// Copies the records, positions and masses of slots src[k] into slots dst[k], k < count (no slot
+// is both a source and a destination).
+__device__ void MoveSlots(const EvictPool& p, const int32_t* table, int head, const int* dst,
+                          const int* src, int count) {
+  const int words = p.record_bytes / 4;
+  for (int e = threadIdx.x; e < count * words; e += kThreads) {
+    const int k = e / words, w = e - k * words;
+    reinterpret_cast<uint32_t*>(SlotRecord(p, table, head, dst[k]))[w] =
+        reinterpret_cast<const uint32_t*>(SlotRecord(p, table, head, src[k]))[w];
+  }
+  for (int k = threadIdx.x; k < count; k += kThreads) {
+    const int64_t to = SlotMeta(p, table, head, dst[k]), from = SlotMeta(p, table, head, src[k]);
+    p.positions[to] = p.positions[from];
+    p.mass[to] = p.mass[from];
+  }
+}
+
+// Grid (num_seqs, kv_heads): H2O. The evicted tokens' slots below `kept` are refilled with the
+// kept tokens of the slots at and above it, so that the append writes at [kept, kept + n).
+__global__ void EvictH2oKernel(EvictPool p, const EvictPlan* plans) {
   const EvictPlan plan = plans[blockIdx.x];
   const int head = blockIdx.y;
   const int32_t* table = p.block_tables + int64_t{blockIdx.x} * p.max_blocks;
-  __shared__ int scratch[kWarps];
-  __shared__ int32_t dst_of[kCopySlots];
-  __shared__ int32_t pos_stage[kCopySlots];
-  __shared__ float mass_stage[kCopySlots];
-  __shared__ bool moving;
-  extern __shared__ uint32_t record_stage[];  // [kCopySlots][record_bytes / 4]
-
-  const int64_t stored = plan.stored;
-  int64_t kept = stored;
-  if (int64_t{plan.lead} + plan.trail + plan.heavy < stored) {
-    const int64_t mid_begin = plan.lead, mid_end = stored - plan.trail;
-    // Threshold T: the heavy-th largest mass bits among the middle; keep > T, and the first
-    // (heavy - count(> T)) slots equal to T.
-    uint32_t threshold = 0;
-    int need_equal = 0;
-    if (plan.heavy > 0) {
-      for (int bit = 31; bit >= 0; --bit) {
-        const uint32_t candidate = threshold | (1u << bit);
-        int count = 0;
-        for (int64_t i = mid_begin + threadIdx.x; i < mid_end; i += kThreads) {
-          count += __float_as_uint(p.mass[SlotMeta(p, table, head, i)]) >= candidate;
+  const int stored = plan.stored;
+  const int kept = min(stored, plan.lead + plan.trail + plan.heavy);
+  const int evict = stored - kept;
+  const int32_t window = plan.length - plan.trail;
+  __shared__ uint64_t warp_keys[kWarps];
+  __shared__ int warp_ints[kWarps];
+  __shared__ int pair_dst[kPairChunk], pair_src[kPairChunk];
+  __shared__ int num_pairs;
+  if (evict > 0 && evict <= kFewEvictions) {
+    // One minimum search per evicted token; the winners' slots are the holes or leave the tail.
+    __shared__ int gone[kFewEvictions];
+    uint64_t last = 0;
+    for (int r = 0; r < evict; ++r) {
+      uint64_t best = kNoKey;
+      int best_slot = -1;
+      for (int i = threadIdx.x; i < stored; i += kThreads) {
+        const uint64_t key = EvictKey(p, table, head, i, window);
+        if ((r == 0 || key > last) && key < best) {
+          best = key;
+          best_slot = i;
         }
-        if (BlockSum(count, scratch) >= plan.heavy) threshold = candidate;
       }
-      int greater = 0;
-      for (int64_t i = mid_begin + threadIdx.x; i < mid_end; i += kThreads) {
-        greater += __float_as_uint(p.mass[SlotMeta(p, table, head, i)]) > threshold;
-      }
-      need_equal = plan.heavy - BlockSum(greater, scratch);
+      BlockMinKey(best, best_slot, warp_keys, warp_ints);
+      last = best;
+      if (threadIdx.x == 0) gone[r] = best_slot;
     }
-    // Compaction in slot order, kCopySlots at a time: a destination never exceeds its source, so
-    // staging a whole step before writing it keeps unread sources intact.
-    const int words = p.record_bytes / 4;
-    int64_t dst = 0;
-    int equal_seen = 0;
-    for (int64_t c0 = 0; c0 < stored; c0 += kCopySlots) {
-      if (threadIdx.x < 32) {
-        const int64_t i = c0 + threadIdx.x;
-        bool keep = false, equal = false;
-        if (i < stored) {
-          if (i < mid_begin || i >= mid_end) {
-            keep = true;
-          } else if (plan.heavy > 0) {
-            const uint32_t bits = __float_as_uint(p.mass[SlotMeta(p, table, head, i)]);
-            keep = bits > threshold;
-            equal = bits == threshold;
-          }
-        }
-        const uint32_t lower = (1u << threadIdx.x) - 1u;
-        const uint32_t eq_ballot = __ballot_sync(0xffffffffu, equal);
-        if (equal && equal_seen + __popc(eq_ballot & lower) < need_equal) keep = true;
-        const uint32_t keep_ballot = __ballot_sync(0xffffffffu, keep);
-        dst_of[threadIdx.x] =
-            keep ? static_cast<int32_t>(dst + __popc(keep_ballot & lower)) : -1;
-        if (keep && i < stored) {
-          const int64_t m = SlotMeta(p, table, head, i);
-          pos_stage[threadIdx.x] = p.positions[m];
-          mass_stage[threadIdx.x] = p.mass != nullptr ? p.mass[m] : 0.0f;
-        }
-        // A step whose slots all stay where they are (the kept prefix) copies nothing.
-        if (threadIdx.x == 0) moving = !(dst == c0 && keep_ballot == 0xffffffffu);
-        equal_seen += __popc(eq_ballot);
-        dst += __popc(keep_ballot);
-      }
-      __syncthreads();
-      if (!moving) {
-        __syncthreads();  // everyone has read `moving` before warp 0 rewrites it
-        continue;
-      }
-      for (int e = threadIdx.x; e < kCopySlots * words; e += kThreads) {
-        const int s = e / words, w = e % words;
-        if (dst_of[s] >= 0) {
-          record_stage[e] = reinterpret_cast<const uint32_t*>(SlotRecord(p, table, head, c0 + s))[w];
-        }
-      }
-      __syncthreads();
-      for (int e = threadIdx.x; e < kCopySlots * words; e += kThreads) {
-        const int s = e / words, w = e % words;
-        if (dst_of[s] >= 0) {
-          reinterpret_cast<uint32_t*>(SlotRecord(p, table, head, dst_of[s]))[w] = record_stage[e];
-        }
-      }
-      if (threadIdx.x < kCopySlots && dst_of[threadIdx.x] >= 0) {
-        const int64_t m = SlotMeta(p, table, head, dst_of[threadIdx.x]);
-        p.positions[m] = pos_stage[threadIdx.x];
-        if (p.mass != nullptr) p.mass[m] = mass_stage[threadIdx.x];
-      }
-      __syncthreads();
-    }
-    // Every lane of warp 0 holds the same dst; share it.
-    if (threadIdx.x == 0) scratch[0] = static_cast<int>(dst);
     __syncthreads();
-    kept = scratch[0];
+    if (threadIdx.x == 0) {
+      int holes = 0, sources = 0;
+      for (int r = 0; r < evict; ++r) {  // holes in slot order (insertion sort of <= 8)
+        if (gone[r] >= kept) continue;
+        int k = holes++;
+        for (; k > 0 && pair_dst[k - 1] > gone[r]; --k) pair_dst[k] = pair_dst[k - 1];
+        pair_dst[k] = gone[r];
+      }
+      for (int i = kept; i < stored; ++i) {
+        bool left = false;
+        for (int r = 0; r < evict; ++r) left |= gone[r] == i;
+        if (!left) pair_src[sources++] = i;
+      }
+      num_pairs = holes;  // == sources: both count the evicted tokens below `kept`
+    }
+    __syncthreads();
+    MoveSlots(p, table, head, pair_dst, pair_src, num_pairs);
+  } else if (evict > 0) {
+    const uint64_t threshold = SelectKey(p, table, head, stored, window, evict - 1);
+    // Rounds of kPairChunk pairs: a filled hole holds a kept key, so the holes still open rank
+    // from 0 every round, while the sources (copied, not cleared) keep their ranks.
+    for (int first = 0;; first += kPairChunk) {
+      const int sources = CollectSlots(p, table, head, window, threshold, kept, stored, false,
+                                       first, pair_src, warp_ints);
+      CollectSlots(p, table, head, window, threshold, 0, kept, true, 0, pair_dst, warp_ints);
+      __syncthreads();
+      MoveSlots(p, table, head, pair_dst, pair_src, min(kPairChunk, sources - first));
+      __syncthreads();
+      if (first + kPairChunk >= sources) break;
+    }
   }
+  __syncthreads();  // the tail's positions were read before the new slots' are written
   for (int i = threadIdx.x; i < plan.n; i += kThreads) {
     const int64_t m = SlotMeta(p, table, head, kept + i);
     p.positions[m] = plan.length + i;
-    if (p.mass != nullptr) p.mass[m] = 0.0f;
+    p.mass[m] = 0.0f;
   }
 }
 
-// Scores of one stored key (its record) for the group's queries qs [group][d] (shared memory),
-// by one thread: the key decoded exactly as the CPU codec decodes it, dot products in fp32.
-__device__ __forceinline__ void RecordScores(MassKeyFormat format, const uint8_t* record,
-                                             const float* qs, int group, int d, float fp8_scale,
-                                             float scale, float* s) {
-  float acc[kMaxGroup];
-  for (int j = 0; j < kMaxGroup; ++j) acc[j] = 0.0f;
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(record);
-  auto add = [&](int c, float k) {
-    for (int j = 0; j < group; ++j) acc[j] += qs[j * d + c] * k;
-  };
-  if (format == MassKeyFormat::kFp16 || format == MassKeyFormat::kBf16) {
-    for (int w = 0; w < d / 2; ++w) {
-      const uint32_t x = words[w];
-      float lo, hi;
-      if (format == MassKeyFormat::kFp16) {
-        const __half2 h = *reinterpret_cast<const __half2*>(&x);
-        lo = __low2float(h);
-        hi = __high2float(h);
-      } else {
-        const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&x);
-        lo = __low2float(h);
-        hi = __high2float(h);
+// Grid (num_seqs, kv_heads): sinks (no heavy tokens). Keeps the first `lead` and the last `trail`
+// slots in slot order: the trail moves down over the evicted middle, kCopySlots at a time; a
+// destination never exceeds its source, so staging a step before writing it keeps unread sources
+// intact.
+__global__ void EvictOrderedKernel(EvictPool p, const EvictPlan* plans) {
+  const EvictPlan plan = plans[blockIdx.x];
+  const int head = blockIdx.y;
+  const int32_t* table = p.block_tables + int64_t{blockIdx.x} * p.max_blocks;
+  __shared__ int32_t dst_of[kCopySlots];
+  __shared__ int32_t pos_stage[kCopySlots];
+  extern __shared__ uint32_t record_stage[];  // [kCopySlots][record_bytes / 4]
+  const int stored = plan.stored;
+  const int kept = min(stored, plan.lead + plan.trail);
+  if (kept < stored) {
+    // Slots [lead, stored - trail) leave: [stored - trail, stored) moves down to [lead, kept).
+    const int words = p.record_bytes / 4, shift = stored - kept;
+    for (int c0 = stored - plan.trail; c0 < stored; c0 += kCopySlots) {
+      const int count = min(kCopySlots, stored - c0);
+      if (threadIdx.x < count) {
+        dst_of[threadIdx.x] = c0 + threadIdx.x - shift;
+        pos_stage[threadIdx.x] = p.positions[SlotMeta(p, table, head, c0 + threadIdx.x)];
       }
-      add(2 * w, lo);
-      add(2 * w + 1, hi);
-    }
-  } else {
-    const float int8_scale =
-        format == MassKeyFormat::kInt8
-            ? __half2float(*reinterpret_cast<const __half*>(record + d))
-            : 0.0f;
-    for (int w = 0; w < d / 4; ++w) {
-      const uint32_t x = words[w];
-      for (int b = 0; b < 4; ++b) {
-        const uint8_t code = static_cast<uint8_t>(x >> (8 * b));
-        float k;
-        if (format == MassKeyFormat::kFp8) {
-          __nv_fp8_e4m3 e;
-          e.__x = code;
-          k = static_cast<float>(e) * fp8_scale;
-        } else {
-          k = static_cast<float>(static_cast<int8_t>(code)) * int8_scale;
-        }
-        add(4 * w + b, k);
+      for (int e = threadIdx.x; e < count * words; e += kThreads) {
+        const int s = e / words, w = e - s * words;
+        record_stage[e] = reinterpret_cast<const uint32_t*>(SlotRecord(p, table, head, c0 + s))[w];
       }
+      __syncthreads();
+      for (int e = threadIdx.x; e < count * words; e += kThreads) {
+        const int s = e / words, w = e - s * words;
+        reinterpret_cast<uint32_t*>(SlotRecord(p, table, head, dst_of[s]))[w] = record_stage[e];
+      }
+      if (threadIdx.x < count) {
+        p.positions[SlotMeta(p, table, head, dst_of[threadIdx.x])] = pos_stage[threadIdx.x];
+      }
+      __syncthreads();
     }
   }
-  for (int j = 0; j < group; ++j) s[j] = acc[j] * scale;
+  for (int i = threadIdx.x; i < plan.n; i += kThreads) {
+    p.positions[SlotMeta(p, table, head, kept + i)] = plan.length + i;
+  }
 }
+
+// ---- Decode masses ------------------------------------------------------------------------------
 
 // Merges softmax statistics (m, l) of two sets of scores.
 __device__ __forceinline__ void MergeMl(float& m, float& l, float m2, float l2) {
@@ -210,72 +297,170 @@ __device__ __forceinline__ void MergeMl(float& m, float& l, float m2, float l2) 
   m = mm;
 }
 
+// 32-bit words of a stored key: the key codes, and int8's fp16 scale after them.
+__host__ __device__ constexpr int KeyWords(MassKeyFormat format, int d) {
+  return format == MassKeyFormat::kFp16 || format == MassKeyFormat::kBf16 ? d / 2
+         : format == MassKeyFormat::kFp8                                  ? d / 4
+                                                                          : d / 4 + 1;
+}
+
 struct DecodeMassArgs {
   EvictPool p;
   MassKeys keys;
   const int32_t* lens;
   const float* q;
-  float* partial_ml;  // [num_seqs, kv_heads, max_splits, kMaxGroup, 2]
-  int max_splits;
-  int split_tokens;  // a multiple of kThreads
+  float* partial_ml;  // [num_seqs, kv_heads, kMaxMassSplits, kMaxGroup, 2]
+  float* scores;      // [num_blocks, kv_heads, kMaxGroup, block_size]
+  int split_tokens;   // a multiple of kMassThreads
   int group, group_pad;
   float scale;
 };
 
-// Loads the group's queries of (seq, head) into qs and returns the FP8 key scale.
-__device__ float LoadDecodeQueries(const DecodeMassArgs& a, int seq, int head, float* qs) {
+__device__ __forceinline__ float* ScoreAt(const DecodeMassArgs& a, const int32_t* table, int head,
+                                          int slot, int j) {
+  const int bs = a.p.block_size;
+  return a.scores +
+         ((int64_t{table[slot / bs]} * a.p.num_kv_heads + head) * kMaxGroup + j) * bs + slot % bs;
+}
+
+// Loads the group's queries of (seq, head) into qs [group][d] (smem).
+__device__ void LoadDecodeQueries(const DecodeMassArgs& a, int seq, int head, float* qs) {
   const int d = a.p.head_dim;
   const float* qh =
       a.q + (int64_t{seq} * a.p.num_kv_heads * a.group_pad + int64_t{head} * a.group_pad) * d;
-  for (int e = threadIdx.x; e < a.group * d; e += kThreads) qs[e] = qh[e];
-  __syncthreads();
-  return a.keys.format == MassKeyFormat::kFp8
-             ? a.keys.head_scales[(int64_t{a.keys.seq_slots[seq]} * a.p.num_kv_heads + head) * 2]
-             : 0.0f;
+  for (int e = threadIdx.x; e < a.group * d; e += blockDim.x) qs[e] = qh[e];
 }
 
-// Grid (max_splits_used, kv_heads, num_seqs), one key per thread at a time. Pass 1: each split's
-// softmax statistics per query head.
-__global__ void DecodeMassPartialKernel(DecodeMassArgs a) {
+__device__ __forceinline__ void CpAsync4(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+}
+
+// Scores of one key (its words in smem) for the group's queries qs [group][d], decoded as the CPU
+// codec decodes it, dot products in fp32.
+template <MassKeyFormat FORMAT>
+__device__ __forceinline__ void KeyScores(const uint32_t* key, const float* qs, int group, int d,
+                                          float fp8_scale, float* acc) {
+#pragma unroll
+  for (int j = 0; j < kMaxGroup; ++j) acc[j] = 0.0f;
+  if constexpr (FORMAT == MassKeyFormat::kFp16 || FORMAT == MassKeyFormat::kBf16) {
+    for (int w = 0; w < d / 2; ++w) {
+      const uint32_t x = key[w];
+      float2 k;
+      if constexpr (FORMAT == MassKeyFormat::kFp16) {
+        k = __half22float2(*reinterpret_cast<const __half2*>(&x));
+      } else {
+        k = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+      }
+#pragma unroll
+      for (int j = 0; j < kMaxGroup; ++j) {
+        if (j < group) {
+          const float2 qv = *reinterpret_cast<const float2*>(qs + j * d + 2 * w);
+          acc[j] = fmaf(qv.y, k.y, fmaf(qv.x, k.x, acc[j]));
+        }
+      }
+    }
+  } else {
+    const float int8_scale =
+        FORMAT == MassKeyFormat::kInt8
+            ? __half2float(__ushort_as_half(static_cast<unsigned short>(key[d / 4] & 0xffffu)))
+            : 0.0f;
+    for (int w = 0; w < d / 4; ++w) {
+      const uint32_t x = key[w];
+      float k[4];
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const uint8_t code = static_cast<uint8_t>(x >> (8 * b));
+        if constexpr (FORMAT == MassKeyFormat::kFp8) {
+          __nv_fp8_e4m3 e;
+          e.__x = code;
+          k[b] = static_cast<float>(e) * fp8_scale;
+        } else {
+          k[b] = static_cast<float>(static_cast<int8_t>(code)) * int8_scale;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kMaxGroup; ++j) {
+        if (j < group) {
+          const float4 qv = *reinterpret_cast<const float4*>(qs + j * d + 4 * w);
+          acc[j] = fmaf(qv.w, k[3], fmaf(qv.z, k[2], fmaf(qv.y, k[1], fmaf(qv.x, k[0], acc[j]))));
+        }
+      }
+    }
+  }
+}
+
+// Pass 1. Grid (splits, kv_heads, num_seqs), kMassThreads threads: tiles of kMassThreads keys
+// are copied into smem (coalesced, cp.async), each thread scores one key, writes its scores and
+// merges them into its split's softmax statistics per query head.
+template <MassKeyFormat FORMAT>
+__global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMassArgs a) {
   const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z, d = a.p.head_dim;
-  const int64_t len = a.lens[seq], begin = int64_t{split} * a.split_tokens;
+  const int len = a.lens[seq], begin = split * a.split_tokens;
   if (begin >= len) return;
-  const int64_t end = len < begin + a.split_tokens ? len : begin + a.split_tokens;
-  __shared__ float qs[kMaxGroup * kMaxHeadDim];
-  __shared__ float warp_ml[kWarps][kMaxGroup][2];
-  const float fp8_scale = LoadDecodeQueries(a, seq, head, qs);
+  const int end = min(len, begin + a.split_tokens);
+  __shared__ __align__(16) float qs[kMaxGroup * kMaxHeadDim];
+  __shared__ float warp_ml[kMassThreads / 32][kMaxGroup][2];
+  extern __shared__ uint32_t tile[];  // [kMassThreads][row_words]
+  const int key_words = KeyWords(FORMAT, d), row_words = key_words | 1;  // odd: no bank conflicts
+  LoadDecodeQueries(a, seq, head, qs);
+  const float fp8_scale =
+      FORMAT == MassKeyFormat::kFp8
+          ? a.keys.head_scales[(int64_t{a.keys.seq_slots[seq]} * a.p.num_kv_heads + head) * 2]
+          : 0.0f;
   const int32_t* table = a.p.block_tables + int64_t{seq} * a.p.max_blocks;
-  float m[kMaxGroup], l[kMaxGroup], sc[kMaxGroup];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float m[kMaxGroup], l[kMaxGroup];
+#pragma unroll
   for (int j = 0; j < kMaxGroup; ++j) {
     m[j] = -FLT_MAX;
     l[j] = 0.0f;
   }
-  for (int64_t t = begin + threadIdx.x; t < end; t += kThreads) {
-    RecordScores(a.keys.format, SlotRecord(a.p, table, head, t), qs, a.group, d, fp8_scale,
-                 a.scale, sc);
-    for (int j = 0; j < a.group; ++j) MergeMl(m[j], l[j], sc[j], 1.0f);
+  for (int t0 = begin; t0 < end; t0 += kMassThreads) {
+    const int count = min(kMassThreads, end - t0);
+    for (int r = warp; r < count; r += kMassThreads / 32) {  // a warp per key: lanes over words
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(SlotRecord(a.p, table, head, t0 + r));
+      for (int w = lane; w < key_words; w += 32) CpAsync4(tile + r * row_words + w, src + w);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < count) {
+      const int t = t0 + threadIdx.x;
+      float s[kMaxGroup];
+      KeyScores<FORMAT>(tile + threadIdx.x * row_words, qs, a.group, d, fp8_scale, s);
+#pragma unroll
+      for (int j = 0; j < kMaxGroup; ++j) {
+        if (j < a.group) {
+          s[j] *= a.scale;
+          *ScoreAt(a, table, head, t, j) = s[j];
+          MergeMl(m[j], l[j], s[j], 1.0f);
+        }
+      }
+    }
+    __syncthreads();  // the tile is read before the next one lands
   }
-  for (int j = 0; j < a.group; ++j) {
+#pragma unroll
+  for (int j = 0; j < kMaxGroup; ++j) {
+    if (j >= a.group) break;
     for (int o = 16; o > 0; o >>= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m[j], o);
-      const float l2 = __shfl_xor_sync(0xffffffffu, l[j], o);
+      const float m2 = __shfl_xor_sync(kFullMask, m[j], o);
+      const float l2 = __shfl_xor_sync(kFullMask, l[j], o);
       MergeMl(m[j], l[j], m2, l2);
     }
-  }
-  const int warp = threadIdx.x >> 5;
-  if ((threadIdx.x & 31) == 0) {
-    for (int j = 0; j < a.group; ++j) {
+    if (lane == 0) {
       warp_ml[warp][j][0] = m[j];
       warp_ml[warp][j][1] = l[j];
     }
   }
   __syncthreads();
-  if (threadIdx.x < a.group) {
+  if (static_cast<int>(threadIdx.x) < a.group) {
     const int j = threadIdx.x;
     float mm = -FLT_MAX, ll = 0.0f;
-    for (int w = 0; w < kWarps; ++w) MergeMl(mm, ll, warp_ml[w][j][0], warp_ml[w][j][1]);
+    for (int w = 0; w < kMassThreads / 32; ++w) MergeMl(mm, ll, warp_ml[w][j][0], warp_ml[w][j][1]);
     float* out = a.partial_ml +
-                 (((int64_t{seq} * a.p.num_kv_heads + head) * a.max_splits + split) * kMaxGroup + j) * 2;
+                 (((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits + split) * kMaxGroup +
+                  j) * 2;
     out[0] = mm;
     out[1] = ll;
   }
@@ -283,19 +468,17 @@ __global__ void DecodeMassPartialKernel(DecodeMassArgs a) {
 
 // Pass 2, same grid: the statistics of every split of the sequence give (M, L) per query head;
 // each thread adds sum_j exp(s_j - M_j) / L_j to its keys' masses (each key has one owner).
-__global__ void DecodeMassAddKernel(DecodeMassArgs a) {
-  const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z, d = a.p.head_dim;
-  const int64_t len = a.lens[seq], begin = int64_t{split} * a.split_tokens;
+__global__ void __launch_bounds__(kMassThreads) DecodeMassAddKernel(DecodeMassArgs a) {
+  const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
+  const int len = a.lens[seq], begin = split * a.split_tokens;
   if (begin >= len) return;
-  const int64_t end = len < begin + a.split_tokens ? len : begin + a.split_tokens;
-  __shared__ float qs[kMaxGroup * kMaxHeadDim];
+  const int end = min(len, begin + a.split_tokens);
   __shared__ float final_m[kMaxGroup], final_inv_l[kMaxGroup];
-  const float fp8_scale = LoadDecodeQueries(a, seq, head, qs);
-  if (threadIdx.x < a.group) {
+  if (static_cast<int>(threadIdx.x) < a.group) {
     const int j = threadIdx.x;
-    const int splits = static_cast<int>((len + a.split_tokens - 1) / a.split_tokens);
+    const int splits = (len + a.split_tokens - 1) / a.split_tokens;
     const float* in =
-        a.partial_ml + ((int64_t{seq} * a.p.num_kv_heads + head) * a.max_splits) * kMaxGroup * 2;
+        a.partial_ml + ((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits) * kMaxGroup * 2;
     float mm = -FLT_MAX, ll = 0.0f;
     for (int x = 0; x < splits; ++x) {
       MergeMl(mm, ll, in[(x * kMaxGroup + j) * 2], in[(x * kMaxGroup + j) * 2 + 1]);
@@ -305,15 +488,16 @@ __global__ void DecodeMassAddKernel(DecodeMassArgs a) {
   }
   __syncthreads();
   const int32_t* table = a.p.block_tables + int64_t{seq} * a.p.max_blocks;
-  float sc[kMaxGroup];
-  for (int64_t t = begin + threadIdx.x; t < end; t += kThreads) {
-    RecordScores(a.keys.format, SlotRecord(a.p, table, head, t), qs, a.group, d, fp8_scale,
-                 a.scale, sc);
+  for (int t = begin + threadIdx.x; t < end; t += kMassThreads) {
     float add = 0.0f;
-    for (int j = 0; j < a.group; ++j) add += expf(sc[j] - final_m[j]) * final_inv_l[j];
+    for (int j = 0; j < a.group; ++j) {
+      add += expf(*ScoreAt(a, table, head, t, j) - final_m[j]) * final_inv_l[j];
+    }
     a.p.mass[SlotMeta(a.p, table, head, t)] += add;
   }
 }
+
+// ---- Prefill masses -----------------------------------------------------------------------------
 
 // Scores of one fp32 key for `group` queries (qs [group][d] in shared memory), by one warp (the
 // prefill mass: keys read back or fresh in fp32); every lane returns all scores.
@@ -413,34 +597,54 @@ __global__ void PrefillMassKernel(EvictPool p, const PrefillMassChunk* chunks, c
 cudaError_t LaunchEvictCompact(const EvictPool& p, const EvictPlan* plans, cudaStream_t stream) {
   if (p.num_seqs == 0) return cudaSuccess;
   if (p.record_bytes % 4 != 0) return cudaErrorInvalidValue;
-  const size_t smem = size_t{kCopySlots} * p.record_bytes;
-  EvictCompactKernel<<<dim3(p.num_seqs, p.num_kv_heads), kThreads, smem, stream>>>(p, plans);
+  const dim3 grid(p.num_seqs, p.num_kv_heads);
+  if (p.mass != nullptr) {
+    EvictH2oKernel<<<grid, kThreads, 0, stream>>>(p, plans);
+  } else {
+    const size_t smem = size_t{kCopySlots} * p.record_bytes;
+    EvictOrderedKernel<<<grid, kThreads, smem, stream>>>(p, plans);
+  }
   return cudaGetLastError();
-}
-
-int DecodeMassSplitTokens(int max_len) {
-  const int per_split = (max_len + kMaxMassSplits - 1) / kMaxMassSplits;
-  return std::max(kThreads, (per_split + kThreads - 1) / kThreads * kThreads);
 }
 
 cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int32_t* lens,
                              int max_len, const float* q, int group, int group_pad, float scale,
-                             float* partial_ml, cudaStream_t stream) {
+                             float* partial_ml, float* scores, cudaStream_t stream) {
   if (p.num_seqs == 0 || max_len <= 0) return cudaSuccess;
-  if (group > kMaxGroup || p.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
+  if (group < 1 || group > kMaxGroup || p.head_dim > kMaxHeadDim || p.head_dim % 4 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  // Enough splits to fill the GPU at small batches, at most kMaxMassSplits per sequence.
+  const int per_split = (max_len + kMaxMassSplits - 1) / kMaxMassSplits;
+  const int split_tokens = (per_split + kMassThreads - 1) / kMassThreads * kMassThreads;
   DecodeMassArgs a{.p = p,
                    .keys = keys,
                    .lens = lens,
                    .q = q,
                    .partial_ml = partial_ml,
-                   .max_splits = kMaxMassSplits,
-                   .split_tokens = DecodeMassSplitTokens(max_len),
+                   .scores = scores,
+                   .split_tokens = split_tokens,
                    .group = group,
                    .group_pad = group_pad,
                    .scale = scale};
-  const dim3 grid((max_len + a.split_tokens - 1) / a.split_tokens, p.num_kv_heads, p.num_seqs);
-  DecodeMassPartialKernel<<<grid, kThreads, 0, stream>>>(a);
-  DecodeMassAddKernel<<<grid, kThreads, 0, stream>>>(a);
+  const dim3 grid((max_len + split_tokens - 1) / split_tokens, p.num_kv_heads, p.num_seqs);
+  const size_t smem =
+      size_t{kMassThreads} * (KeyWords(keys.format, p.head_dim) | 1) * sizeof(uint32_t);
+  switch (keys.format) {
+    case MassKeyFormat::kFp16:
+      DecodeMassScoreKernel<MassKeyFormat::kFp16><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    case MassKeyFormat::kBf16:
+      DecodeMassScoreKernel<MassKeyFormat::kBf16><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    case MassKeyFormat::kFp8:
+      DecodeMassScoreKernel<MassKeyFormat::kFp8><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    case MassKeyFormat::kInt8:
+      DecodeMassScoreKernel<MassKeyFormat::kInt8><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+  }
+  DecodeMassAddKernel<<<grid, kMassThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
