@@ -195,6 +195,7 @@ __global__ void EvictH2oKernel(EvictPool p, const EvictPlan* plans) {
     for (int r = 0; r < evict; ++r) {
       uint64_t best = kNoKey;
       int best_slot = -1;
+#pragma unroll 4
       for (int i = threadIdx.x; i < stored; i += kThreads) {
         const uint64_t key = EvictKey(p, table, head, i, window);
         if ((r == 0 || key > last) && key < best) {
@@ -316,11 +317,12 @@ struct DecodeMassArgs {
   float scale;
 };
 
-__device__ __forceinline__ float* ScoreAt(const DecodeMassArgs& a, const int32_t* table, int head,
-                                          int slot, int j) {
+// Score j of `slot` is ScoreBase(slot)[j * block_size].
+__device__ __forceinline__ float* ScoreBase(const DecodeMassArgs& a, const int32_t* table,
+                                            int head, int slot) {
   const int bs = a.p.block_size;
-  return a.scores +
-         ((int64_t{table[slot / bs]} * a.p.num_kv_heads + head) * kMaxGroup + j) * bs + slot % bs;
+  return a.scores + (int64_t{table[slot / bs]} * a.p.num_kv_heads + head) * kMaxGroup * bs +
+         slot % bs;
 }
 
 // Loads the group's queries of (seq, head) into qs [group][d] (smem).
@@ -336,13 +338,21 @@ __device__ __forceinline__ void CpAsync4(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
 }
 
+// GROUP > 0: the group size, fixed at compile time; 0: a.group (<= kMaxGroup) at run time.
+template <int GROUP>
+struct Group {
+  static constexpr int kCap = GROUP > 0 ? GROUP : kMaxGroup;
+  __device__ __forceinline__ static bool Has(int j, int group) { return GROUP > 0 || j < group; }
+};
+
 // Scores of one key (its words in smem) for the group's queries qs [group][d], decoded as the CPU
-// codec decodes it, dot products in fp32.
-template <MassKeyFormat FORMAT>
+// codec decodes it, dot products in fp32 (unscaled).
+template <MassKeyFormat FORMAT, int GROUP>
 __device__ __forceinline__ void KeyScores(const uint32_t* key, const float* qs, int group, int d,
                                           float fp8_scale, float* acc) {
+  using G = Group<GROUP>;
 #pragma unroll
-  for (int j = 0; j < kMaxGroup; ++j) acc[j] = 0.0f;
+  for (int j = 0; j < G::kCap; ++j) acc[j] = 0.0f;
   if constexpr (FORMAT == MassKeyFormat::kFp16 || FORMAT == MassKeyFormat::kBf16) {
     for (int w = 0; w < d / 2; ++w) {
       const uint32_t x = key[w];
@@ -353,8 +363,8 @@ __device__ __forceinline__ void KeyScores(const uint32_t* key, const float* qs, 
         k = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
       }
 #pragma unroll
-      for (int j = 0; j < kMaxGroup; ++j) {
-        if (j < group) {
+      for (int j = 0; j < G::kCap; ++j) {
+        if (G::Has(j, group)) {
           const float2 qv = *reinterpret_cast<const float2*>(qs + j * d + 2 * w);
           acc[j] = fmaf(qv.y, k.y, fmaf(qv.x, k.x, acc[j]));
         }
@@ -380,8 +390,8 @@ __device__ __forceinline__ void KeyScores(const uint32_t* key, const float* qs, 
         }
       }
 #pragma unroll
-      for (int j = 0; j < kMaxGroup; ++j) {
-        if (j < group) {
+      for (int j = 0; j < G::kCap; ++j) {
+        if (G::Has(j, group)) {
           const float4 qv = *reinterpret_cast<const float4*>(qs + j * d + 4 * w);
           acc[j] = fmaf(qv.w, k[3], fmaf(qv.z, k[2], fmaf(qv.y, k[1], fmaf(qv.x, k[0], acc[j]))));
         }
@@ -390,15 +400,18 @@ __device__ __forceinline__ void KeyScores(const uint32_t* key, const float* qs, 
   }
 }
 
-// Pass 1. Grid (splits, kv_heads, num_seqs), kMassThreads threads: tiles of kMassThreads keys
-// are copied into smem (coalesced, cp.async), each thread scores one key, writes its scores and
-// merges them into its split's softmax statistics per query head.
-template <MassKeyFormat FORMAT>
+// Pass 1. Grid (splits, kv_heads, num_seqs), kMassThreads threads: the split's keys in tiles of
+// kMassThreads, each copied into smem (coalesced: a warp per record; cp.async) and scored by one
+// thread per key, which writes its scores and merges them into its split's softmax statistics
+// per query head. Several CTAs per SM overlap one's copies with another's arithmetic.
+template <MassKeyFormat FORMAT, int GROUP>
 __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMassArgs a) {
+  using G = Group<GROUP>;
   const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z, d = a.p.head_dim;
   const int len = a.lens[seq], begin = split * a.split_tokens;
   if (begin >= len) return;
   const int end = min(len, begin + a.split_tokens);
+  const int group = GROUP > 0 ? GROUP : a.group;
   __shared__ __align__(16) float qs[kMaxGroup * kMaxHeadDim];
   __shared__ float warp_ml[kMassThreads / 32][kMaxGroup][2];
   extern __shared__ uint32_t tile[];  // [kMassThreads][row_words]
@@ -410,15 +423,15 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
           : 0.0f;
   const int32_t* table = a.p.block_tables + int64_t{seq} * a.p.max_blocks;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float m[kMaxGroup], l[kMaxGroup];
+  float m[G::kCap], l[G::kCap];
 #pragma unroll
-  for (int j = 0; j < kMaxGroup; ++j) {
+  for (int j = 0; j < G::kCap; ++j) {
     m[j] = -FLT_MAX;
     l[j] = 0.0f;
   }
   for (int t0 = begin; t0 < end; t0 += kMassThreads) {
     const int count = min(kMassThreads, end - t0);
-    for (int r = warp; r < count; r += kMassThreads / 32) {  // a warp per key: lanes over words
+    for (int r = warp; r < count; r += kMassThreads / 32) {
       const uint32_t* src = reinterpret_cast<const uint32_t*>(SlotRecord(a.p, table, head, t0 + r));
       for (int w = lane; w < key_words; w += 32) CpAsync4(tile + r * row_words + w, src + w);
     }
@@ -427,13 +440,14 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < count) {
       const int t = t0 + threadIdx.x;
-      float s[kMaxGroup];
-      KeyScores<FORMAT>(tile + threadIdx.x * row_words, qs, a.group, d, fp8_scale, s);
+      float s[G::kCap];
+      KeyScores<FORMAT, GROUP>(tile + threadIdx.x * row_words, qs, group, d, fp8_scale, s);
+      float* out = ScoreBase(a, table, head, t);
 #pragma unroll
-      for (int j = 0; j < kMaxGroup; ++j) {
-        if (j < a.group) {
+      for (int j = 0; j < G::kCap; ++j) {
+        if (G::Has(j, group)) {
           s[j] *= a.scale;
-          *ScoreAt(a, table, head, t, j) = s[j];
+          out[j * a.p.block_size] = s[j];
           MergeMl(m[j], l[j], s[j], 1.0f);
         }
       }
@@ -441,8 +455,8 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
     __syncthreads();  // the tile is read before the next one lands
   }
 #pragma unroll
-  for (int j = 0; j < kMaxGroup; ++j) {
-    if (j >= a.group) break;
+  for (int j = 0; j < G::kCap; ++j) {
+    if (!G::Has(j, group)) break;
     for (int o = 16; o > 0; o >>= 1) {
       const float m2 = __shfl_xor_sync(kFullMask, m[j], o);
       const float l2 = __shfl_xor_sync(kFullMask, l[j], o);
@@ -454,7 +468,7 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
     }
   }
   __syncthreads();
-  if (static_cast<int>(threadIdx.x) < a.group) {
+  if (static_cast<int>(threadIdx.x) < group) {
     const int j = threadIdx.x;
     float mm = -FLT_MAX, ll = 0.0f;
     for (int w = 0; w < kMassThreads / 32; ++w) MergeMl(mm, ll, warp_ml[w][j][0], warp_ml[w][j][1]);
@@ -466,32 +480,41 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
   }
 }
 
-// Pass 2, same grid: the statistics of every split of the sequence give (M, L) per query head;
-// each thread adds sum_j exp(s_j - M_j) / L_j to its keys' masses (each key has one owner).
+// Pass 2, same grid: the statistics of every split of the sequence give (M, L) per query head (a
+// warp per head, lanes over splits); each thread adds sum_j exp(s_j - M_j) / L_j to its keys'
+// masses (each key has one owner).
 __global__ void __launch_bounds__(kMassThreads) DecodeMassAddKernel(DecodeMassArgs a) {
   const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const int len = a.lens[seq], begin = split * a.split_tokens;
   if (begin >= len) return;
   const int end = min(len, begin + a.split_tokens);
   __shared__ float final_m[kMaxGroup], final_inv_l[kMaxGroup];
-  if (static_cast<int>(threadIdx.x) < a.group) {
-    const int j = threadIdx.x;
-    const int splits = (len + a.split_tokens - 1) / a.split_tokens;
-    const float* in =
-        a.partial_ml + ((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits) * kMaxGroup * 2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int splits = (len + a.split_tokens - 1) / a.split_tokens;
+  const float* in =
+      a.partial_ml + ((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits) * kMaxGroup * 2;
+  for (int j = warp; j < a.group; j += kMassThreads / 32) {
     float mm = -FLT_MAX, ll = 0.0f;
-    for (int x = 0; x < splits; ++x) {
+    for (int x = lane; x < splits; x += 32) {
       MergeMl(mm, ll, in[(x * kMaxGroup + j) * 2], in[(x * kMaxGroup + j) * 2 + 1]);
     }
-    final_m[j] = mm;
-    final_inv_l[j] = ll > 0.0f ? 1.0f / ll : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(kFullMask, mm, o);
+      const float l2 = __shfl_xor_sync(kFullMask, ll, o);
+      MergeMl(mm, ll, m2, l2);
+    }
+    if (lane == 0) {
+      final_m[j] = mm;
+      final_inv_l[j] = ll > 0.0f ? 1.0f / ll : 0.0f;
+    }
   }
   __syncthreads();
   const int32_t* table = a.p.block_tables + int64_t{seq} * a.p.max_blocks;
   for (int t = begin + threadIdx.x; t < end; t += kMassThreads) {
+    const float* sc = ScoreBase(a, table, head, t);
     float add = 0.0f;
     for (int j = 0; j < a.group; ++j) {
-      add += expf(*ScoreAt(a, table, head, t, j) - final_m[j]) * final_inv_l[j];
+      add += expf(sc[j * a.p.block_size] - final_m[j]) * final_inv_l[j];
     }
     a.p.mass[SlotMeta(a.p, table, head, t)] += add;
   }
@@ -592,6 +615,27 @@ __global__ void PrefillMassKernel(EvictPool p, const PrefillMassChunk* chunks, c
   AccumulateMass(key_fn, mass_at, int64_t{chunk.cached} + i + 1, qs, group, d, scale);
 }
 
+template <MassKeyFormat FORMAT>
+void LaunchDecodeMassScores(const DecodeMassArgs& a, dim3 grid, size_t smem, cudaStream_t stream) {
+  switch (a.group) {
+    case 1:
+      DecodeMassScoreKernel<FORMAT, 1><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    case 2:
+      DecodeMassScoreKernel<FORMAT, 2><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    case 4:
+      DecodeMassScoreKernel<FORMAT, 4><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    case 8:
+      DecodeMassScoreKernel<FORMAT, 8><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    default:
+      DecodeMassScoreKernel<FORMAT, 0><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+  }
+}
+
 }  // namespace
 
 cudaError_t LaunchEvictCompact(const EvictPool& p, const EvictPlan* plans, cudaStream_t stream) {
@@ -614,9 +658,20 @@ cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int
   if (group < 1 || group > kMaxGroup || p.head_dim > kMaxHeadDim || p.head_dim % 4 != 0) {
     return cudaErrorInvalidValue;
   }
-  // Enough splits to fill the GPU at small batches, at most kMaxMassSplits per sequence.
-  const int per_split = (max_len + kMaxMassSplits - 1) / kMaxMassSplits;
-  const int split_tokens = (per_split + kMassThreads - 1) / kMassThreads * kMassThreads;
+  // Splits per (sequence, kv-head): enough CTAs for a few waves of the GPU (several tiles per CTA
+  // at large batches, so that loading the queries and merging statistics stay small), at most
+  // one per tile and kMaxMassSplits.
+  int device = 0, sms = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      e != cudaSuccess) {
+    return e;
+  }
+  const int64_t pairs = int64_t{p.num_seqs} * p.num_kv_heads;
+  const int tiles = (max_len + kMassThreads - 1) / kMassThreads;
+  const int64_t wanted = (int64_t{sms} * 24 + pairs - 1) / pairs;  // ~4 waves of 6 CTAs per SM
+  const int splits = static_cast<int>(std::clamp<int64_t>(wanted, 1, std::min(tiles, kMaxMassSplits)));
+  const int split_tokens = (tiles + splits - 1) / splits * kMassThreads;
   DecodeMassArgs a{.p = p,
                    .keys = keys,
                    .lens = lens,
@@ -632,16 +687,16 @@ cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int
       size_t{kMassThreads} * (KeyWords(keys.format, p.head_dim) | 1) * sizeof(uint32_t);
   switch (keys.format) {
     case MassKeyFormat::kFp16:
-      DecodeMassScoreKernel<MassKeyFormat::kFp16><<<grid, kMassThreads, smem, stream>>>(a);
+      LaunchDecodeMassScores<MassKeyFormat::kFp16>(a, grid, smem, stream);
       break;
     case MassKeyFormat::kBf16:
-      DecodeMassScoreKernel<MassKeyFormat::kBf16><<<grid, kMassThreads, smem, stream>>>(a);
+      LaunchDecodeMassScores<MassKeyFormat::kBf16>(a, grid, smem, stream);
       break;
     case MassKeyFormat::kFp8:
-      DecodeMassScoreKernel<MassKeyFormat::kFp8><<<grid, kMassThreads, smem, stream>>>(a);
+      LaunchDecodeMassScores<MassKeyFormat::kFp8>(a, grid, smem, stream);
       break;
     case MassKeyFormat::kInt8:
-      DecodeMassScoreKernel<MassKeyFormat::kInt8><<<grid, kMassThreads, smem, stream>>>(a);
+      LaunchDecodeMassScores<MassKeyFormat::kInt8>(a, grid, smem, stream);
       break;
   }
   DecodeMassAddKernel<<<grid, kMassThreads, 0, stream>>>(a);
