@@ -453,15 +453,16 @@ absl::Status CudaKvCache::DecodeMassLayer(int layer, const DeviceSeqBatch& seqs,
 
 absl::Status CudaKvCache::PrefillMassLayer(int layer, const DeviceSeqBatch& seqs,
                                            const PrefillMassChunk* chunks, int num_chunks,
-                                           int max_chunk_tokens, const float* q, int group,
-                                           int group_pad, const float* fresh_k,
+                                           int max_chunk_tokens, int max_chunk_keys, const float* q,
+                                           int group, int group_pad, const float* fresh_k,
                                            int64_t fresh_row_stride, const float* prefix_k,
-                                           int64_t prefix_stride_tokens, float scale) {
+                                           int64_t prefix_stride_tokens, float scale,
+                                           float* row_stats) {
   if (!h2o()) return absl::FailedPreconditionError("PrefillMassLayer: the cache is not H2O");
-  CUDA_RETURN_IF_ERROR(LaunchPrefillMass(PoolFor(layer, seqs), chunks, num_chunks,
-                                         max_chunk_tokens, q, group, group_pad, fresh_k,
+  CUDA_RETURN_IF_ERROR(LaunchPrefillMass(PoolFor(layer, seqs), chunks, num_chunks, max_chunk_tokens,
+                                         max_chunk_keys, q, group, group_pad, fresh_k,
                                          fresh_row_stride, prefix_k, prefix_stride_tokens, scale,
-                                         stream_));
+                                         row_stats, stream_));
   return absl::OkStatus();
 }
 
@@ -765,6 +766,7 @@ absl::Status CudaKvCache::PrefillAttention(kernels::SeqId seq, int layer, int64_
   args.out_f32 = dout.get();
   CUDA_RETURN_IF_ERROR(LaunchPrefillAttention(args, stream_));
   DeviceArray<int32_t> dchunk, table, slot;
+  DeviceArray<float> row_stats;
   if (h2o()) {
     const PrefillMassChunk chunk{.batch_index = 0,
                                  .first_row = 0,
@@ -779,10 +781,11 @@ absl::Status CudaKvCache::PrefillAttention(kernels::SeqId seq, int layer, int64_
                                .max_blocks = static_cast<int>(s->blocks.size()),
                                .slots = slot.get()};
     const int group = num_q_heads / hkv;
-    RETURN_IF_ERROR(PrefillMassLayer(layer, batch,
-                                     reinterpret_cast<const PrefillMassChunk*>(dchunk.get()), 1,
-                                     static_cast<int>(n), dq.get(), group, group, dk.get(),
-                                     int64_t{hkv} * d, prefix_k.get(), stored, scale));
+    RETURN_IF_ERROR(row_stats.Allocate(n * PrefillMassStatsFloatsPerRow(hkv)));
+    RETURN_IF_ERROR(PrefillMassLayer(
+        layer, batch, reinterpret_cast<const PrefillMassChunk*>(dchunk.get()), 1,
+        static_cast<int>(n), static_cast<int>(stored), dq.get(), group, group, dk.get(),
+        int64_t{hkv} * d, prefix_k.get(), stored, scale, row_stats.get()));
   }
   CUDA_RETURN_IF_ERROR(
       cudaMemcpyAsync(out, dout.get(), q_floats * sizeof(float), cudaMemcpyDeviceToHost, stream_));

@@ -159,12 +159,14 @@ class CudaKvCache final : public kernels::KvCache {
   absl::Status DecodeMassLayer(int layer, const DeviceSeqBatch& seqs, const int32_t* lens,
                                int max_len, const float* q, int group, int group_pad, float scale);
   // H2O: the same for prefill chunks (cuda_kv_evict.h, LaunchPrefillMass); `seqs` holds the
-  // block tables chunks[i].batch_index refers to.
+  // block tables chunks[i].batch_index refers to; row_stats: scratch of
+  // PrefillMassStatsFloatsPerRow(num_kv_heads) floats per row of q.
   absl::Status PrefillMassLayer(int layer, const DeviceSeqBatch& seqs,
                                 const PrefillMassChunk* chunks, int num_chunks,
-                                int max_chunk_tokens, const float* q, int group, int group_pad,
-                                const float* fresh_k, int64_t fresh_row_stride,
-                                const float* prefix_k, int64_t prefix_stride_tokens, float scale);
+                                int max_chunk_tokens, int max_chunk_keys, const float* q, int group,
+                                int group_pad, const float* fresh_k, int64_t fresh_row_stride,
+                                const float* prefix_k, int64_t prefix_stride_tokens, float scale,
+                                float* row_stats);
 
   // Enqueues the append of rows to `layer` for a batch: sequence s owns rows
   // [row_begin[s], row_begin[s + 1]) of k / v (device, row r and kv-head h at

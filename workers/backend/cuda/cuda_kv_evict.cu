@@ -298,6 +298,16 @@ __device__ __forceinline__ void MergeMl(float& m, float& l, float m2, float l2) 
   m = mm;
 }
 
+// Adds one score to online softmax statistics (m, l): one exp per score.
+__device__ __forceinline__ void AddScore(float& m, float& l, float s) {
+  if (s > m) {
+    l = l * expf(m - s) + 1.0f;
+    m = s;
+  } else {
+    l += expf(s - m);
+  }
+}
+
 // 32-bit words of a stored key: the key codes, and int8's fp16 scale after them.
 __host__ __device__ constexpr int KeyWords(MassKeyFormat format, int d) {
   return format == MassKeyFormat::kFp16 || format == MassKeyFormat::kBf16 ? d / 2
@@ -448,7 +458,7 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
         if (G::Has(j, group)) {
           s[j] *= a.scale;
           out[j * a.p.block_size] = s[j];
-          MergeMl(m[j], l[j], s[j], 1.0f);
+          AddScore(m[j], l[j], s[j]);
         }
       }
     }
@@ -483,17 +493,20 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
 // Pass 2, same grid: the statistics of every split of the sequence give (M, L) per query head (a
 // warp per head, lanes over splits); each thread adds sum_j exp(s_j - M_j) / L_j to its keys'
 // masses (each key has one owner).
+template <int GROUP>
 __global__ void __launch_bounds__(kMassThreads) DecodeMassAddKernel(DecodeMassArgs a) {
+  using G = Group<GROUP>;
   const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const int len = a.lens[seq], begin = split * a.split_tokens;
   if (begin >= len) return;
   const int end = min(len, begin + a.split_tokens);
+  const int group = GROUP > 0 ? GROUP : a.group;
   __shared__ float final_m[kMaxGroup], final_inv_l[kMaxGroup];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int splits = (len + a.split_tokens - 1) / a.split_tokens;
   const float* in =
       a.partial_ml + ((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits) * kMaxGroup * 2;
-  for (int j = warp; j < a.group; j += kMassThreads / 32) {
+  for (int j = warp; j < group; j += kMassThreads / 32) {
     float mm = -FLT_MAX, ll = 0.0f;
     for (int x = lane; x < splits; x += 32) {
       MergeMl(mm, ll, in[(x * kMaxGroup + j) * 2], in[(x * kMaxGroup + j) * 2 + 1]);
@@ -509,110 +522,260 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassAddKernel(DecodeMassAr
     }
   }
   __syncthreads();
+  float fm[G::kCap], fil[G::kCap];
+#pragma unroll
+  for (int j = 0; j < G::kCap; ++j) {
+    fm[j] = G::Has(j, group) ? final_m[j] : 0.0f;
+    fil[j] = G::Has(j, group) ? final_inv_l[j] : 0.0f;
+  }
   const int32_t* table = a.p.block_tables + int64_t{seq} * a.p.max_blocks;
+  const int bs = a.p.block_size;
+  float* __restrict__ mass = a.p.mass;
+  const float* __restrict__ scores = a.scores;
+#pragma unroll 2
   for (int t = begin + threadIdx.x; t < end; t += kMassThreads) {
-    const float* sc = ScoreBase(a, table, head, t);
+    const int32_t block = table[t / bs];
+    const int in_block = t % bs;
+    const float* sc =
+        scores + (int64_t{block} * a.p.num_kv_heads + head) * kMaxGroup * bs + in_block;
     float add = 0.0f;
-    for (int j = 0; j < a.group; ++j) {
-      add += expf(sc[j * a.p.block_size] - final_m[j]) * final_inv_l[j];
+#pragma unroll
+    for (int j = 0; j < G::kCap; ++j) {
+      if (G::Has(j, group)) add += expf(sc[j * bs] - fm[j]) * fil[j];
     }
-    a.p.mass[SlotMeta(a.p, table, head, t)] += add;
+    mass[MetaIndex(a.p, block, head, in_block)] += add;
   }
 }
 
 // ---- Prefill masses -----------------------------------------------------------------------------
 
-// Scores of one fp32 key for `group` queries (qs [group][d] in shared memory), by one warp (the
-// prefill mass: keys read back or fresh in fp32); every lane returns all scores.
-template <class KeyAt>
-__device__ __forceinline__ void WarpScores(KeyAt key_at, const float* qs, int group, int d,
-                                           float scale, float* s) {
-  float partial[kMaxGroup];
-  for (int j = 0; j < kMaxGroup; ++j) partial[j] = 0.0f;
-  const int lane = threadIdx.x & 31;
-  for (int c = lane; c < d; c += 32) {
-    const float k = key_at(c);
-    for (int j = 0; j < group; ++j) partial[j] += qs[j * d + c] * k;
+// Tiles of kPmRows query rows (kPmRows / group tokens x the group's heads) against kPmKeys keys,
+// kPmThreads threads: thread (tr, tk) = (tid / 16, tid % 16) scores rows 4 tr .. 4 tr + 3 against
+// keys tk + 16 c, c < 4. Rows and keys sit in smem in fp32 with a stride of d + 4 floats
+// (float4 reads, conflict-free).
+constexpr int kPmRows = 64;
+constexpr int kPmKeys = 64;
+constexpr int kPmThreads = 256;
+
+struct PrefillMassArgs {
+  EvictPool p;
+  const PrefillMassChunk* chunks;
+  const float* q;  // [rows, kv_heads * group_pad, d]
+  int group, group_pad;
+  const float* fresh_k;  // row r, kv-head h at fresh_k[r * fresh_row_stride + h * d]
+  int64_t fresh_row_stride;
+  const float* prefix_k;  // [prefix chunks, kv_heads, prefix_stride_tokens, d]
+  int64_t prefix_stride_tokens;
+  float scale;
+  float* row_stats;  // [rows, kv_heads, kMaxGroup, 2]: (M, L) of each query row
+};
+
+__host__ __device__ constexpr int PrefillMassSmemFloats(int d) {
+  return (kPmRows + kPmKeys) * (d + 4);
+}
+
+// Key t (< cached + n) of a chunk for kv-head `head`: the read-back prefix, then the fresh rows.
+__device__ __forceinline__ const float* PrefillKey(const PrefillMassArgs& a,
+                                                   const PrefillMassChunk& chunk, int head, int t) {
+  const int d = a.p.head_dim;
+  if (t < chunk.cached) {
+    return a.prefix_k +
+           ((int64_t{chunk.prefix_index} * a.p.num_kv_heads + head) * a.prefix_stride_tokens + t) *
+               d;
   }
-  for (int j = 0; j < group; ++j) {
-    float v = partial[j];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    s[j] = v * scale;
+  return a.fresh_k + (int64_t{chunk.first_row} + (t - chunk.cached)) * a.fresh_row_stride +
+         int64_t{head} * d;
+}
+
+// Loads keys [k0, k0 + kPmKeys) (zeros past `keys`) into ks [kPmKeys][d + 4].
+__device__ void LoadPrefillKeys(const PrefillMassArgs& a, const PrefillMassChunk& chunk, int head,
+                                int k0, int keys, float* ks) {
+  const int d = a.p.head_dim, vecs = d / 4;
+  for (int e = threadIdx.x; e < kPmKeys * vecs; e += kPmThreads) {
+    const int r = e / vecs, c = (e - r * vecs) * 4;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (k0 + r < keys) v = *reinterpret_cast<const float4*>(PrefillKey(a, chunk, head, k0 + r) + c);
+    *reinterpret_cast<float4*>(ks + r * (d + 4) + c) = v;
   }
 }
 
-// Online (max, sum) of the group over keys [0, count), each warp a strided share, merged across
-// warps; then mass[key] += sum_j exp(s_j - M_j) / L_j. key_fn(t) returns a functor of the
-// channel; mass_at(t) the mass address of key t.
-template <class KeyFn, class MassFn>
-__device__ void AccumulateMass(KeyFn key_fn, MassFn mass_at, int64_t count, const float* qs,
-                               int group, int d, float scale) {
-  __shared__ float warp_m[kWarps][kMaxGroup], warp_l[kWarps][kMaxGroup];
-  __shared__ float final_m[kMaxGroup], final_inv_l[kMaxGroup];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float m[kMaxGroup], l[kMaxGroup], s[kMaxGroup];
-  for (int j = 0; j < kMaxGroup; ++j) {
-    m[j] = -FLT_MAX;
-    l[j] = 0.0f;
-  }
-  for (int64_t t = warp; t < count; t += kWarps) {
-    WarpScores(key_fn(t), qs, group, d, scale, s);
-    for (int j = 0; j < group; ++j) MergeMl(m[j], l[j], s[j], 1.0f);
-  }
-  if (lane == 0) {
-    for (int j = 0; j < group; ++j) {
-      warp_m[warp][j] = m[j];
-      warp_l[warp][j] = l[j];
+// Loads the query rows of tokens [i0, i0 + tokens) (row r: token i0 + r / group, head r % group;
+// zeros past them) into qs [kPmRows][d + 4].
+__device__ void LoadPrefillQueries(const PrefillMassArgs& a, const PrefillMassChunk& chunk,
+                                   int head, int i0, int tokens, float* qs) {
+  const int d = a.p.head_dim, vecs = d / 4, rows = tokens * a.group;
+  for (int e = threadIdx.x; e < kPmRows * vecs; e += kPmThreads) {
+    const int r = e / vecs, c = (e - r * vecs) * 4;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (r < rows) {
+      const int64_t row = int64_t{chunk.first_row} + i0 + r / a.group;
+      v = *reinterpret_cast<const float4*>(
+          a.q +
+          (row * a.p.num_kv_heads * a.group_pad + int64_t{head} * a.group_pad + r % a.group) * d +
+          c);
     }
+    *reinterpret_cast<float4*>(qs + r * (d + 4) + c) = v;
   }
-  __syncthreads();
-  if (threadIdx.x < group) {
-    const int j = threadIdx.x;
-    float mm = -FLT_MAX, ll = 0.0f;
-    for (int w = 0; w < kWarps; ++w) MergeMl(mm, ll, warp_m[w][j], warp_l[w][j]);
-    final_m[j] = mm;
-    final_inv_l[j] = ll > 0.0f ? 1.0f / ll : 0.0f;
-  }
-  __syncthreads();
-  for (int64_t t = warp; t < count; t += kWarps) {
-    WarpScores(key_fn(t), qs, group, d, scale, s);
-    if (lane == 0) {
-      float add = 0.0f;
-      for (int j = 0; j < group; ++j) add += expf(s[j] - final_m[j]) * final_inv_l[j];
-      atomicAdd(mass_at(t), add);  // the CTAs of a chunk's query tokens share the keys
-    }
-  }
-  __syncthreads();
 }
 
-// Grid (max_chunk_tokens, num_chunks, kv_heads): one query token (all its group's heads) per CTA.
-__global__ void PrefillMassKernel(EvictPool p, const PrefillMassChunk* chunks, const float* q,
-                                  int group, int group_pad, const float* fresh_k,
-                                  int64_t fresh_row_stride, const float* prefix_k,
-                                  int64_t prefix_stride_tokens, float scale) {
-  const PrefillMassChunk chunk = chunks[blockIdx.y];
-  const int i = blockIdx.x, head = blockIdx.z, d = p.head_dim;
-  if (i >= chunk.n) return;
-  const int32_t* table = p.block_tables + int64_t{chunk.batch_index} * p.max_blocks;
-  __shared__ float qs[kMaxGroup * kMaxHeadDim];
-  const int64_t row = int64_t{chunk.first_row} + i;
-  const float* qh = q + (row * p.num_kv_heads * group_pad + int64_t{head} * group_pad) * d;
-  for (int e = threadIdx.x; e < group * d; e += kThreads) qs[e] = qh[e];
+// s[a][c] = scale * q(row 4 tr + a) . k(key tk + 16 c), fp32.
+__device__ __forceinline__ void PrefillTileScores(const float* qs, const float* ks, int d,
+                                                  float scale, float (&s)[4][4]) {
+  const int tr = threadIdx.x >> 4, tk = threadIdx.x & 15;
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) s[x][c] = 0.0f;
+  }
+  for (int ch = 0; ch < d; ch += 4) {
+    float4 qv[4], kv[4];
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      qv[x] = *reinterpret_cast<const float4*>(qs + (4 * tr + x) * (d + 4) + ch);
+      kv[x] = *reinterpret_cast<const float4*>(ks + (tk + 16 * x) * (d + 4) + ch);
+    }
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s[x][c] =
+            fmaf(qv[x].w, kv[c].w,
+                 fmaf(qv[x].z, kv[c].z, fmaf(qv[x].y, kv[c].y, fmaf(qv[x].x, kv[c].x, s[x][c]))));
+      }
+    }
+  }
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) s[x][c] *= scale;
+  }
+}
+
+// Pass 1. Grid (query tiles, chunks, kv_heads): the softmax statistics (M, L) of each query row
+// over the keys it sees (t <= cached + i for token i), online over key tiles.
+__global__ void __launch_bounds__(kPmThreads) PrefillMassStatsKernel(PrefillMassArgs a) {
+  const PrefillMassChunk chunk = a.chunks[blockIdx.y];
+  const int head = blockIdx.z, d = a.p.head_dim, group = a.group;
+  const int tokens_per_tile = kPmRows / group, i0 = blockIdx.x * tokens_per_tile;
+  if (i0 >= chunk.n) return;
+  const int tokens = min(tokens_per_tile, chunk.n - i0), rows = tokens * group;
+  extern __shared__ __align__(16) float pm_smem[];
+  float* qs = pm_smem;
+  float* ks = pm_smem + kPmRows * (d + 4);
+  LoadPrefillQueries(a, chunk, head, i0, tokens, qs);
+  const int tr = threadIdx.x >> 4, tk = threadIdx.x & 15;
+  const int keys = chunk.cached + i0 + tokens;  // the tile's last token sees all of them
+  float m[4], l[4];
+  int sees[4];  // keys [0, sees) are visible to the row
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+    m[x] = -FLT_MAX;
+    l[x] = 0.0f;
+    const int r = 4 * tr + x;
+    sees[x] = r < rows ? chunk.cached + i0 + r / group + 1 : 0;
+  }
+  for (int k0 = 0; k0 < keys; k0 += kPmKeys) {
+    __syncthreads();  // the previous tile's keys are read
+    LoadPrefillKeys(a, chunk, head, k0, keys, ks);
+    __syncthreads();
+    float s[4][4];
+    PrefillTileScores(qs, ks, d, a.scale, s);
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      float tile_max = -FLT_MAX;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (k0 + tk + 16 * c < sees[x]) tile_max = fmaxf(tile_max, s[x][c]);
+      }
+      for (int o = 8; o > 0; o >>= 1) {
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, o));
+      }
+      const float new_m = fmaxf(m[x], tile_max);
+      float sum = 0.0f;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (k0 + tk + 16 * c < sees[x]) sum += expf(s[x][c] - new_m);
+      }
+      for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
+      l[x] = l[x] * expf(m[x] - new_m) + sum;
+      m[x] = new_m;
+    }
+  }
+  if (tk == 0) {
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const int r = 4 * tr + x;
+      if (r >= rows) continue;
+      const int64_t row = int64_t{chunk.first_row} + i0 + r / group;
+      float* out = a.row_stats + ((row * a.p.num_kv_heads + head) * kMaxGroup + r % group) * 2;
+      out[0] = m[x];
+      out[1] = l[x];
+    }
+  }
+}
+
+// Pass 2. Grid (key tiles, chunks, kv_heads): for each key of the tile, the sum over the query
+// rows that see it of exp(s - M) / L, added to its slot's mass (one CTA per key: no atomics).
+__global__ void __launch_bounds__(kPmThreads) PrefillMassAddKernel(PrefillMassArgs a) {
+  const PrefillMassChunk chunk = a.chunks[blockIdx.y];
+  const int head = blockIdx.z, d = a.p.head_dim, group = a.group;
+  const int keys = chunk.cached + chunk.n, k0 = blockIdx.x * kPmKeys;
+  if (k0 >= keys) return;
+  extern __shared__ __align__(16) float pm_smem[];
+  float* qs = pm_smem;
+  float* ks = pm_smem + kPmRows * (d + 4);
+  __shared__ float row_m[kPmRows], row_inv_l[kPmRows];
+  __shared__ float key_sum[kPmThreads / 32][kPmKeys];
+  LoadPrefillKeys(a, chunk, head, k0, keys, ks);
+  const int tr = threadIdx.x >> 4, tk = threadIdx.x & 15;
+  const int tokens_per_tile = kPmRows / group;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  // Token i sees key t when t <= cached + i: the first token that sees k0.
+  for (int i0 = max(0, k0 - chunk.cached); i0 < chunk.n; i0 += tokens_per_tile) {
+    const int tokens = min(tokens_per_tile, chunk.n - i0), rows = tokens * group;
+    __syncthreads();  // the previous rows are read
+    LoadPrefillQueries(a, chunk, head, i0, tokens, qs);
+    for (int r = threadIdx.x; r < kPmRows; r += kPmThreads) {
+      float mm = 0.0f, inv_l = 0.0f;
+      if (r < rows) {
+        const int64_t row = int64_t{chunk.first_row} + i0 + r / group;
+        const float* st =
+            a.row_stats + ((row * a.p.num_kv_heads + head) * kMaxGroup + r % group) * 2;
+        mm = st[0];
+        inv_l = st[1] > 0.0f ? 1.0f / st[1] : 0.0f;
+      }
+      row_m[r] = mm;
+      row_inv_l[r] = inv_l;
+    }
+    __syncthreads();
+    float s[4][4];
+    PrefillTileScores(qs, ks, d, a.scale, s);
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const int r = 4 * tr + x;
+      if (r >= rows) continue;
+      const int sees = chunk.cached + i0 + r / group + 1;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int t = k0 + tk + 16 * c;
+        if (t < sees) acc[c] += expf(s[x][c] - row_m[r]) * row_inv_l[r];
+      }
+    }
+  }
+  // Sum over the 16 row groups: the two of a warp by a shuffle, then the warps through smem.
+#pragma unroll
+  for (int c = 0; c < 4; ++c) acc[c] += __shfl_xor_sync(kFullMask, acc[c], 16);
+  if ((threadIdx.x & 31) < 16) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) key_sum[threadIdx.x >> 5][tk + 16 * c] = acc[c];
+  }
   __syncthreads();
-  const float* prefix =
-      chunk.prefix_index >= 0
-          ? prefix_k + (int64_t{chunk.prefix_index} * p.num_kv_heads + head) * prefix_stride_tokens * d
-          : nullptr;
-  auto key_fn = [&](int64_t t) {
-    const float* key = t < chunk.cached
-                           ? prefix + t * d
-                           : fresh_k + (int64_t{chunk.first_row} + (t - chunk.cached)) *
-                                           fresh_row_stride +
-                                 int64_t{head} * d;
-    return [=](int c) { return key[c]; };
-  };
-  auto mass_at = [&](int64_t t) { return p.mass + SlotMeta(p, table, head, t); };
-  AccumulateMass(key_fn, mass_at, int64_t{chunk.cached} + i + 1, qs, group, d, scale);
+  if (threadIdx.x < kPmKeys && k0 + static_cast<int>(threadIdx.x) < keys) {
+    float total = 0.0f;
+    for (int w = 0; w < kPmThreads / 32; ++w) total += key_sum[w][threadIdx.x];
+    const int32_t* table = a.p.block_tables + int64_t{chunk.batch_index} * a.p.max_blocks;
+    a.p.mass[SlotMeta(a.p, table, head, k0 + threadIdx.x)] += total;
+  }
 }
 
 template <MassKeyFormat FORMAT>
@@ -699,19 +862,61 @@ cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int
       LaunchDecodeMassScores<MassKeyFormat::kInt8>(a, grid, smem, stream);
       break;
   }
-  DecodeMassAddKernel<<<grid, kMassThreads, 0, stream>>>(a);
+  switch (group) {
+    case 1:
+      DecodeMassAddKernel<1><<<grid, kMassThreads, 0, stream>>>(a);
+      break;
+    case 2:
+      DecodeMassAddKernel<2><<<grid, kMassThreads, 0, stream>>>(a);
+      break;
+    case 4:
+      DecodeMassAddKernel<4><<<grid, kMassThreads, 0, stream>>>(a);
+      break;
+    case 8:
+      DecodeMassAddKernel<8><<<grid, kMassThreads, 0, stream>>>(a);
+      break;
+    default:
+      DecodeMassAddKernel<0><<<grid, kMassThreads, 0, stream>>>(a);
+      break;
+  }
   return cudaGetLastError();
 }
 
 cudaError_t LaunchPrefillMass(const EvictPool& p, const PrefillMassChunk* chunks, int num_chunks,
-                              int max_chunk_tokens, const float* q, int group, int group_pad,
-                              const float* fresh_k, int64_t fresh_row_stride, const float* prefix_k,
-                              int64_t prefix_stride_tokens, float scale, cudaStream_t stream) {
+                              int max_chunk_tokens, int max_chunk_keys, const float* q, int group,
+                              int group_pad, const float* fresh_k, int64_t fresh_row_stride,
+                              const float* prefix_k, int64_t prefix_stride_tokens, float scale,
+                              float* row_stats, cudaStream_t stream) {
   if (num_chunks == 0 || max_chunk_tokens == 0) return cudaSuccess;
-  if (group > kMaxGroup || p.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
-  PrefillMassKernel<<<dim3(max_chunk_tokens, num_chunks, p.num_kv_heads), kThreads, 0, stream>>>(
-      p, chunks, q, group, group_pad, fresh_k, fresh_row_stride, prefix_k, prefix_stride_tokens,
-      scale);
+  if (group < 1 || group > kMaxGroup || p.head_dim > kMaxHeadDim || p.head_dim % 4 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  PrefillMassArgs a{.p = p,
+                    .chunks = chunks,
+                    .q = q,
+                    .group = group,
+                    .group_pad = group_pad,
+                    .fresh_k = fresh_k,
+                    .fresh_row_stride = fresh_row_stride,
+                    .prefix_k = prefix_k,
+                    .prefix_stride_tokens = prefix_stride_tokens,
+                    .scale = scale,
+                    .row_stats = row_stats};
+  const size_t smem = static_cast<size_t>(PrefillMassSmemFloats(p.head_dim)) * sizeof(float);
+  for (const void* kernel : {reinterpret_cast<const void*>(PrefillMassStatsKernel),
+                             reinterpret_cast<const void*>(PrefillMassAddKernel)}) {
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem));
+        e != cudaSuccess) {
+      return e;
+    }
+  }
+  const int tokens_per_tile = kPmRows / group;
+  PrefillMassStatsKernel<<<dim3((max_chunk_tokens + tokens_per_tile - 1) / tokens_per_tile,
+                                num_chunks, p.num_kv_heads),
+                           kPmThreads, smem, stream>>>(a);
+  PrefillMassAddKernel<<<dim3((max_chunk_keys + kPmKeys - 1) / kPmKeys, num_chunks, p.num_kv_heads),
+                         kPmThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 

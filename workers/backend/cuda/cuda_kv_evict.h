@@ -108,12 +108,20 @@ struct PrefillMassChunk {
 };
 static_assert(sizeof(PrefillMassChunk) == 5 * sizeof(int32_t));
 
+// Floats of the prefill mass's row statistics per step row ([rows][kv_heads][group][2]).
+inline constexpr int64_t PrefillMassStatsFloatsPerRow(int num_kv_heads) {
+  return int64_t{num_kv_heads} * kMaxMassGroup * 2;
+}
+
 // q [rows, kv_heads * group_pad, head_dim], fresh_k rows at fresh_row_stride (kv-head h at
 // h * head_dim), prefix_k [prefix chunks, kv_heads, prefix_stride_tokens, head_dim] (fp32, the
-// cached keys as the format stores them).
+// cached keys as the format stores them); max_chunk_tokens >= every chunk's n, max_chunk_keys >=
+// every chunk's cached + n; row_stats: PrefillMassStatsFloatsPerRow floats per row of q.
+// group <= kMaxMassGroup, head_dim <= 128 and a multiple of 4.
 cudaError_t LaunchPrefillMass(const EvictPool& p, const PrefillMassChunk* chunks, int num_chunks,
-                              int max_chunk_tokens, const float* q, int group, int group_pad,
-                              const float* fresh_k, int64_t fresh_row_stride, const float* prefix_k,
-                              int64_t prefix_stride_tokens, float scale, cudaStream_t stream);
+                              int max_chunk_tokens, int max_chunk_keys, const float* q, int group,
+                              int group_pad, const float* fresh_k, int64_t fresh_row_stride,
+                              const float* prefix_k, int64_t prefix_stride_tokens, float scale,
+                              float* row_stats, cudaStream_t stream);
 
 }  // namespace kvgate::worker::cuda
