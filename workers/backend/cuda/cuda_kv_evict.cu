@@ -355,66 +355,94 @@ struct Group {
   __device__ __forceinline__ static bool Has(int j, int group) { return GROUP > 0 || j < group; }
 };
 
-// Scores of one key (its words in smem) for the group's queries qs [group][d], decoded as the CPU
-// codec decodes it, dot products in fp32 (unscaled).
+// Adds word w of a key (2 fp16/bf16 or 4 fp8/int8 channels, decoded as the CPU codec decodes
+// them) times the group's queries qs [group][d] to acc, in fp32.
 template <MassKeyFormat FORMAT, int GROUP>
-__device__ __forceinline__ void KeyScores(const uint32_t* key, const float* qs, int group, int d,
-                                          float fp8_scale, float* acc) {
+__device__ __forceinline__ void AddKeyWord(uint32_t x, int w, const float* qs, int group, int d,
+                                           float code_scale, float* acc) {
   using G = Group<GROUP>;
-#pragma unroll
-  for (int j = 0; j < G::kCap; ++j) acc[j] = 0.0f;
   if constexpr (FORMAT == MassKeyFormat::kFp16 || FORMAT == MassKeyFormat::kBf16) {
-    for (int w = 0; w < d / 2; ++w) {
-      const uint32_t x = key[w];
-      float2 k;
-      if constexpr (FORMAT == MassKeyFormat::kFp16) {
-        k = __half22float2(*reinterpret_cast<const __half2*>(&x));
-      } else {
-        k = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
-      }
+    float2 k;
+    if constexpr (FORMAT == MassKeyFormat::kFp16) {
+      k = __half22float2(*reinterpret_cast<const __half2*>(&x));
+    } else {
+      k = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+    }
 #pragma unroll
-      for (int j = 0; j < G::kCap; ++j) {
-        if (G::Has(j, group)) {
-          const float2 qv = *reinterpret_cast<const float2*>(qs + j * d + 2 * w);
-          acc[j] = fmaf(qv.y, k.y, fmaf(qv.x, k.x, acc[j]));
-        }
+    for (int j = 0; j < G::kCap; ++j) {
+      if (G::Has(j, group)) {
+        const float2 qv = *reinterpret_cast<const float2*>(qs + j * d + 2 * w);
+        acc[j] = fmaf(qv.y, k.y, fmaf(qv.x, k.x, acc[j]));
       }
     }
   } else {
-    const float int8_scale =
-        FORMAT == MassKeyFormat::kInt8
-            ? __half2float(__ushort_as_half(static_cast<unsigned short>(key[d / 4] & 0xffffu)))
-            : 0.0f;
-    for (int w = 0; w < d / 4; ++w) {
-      const uint32_t x = key[w];
-      float k[4];
+    float k[4];
 #pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const uint8_t code = static_cast<uint8_t>(x >> (8 * b));
-        if constexpr (FORMAT == MassKeyFormat::kFp8) {
-          __nv_fp8_e4m3 e;
-          e.__x = code;
-          k[b] = static_cast<float>(e) * fp8_scale;
-        } else {
-          k[b] = static_cast<float>(static_cast<int8_t>(code)) * int8_scale;
-        }
+    for (int b = 0; b < 4; ++b) {
+      const uint8_t code = static_cast<uint8_t>(x >> (8 * b));
+      if constexpr (FORMAT == MassKeyFormat::kFp8) {
+        __nv_fp8_e4m3 e;
+        e.__x = code;
+        k[b] = static_cast<float>(e) * code_scale;
+      } else {
+        k[b] = static_cast<float>(static_cast<int8_t>(code)) * code_scale;
       }
+    }
 #pragma unroll
-      for (int j = 0; j < G::kCap; ++j) {
-        if (G::Has(j, group)) {
-          const float4 qv = *reinterpret_cast<const float4*>(qs + j * d + 4 * w);
-          acc[j] = fmaf(qv.w, k[3], fmaf(qv.z, k[2], fmaf(qv.y, k[1], fmaf(qv.x, k[0], acc[j]))));
-        }
+    for (int j = 0; j < G::kCap; ++j) {
+      if (G::Has(j, group)) {
+        const float4 qv = *reinterpret_cast<const float4*>(qs + j * d + 4 * w);
+        acc[j] = fmaf(qv.w, k[3], fmaf(qv.z, k[2], fmaf(qv.y, k[1], fmaf(qv.x, k[0], acc[j]))));
       }
     }
   }
 }
 
+// Scores of one key (its words in smem; VEC: 16-byte aligned, read 16 bytes at a time) for the
+// group's queries qs [group][d], dot products in fp32 (unscaled).
+template <MassKeyFormat FORMAT, int GROUP, bool VEC>
+__device__ __forceinline__ void KeyScores(const uint32_t* key, const float* qs, int group, int d,
+                                          float fp8_scale, float* acc) {
+#pragma unroll
+  for (int j = 0; j < Group<GROUP>::kCap; ++j) acc[j] = 0.0f;
+  const bool wide = FORMAT == MassKeyFormat::kFp16 || FORMAT == MassKeyFormat::kBf16;
+  const int words = wide ? d / 2 : d / 4;
+  const float code_scale =
+      FORMAT == MassKeyFormat::kInt8
+          ? __half2float(__ushort_as_half(static_cast<unsigned short>(key[d / 4] & 0xffffu)))
+          : fp8_scale;
+  if constexpr (VEC) {
+    for (int w = 0; w < words; w += 4) {
+      const uint4 x = *reinterpret_cast<const uint4*>(key + w);
+      AddKeyWord<FORMAT, GROUP>(x.x, w, qs, group, d, code_scale, acc);
+      AddKeyWord<FORMAT, GROUP>(x.y, w + 1, qs, group, d, code_scale, acc);
+      AddKeyWord<FORMAT, GROUP>(x.z, w + 2, qs, group, d, code_scale, acc);
+      AddKeyWord<FORMAT, GROUP>(x.w, w + 3, qs, group, d, code_scale, acc);
+    }
+  } else {
+    for (int w = 0; w < words; ++w)
+      AddKeyWord<FORMAT, GROUP>(key[w], w, qs, group, d, code_scale, acc);
+  }
+}
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+
+// Words between the smem rows of a tile's keys. VEC (16-byte copies and reads): 16-byte aligned,
+// and 4 words apart mod 32, so that the 8 threads of a 16-byte read phase hit distinct banks;
+// otherwise odd, so that the 32 threads of a 4-byte read do.
+__host__ __device__ constexpr int TileRowWords(int key_words, bool vec) {
+  return vec ? key_words + 4 : key_words | 1;
+}
+
 // Pass 1. Grid (splits, kv_heads, num_seqs), kMassThreads threads: the split's keys in tiles of
-// kMassThreads, each copied into smem (coalesced: a warp per record; cp.async) and scored by one
+// kMassThreads, each copied into smem (coalesced, cp.async: 16 bytes per copy with VEC, else a
+// warp per record and 4 bytes per lane) and scored by one
 // thread per key, which writes its scores and merges them into its split's softmax statistics
 // per query head. Several CTAs per SM overlap one's copies with another's arithmetic.
-template <MassKeyFormat FORMAT, int GROUP>
+template <MassKeyFormat FORMAT, int GROUP, bool VEC>
 __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMassArgs a) {
   using G = Group<GROUP>;
   const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z, d = a.p.head_dim;
@@ -424,8 +452,8 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
   const int group = GROUP > 0 ? GROUP : a.group;
   __shared__ __align__(16) float qs[kMaxGroup * kMaxHeadDim];
   __shared__ float warp_ml[kMassThreads / 32][kMaxGroup][2];
-  extern __shared__ uint32_t tile[];  // [kMassThreads][row_words]
-  const int key_words = KeyWords(FORMAT, d), row_words = key_words | 1;  // odd: no bank conflicts
+  extern __shared__ __align__(16) uint32_t tile[];  // [kMassThreads][row_words]
+  const int key_words = KeyWords(FORMAT, d), row_words = TileRowWords(key_words, VEC);
   LoadDecodeQueries(a, seq, head, qs);
   const float fp8_scale =
       FORMAT == MassKeyFormat::kFp8
@@ -441,9 +469,18 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
   }
   for (int t0 = begin; t0 < end; t0 += kMassThreads) {
     const int count = min(kMassThreads, end - t0);
-    for (int r = warp; r < count; r += kMassThreads / 32) {
-      const uint32_t* src = reinterpret_cast<const uint32_t*>(SlotRecord(a.p, table, head, t0 + r));
-      for (int w = lane; w < key_words; w += 32) CpAsync4(tile + r * row_words + w, src + w);
+    if constexpr (VEC) {
+      const int chunks = key_words / 4;
+      for (int e = threadIdx.x; e < count * chunks; e += kMassThreads) {
+        const int r = e / chunks, c = e - r * chunks;
+        CpAsync16(tile + r * row_words + 4 * c, SlotRecord(a.p, table, head, t0 + r) + 16 * c);
+      }
+    } else {  // a warp per record, lanes over its words
+      for (int r = warp; r < count; r += kMassThreads / 32) {
+        const uint32_t* src =
+            reinterpret_cast<const uint32_t*>(SlotRecord(a.p, table, head, t0 + r));
+        for (int w = lane; w < key_words; w += 32) CpAsync4(tile + r * row_words + w, src + w);
+      }
     }
     asm volatile("cp.async.commit_group;\n" ::);
     asm volatile("cp.async.wait_group 0;\n" ::);
@@ -451,7 +488,7 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
     if (static_cast<int>(threadIdx.x) < count) {
       const int t = t0 + threadIdx.x;
       float s[G::kCap];
-      KeyScores<FORMAT, GROUP>(tile + threadIdx.x * row_words, qs, group, d, fp8_scale, s);
+      KeyScores<FORMAT, GROUP, VEC>(tile + threadIdx.x * row_words, qs, group, d, fp8_scale, s);
       float* out = ScoreBase(a, table, head, t);
 #pragma unroll
       for (int j = 0; j < G::kCap; ++j) {
@@ -778,25 +815,44 @@ __global__ void __launch_bounds__(kPmThreads) PrefillMassAddKernel(PrefillMassAr
   }
 }
 
-template <MassKeyFormat FORMAT>
-void LaunchDecodeMassScores(const DecodeMassArgs& a, dim3 grid, size_t smem, cudaStream_t stream) {
+template <MassKeyFormat FORMAT, bool VEC>
+void LaunchDecodeMassScores(const DecodeMassArgs& a, dim3 grid, cudaStream_t stream) {
+  const size_t smem =
+      size_t{kMassThreads} * TileRowWords(KeyWords(FORMAT, a.p.head_dim), VEC) * sizeof(uint32_t);
   switch (a.group) {
     case 1:
-      DecodeMassScoreKernel<FORMAT, 1><<<grid, kMassThreads, smem, stream>>>(a);
+      DecodeMassScoreKernel<FORMAT, 1, VEC><<<grid, kMassThreads, smem, stream>>>(a);
       break;
     case 2:
-      DecodeMassScoreKernel<FORMAT, 2><<<grid, kMassThreads, smem, stream>>>(a);
+      DecodeMassScoreKernel<FORMAT, 2, VEC><<<grid, kMassThreads, smem, stream>>>(a);
       break;
     case 4:
-      DecodeMassScoreKernel<FORMAT, 4><<<grid, kMassThreads, smem, stream>>>(a);
+      DecodeMassScoreKernel<FORMAT, 4, VEC><<<grid, kMassThreads, smem, stream>>>(a);
       break;
     case 8:
-      DecodeMassScoreKernel<FORMAT, 8><<<grid, kMassThreads, smem, stream>>>(a);
+      DecodeMassScoreKernel<FORMAT, 8, VEC><<<grid, kMassThreads, smem, stream>>>(a);
       break;
     default:
-      DecodeMassScoreKernel<FORMAT, 0><<<grid, kMassThreads, smem, stream>>>(a);
+      DecodeMassScoreKernel<FORMAT, 0, VEC><<<grid, kMassThreads, smem, stream>>>(a);
       break;
   }
+}
+
+// 16-byte copies and reads of the keys when every key starts 16-byte aligned and is a whole number
+// of 16-byte units (fp16, bf16 and fp8 at head_dim % 16 == 0; not int8's 2 + d byte keys).
+template <MassKeyFormat FORMAT>
+void LaunchDecodeMassScores(const DecodeMassArgs& a, dim3 grid, cudaStream_t stream) {
+  const EvictPool& p = a.p;
+  const bool vec = FORMAT != MassKeyFormat::kInt8 && p.head_dim % 16 == 0 &&
+                   p.record_bytes % 16 == 0 && p.block_stride_bytes % 16 == 0 &&
+                   p.layer_offset_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(p.pool) % 16 == 0;
+  if constexpr (FORMAT != MassKeyFormat::kInt8) {
+    if (vec) {
+      LaunchDecodeMassScores<FORMAT, true>(a, grid, stream);
+      return;
+    }
+  }
+  LaunchDecodeMassScores<FORMAT, false>(a, grid, stream);
 }
 
 }  // namespace
@@ -846,20 +902,18 @@ cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int
                    .group_pad = group_pad,
                    .scale = scale};
   const dim3 grid((max_len + split_tokens - 1) / split_tokens, p.num_kv_heads, p.num_seqs);
-  const size_t smem =
-      size_t{kMassThreads} * (KeyWords(keys.format, p.head_dim) | 1) * sizeof(uint32_t);
   switch (keys.format) {
     case MassKeyFormat::kFp16:
-      LaunchDecodeMassScores<MassKeyFormat::kFp16>(a, grid, smem, stream);
+      LaunchDecodeMassScores<MassKeyFormat::kFp16>(a, grid, stream);
       break;
     case MassKeyFormat::kBf16:
-      LaunchDecodeMassScores<MassKeyFormat::kBf16>(a, grid, smem, stream);
+      LaunchDecodeMassScores<MassKeyFormat::kBf16>(a, grid, stream);
       break;
     case MassKeyFormat::kFp8:
-      LaunchDecodeMassScores<MassKeyFormat::kFp8>(a, grid, smem, stream);
+      LaunchDecodeMassScores<MassKeyFormat::kFp8>(a, grid, stream);
       break;
     case MassKeyFormat::kInt8:
-      LaunchDecodeMassScores<MassKeyFormat::kInt8>(a, grid, smem, stream);
+      LaunchDecodeMassScores<MassKeyFormat::kInt8>(a, grid, stream);
       break;
   }
   switch (group) {
