@@ -22,7 +22,8 @@
 //     read once: the first pass writes the scores to a scratch laid out like the slots, the
 //     second reads them back.
 //   LaunchPrefillMass: the same for chunks of prefill queries over the cached prefix (read back in
-//     fp32) and the fresh keys (causal).
+//     fp32) and the fresh keys (causal), in tiles of query rows x keys: a first pass gives each
+//     query row its (M, L), a second adds each key's probabilities over the rows that see it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -31,7 +32,7 @@
 
 namespace kvgate::worker::cuda {
 
-// What one sequence keeps before an append of n tokens (host-computed: CudaKvCache::PlanEviction).
+// What one sequence keeps before an append of n tokens (host-computed: CudaKvCache::PlanAppend).
 struct EvictPlan {
   int32_t stored = 0;  // slots before eviction
   int32_t lead = 0;    // first slots always kept (sinks)
