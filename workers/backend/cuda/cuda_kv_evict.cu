@@ -430,11 +430,11 @@ __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 }
 
-// Words between the smem rows of a tile's keys. VEC (16-byte copies and reads): 16-byte aligned,
-// and 4 words apart mod 32, so that the 8 threads of a 16-byte read phase hit distinct banks;
-// otherwise odd, so that the 32 threads of a 4-byte read do.
+// Words between the smem rows of a tile's keys. VEC (16-byte copies and reads): an odd number of
+// 16-byte units, so that the 8 threads of a 16-byte read phase hit distinct banks; otherwise an
+// odd number of words, so that the 32 threads of a 4-byte read do.
 __host__ __device__ constexpr int TileRowWords(int key_words, bool vec) {
-  return vec ? key_words + 4 : key_words | 1;
+  return vec ? ((key_words / 4) | 1) * 4 : key_words | 1;
 }
 
 // Pass 1. Grid (splits, kv_heads, num_seqs), kMassThreads threads: the split's keys in tiles of
