@@ -52,6 +52,7 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -461,14 +462,19 @@ std::vector<double> RopeFrequencies(int d) {
 
 class CudaKvCacheEviction : public ::testing::TestWithParam<EvictCase> {};
 
-// Identical fp32 inputs to both caches: a 90-token prefill (Append + PrefillAttention: H2O masses
-// from the prefill queries), then 160 decode steps (Append 1 + DecodeAttention), then a 24-token
-// chunk over the cached prefix (Append + PrefillAttention). Keys have per-token norms spread over
-// 0.2..3 so that masses sit far apart (no near-ties for the fp32 summation order to flip).
-// Checked: the same stored count and positions per kv-head for every layer, block accounting,
-// decode outputs within the cache decode tolerance at every step and the chunk's outputs within
-// the prefill tolerance. Sinks with RoPE frequencies: both caches score the sinks with the
-// query shifted back by the evicted count.
+// Identical fp32 inputs to both caches: a 90-token prompt appended in chunks of 40, 30 and 20
+// (the first without attention, so its tokens' H2O masses are all zero when the second append
+// evicts: exact ties, decided by position; the later chunks run PrefillAttention over the cached
+// prefix: masses from the prefill queries; both evict many tokens at once: the GPU's radix path),
+// then 160 decode steps (Append 1 + DecodeAttention: one eviction per step, the minimum search),
+// then a 24-token chunk over the cached prefix (Append + PrefillAttention). Keys have per-token
+// norms spread over 0.2..3 so that masses sit far apart (no near-ties for the fp32 summation
+// order to flip). Checked: the same stored count and the same tokens (positions, keys, values)
+// per kv-head for every layer, block accounting, decode outputs within the cache decode
+// tolerance at every step and the chunk's outputs within the prefill tolerance. Slots are
+// compared by position: H2O on the GPU refills evicted slots with the newest kept tokens, so its
+// slot order differs from the CPU's. Sinks with RoPE frequencies: both caches score the sinks
+// with the query shifted back by the evicted count.
 TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
   SKIP_WITHOUT_GPU();
   const int layers = 2, kv_heads = 2, d = 64, q_heads = 8;
@@ -502,20 +508,31 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
     return v;
   };
   const int prompt = 90, steps = 160;
+  const int prompt_chunks[] = {40, 30, 20};
   ASSERT_TRUE((*cpu)->AddSequence(3, prompt).ok());
   ASSERT_TRUE((*gpu)->AddSequence(3, prompt).ok());
   double worst = 0;
-  for (int layer = 0; layer < layers; ++layer) {
-    std::vector<float> k = keys(prompt), v = randn(k.size()), q = randn(size_t(prompt) * q_heads * d);
-    ASSERT_TRUE((*cpu)->Append(3, layer, prompt, k.data(), v.data()).ok());
-    absl::Status s = (*gpu)->Append(3, layer, prompt, k.data(), v.data());
-    ASSERT_TRUE(s.ok()) << s;
-    std::vector<float> want(q.size()), got(q.size());
-    ASSERT_TRUE((*cpu)->PrefillAttention(3, layer, prompt, q_heads, q.data(), k.data(), v.data(),
-                                         0.125f, want.data()).ok());
-    s = (*gpu)->PrefillAttention(3, layer, prompt, q_heads, q.data(), k.data(), v.data(), 0.125f,
-                                 got.data());
-    ASSERT_TRUE(s.ok()) << s;
+  for (int c = 0; c < 3; ++c) {
+    const int n = prompt_chunks[c];
+    for (int layer = 0; layer < layers; ++layer) {
+      std::vector<float> k = keys(n), v = randn(k.size()), q = randn(size_t(n) * q_heads * d);
+      ASSERT_TRUE((*cpu)->Append(3, layer, n, k.data(), v.data()).ok());
+      absl::Status s = (*gpu)->Append(3, layer, n, k.data(), v.data());
+      ASSERT_TRUE(s.ok()) << s;
+      if (c == 0) continue;
+      std::vector<float> want(q.size()), got(q.size());
+      ASSERT_TRUE((*cpu)->PrefillAttention(3, layer, n, q_heads, q.data(), k.data(), v.data(),
+                                           0.125f, want.data()).ok());
+      s = (*gpu)->PrefillAttention(3, layer, n, q_heads, q.data(), k.data(), v.data(), 0.125f,
+                                   got.data());
+      ASSERT_TRUE(s.ok()) << s;
+      for (int row = 0; row < n * q_heads; ++row) {
+        ASSERT_LT(RowError(&got[size_t(row) * d], &want[size_t(row) * d], d),
+                  kCachePrefillTolerance)
+            << "prompt chunk " << c << ", layer " << layer << " row " << row;
+      }
+    }
+    EXPECT_EQ((*gpu)->StoredTokens(3, 0), (*cpu)->StoredTokens(3, 0)) << "prompt chunk " << c;
   }
   for (int step = 0; step < steps; ++step) {
     const int64_t length = prompt + step + 1;
@@ -569,7 +586,27 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
       std::vector<int64_t> cp(stored), gp(stored);
       ASSERT_TRUE((*cpu)->ReadStored(3, layer, h, ck.data(), cv.data(), cp.data()).ok());
       ASSERT_TRUE((*gpu)->ReadStored(3, layer, h, gk.data(), gv.data(), gp.data()).ok());
-      EXPECT_EQ(gp, cp) << "kept positions, layer " << layer << " kv-head " << h;
+      // Both in position order (the CPU's slots are; the GPU's are not under H2O).
+      auto by_position = [&](const std::vector<int64_t>& pos, std::vector<float>& k,
+                             std::vector<float>& v, std::vector<int64_t>& sorted) {
+        std::vector<size_t> order(pos.size());
+        std::iota(order.begin(), order.end(), size_t{0});
+        std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return pos[a] < pos[b]; });
+        std::vector<float> sk(k.size()), sv(v.size());
+        sorted.resize(pos.size());
+        for (size_t i = 0; i < order.size(); ++i) {
+          sorted[i] = pos[order[i]];
+          std::copy_n(&k[order[i] * d], d, &sk[i * d]);
+          std::copy_n(&v[order[i] * d], d, &sv[i * d]);
+        }
+        k.swap(sk);
+        v.swap(sv);
+      };
+      std::vector<int64_t> cps, gps;
+      by_position(cp, ck, cv, cps);
+      by_position(gp, gk, gv, gps);
+      EXPECT_EQ(cps, cp) << "the CPU's slots are in position order";
+      EXPECT_EQ(gps, cps) << "kept positions, layer " << layer << " kv-head " << h;
       EXPECT_LT(RowError(gk.data(), ck.data(), ck.size()), 1e-5) << "keys layer " << layer;
       EXPECT_LT(RowError(gv.data(), cv.data(), cv.size()), 1e-5) << "values layer " << layer;
     }

@@ -136,6 +136,10 @@ absl::Status CudaKvCache::InitLayout() {
     const int64_t per_slot = int64_t{sizeof(int32_t)} + (h2o() ? int64_t{sizeof(float)} : 0);
     geometry_.eviction_bytes_per_block =
         int64_t{c.num_layers} * c.num_kv_heads * c.block_size * per_slot;
+    if (h2o()) {  // the decode mass pass's scores of one layer
+      geometry_.eviction_bytes_per_block +=
+          DecodeMassScoreFloatsPerBlock(c.num_kv_heads, c.block_size) * int64_t{sizeof(float)};
+    }
   }
   if (h2o()) {  // the decode mass pass's per-split statistics
     geometry_.slot_bytes += DecodeMassScratchFloats(1, c.num_kv_heads) * int64_t{sizeof(float)};
@@ -198,6 +202,12 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
           reinterpret_cast<void**>(&cache->mass_scratch_),
           DecodeMassScratchFloats(max_sequences, config.num_kv_heads) * int64_t{sizeof(float)},
           "the H2O mass scratch"));
+      RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->mass_scores_),
+                               int64_t{config.num_blocks} *
+                                   DecodeMassScoreFloatsPerBlock(config.num_kv_heads,
+                                                                 config.block_size) *
+                                   int64_t{sizeof(float)},
+                               "the H2O decode scores"));
     }
   }
   if (config.format.eviction.kind == kernels::EvictionSpec::Kind::kSink &&
@@ -219,10 +229,11 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
 
 CudaKvCache::~CudaKvCache() {
   if (pool_ != nullptr) cudaStreamSynchronize(stream_);  // no kernel may still use the buffers
-  for (void* p :
-       {static_cast<void*>(pool_), static_cast<void*>(scales_), static_cast<void*>(residual_k_),
-        static_cast<void*>(residual_v_), static_cast<void*>(positions_), static_cast<void*>(mass_),
-        static_cast<void*>(mass_scratch_), static_cast<void*>(rope_inv_freq_)}) {
+  for (void* p : {static_cast<void*>(pool_), static_cast<void*>(scales_),
+                  static_cast<void*>(residual_k_), static_cast<void*>(residual_v_),
+                  static_cast<void*>(positions_), static_cast<void*>(mass_),
+                  static_cast<void*>(mass_scratch_), static_cast<void*>(mass_scores_),
+                  static_cast<void*>(rope_inv_freq_)}) {
     if (p != nullptr) cudaFree(p);
   }
 }
@@ -458,21 +469,22 @@ absl::Status CudaKvCache::DecodeMassLayer(int layer, const DeviceSeqBatch& seqs,
                       .head_scales = head_scales(layer),
                       .seq_slots = seqs.slots};
   CUDA_RETURN_IF_ERROR(LaunchDecodeMass(PoolFor(layer, seqs), keys, lens, max_len, q, group,
-                                        group_pad, scale, mass_scratch_, stream_));
+                                        group_pad, scale, mass_scratch_, mass_scores_, stream_));
   return absl::OkStatus();
 }
 
 absl::Status CudaKvCache::PrefillMassLayer(int layer, const DeviceSeqBatch& seqs,
                                            const PrefillMassChunk* chunks, int num_chunks,
-                                           int max_chunk_tokens, const float* q, int group,
-                                           int group_pad, const float* fresh_k,
+                                           int max_chunk_tokens, int max_chunk_keys, const float* q,
+                                           int group, int group_pad, const float* fresh_k,
                                            int64_t fresh_row_stride, const float* prefix_k,
-                                           int64_t prefix_stride_tokens, float scale) {
+                                           int64_t prefix_stride_tokens, float scale,
+                                           float* row_stats) {
   if (!h2o()) return absl::FailedPreconditionError("PrefillMassLayer: the cache is not H2O");
-  CUDA_RETURN_IF_ERROR(LaunchPrefillMass(PoolFor(layer, seqs), chunks, num_chunks,
-                                         max_chunk_tokens, q, group, group_pad, fresh_k,
+  CUDA_RETURN_IF_ERROR(LaunchPrefillMass(PoolFor(layer, seqs), chunks, num_chunks, max_chunk_tokens,
+                                         max_chunk_keys, q, group, group_pad, fresh_k,
                                          fresh_row_stride, prefix_k, prefix_stride_tokens, scale,
-                                         stream_));
+                                         row_stats, stream_));
   return absl::OkStatus();
 }
 
@@ -794,6 +806,7 @@ absl::Status CudaKvCache::PrefillAttention(kernels::SeqId seq, int layer, int64_
   args.out_f32 = dout.get();
   CUDA_RETURN_IF_ERROR(LaunchPrefillAttention(args, stream_));
   DeviceArray<int32_t> dchunk, table, slot;
+  DeviceArray<float> row_stats;
   if (h2o()) {
     const PrefillMassChunk chunk{.batch_index = 0,
                                  .first_row = 0,
@@ -808,10 +821,11 @@ absl::Status CudaKvCache::PrefillAttention(kernels::SeqId seq, int layer, int64_
                                .max_blocks = static_cast<int>(s->blocks.size()),
                                .slots = slot.get()};
     const int group = num_q_heads / hkv;
-    RETURN_IF_ERROR(PrefillMassLayer(layer, batch,
-                                     reinterpret_cast<const PrefillMassChunk*>(dchunk.get()), 1,
-                                     static_cast<int>(n), dq.get(), group, group, dk.get(),
-                                     int64_t{hkv} * d, prefix_k.get(), stored, scale));
+    RETURN_IF_ERROR(row_stats.Allocate(n * PrefillMassStatsFloatsPerRow(hkv)));
+    RETURN_IF_ERROR(PrefillMassLayer(
+        layer, batch, reinterpret_cast<const PrefillMassChunk*>(dchunk.get()), 1,
+        static_cast<int>(n), static_cast<int>(stored), dq.get(), group, group, dk.get(),
+        int64_t{hkv} * d, prefix_k.get(), stored, scale, row_stats.get()));
   }
   CUDA_RETURN_IF_ERROR(
       cudaMemcpyAsync(out, dout.get(), q_floats * sizeof(float), cudaMemcpyDeviceToHost, stream_));

@@ -18,9 +18,11 @@
 // prefix through the format and the fresh tokens in fp32.
 //
 // Eviction (H2O, sink; per-token formats fp16, bf16, fp8, int8) follows CpuKvCache: before each
-// append of n tokens to a layer the cache keeps, per kv-head, the tokens CpuKvCache keeps and
-// compacts them in slot (= position) order (cuda_kv_evict.h); H2O masses accumulate after every
-// decode and prefill attention. How many slots survive is a function of the stored count and the
+// append of n tokens to a layer the cache keeps, per kv-head, the tokens CpuKvCache keeps in the
+// first slots (cuda_kv_evict.h): sinks compact them in slot (= position) order, H2O refills the
+// evicted tokens' slots with the newest kept ones, so its slots are in no particular order
+// (ReadStored's positions say which token each holds); H2O masses accumulate after every decode
+// and prefill attention. How many slots survive is a function of the stored count and the
 // length (PlanAppend), so the host tracks stored tokens without reading anything back. With
 // rope_inv_freq, sinks are scored at positions within the cache as CpuKvCache scores them: the
 // query rotated back by the evicted count for the sink slots (SinkShiftAfter; the decode and
@@ -62,7 +64,8 @@ struct KvCacheGeometry {
   // Everything one sequence slot holds outside the pool: the residual windows, FP8's scales and
   // (H2O) the mass pass's scratch.
   int64_t slot_bytes = 0;
-  // Eviction's per-slot positions and masses of one block (outside the pool); 0 without eviction.
+  // Eviction's per-slot positions and masses of one block (outside the pool), and (H2O) the
+  // decode mass pass's scores of one layer for the block's slots; 0 without eviction.
   int64_t eviction_bytes_per_block = 0;
 };
 
@@ -177,12 +180,14 @@ class CudaKvCache final : public kernels::KvCache {
   absl::Status DecodeMassLayer(int layer, const DeviceSeqBatch& seqs, const int32_t* lens,
                                int max_len, const float* q, int group, int group_pad, float scale);
   // H2O: the same for prefill chunks (cuda_kv_evict.h, LaunchPrefillMass); `seqs` holds the
-  // block tables chunks[i].batch_index refers to.
+  // block tables chunks[i].batch_index refers to; row_stats: scratch of
+  // PrefillMassStatsFloatsPerRow(num_kv_heads) floats per row of q.
   absl::Status PrefillMassLayer(int layer, const DeviceSeqBatch& seqs,
                                 const PrefillMassChunk* chunks, int num_chunks,
-                                int max_chunk_tokens, const float* q, int group, int group_pad,
-                                const float* fresh_k, int64_t fresh_row_stride,
-                                const float* prefix_k, int64_t prefix_stride_tokens, float scale);
+                                int max_chunk_tokens, int max_chunk_keys, const float* q, int group,
+                                int group_pad, const float* fresh_k, int64_t fresh_row_stride,
+                                const float* prefix_k, int64_t prefix_stride_tokens, float scale,
+                                float* row_stats);
 
   // Enqueues the append of rows to `layer` for a batch: sequence s owns rows
   // [row_begin[s], row_begin[s + 1]) of k / v (device, row r and kv-head h at
@@ -272,6 +277,7 @@ class CudaKvCache final : public kernels::KvCache {
   float* mass_ = nullptr;           // H2O: same layout
   float* mass_scratch_ = nullptr;   // H2O: DecodeMassScratchFloats(max_sequences_, kv_heads)
   double* rope_inv_freq_ = nullptr;  // sinks with rope_inv_freq: [head_dim / 2]
+  float* mass_scores_ = nullptr;     // H2O: DecodeMassScoreFloatsPerBlock per block (one layer)
   std::map<kernels::SeqId, Sequence> seqs_;
 };
 

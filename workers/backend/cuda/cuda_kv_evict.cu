@@ -6,202 +6,290 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <cstdint>
 
 namespace kvgate::worker::cuda {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kCopySlots = 32;  // records staged per compaction step
-constexpr int kMaxGroup = 8;
+constexpr uint32_t kFullMask = 0xffffffffu;
+constexpr int kMaxGroup = kMaxMassGroup;
 constexpr int kMaxHeadDim = 128;
+// Sinks (ordered compaction): records staged per step.
+constexpr int kCopySlots = 32;
+// H2O: up to this many evicted tokens are found by repeated minimum searches (one pass each over
+// the stored slots: a decode step evicts at most one); more (a prefill chunk's append) by a radix
+// select (8 passes).
+constexpr int kFewEvictions = 8;
+// H2O, radix path: (hole, source) pairs per round.
+constexpr int kPairChunk = 1024;
+constexpr uint64_t kNoKey = ~uint64_t{0};
+// Decode mass: keys per tile, one per thread.
+constexpr int kMassThreads = 128;
 
 __device__ __forceinline__ int64_t MetaIndex(const EvictPool& p, int32_t block, int head,
-                                             int64_t slot_in_block) {
+                                             int slot_in_block) {
   return ((int64_t{block} * p.num_layers + p.layer) * p.num_kv_heads + head) * p.block_size +
          slot_in_block;
 }
 
 __device__ __forceinline__ int64_t SlotMeta(const EvictPool& p, const int32_t* table, int head,
                                             int64_t slot) {
-  return MetaIndex(p, table[slot / p.block_size], head, slot % p.block_size);
+  const int s = static_cast<int>(slot);  // a sequence's slots fit int32 (block tables do)
+  return MetaIndex(p, table[s / p.block_size], head, s % p.block_size);
 }
 
 __device__ __forceinline__ uint8_t* SlotRecord(const EvictPool& p, const int32_t* table, int head,
                                                int64_t slot) {
-  return p.pool + int64_t{table[slot / p.block_size]} * p.block_stride_bytes +
-         p.layer_offset_bytes +
-         (int64_t{head} * p.block_size + slot % p.block_size) * p.record_bytes;
+  const int s = static_cast<int>(slot);
+  return p.pool + int64_t{table[s / p.block_size]} * p.block_stride_bytes + p.layer_offset_bytes +
+         (int64_t{head} * p.block_size + s % p.block_size) * p.record_bytes;
 }
 
-// Block-wide sum of one int per thread.
-__device__ int BlockSum(int v, int* scratch) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
-  __syncthreads();
-  int total = 0;
-  for (int w = 0; w < kWarps; ++w) total += scratch[w];
-  return total;
+// ---- Eviction -----------------------------------------------------------------------------------
+
+// H2O eviction order of a slot (smaller leaves first). Tokens older than the window order by
+// mass, then newer position first (CpuKvCache's partial_sort keeps the older of equal masses);
+// masses are >= 0, so their bits order like the floats. Tokens of the window come after all of
+// them (the plan never evicts one). Keys are unique: positions are.
+__device__ __forceinline__ uint64_t EvictKey(const EvictPool& p, const int32_t* table, int head,
+                                             int slot, int32_t window) {
+  const int64_t m = SlotMeta(p, table, head, slot);
+  const int32_t pos = p.positions[m];
+  const uint32_t high = pos < window ? __float_as_uint(p.mass[m]) : 0xffffffffu;
+  return (uint64_t{high} << 32) | static_cast<uint32_t>(INT32_MAX - pos);
 }
 
-// Grid (num_seqs, kv_heads). Masses are >= 0, so their bit patterns order like the floats: the
-// heavy-th largest is found by a radix search on the bits (32 counting passes over the middle).
-__global__ void EvictCompactKernel(EvictPool p, const EvictPlan* plans) {
+// Block-wide minimum of (key, slot); every thread gets it. `keys`, `slots`: kWarps entries.
+__device__ void BlockMinKey(uint64_t& key, int& slot, uint64_t* keys, int* slots) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t k2 = __shfl_xor_sync(kFullMask, key, o);
+    const int s2 = __shfl_xor_sync(kFullMask, slot, o);
+    if (k2 < key) {
+      key = k2;
+      slot = s2;
+    }
+  }
+  __syncthreads();  // the previous call's readers are done
+  if ((threadIdx.x & 31) == 0) {
+    keys[threadIdx.x >> 5] = key;
+    slots[threadIdx.x >> 5] = slot;
+  }
+  __syncthreads();
+  for (int w = 0; w < kWarps; ++w) {
+    if (keys[w] < key) {
+      key = keys[w];
+      slot = slots[w];
+    }
+  }
+}
+
+// Exclusive count of `flag` over the block's threads in thread order; *total gets the sum.
+__device__ int BlockExclusiveCount(bool flag, int* warp_counts, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint32_t ballot = __ballot_sync(kFullMask, flag);
+  __syncthreads();  // the previous call's readers are done
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, all = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    all += warp_counts[w];
+  }
+  *total = all;
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+// The rank-th smallest (from 0) EvictKey of slots [0, stored): radix select, 8 bits per pass.
+__device__ uint64_t SelectKey(const EvictPool& p, const int32_t* table, int head, int stored,
+                              int32_t window, int rank) {
+  __shared__ uint32_t hist[256];
+  __shared__ int found[2];  // digit, rank within it
+  const int lane = threadIdx.x & 31;
+  uint64_t prefix = 0;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
+    __syncthreads();
+    const uint64_t above = shift == 56 ? 0 : ~uint64_t{0} << (shift + 8);
+    for (int i = threadIdx.x; i < stored; i += kThreads) {
+      const uint64_t key = EvictKey(p, table, head, i, window);
+      if ((key & above) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {  // lane l scans bins [8l, 8l + 8)
+      uint32_t own = 0;
+      for (int b = 0; b < 8; ++b) own += hist[8 * lane + b];
+      uint32_t inclusive = own;
+      for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t v = __shfl_up_sync(kFullMask, inclusive, o);
+        if (lane >= o) inclusive += v;
+      }
+      uint32_t below = inclusive - own;
+      if (below <= static_cast<uint32_t>(rank) && static_cast<uint32_t>(rank) < inclusive) {
+        int b = 8 * lane;
+        while (below + hist[b] <= static_cast<uint32_t>(rank)) below += hist[b++];
+        found[0] = b;
+        found[1] = rank - static_cast<int>(below);
+      }
+    }
+    __syncthreads();
+    prefix |= uint64_t(found[0]) << shift;
+    rank = found[1];
+  }
+  return prefix;
+}
+
+// Slots of [lo, hi) whose evicted state (key <= threshold) is `evicted`, in slot order: those of
+// rank [first, first + kPairChunk) go to out[rank - first]. Returns how many there are.
+__device__ int CollectSlots(const EvictPool& p, const int32_t* table, int head, int32_t window,
+                            uint64_t threshold, int lo, int hi, bool evicted, int first, int* out,
+                            int* warp_counts) {
+  int running = 0;
+  for (int c = lo; c < hi; c += kThreads) {
+    const int i = c + static_cast<int>(threadIdx.x);
+    const bool flag = i < hi && (EvictKey(p, table, head, i, window) <= threshold) == evicted;
+    int total;
+    const int rank = running + BlockExclusiveCount(flag, warp_counts, &total);
+    if (flag && rank >= first && rank < first + kPairChunk) out[rank - first] = i;
+    running += total;
+  }
+  return running;
+}
+
+// Copies the records, positions and masses of slots src[k] into slots dst[k], k < count (no slot
+// is both a source and a destination).
+__device__ void MoveSlots(const EvictPool& p, const int32_t* table, int head, const int* dst,
+                          const int* src, int count) {
+  const int words = p.record_bytes / 4;
+  for (int e = threadIdx.x; e < count * words; e += kThreads) {
+    const int k = e / words, w = e - k * words;
+    reinterpret_cast<uint32_t*>(SlotRecord(p, table, head, dst[k]))[w] =
+        reinterpret_cast<const uint32_t*>(SlotRecord(p, table, head, src[k]))[w];
+  }
+  for (int k = threadIdx.x; k < count; k += kThreads) {
+    const int64_t to = SlotMeta(p, table, head, dst[k]), from = SlotMeta(p, table, head, src[k]);
+    p.positions[to] = p.positions[from];
+    p.mass[to] = p.mass[from];
+  }
+}
+
+// Grid (num_seqs, kv_heads): H2O. The evicted tokens' slots below `kept` are refilled with the
+// kept tokens of the slots at and above it, so that the append writes at [kept, kept + n).
+__global__ void EvictH2oKernel(EvictPool p, const EvictPlan* plans) {
   const EvictPlan plan = plans[blockIdx.x];
   const int head = blockIdx.y;
   const int32_t* table = p.block_tables + int64_t{blockIdx.x} * p.max_blocks;
-  __shared__ int scratch[kWarps];
-  __shared__ int32_t dst_of[kCopySlots];
-  __shared__ int32_t pos_stage[kCopySlots];
-  __shared__ float mass_stage[kCopySlots];
-  __shared__ bool moving;
-  extern __shared__ uint32_t record_stage[];  // [kCopySlots][record_bytes / 4]
-
-  const int64_t stored = plan.stored;
-  int64_t kept = stored;
-  if (int64_t{plan.lead} + plan.trail + plan.heavy < stored) {
-    const int64_t mid_begin = plan.lead, mid_end = stored - plan.trail;
-    // Threshold T: the heavy-th largest mass bits among the middle; keep > T, and the first
-    // (heavy - count(> T)) slots equal to T.
-    uint32_t threshold = 0;
-    int need_equal = 0;
-    if (plan.heavy > 0) {
-      for (int bit = 31; bit >= 0; --bit) {
-        const uint32_t candidate = threshold | (1u << bit);
-        int count = 0;
-        for (int64_t i = mid_begin + threadIdx.x; i < mid_end; i += kThreads) {
-          count += __float_as_uint(p.mass[SlotMeta(p, table, head, i)]) >= candidate;
+  const int stored = plan.stored;
+  const int kept = min(stored, plan.lead + plan.trail + plan.heavy);
+  const int evict = stored - kept;
+  const int32_t window = plan.length - plan.trail;
+  __shared__ uint64_t warp_keys[kWarps];
+  __shared__ int warp_ints[kWarps];
+  __shared__ int pair_dst[kPairChunk], pair_src[kPairChunk];
+  __shared__ int num_pairs;
+  if (evict > 0 && evict <= kFewEvictions) {
+    // One minimum search per evicted token; the winners' slots are the holes or leave the tail.
+    __shared__ int gone[kFewEvictions];
+    uint64_t last = 0;
+    for (int r = 0; r < evict; ++r) {
+      uint64_t best = kNoKey;
+      int best_slot = -1;
+#pragma unroll 4
+      for (int i = threadIdx.x; i < stored; i += kThreads) {
+        const uint64_t key = EvictKey(p, table, head, i, window);
+        if ((r == 0 || key > last) && key < best) {
+          best = key;
+          best_slot = i;
         }
-        if (BlockSum(count, scratch) >= plan.heavy) threshold = candidate;
       }
-      int greater = 0;
-      for (int64_t i = mid_begin + threadIdx.x; i < mid_end; i += kThreads) {
-        greater += __float_as_uint(p.mass[SlotMeta(p, table, head, i)]) > threshold;
-      }
-      need_equal = plan.heavy - BlockSum(greater, scratch);
+      BlockMinKey(best, best_slot, warp_keys, warp_ints);
+      last = best;
+      if (threadIdx.x == 0) gone[r] = best_slot;
     }
-    // Compaction in slot order, kCopySlots at a time: a destination never exceeds its source, so
-    // staging a whole step before writing it keeps unread sources intact.
-    const int words = p.record_bytes / 4;
-    int64_t dst = 0;
-    int equal_seen = 0;
-    for (int64_t c0 = 0; c0 < stored; c0 += kCopySlots) {
-      if (threadIdx.x < 32) {
-        const int64_t i = c0 + threadIdx.x;
-        bool keep = false, equal = false;
-        if (i < stored) {
-          if (i < mid_begin || i >= mid_end) {
-            keep = true;
-          } else if (plan.heavy > 0) {
-            const uint32_t bits = __float_as_uint(p.mass[SlotMeta(p, table, head, i)]);
-            keep = bits > threshold;
-            equal = bits == threshold;
-          }
-        }
-        const uint32_t lower = (1u << threadIdx.x) - 1u;
-        const uint32_t eq_ballot = __ballot_sync(0xffffffffu, equal);
-        if (equal && equal_seen + __popc(eq_ballot & lower) < need_equal) keep = true;
-        const uint32_t keep_ballot = __ballot_sync(0xffffffffu, keep);
-        dst_of[threadIdx.x] =
-            keep ? static_cast<int32_t>(dst + __popc(keep_ballot & lower)) : -1;
-        if (keep && i < stored) {
-          const int64_t m = SlotMeta(p, table, head, i);
-          pos_stage[threadIdx.x] = p.positions[m];
-          mass_stage[threadIdx.x] = p.mass != nullptr ? p.mass[m] : 0.0f;
-        }
-        // A step whose slots all stay where they are (the kept prefix) copies nothing.
-        if (threadIdx.x == 0) moving = !(dst == c0 && keep_ballot == 0xffffffffu);
-        equal_seen += __popc(eq_ballot);
-        dst += __popc(keep_ballot);
-      }
-      __syncthreads();
-      if (!moving) {
-        __syncthreads();  // everyone has read `moving` before warp 0 rewrites it
-        continue;
-      }
-      for (int e = threadIdx.x; e < kCopySlots * words; e += kThreads) {
-        const int s = e / words, w = e % words;
-        if (dst_of[s] >= 0) {
-          record_stage[e] = reinterpret_cast<const uint32_t*>(SlotRecord(p, table, head, c0 + s))[w];
-        }
-      }
-      __syncthreads();
-      for (int e = threadIdx.x; e < kCopySlots * words; e += kThreads) {
-        const int s = e / words, w = e % words;
-        if (dst_of[s] >= 0) {
-          reinterpret_cast<uint32_t*>(SlotRecord(p, table, head, dst_of[s]))[w] = record_stage[e];
-        }
-      }
-      if (threadIdx.x < kCopySlots && dst_of[threadIdx.x] >= 0) {
-        const int64_t m = SlotMeta(p, table, head, dst_of[threadIdx.x]);
-        p.positions[m] = pos_stage[threadIdx.x];
-        if (p.mass != nullptr) p.mass[m] = mass_stage[threadIdx.x];
-      }
-      __syncthreads();
-    }
-    // Every lane of warp 0 holds the same dst; share it.
-    if (threadIdx.x == 0) scratch[0] = static_cast<int>(dst);
     __syncthreads();
-    kept = scratch[0];
+    if (threadIdx.x == 0) {
+      int holes = 0, sources = 0;
+      for (int r = 0; r < evict; ++r) {  // holes in slot order (insertion sort of <= 8)
+        if (gone[r] >= kept) continue;
+        int k = holes++;
+        for (; k > 0 && pair_dst[k - 1] > gone[r]; --k) pair_dst[k] = pair_dst[k - 1];
+        pair_dst[k] = gone[r];
+      }
+      for (int i = kept; i < stored; ++i) {
+        bool left = false;
+        for (int r = 0; r < evict; ++r) left |= gone[r] == i;
+        if (!left) pair_src[sources++] = i;
+      }
+      num_pairs = holes;  // == sources: both count the evicted tokens below `kept`
+    }
+    __syncthreads();
+    MoveSlots(p, table, head, pair_dst, pair_src, num_pairs);
+  } else if (evict > 0) {
+    const uint64_t threshold = SelectKey(p, table, head, stored, window, evict - 1);
+    // Rounds of kPairChunk pairs: a filled hole holds a kept key, so the holes still open rank
+    // from 0 every round, while the sources (copied, not cleared) keep their ranks.
+    for (int first = 0;; first += kPairChunk) {
+      const int sources = CollectSlots(p, table, head, window, threshold, kept, stored, false,
+                                       first, pair_src, warp_ints);
+      CollectSlots(p, table, head, window, threshold, 0, kept, true, 0, pair_dst, warp_ints);
+      __syncthreads();
+      MoveSlots(p, table, head, pair_dst, pair_src, min(kPairChunk, sources - first));
+      __syncthreads();
+      if (first + kPairChunk >= sources) break;
+    }
   }
+  __syncthreads();  // the tail's positions were read before the new slots' are written
   for (int i = threadIdx.x; i < plan.n; i += kThreads) {
     const int64_t m = SlotMeta(p, table, head, kept + i);
     p.positions[m] = plan.length + i;
-    if (p.mass != nullptr) p.mass[m] = 0.0f;
+    p.mass[m] = 0.0f;
   }
 }
 
-// Scores of one stored key (its record) for the group's queries qs [group][d] (shared memory),
-// by one thread: the key decoded exactly as the CPU codec decodes it, dot products in fp32.
-__device__ __forceinline__ void RecordScores(MassKeyFormat format, const uint8_t* record,
-                                             const float* qs, int group, int d, float fp8_scale,
-                                             float scale, float* s) {
-  float acc[kMaxGroup];
-  for (int j = 0; j < kMaxGroup; ++j) acc[j] = 0.0f;
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(record);
-  auto add = [&](int c, float k) {
-    for (int j = 0; j < group; ++j) acc[j] += qs[j * d + c] * k;
-  };
-  if (format == MassKeyFormat::kFp16 || format == MassKeyFormat::kBf16) {
-    for (int w = 0; w < d / 2; ++w) {
-      const uint32_t x = words[w];
-      float lo, hi;
-      if (format == MassKeyFormat::kFp16) {
-        const __half2 h = *reinterpret_cast<const __half2*>(&x);
-        lo = __low2float(h);
-        hi = __high2float(h);
-      } else {
-        const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&x);
-        lo = __low2float(h);
-        hi = __high2float(h);
+// Grid (num_seqs, kv_heads): sinks (no heavy tokens). Keeps the first `lead` and the last `trail`
+// slots in slot order: the trail moves down over the evicted middle, kCopySlots at a time; a
+// destination never exceeds its source, so staging a step before writing it keeps unread sources
+// intact.
+__global__ void EvictOrderedKernel(EvictPool p, const EvictPlan* plans) {
+  const EvictPlan plan = plans[blockIdx.x];
+  const int head = blockIdx.y;
+  const int32_t* table = p.block_tables + int64_t{blockIdx.x} * p.max_blocks;
+  __shared__ int32_t dst_of[kCopySlots];
+  __shared__ int32_t pos_stage[kCopySlots];
+  extern __shared__ uint32_t record_stage[];  // [kCopySlots][record_bytes / 4]
+  const int stored = plan.stored;
+  const int kept = min(stored, plan.lead + plan.trail);
+  if (kept < stored) {
+    // Slots [lead, stored - trail) leave: [stored - trail, stored) moves down to [lead, kept).
+    const int words = p.record_bytes / 4, shift = stored - kept;
+    for (int c0 = stored - plan.trail; c0 < stored; c0 += kCopySlots) {
+      const int count = min(kCopySlots, stored - c0);
+      if (threadIdx.x < count) {
+        dst_of[threadIdx.x] = c0 + threadIdx.x - shift;
+        pos_stage[threadIdx.x] = p.positions[SlotMeta(p, table, head, c0 + threadIdx.x)];
       }
-      add(2 * w, lo);
-      add(2 * w + 1, hi);
-    }
-  } else {
-    const float int8_scale =
-        format == MassKeyFormat::kInt8
-            ? __half2float(*reinterpret_cast<const __half*>(record + d))
-            : 0.0f;
-    for (int w = 0; w < d / 4; ++w) {
-      const uint32_t x = words[w];
-      for (int b = 0; b < 4; ++b) {
-        const uint8_t code = static_cast<uint8_t>(x >> (8 * b));
-        float k;
-        if (format == MassKeyFormat::kFp8) {
-          __nv_fp8_e4m3 e;
-          e.__x = code;
-          k = static_cast<float>(e) * fp8_scale;
-        } else {
-          k = static_cast<float>(static_cast<int8_t>(code)) * int8_scale;
-        }
-        add(4 * w + b, k);
+      for (int e = threadIdx.x; e < count * words; e += kThreads) {
+        const int s = e / words, w = e - s * words;
+        record_stage[e] = reinterpret_cast<const uint32_t*>(SlotRecord(p, table, head, c0 + s))[w];
       }
+      __syncthreads();
+      for (int e = threadIdx.x; e < count * words; e += kThreads) {
+        const int s = e / words, w = e - s * words;
+        reinterpret_cast<uint32_t*>(SlotRecord(p, table, head, dst_of[s]))[w] = record_stage[e];
+      }
+      if (threadIdx.x < count) {
+        p.positions[SlotMeta(p, table, head, dst_of[threadIdx.x])] = pos_stage[threadIdx.x];
+      }
+      __syncthreads();
     }
   }
-  for (int j = 0; j < group; ++j) s[j] = acc[j] * scale;
+  for (int i = threadIdx.x; i < plan.n; i += kThreads) {
+    p.positions[SlotMeta(p, table, head, kept + i)] = plan.length + i;
+  }
 }
+
+// ---- Decode masses ------------------------------------------------------------------------------
 
 // Merges softmax statistics (m, l) of two sets of scores.
 __device__ __forceinline__ void MergeMl(float& m, float& l, float m2, float l2) {
@@ -210,202 +298,561 @@ __device__ __forceinline__ void MergeMl(float& m, float& l, float m2, float l2) 
   m = mm;
 }
 
+// Adds one score to online softmax statistics (m, l): one exp per score.
+__device__ __forceinline__ void AddScore(float& m, float& l, float s) {
+  if (s > m) {
+    l = l * expf(m - s) + 1.0f;
+    m = s;
+  } else {
+    l += expf(s - m);
+  }
+}
+
+// 32-bit words of a stored key: the key codes, and int8's fp16 scale after them.
+__host__ __device__ constexpr int KeyWords(MassKeyFormat format, int d) {
+  return format == MassKeyFormat::kFp16 || format == MassKeyFormat::kBf16 ? d / 2
+         : format == MassKeyFormat::kFp8                                  ? d / 4
+                                                                          : d / 4 + 1;
+}
+
 struct DecodeMassArgs {
   EvictPool p;
   MassKeys keys;
   const int32_t* lens;
   const float* q;
-  float* partial_ml;  // [num_seqs, kv_heads, max_splits, kMaxGroup, 2]
-  int max_splits;
-  int split_tokens;  // a multiple of kThreads
+  float* partial_ml;  // [num_seqs, kv_heads, kMaxMassSplits, kMaxGroup, 2]
+  float* scores;      // [num_blocks, kv_heads, kMaxGroup, block_size]
+  int split_tokens;   // a multiple of kMassThreads
   int group, group_pad;
   float scale;
 };
 
-// Loads the group's queries of (seq, head) into qs and returns the FP8 key scale.
-__device__ float LoadDecodeQueries(const DecodeMassArgs& a, int seq, int head, float* qs) {
+// Score j of `slot` is ScoreBase(slot)[j * block_size].
+__device__ __forceinline__ float* ScoreBase(const DecodeMassArgs& a, const int32_t* table,
+                                            int head, int slot) {
+  const int bs = a.p.block_size;
+  return a.scores + (int64_t{table[slot / bs]} * a.p.num_kv_heads + head) * kMaxGroup * bs +
+         slot % bs;
+}
+
+// Loads the group's queries of (seq, head) into qs [group][d] (smem).
+__device__ void LoadDecodeQueries(const DecodeMassArgs& a, int seq, int head, float* qs) {
   const int d = a.p.head_dim;
   const float* qh =
       a.q + (int64_t{seq} * a.p.num_kv_heads * a.group_pad + int64_t{head} * a.group_pad) * d;
-  for (int e = threadIdx.x; e < a.group * d; e += kThreads) qs[e] = qh[e];
-  __syncthreads();
-  return a.keys.format == MassKeyFormat::kFp8
-             ? a.keys.head_scales[(int64_t{a.keys.seq_slots[seq]} * a.p.num_kv_heads + head) * 2]
-             : 0.0f;
+  for (int e = threadIdx.x; e < a.group * d; e += blockDim.x) qs[e] = qh[e];
 }
 
-// Grid (max_splits_used, kv_heads, num_seqs), one key per thread at a time. Pass 1: each split's
-// softmax statistics per query head.
-__global__ void DecodeMassPartialKernel(DecodeMassArgs a) {
+__device__ __forceinline__ void CpAsync4(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+}
+
+// GROUP > 0: the group size, fixed at compile time; 0: a.group (<= kMaxGroup) at run time.
+template <int GROUP>
+struct Group {
+  static constexpr int kCap = GROUP > 0 ? GROUP : kMaxGroup;
+  __device__ __forceinline__ static bool Has(int j, int group) { return GROUP > 0 || j < group; }
+};
+
+// Adds word w of a key (2 fp16/bf16 or 4 fp8/int8 channels, decoded as the CPU codec decodes
+// them) times the group's queries qs [group][d] to acc, in fp32.
+template <MassKeyFormat FORMAT, int GROUP>
+__device__ __forceinline__ void AddKeyWord(uint32_t x, int w, const float* qs, int group, int d,
+                                           float code_scale, float* acc) {
+  using G = Group<GROUP>;
+  if constexpr (FORMAT == MassKeyFormat::kFp16 || FORMAT == MassKeyFormat::kBf16) {
+    float2 k;
+    if constexpr (FORMAT == MassKeyFormat::kFp16) {
+      k = __half22float2(*reinterpret_cast<const __half2*>(&x));
+    } else {
+      k = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+    }
+#pragma unroll
+    for (int j = 0; j < G::kCap; ++j) {
+      if (G::Has(j, group)) {
+        const float2 qv = *reinterpret_cast<const float2*>(qs + j * d + 2 * w);
+        acc[j] = fmaf(qv.y, k.y, fmaf(qv.x, k.x, acc[j]));
+      }
+    }
+  } else {
+    float k[4];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint8_t code = static_cast<uint8_t>(x >> (8 * b));
+      if constexpr (FORMAT == MassKeyFormat::kFp8) {
+        __nv_fp8_e4m3 e;
+        e.__x = code;
+        k[b] = static_cast<float>(e) * code_scale;
+      } else {
+        k[b] = static_cast<float>(static_cast<int8_t>(code)) * code_scale;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < G::kCap; ++j) {
+      if (G::Has(j, group)) {
+        const float4 qv = *reinterpret_cast<const float4*>(qs + j * d + 4 * w);
+        acc[j] = fmaf(qv.w, k[3], fmaf(qv.z, k[2], fmaf(qv.y, k[1], fmaf(qv.x, k[0], acc[j]))));
+      }
+    }
+  }
+}
+
+// Scores of one key (its words in smem; VEC: 16-byte aligned, read 16 bytes at a time) for the
+// group's queries qs [group][d], dot products in fp32 (unscaled).
+template <MassKeyFormat FORMAT, int GROUP, bool VEC>
+__device__ __forceinline__ void KeyScores(const uint32_t* key, const float* qs, int group, int d,
+                                          float fp8_scale, float* acc) {
+#pragma unroll
+  for (int j = 0; j < Group<GROUP>::kCap; ++j) acc[j] = 0.0f;
+  const bool wide = FORMAT == MassKeyFormat::kFp16 || FORMAT == MassKeyFormat::kBf16;
+  const int words = wide ? d / 2 : d / 4;
+  const float code_scale =
+      FORMAT == MassKeyFormat::kInt8
+          ? __half2float(__ushort_as_half(static_cast<unsigned short>(key[d / 4] & 0xffffu)))
+          : fp8_scale;
+  if constexpr (VEC) {
+    for (int w = 0; w < words; w += 4) {
+      const uint4 x = *reinterpret_cast<const uint4*>(key + w);
+      AddKeyWord<FORMAT, GROUP>(x.x, w, qs, group, d, code_scale, acc);
+      AddKeyWord<FORMAT, GROUP>(x.y, w + 1, qs, group, d, code_scale, acc);
+      AddKeyWord<FORMAT, GROUP>(x.z, w + 2, qs, group, d, code_scale, acc);
+      AddKeyWord<FORMAT, GROUP>(x.w, w + 3, qs, group, d, code_scale, acc);
+    }
+  } else {
+    for (int w = 0; w < words; ++w)
+      AddKeyWord<FORMAT, GROUP>(key[w], w, qs, group, d, code_scale, acc);
+  }
+}
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+
+// Words between the smem rows of a tile's keys. VEC (16-byte copies and reads): an odd number of
+// 16-byte units, so that the 8 threads of a 16-byte read phase hit distinct banks; otherwise an
+// odd number of words, so that the 32 threads of a 4-byte read do.
+__host__ __device__ constexpr int TileRowWords(int key_words, bool vec) {
+  return vec ? ((key_words / 4) | 1) * 4 : key_words | 1;
+}
+
+// Pass 1. Grid (splits, kv_heads, num_seqs), kMassThreads threads: the split's keys in tiles of
+// kMassThreads, each copied into smem (coalesced, cp.async: 16 bytes per copy with VEC, else a
+// warp per record and 4 bytes per lane) and scored by one
+// thread per key, which writes its scores and merges them into its split's softmax statistics
+// per query head. Several CTAs per SM overlap one's copies with another's arithmetic.
+template <MassKeyFormat FORMAT, int GROUP, bool VEC>
+__global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMassArgs a) {
+  using G = Group<GROUP>;
   const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z, d = a.p.head_dim;
-  const int64_t len = a.lens[seq], begin = int64_t{split} * a.split_tokens;
+  const int len = a.lens[seq], begin = split * a.split_tokens;
   if (begin >= len) return;
-  const int64_t end = len < begin + a.split_tokens ? len : begin + a.split_tokens;
-  __shared__ float qs[kMaxGroup * kMaxHeadDim];
-  __shared__ float warp_ml[kWarps][kMaxGroup][2];
-  const float fp8_scale = LoadDecodeQueries(a, seq, head, qs);
+  const int end = min(len, begin + a.split_tokens);
+  const int group = GROUP > 0 ? GROUP : a.group;
+  __shared__ __align__(16) float qs[kMaxGroup * kMaxHeadDim];
+  __shared__ float warp_ml[kMassThreads / 32][kMaxGroup][2];
+  extern __shared__ __align__(16) uint32_t tile[];  // [kMassThreads][row_words]
+  const int key_words = KeyWords(FORMAT, d), row_words = TileRowWords(key_words, VEC);
+  LoadDecodeQueries(a, seq, head, qs);
+  const float fp8_scale =
+      FORMAT == MassKeyFormat::kFp8
+          ? a.keys.head_scales[(int64_t{a.keys.seq_slots[seq]} * a.p.num_kv_heads + head) * 2]
+          : 0.0f;
   const int32_t* table = a.p.block_tables + int64_t{seq} * a.p.max_blocks;
-  float m[kMaxGroup], l[kMaxGroup], sc[kMaxGroup];
-  for (int j = 0; j < kMaxGroup; ++j) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float m[G::kCap], l[G::kCap];
+#pragma unroll
+  for (int j = 0; j < G::kCap; ++j) {
     m[j] = -FLT_MAX;
     l[j] = 0.0f;
   }
-  for (int64_t t = begin + threadIdx.x; t < end; t += kThreads) {
-    RecordScores(a.keys.format, SlotRecord(a.p, table, head, t), qs, a.group, d, fp8_scale,
-                 a.scale, sc);
-    for (int j = 0; j < a.group; ++j) MergeMl(m[j], l[j], sc[j], 1.0f);
+  for (int t0 = begin; t0 < end; t0 += kMassThreads) {
+    const int count = min(kMassThreads, end - t0);
+    if constexpr (VEC) {
+      const int chunks = key_words / 4;
+      for (int e = threadIdx.x; e < count * chunks; e += kMassThreads) {
+        const int r = e / chunks, c = e - r * chunks;
+        CpAsync16(tile + r * row_words + 4 * c, SlotRecord(a.p, table, head, t0 + r) + 16 * c);
+      }
+    } else {  // a warp per record, lanes over its words
+      for (int r = warp; r < count; r += kMassThreads / 32) {
+        const uint32_t* src =
+            reinterpret_cast<const uint32_t*>(SlotRecord(a.p, table, head, t0 + r));
+        for (int w = lane; w < key_words; w += 32) CpAsync4(tile + r * row_words + w, src + w);
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < count) {
+      const int t = t0 + threadIdx.x;
+      float s[G::kCap];
+      KeyScores<FORMAT, GROUP, VEC>(tile + threadIdx.x * row_words, qs, group, d, fp8_scale, s);
+      float* out = ScoreBase(a, table, head, t);
+#pragma unroll
+      for (int j = 0; j < G::kCap; ++j) {
+        if (G::Has(j, group)) {
+          s[j] *= a.scale;
+          out[j * a.p.block_size] = s[j];
+          AddScore(m[j], l[j], s[j]);
+        }
+      }
+    }
+    __syncthreads();  // the tile is read before the next one lands
   }
-  for (int j = 0; j < a.group; ++j) {
+#pragma unroll
+  for (int j = 0; j < G::kCap; ++j) {
+    if (!G::Has(j, group)) break;
     for (int o = 16; o > 0; o >>= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m[j], o);
-      const float l2 = __shfl_xor_sync(0xffffffffu, l[j], o);
+      const float m2 = __shfl_xor_sync(kFullMask, m[j], o);
+      const float l2 = __shfl_xor_sync(kFullMask, l[j], o);
       MergeMl(m[j], l[j], m2, l2);
     }
-  }
-  const int warp = threadIdx.x >> 5;
-  if ((threadIdx.x & 31) == 0) {
-    for (int j = 0; j < a.group; ++j) {
+    if (lane == 0) {
       warp_ml[warp][j][0] = m[j];
       warp_ml[warp][j][1] = l[j];
     }
   }
   __syncthreads();
-  if (threadIdx.x < a.group) {
+  if (static_cast<int>(threadIdx.x) < group) {
     const int j = threadIdx.x;
     float mm = -FLT_MAX, ll = 0.0f;
-    for (int w = 0; w < kWarps; ++w) MergeMl(mm, ll, warp_ml[w][j][0], warp_ml[w][j][1]);
+    for (int w = 0; w < kMassThreads / 32; ++w) MergeMl(mm, ll, warp_ml[w][j][0], warp_ml[w][j][1]);
     float* out = a.partial_ml +
-                 (((int64_t{seq} * a.p.num_kv_heads + head) * a.max_splits + split) * kMaxGroup + j) * 2;
+                 (((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits + split) * kMaxGroup +
+                  j) * 2;
     out[0] = mm;
     out[1] = ll;
   }
 }
 
-// Pass 2, same grid: the statistics of every split of the sequence give (M, L) per query head;
-// each thread adds sum_j exp(s_j - M_j) / L_j to its keys' masses (each key has one owner).
-__global__ void DecodeMassAddKernel(DecodeMassArgs a) {
-  const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z, d = a.p.head_dim;
-  const int64_t len = a.lens[seq], begin = int64_t{split} * a.split_tokens;
+// Pass 2, same grid: the statistics of every split of the sequence give (M, L) per query head (a
+// warp per head, lanes over splits); each thread adds sum_j exp(s_j - M_j) / L_j to its keys'
+// masses (each key has one owner).
+template <int GROUP>
+__global__ void __launch_bounds__(kMassThreads) DecodeMassAddKernel(DecodeMassArgs a) {
+  using G = Group<GROUP>;
+  const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
+  const int len = a.lens[seq], begin = split * a.split_tokens;
   if (begin >= len) return;
-  const int64_t end = len < begin + a.split_tokens ? len : begin + a.split_tokens;
-  __shared__ float qs[kMaxGroup * kMaxHeadDim];
-  __shared__ float final_m[kMaxGroup], final_inv_l[kMaxGroup];
-  const float fp8_scale = LoadDecodeQueries(a, seq, head, qs);
-  if (threadIdx.x < a.group) {
-    const int j = threadIdx.x;
-    const int splits = static_cast<int>((len + a.split_tokens - 1) / a.split_tokens);
-    const float* in =
-        a.partial_ml + ((int64_t{seq} * a.p.num_kv_heads + head) * a.max_splits) * kMaxGroup * 2;
-    float mm = -FLT_MAX, ll = 0.0f;
-    for (int x = 0; x < splits; ++x) {
-      MergeMl(mm, ll, in[(x * kMaxGroup + j) * 2], in[(x * kMaxGroup + j) * 2 + 1]);
-    }
-    final_m[j] = mm;
-    final_inv_l[j] = ll > 0.0f ? 1.0f / ll : 0.0f;
-  }
-  __syncthreads();
-  const int32_t* table = a.p.block_tables + int64_t{seq} * a.p.max_blocks;
-  float sc[kMaxGroup];
-  for (int64_t t = begin + threadIdx.x; t < end; t += kThreads) {
-    RecordScores(a.keys.format, SlotRecord(a.p, table, head, t), qs, a.group, d, fp8_scale,
-                 a.scale, sc);
-    float add = 0.0f;
-    for (int j = 0; j < a.group; ++j) add += expf(sc[j] - final_m[j]) * final_inv_l[j];
-    a.p.mass[SlotMeta(a.p, table, head, t)] += add;
-  }
-}
-
-// Scores of one fp32 key for `group` queries (qs [group][d] in shared memory), by one warp (the
-// prefill mass: keys read back or fresh in fp32); every lane returns all scores.
-template <class KeyAt>
-__device__ __forceinline__ void WarpScores(KeyAt key_at, const float* qs, int group, int d,
-                                           float scale, float* s) {
-  float partial[kMaxGroup];
-  for (int j = 0; j < kMaxGroup; ++j) partial[j] = 0.0f;
-  const int lane = threadIdx.x & 31;
-  for (int c = lane; c < d; c += 32) {
-    const float k = key_at(c);
-    for (int j = 0; j < group; ++j) partial[j] += qs[j * d + c] * k;
-  }
-  for (int j = 0; j < group; ++j) {
-    float v = partial[j];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    s[j] = v * scale;
-  }
-}
-
-// Online (max, sum) of the group over keys [0, count), each warp a strided share, merged across
-// warps; then mass[key] += sum_j exp(s_j - M_j) / L_j. key_fn(t) returns a functor of the
-// channel; mass_at(t) the mass address of key t.
-template <class KeyFn, class MassFn>
-__device__ void AccumulateMass(KeyFn key_fn, MassFn mass_at, int64_t count, const float* qs,
-                               int group, int d, float scale) {
-  __shared__ float warp_m[kWarps][kMaxGroup], warp_l[kWarps][kMaxGroup];
+  const int end = min(len, begin + a.split_tokens);
+  const int group = GROUP > 0 ? GROUP : a.group;
   __shared__ float final_m[kMaxGroup], final_inv_l[kMaxGroup];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float m[kMaxGroup], l[kMaxGroup], s[kMaxGroup];
-  for (int j = 0; j < kMaxGroup; ++j) {
-    m[j] = -FLT_MAX;
-    l[j] = 0.0f;
-  }
-  for (int64_t t = warp; t < count; t += kWarps) {
-    WarpScores(key_fn(t), qs, group, d, scale, s);
-    for (int j = 0; j < group; ++j) MergeMl(m[j], l[j], s[j], 1.0f);
-  }
-  if (lane == 0) {
-    for (int j = 0; j < group; ++j) {
-      warp_m[warp][j] = m[j];
-      warp_l[warp][j] = l[j];
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x < group) {
-    const int j = threadIdx.x;
+  const int splits = (len + a.split_tokens - 1) / a.split_tokens;
+  const float* in =
+      a.partial_ml + ((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits) * kMaxGroup * 2;
+  for (int j = warp; j < group; j += kMassThreads / 32) {
     float mm = -FLT_MAX, ll = 0.0f;
-    for (int w = 0; w < kWarps; ++w) MergeMl(mm, ll, warp_m[w][j], warp_l[w][j]);
-    final_m[j] = mm;
-    final_inv_l[j] = ll > 0.0f ? 1.0f / ll : 0.0f;
-  }
-  __syncthreads();
-  for (int64_t t = warp; t < count; t += kWarps) {
-    WarpScores(key_fn(t), qs, group, d, scale, s);
+    for (int x = lane; x < splits; x += 32) {
+      MergeMl(mm, ll, in[(x * kMaxGroup + j) * 2], in[(x * kMaxGroup + j) * 2 + 1]);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(kFullMask, mm, o);
+      const float l2 = __shfl_xor_sync(kFullMask, ll, o);
+      MergeMl(mm, ll, m2, l2);
+    }
     if (lane == 0) {
-      float add = 0.0f;
-      for (int j = 0; j < group; ++j) add += expf(s[j] - final_m[j]) * final_inv_l[j];
-      atomicAdd(mass_at(t), add);  // the CTAs of a chunk's query tokens share the keys
+      final_m[j] = mm;
+      final_inv_l[j] = ll > 0.0f ? 1.0f / ll : 0.0f;
     }
   }
   __syncthreads();
+  float fm[G::kCap], fil[G::kCap];
+#pragma unroll
+  for (int j = 0; j < G::kCap; ++j) {
+    fm[j] = G::Has(j, group) ? final_m[j] : 0.0f;
+    fil[j] = G::Has(j, group) ? final_inv_l[j] : 0.0f;
+  }
+  const int32_t* table = a.p.block_tables + int64_t{seq} * a.p.max_blocks;
+  const int bs = a.p.block_size;
+  float* __restrict__ mass = a.p.mass;
+  const float* __restrict__ scores = a.scores;
+#pragma unroll 2
+  for (int t = begin + threadIdx.x; t < end; t += kMassThreads) {
+    const int32_t block = table[t / bs];
+    const int in_block = t % bs;
+    const float* sc =
+        scores + (int64_t{block} * a.p.num_kv_heads + head) * kMaxGroup * bs + in_block;
+    float add = 0.0f;
+#pragma unroll
+    for (int j = 0; j < G::kCap; ++j) {
+      if (G::Has(j, group)) add += expf(sc[j * bs] - fm[j]) * fil[j];
+    }
+    mass[MetaIndex(a.p, block, head, in_block)] += add;
+  }
 }
 
-// Grid (max_chunk_tokens, num_chunks, kv_heads): one query token (all its group's heads) per CTA.
-__global__ void PrefillMassKernel(EvictPool p, const PrefillMassChunk* chunks, const float* q,
-                                  int group, int group_pad, const float* fresh_k,
-                                  int64_t fresh_row_stride, const float* prefix_k,
-                                  int64_t prefix_stride_tokens, float scale) {
-  const PrefillMassChunk chunk = chunks[blockIdx.y];
-  const int i = blockIdx.x, head = blockIdx.z, d = p.head_dim;
-  if (i >= chunk.n) return;
-  const int32_t* table = p.block_tables + int64_t{chunk.batch_index} * p.max_blocks;
-  __shared__ float qs[kMaxGroup * kMaxHeadDim];
-  const int64_t row = int64_t{chunk.first_row} + i;
-  const float* qh = q + (row * p.num_kv_heads * group_pad + int64_t{head} * group_pad) * d;
-  for (int e = threadIdx.x; e < group * d; e += kThreads) qs[e] = qh[e];
+// ---- Prefill masses -----------------------------------------------------------------------------
+
+// Tiles of kPmRows query rows (kPmRows / group tokens x the group's heads) against kPmKeys keys,
+// kPmThreads threads: thread (tr, tk) = (tid / 16, tid % 16) scores rows 4 tr .. 4 tr + 3 against
+// keys tk + 16 c, c < 4. Rows and keys sit in smem in fp32 with a stride of d + 4 floats
+// (float4 reads, conflict-free).
+constexpr int kPmRows = 64;
+constexpr int kPmKeys = 64;
+constexpr int kPmThreads = 256;
+
+struct PrefillMassArgs {
+  EvictPool p;
+  const PrefillMassChunk* chunks;
+  const float* q;  // [rows, kv_heads * group_pad, d]
+  int group, group_pad;
+  const float* fresh_k;  // row r, kv-head h at fresh_k[r * fresh_row_stride + h * d]
+  int64_t fresh_row_stride;
+  const float* prefix_k;  // [prefix chunks, kv_heads, prefix_stride_tokens, d]
+  int64_t prefix_stride_tokens;
+  float scale;
+  float* row_stats;  // [rows, kv_heads, kMaxGroup, 2]: (M, L) of each query row
+};
+
+__host__ __device__ constexpr int PrefillMassSmemFloats(int d) {
+  return (kPmRows + kPmKeys) * (d + 4);
+}
+
+// Key t (< cached + n) of a chunk for kv-head `head`: the read-back prefix, then the fresh rows.
+__device__ __forceinline__ const float* PrefillKey(const PrefillMassArgs& a,
+                                                   const PrefillMassChunk& chunk, int head, int t) {
+  const int d = a.p.head_dim;
+  if (t < chunk.cached) {
+    return a.prefix_k +
+           ((int64_t{chunk.prefix_index} * a.p.num_kv_heads + head) * a.prefix_stride_tokens + t) *
+               d;
+  }
+  return a.fresh_k + (int64_t{chunk.first_row} + (t - chunk.cached)) * a.fresh_row_stride +
+         int64_t{head} * d;
+}
+
+// Loads keys [k0, k0 + kPmKeys) (zeros past `keys`) into ks [kPmKeys][d + 4].
+__device__ void LoadPrefillKeys(const PrefillMassArgs& a, const PrefillMassChunk& chunk, int head,
+                                int k0, int keys, float* ks) {
+  const int d = a.p.head_dim, vecs = d / 4;
+  for (int e = threadIdx.x; e < kPmKeys * vecs; e += kPmThreads) {
+    const int r = e / vecs, c = (e - r * vecs) * 4;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (k0 + r < keys) v = *reinterpret_cast<const float4*>(PrefillKey(a, chunk, head, k0 + r) + c);
+    *reinterpret_cast<float4*>(ks + r * (d + 4) + c) = v;
+  }
+}
+
+// Loads the query rows of tokens [i0, i0 + tokens) (row r: token i0 + r / group, head r % group;
+// zeros past them) into qs [kPmRows][d + 4].
+__device__ void LoadPrefillQueries(const PrefillMassArgs& a, const PrefillMassChunk& chunk,
+                                   int head, int i0, int tokens, float* qs) {
+  const int d = a.p.head_dim, vecs = d / 4, rows = tokens * a.group;
+  for (int e = threadIdx.x; e < kPmRows * vecs; e += kPmThreads) {
+    const int r = e / vecs, c = (e - r * vecs) * 4;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (r < rows) {
+      const int64_t row = int64_t{chunk.first_row} + i0 + r / a.group;
+      v = *reinterpret_cast<const float4*>(
+          a.q +
+          (row * a.p.num_kv_heads * a.group_pad + int64_t{head} * a.group_pad + r % a.group) * d +
+          c);
+    }
+    *reinterpret_cast<float4*>(qs + r * (d + 4) + c) = v;
+  }
+}
+
+// s[a][c] = scale * q(row 4 tr + a) . k(key tk + 16 c), fp32.
+__device__ __forceinline__ void PrefillTileScores(const float* qs, const float* ks, int d,
+                                                  float scale, float (&s)[4][4]) {
+  const int tr = threadIdx.x >> 4, tk = threadIdx.x & 15;
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) s[x][c] = 0.0f;
+  }
+  for (int ch = 0; ch < d; ch += 4) {
+    float4 qv[4], kv[4];
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      qv[x] = *reinterpret_cast<const float4*>(qs + (4 * tr + x) * (d + 4) + ch);
+      kv[x] = *reinterpret_cast<const float4*>(ks + (tk + 16 * x) * (d + 4) + ch);
+    }
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s[x][c] =
+            fmaf(qv[x].w, kv[c].w,
+                 fmaf(qv[x].z, kv[c].z, fmaf(qv[x].y, kv[c].y, fmaf(qv[x].x, kv[c].x, s[x][c]))));
+      }
+    }
+  }
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) s[x][c] *= scale;
+  }
+}
+
+// Pass 1. Grid (query tiles, chunks, kv_heads): the softmax statistics (M, L) of each query row
+// over the keys it sees (t <= cached + i for token i), online over key tiles.
+__global__ void __launch_bounds__(kPmThreads) PrefillMassStatsKernel(PrefillMassArgs a) {
+  const PrefillMassChunk chunk = a.chunks[blockIdx.y];
+  const int head = blockIdx.z, d = a.p.head_dim, group = a.group;
+  const int tokens_per_tile = kPmRows / group, i0 = blockIdx.x * tokens_per_tile;
+  if (i0 >= chunk.n) return;
+  const int tokens = min(tokens_per_tile, chunk.n - i0), rows = tokens * group;
+  extern __shared__ __align__(16) float pm_smem[];
+  float* qs = pm_smem;
+  float* ks = pm_smem + kPmRows * (d + 4);
+  LoadPrefillQueries(a, chunk, head, i0, tokens, qs);
+  const int tr = threadIdx.x >> 4, tk = threadIdx.x & 15;
+  const int keys = chunk.cached + i0 + tokens;  // the tile's last token sees all of them
+  float m[4], l[4];
+  int sees[4];  // keys [0, sees) are visible to the row
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+    m[x] = -FLT_MAX;
+    l[x] = 0.0f;
+    const int r = 4 * tr + x;
+    sees[x] = r < rows ? chunk.cached + i0 + r / group + 1 : 0;
+  }
+  for (int k0 = 0; k0 < keys; k0 += kPmKeys) {
+    __syncthreads();  // the previous tile's keys are read
+    LoadPrefillKeys(a, chunk, head, k0, keys, ks);
+    __syncthreads();
+    float s[4][4];
+    PrefillTileScores(qs, ks, d, a.scale, s);
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      float tile_max = -FLT_MAX;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (k0 + tk + 16 * c < sees[x]) tile_max = fmaxf(tile_max, s[x][c]);
+      }
+      for (int o = 8; o > 0; o >>= 1) {
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, o));
+      }
+      const float new_m = fmaxf(m[x], tile_max);
+      float sum = 0.0f;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (k0 + tk + 16 * c < sees[x]) sum += expf(s[x][c] - new_m);
+      }
+      for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
+      l[x] = l[x] * expf(m[x] - new_m) + sum;
+      m[x] = new_m;
+    }
+  }
+  if (tk == 0) {
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const int r = 4 * tr + x;
+      if (r >= rows) continue;
+      const int64_t row = int64_t{chunk.first_row} + i0 + r / group;
+      float* out = a.row_stats + ((row * a.p.num_kv_heads + head) * kMaxGroup + r % group) * 2;
+      out[0] = m[x];
+      out[1] = l[x];
+    }
+  }
+}
+
+// Pass 2. Grid (key tiles, chunks, kv_heads): for each key of the tile, the sum over the query
+// rows that see it of exp(s - M) / L, added to its slot's mass (one CTA per key: no atomics).
+__global__ void __launch_bounds__(kPmThreads) PrefillMassAddKernel(PrefillMassArgs a) {
+  const PrefillMassChunk chunk = a.chunks[blockIdx.y];
+  const int head = blockIdx.z, d = a.p.head_dim, group = a.group;
+  const int keys = chunk.cached + chunk.n, k0 = blockIdx.x * kPmKeys;
+  if (k0 >= keys) return;
+  extern __shared__ __align__(16) float pm_smem[];
+  float* qs = pm_smem;
+  float* ks = pm_smem + kPmRows * (d + 4);
+  __shared__ float row_m[kPmRows], row_inv_l[kPmRows];
+  __shared__ float key_sum[kPmThreads / 32][kPmKeys];
+  LoadPrefillKeys(a, chunk, head, k0, keys, ks);
+  const int tr = threadIdx.x >> 4, tk = threadIdx.x & 15;
+  const int tokens_per_tile = kPmRows / group;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  // Token i sees key t when t <= cached + i: the first token that sees k0.
+  for (int i0 = max(0, k0 - chunk.cached); i0 < chunk.n; i0 += tokens_per_tile) {
+    const int tokens = min(tokens_per_tile, chunk.n - i0), rows = tokens * group;
+    __syncthreads();  // the previous rows are read
+    LoadPrefillQueries(a, chunk, head, i0, tokens, qs);
+    for (int r = threadIdx.x; r < kPmRows; r += kPmThreads) {
+      float mm = 0.0f, inv_l = 0.0f;
+      if (r < rows) {
+        const int64_t row = int64_t{chunk.first_row} + i0 + r / group;
+        const float* st =
+            a.row_stats + ((row * a.p.num_kv_heads + head) * kMaxGroup + r % group) * 2;
+        mm = st[0];
+        inv_l = st[1] > 0.0f ? 1.0f / st[1] : 0.0f;
+      }
+      row_m[r] = mm;
+      row_inv_l[r] = inv_l;
+    }
+    __syncthreads();
+    float s[4][4];
+    PrefillTileScores(qs, ks, d, a.scale, s);
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const int r = 4 * tr + x;
+      if (r >= rows) continue;
+      const int sees = chunk.cached + i0 + r / group + 1;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int t = k0 + tk + 16 * c;
+        if (t < sees) acc[c] += expf(s[x][c] - row_m[r]) * row_inv_l[r];
+      }
+    }
+  }
+  // Sum over the 16 row groups: the two of a warp by a shuffle, then the warps through smem.
+#pragma unroll
+  for (int c = 0; c < 4; ++c) acc[c] += __shfl_xor_sync(kFullMask, acc[c], 16);
+  if ((threadIdx.x & 31) < 16) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) key_sum[threadIdx.x >> 5][tk + 16 * c] = acc[c];
+  }
   __syncthreads();
-  const float* prefix =
-      chunk.prefix_index >= 0
-          ? prefix_k + (int64_t{chunk.prefix_index} * p.num_kv_heads + head) * prefix_stride_tokens * d
-          : nullptr;
-  auto key_fn = [&](int64_t t) {
-    const float* key = t < chunk.cached
-                           ? prefix + t * d
-                           : fresh_k + (int64_t{chunk.first_row} + (t - chunk.cached)) *
-                                           fresh_row_stride +
-                                 int64_t{head} * d;
-    return [=](int c) { return key[c]; };
-  };
-  auto mass_at = [&](int64_t t) { return p.mass + SlotMeta(p, table, head, t); };
-  AccumulateMass(key_fn, mass_at, int64_t{chunk.cached} + i + 1, qs, group, d, scale);
+  if (threadIdx.x < kPmKeys && k0 + static_cast<int>(threadIdx.x) < keys) {
+    float total = 0.0f;
+    for (int w = 0; w < kPmThreads / 32; ++w) total += key_sum[w][threadIdx.x];
+    const int32_t* table = a.p.block_tables + int64_t{chunk.batch_index} * a.p.max_blocks;
+    a.p.mass[SlotMeta(a.p, table, head, k0 + threadIdx.x)] += total;
+  }
+}
+
+template <MassKeyFormat FORMAT, bool VEC>
+void LaunchDecodeMassScores(const DecodeMassArgs& a, dim3 grid, cudaStream_t stream) {
+  const size_t smem =
+      size_t{kMassThreads} * TileRowWords(KeyWords(FORMAT, a.p.head_dim), VEC) * sizeof(uint32_t);
+  switch (a.group) {
+    case 1:
+      DecodeMassScoreKernel<FORMAT, 1, VEC><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    case 2:
+      DecodeMassScoreKernel<FORMAT, 2, VEC><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    case 4:
+      DecodeMassScoreKernel<FORMAT, 4, VEC><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    case 8:
+      DecodeMassScoreKernel<FORMAT, 8, VEC><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    default:
+      DecodeMassScoreKernel<FORMAT, 0, VEC><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+  }
+}
+
+// 16-byte copies and reads of the keys when every key starts 16-byte aligned and is a whole number
+// of 16-byte units (fp16, bf16 and fp8 at head_dim % 16 == 0; not int8's 2 + d byte keys).
+template <MassKeyFormat FORMAT>
+void LaunchDecodeMassScores(const DecodeMassArgs& a, dim3 grid, cudaStream_t stream) {
+  const EvictPool& p = a.p;
+  const bool vec = FORMAT != MassKeyFormat::kInt8 && p.head_dim % 16 == 0 &&
+                   p.record_bytes % 16 == 0 && p.block_stride_bytes % 16 == 0 &&
+                   p.layer_offset_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(p.pool) % 16 == 0;
+  if constexpr (FORMAT != MassKeyFormat::kInt8) {
+    if (vec) {
+      LaunchDecodeMassScores<FORMAT, true>(a, grid, stream);
+      return;
+    }
+  }
+  LaunchDecodeMassScores<FORMAT, false>(a, grid, stream);
 }
 
 }  // namespace
@@ -413,46 +860,117 @@ __global__ void PrefillMassKernel(EvictPool p, const PrefillMassChunk* chunks, c
 cudaError_t LaunchEvictCompact(const EvictPool& p, const EvictPlan* plans, cudaStream_t stream) {
   if (p.num_seqs == 0) return cudaSuccess;
   if (p.record_bytes % 4 != 0) return cudaErrorInvalidValue;
-  const size_t smem = size_t{kCopySlots} * p.record_bytes;
-  EvictCompactKernel<<<dim3(p.num_seqs, p.num_kv_heads), kThreads, smem, stream>>>(p, plans);
+  const dim3 grid(p.num_seqs, p.num_kv_heads);
+  if (p.mass != nullptr) {
+    EvictH2oKernel<<<grid, kThreads, 0, stream>>>(p, plans);
+  } else {
+    const size_t smem = size_t{kCopySlots} * p.record_bytes;
+    EvictOrderedKernel<<<grid, kThreads, smem, stream>>>(p, plans);
+  }
   return cudaGetLastError();
-}
-
-int DecodeMassSplitTokens(int max_len) {
-  const int per_split = (max_len + kMaxMassSplits - 1) / kMaxMassSplits;
-  return std::max(kThreads, (per_split + kThreads - 1) / kThreads * kThreads);
 }
 
 cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int32_t* lens,
                              int max_len, const float* q, int group, int group_pad, float scale,
-                             float* partial_ml, cudaStream_t stream) {
+                             float* partial_ml, float* scores, cudaStream_t stream) {
   if (p.num_seqs == 0 || max_len <= 0) return cudaSuccess;
-  if (group > kMaxGroup || p.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
+  if (group < 1 || group > kMaxGroup || p.head_dim > kMaxHeadDim || p.head_dim % 4 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  // Splits per (sequence, kv-head): enough CTAs for a few waves of the GPU (several tiles per CTA
+  // at large batches, so that loading the queries and merging statistics stay small), at most
+  // one per tile and kMaxMassSplits.
+  int device = 0, sms = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      e != cudaSuccess) {
+    return e;
+  }
+  const int64_t pairs = int64_t{p.num_seqs} * p.num_kv_heads;
+  const int tiles = (max_len + kMassThreads - 1) / kMassThreads;
+  const int64_t wanted = (int64_t{sms} * 24 + pairs - 1) / pairs;  // ~4 waves of 6 CTAs per SM
+  const int splits = static_cast<int>(std::clamp<int64_t>(wanted, 1, std::min(tiles, kMaxMassSplits)));
+  const int split_tokens = (tiles + splits - 1) / splits * kMassThreads;
   DecodeMassArgs a{.p = p,
                    .keys = keys,
                    .lens = lens,
                    .q = q,
                    .partial_ml = partial_ml,
-                   .max_splits = kMaxMassSplits,
-                   .split_tokens = DecodeMassSplitTokens(max_len),
+                   .scores = scores,
+                   .split_tokens = split_tokens,
                    .group = group,
                    .group_pad = group_pad,
                    .scale = scale};
-  const dim3 grid((max_len + a.split_tokens - 1) / a.split_tokens, p.num_kv_heads, p.num_seqs);
-  DecodeMassPartialKernel<<<grid, kThreads, 0, stream>>>(a);
-  DecodeMassAddKernel<<<grid, kThreads, 0, stream>>>(a);
+  const dim3 grid((max_len + split_tokens - 1) / split_tokens, p.num_kv_heads, p.num_seqs);
+  switch (keys.format) {
+    case MassKeyFormat::kFp16:
+      LaunchDecodeMassScores<MassKeyFormat::kFp16>(a, grid, stream);
+      break;
+    case MassKeyFormat::kBf16:
+      LaunchDecodeMassScores<MassKeyFormat::kBf16>(a, grid, stream);
+      break;
+    case MassKeyFormat::kFp8:
+      LaunchDecodeMassScores<MassKeyFormat::kFp8>(a, grid, stream);
+      break;
+    case MassKeyFormat::kInt8:
+      LaunchDecodeMassScores<MassKeyFormat::kInt8>(a, grid, stream);
+      break;
+  }
+  switch (group) {
+    case 1:
+      DecodeMassAddKernel<1><<<grid, kMassThreads, 0, stream>>>(a);
+      break;
+    case 2:
+      DecodeMassAddKernel<2><<<grid, kMassThreads, 0, stream>>>(a);
+      break;
+    case 4:
+      DecodeMassAddKernel<4><<<grid, kMassThreads, 0, stream>>>(a);
+      break;
+    case 8:
+      DecodeMassAddKernel<8><<<grid, kMassThreads, 0, stream>>>(a);
+      break;
+    default:
+      DecodeMassAddKernel<0><<<grid, kMassThreads, 0, stream>>>(a);
+      break;
+  }
   return cudaGetLastError();
 }
 
 cudaError_t LaunchPrefillMass(const EvictPool& p, const PrefillMassChunk* chunks, int num_chunks,
-                              int max_chunk_tokens, const float* q, int group, int group_pad,
-                              const float* fresh_k, int64_t fresh_row_stride, const float* prefix_k,
-                              int64_t prefix_stride_tokens, float scale, cudaStream_t stream) {
+                              int max_chunk_tokens, int max_chunk_keys, const float* q, int group,
+                              int group_pad, const float* fresh_k, int64_t fresh_row_stride,
+                              const float* prefix_k, int64_t prefix_stride_tokens, float scale,
+                              float* row_stats, cudaStream_t stream) {
   if (num_chunks == 0 || max_chunk_tokens == 0) return cudaSuccess;
-  if (group > kMaxGroup || p.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
-  PrefillMassKernel<<<dim3(max_chunk_tokens, num_chunks, p.num_kv_heads), kThreads, 0, stream>>>(
-      p, chunks, q, group, group_pad, fresh_k, fresh_row_stride, prefix_k, prefix_stride_tokens,
-      scale);
+  if (group < 1 || group > kMaxGroup || p.head_dim > kMaxHeadDim || p.head_dim % 4 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  PrefillMassArgs a{.p = p,
+                    .chunks = chunks,
+                    .q = q,
+                    .group = group,
+                    .group_pad = group_pad,
+                    .fresh_k = fresh_k,
+                    .fresh_row_stride = fresh_row_stride,
+                    .prefix_k = prefix_k,
+                    .prefix_stride_tokens = prefix_stride_tokens,
+                    .scale = scale,
+                    .row_stats = row_stats};
+  const size_t smem = static_cast<size_t>(PrefillMassSmemFloats(p.head_dim)) * sizeof(float);
+  for (const void* kernel : {reinterpret_cast<const void*>(PrefillMassStatsKernel),
+                             reinterpret_cast<const void*>(PrefillMassAddKernel)}) {
+    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem));
+        e != cudaSuccess) {
+      return e;
+    }
+  }
+  const int tokens_per_tile = kPmRows / group;
+  PrefillMassStatsKernel<<<dim3((max_chunk_tokens + tokens_per_tile - 1) / tokens_per_tile,
+                                num_chunks, p.num_kv_heads),
+                           kPmThreads, smem, stream>>>(a);
+  PrefillMassAddKernel<<<dim3((max_chunk_keys + kPmKeys - 1) / kPmKeys, num_chunks, p.num_kv_heads),
+                         kPmThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -1,20 +1,29 @@
 // Device side of KV eviction (H2O, attention sinks) for CudaKvCache, per-token formats only
-// (fp16, bf16, fp8, int8): the semantics are CpuKvCache's (kernels/cpu/cpu_kv_cache.cc).
+// (fp16, bf16, fp8, int8): the kept tokens are CpuKvCache's (kernels/cpu/cpu_kv_cache.cc).
 //
 // Every slot of the pool has an int32 position and (H2O) a float attention mass in two arrays laid
 // out like the records: [num_blocks][layer][kv_head][block_size], so they follow the block tables
 // and free with the blocks.
 //
-//   LaunchEvictCompact: before a layer's append, per (sequence, kv-head): keep the first `lead`
-//     slots, the last `trail` slots and the `heavy` middle slots of largest mass (ties: lower slot,
-//     i.e. older position), compact records, positions and masses in slot order, then give the
-//     `n` slots the append will fill their positions and zero mass.
-//   LaunchDecodeMass: after decode attention, per (sequence, kv-head): recompute the scores of the
-//     stored keys for the group's queries (fp32, as the CPU does; one key per thread, the keys
-//     split over CTAs), their softmax (M, L), and add sum_j exp(s_j - M_j) / L_j to every slot's
-//     mass.
+//   LaunchEvictCompact: before a layer's append, per (sequence, kv-head), leaves the kept tokens in
+//     slots [0, kept) and gives the `n` slots the append fills next their positions (and zero
+//     mass). H2O (EvictPool::mass set): the kept set is the recent window (positions >= length -
+//     trail) plus the `heavy` older tokens of largest mass (ties keep the older token); the
+//     evicted ones are found by their order key (mass, then newer position first) with one
+//     minimum search per evicted token when few leave (a decode step: one per step) or a radix
+//     select otherwise, and the holes they leave below `kept` are filled with the kept records
+//     above it. Slots are therefore NOT in position order under H2O: attention and the masses do
+//     not depend on the order (only the fp32 summation order changes), the positions travel with
+//     the records. Sinks (mass unset): slots stay in position order (the first `lead` slots are
+//     the sinks, the last `trail` the window); the kept records are compacted stably.
+//   LaunchDecodeMass: after decode attention, per (sequence, kv-head): the scores of the stored
+//     keys for the group's queries (fp32, the keys decoded as the CPU codec does), their softmax
+//     (M, L) per query head, and sum_j exp(s_j - M_j) / L_j added to every slot's mass. Keys are
+//     read once: the first pass writes the scores to a scratch laid out like the slots, the
+//     second reads them back.
 //   LaunchPrefillMass: the same for chunks of prefill queries over the cached prefix (read back in
-//     fp32) and the fresh keys (causal).
+//     fp32) and the fresh keys (causal), in tiles of query rows x keys: a first pass gives each
+//     query row its (M, L), a second adds each key's probabilities over the rows that see it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,12 +32,13 @@
 
 namespace kvgate::worker::cuda {
 
-// What one sequence keeps before an append of n tokens (host-computed: CudaKvCache::PlanEviction).
+// What one sequence keeps before an append of n tokens (host-computed: CudaKvCache::PlanAppend).
 struct EvictPlan {
   int32_t stored = 0;  // slots before eviction
   int32_t lead = 0;    // first slots always kept (sinks)
-  int32_t trail = 0;   // last slots always kept (recent / window)
-  int32_t heavy = 0;   // middle slots kept by mass (H2O)
+  int32_t trail = 0;   // old tokens of the window, always kept: sinks the last slots, H2O the
+                       // positions >= length - trail (every one of them is stored)
+  int32_t heavy = 0;   // older tokens kept by mass (H2O)
   int32_t length = 0;  // logical length before the append: the first new slot's position
   int32_t n = 0;       // tokens the append adds
 };
@@ -55,6 +65,8 @@ struct EvictPool {
   int num_seqs = 0;
 };
 
+// Grid (num_seqs, kv_heads); plans [num_seqs] (device). Positions (and masses) must be set for
+// the `stored` slots of each plan; record_bytes a multiple of 4.
 cudaError_t LaunchEvictCompact(const EvictPool& p, const EvictPlan* plans, cudaStream_t stream);
 
 // Keys for the mass kernels.
@@ -64,19 +76,27 @@ struct MassKeys {
   const int32_t* seq_slots = nullptr;  // [num_seqs] state slot of each sequence
 };
 
-// Splits of the decode mass: each (sequence, kv-head) runs over at most kMaxMassSplits CTAs of
-// one key per thread (two passes: per-split softmax statistics, then the masses).
+// Query heads per kv-head the mass kernels take.
+inline constexpr int kMaxMassGroup = 8;
+// Splits of the decode mass: each (sequence, kv-head) runs over at most kMaxMassSplits CTAs (two
+// passes: scores and per-split softmax statistics, then the masses).
 inline constexpr int kMaxMassSplits = 256;
-// Floats of the per-split statistics for num_seqs sequences ([seqs][kv_heads][splits][8][2]).
+// Floats of the per-split statistics for num_seqs sequences ([seqs][kv_heads][splits][group][2]).
 inline constexpr int64_t DecodeMassScratchFloats(int64_t num_seqs, int num_kv_heads) {
-  return num_seqs * num_kv_heads * kMaxMassSplits * 8 * 2;
+  return num_seqs * num_kv_heads * kMaxMassSplits * kMaxMassGroup * 2;
+}
+// Floats of the decode scores of one layer per pool block ([kv_heads][group][block_size]).
+inline constexpr int64_t DecodeMassScoreFloatsPerBlock(int num_kv_heads, int block_size) {
+  return int64_t{num_kv_heads} * kMaxMassGroup * block_size;
 }
 
 // q [num_seqs, kv_heads * group_pad, head_dim] fp32 (padding heads ignored), lens [num_seqs]
-// stored slots (device), max_len >= every lens[s]; partial_ml: DecodeMassScratchFloats floats.
+// stored slots (device), max_len >= every lens[s]; partial_ml: DecodeMassScratchFloats floats;
+// scores: DecodeMassScoreFloatsPerBlock floats per pool block ([num_blocks][kv_heads][group]
+// [block_size], one layer at a time). group <= kMaxMassGroup, head_dim <= 128.
 cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int32_t* lens,
                              int max_len, const float* q, int group, int group_pad, float scale,
-                             float* partial_ml, cudaStream_t stream);
+                             float* partial_ml, float* scores, cudaStream_t stream);
 
 // One prefill chunk: batch index (its block table row), first query row in q / fresh keys, query
 // tokens n, cached slots before the fresh ones, and its row in prefix_k (-1: none).
@@ -89,12 +109,20 @@ struct PrefillMassChunk {
 };
 static_assert(sizeof(PrefillMassChunk) == 5 * sizeof(int32_t));
 
+// Floats of the prefill mass's row statistics per step row ([rows][kv_heads][group][2]).
+inline constexpr int64_t PrefillMassStatsFloatsPerRow(int num_kv_heads) {
+  return int64_t{num_kv_heads} * kMaxMassGroup * 2;
+}
+
 // q [rows, kv_heads * group_pad, head_dim], fresh_k rows at fresh_row_stride (kv-head h at
 // h * head_dim), prefix_k [prefix chunks, kv_heads, prefix_stride_tokens, head_dim] (fp32, the
-// cached keys as the format stores them).
+// cached keys as the format stores them); max_chunk_tokens >= every chunk's n, max_chunk_keys >=
+// every chunk's cached + n; row_stats: PrefillMassStatsFloatsPerRow floats per row of q.
+// group <= kMaxMassGroup, head_dim <= 128 and a multiple of 4.
 cudaError_t LaunchPrefillMass(const EvictPool& p, const PrefillMassChunk* chunks, int num_chunks,
-                              int max_chunk_tokens, const float* q, int group, int group_pad,
-                              const float* fresh_k, int64_t fresh_row_stride, const float* prefix_k,
-                              int64_t prefix_stride_tokens, float scale, cudaStream_t stream);
+                              int max_chunk_tokens, int max_chunk_keys, const float* q, int group,
+                              int group_pad, const float* fresh_k, int64_t fresh_row_stride,
+                              const float* prefix_k, int64_t prefix_stride_tokens, float scale,
+                              float* row_stats, cudaStream_t stream);
 
 }  // namespace kvgate::worker::cuda

@@ -403,6 +403,7 @@ class CudaModelRunner final : public ModelRunner {
   float* qkv_ = nullptr;       // [rows, (Hq + 2 Hkv) D]: GEMM output; k, v final after the epilogue
   float* q_ = nullptr;         // [rows, Hkv, group_pad, D]; padding heads stay zero
   float* attn_f32_ = nullptr;  // [rows, Hkv, group_pad, D] decode attention output
+  float* mass_stats_ = nullptr;  // (H2O) [rows, PrefillMassStatsFloatsPerRow]: prefill mass
   float* gate_up_ = nullptr;   // [rows, 2 inter]
   // GEMM inputs, of the compute type.
   void* normed_ = nullptr;      // [rows, hidden]
@@ -532,10 +533,10 @@ absl::Status CudaModelRunner::EnsureWorkspace(int64_t rows) {
   const int64_t padded_q_dim = int64_t{c.num_key_value_heads} * group_pad_ * c.head_dim;
   const int64_t kv_dim = int64_t{c.num_key_value_heads} * c.head_dim;
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-  for (void* p :
-       {static_cast<void*>(x_), static_cast<void*>(qkv_), static_cast<void*>(q_),
-        static_cast<void*>(attn_f32_), static_cast<void*>(gate_up_), static_cast<void*>(normed_),
-        static_cast<void*>(attn_), static_cast<void*>(act_)}) {
+  for (void* p : {static_cast<void*>(x_), static_cast<void*>(qkv_), static_cast<void*>(q_),
+                  static_cast<void*>(attn_f32_), static_cast<void*>(mass_stats_),
+                  static_cast<void*>(gate_up_), static_cast<void*>(normed_),
+                  static_cast<void*>(attn_), static_cast<void*>(act_)}) {
     if (p != nullptr) arena_.Free(p);
   }
   workspace_rows_ = 0;
@@ -545,6 +546,9 @@ absl::Status CudaModelRunner::EnsureWorkspace(int64_t rows) {
   ASSIGN_OR_RETURN(q_, arena_.Allocate<float>(rows * padded_q_dim));
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(q_, 0, rows * padded_q_dim * sizeof(float), stream_));
   ASSIGN_OR_RETURN(attn_f32_, arena_.Allocate<float>(rows * padded_q_dim));
+  ASSIGN_OR_RETURN(
+      mass_stats_,
+      arena_.Allocate<float>(rows * cuda::PrefillMassStatsFloatsPerRow(c.num_key_value_heads)));
   ASSIGN_OR_RETURN(gate_up_, arena_.Allocate<float>(rows * 2 * c.intermediate_size));
   const int64_t bytes = static_cast<int64_t>(compute_bytes());
   ASSIGN_OR_RETURN(normed_, arena_.Allocate<char>(rows * c.hidden_size * bytes));
@@ -808,11 +812,12 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
   RETURN_IF_ERROR(EnsureLogits(out_rows));
 
   // Prefill query tiles (chunks after the decode ones).
-  int64_t num_tiles = 0, max_read = 0;
+  int64_t num_tiles = 0, max_read = 0, max_keys = 0;
   for (int oi = num_decode; oi < num_chunks; ++oi) {
     const int64_t n = static_cast<int64_t>(chunks[order[oi]].tokens.size());
     num_tiles += (n + cuda::kPrefillTileRows - 1) / cuda::kPrefillTileRows;
     if (oi < num_decode + num_prefix) max_read = std::max(max_read, kept[order[oi]] + n);
+    max_keys = std::max(max_keys, kept[order[oi]] + n);
   }
   const int num_formats = cache.num_formats();
 
@@ -1016,8 +1021,8 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
     if (cache.h2o() && num_prefill > 0) {
       RETURN_IF_ERROR(cache.PrefillMassLayer(
           layer, all, reinterpret_cast<const PrefillMassChunk*>(meta_ + off_mass), num_prefill,
-          max_rows, q_, num_heads / num_kv_heads, group_pad_, qkv_ + q_dim, qkv_dim, prefix_k_,
-          max_read, scale));
+          max_rows, static_cast<int>(max_keys), q_, num_heads / num_kv_heads, group_pad_,
+          qkv_ + q_dim, qkv_dim, prefix_k_, max_read, scale, mass_stats_));
     }
     RETURN_IF_ERROR(Gemm(attn_, w.o_proj, x_, m, hidden, q_dim, true, w.o_bias));
     RETURN_IF_ERROR(RmsNorm(w.post_attention_norm, nullptr, m));
