@@ -9,6 +9,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <map>
+#include <ostream>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -637,6 +638,11 @@ struct WindowEvictCase {
   std::string eviction;
   std::vector<int> steps;  // Append sizes in order: > 1 prefill (PrefillAttention), 1 decode
 };
+
+void PrintTo(const WindowEvictCase& c, std::ostream* os) {
+  *os << c.format << " G=" << c.group << " R=" << c.residual << " " << c.eviction << ", "
+      << c.steps.size() << " appends";
+}
 
 std::vector<int> Steps(std::initializer_list<std::pair<int, int>> runs) {  // {size, repeat}
   std::vector<int> steps;
