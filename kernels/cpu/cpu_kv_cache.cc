@@ -674,8 +674,9 @@ void CpuKvCache::ForEachChunk(const Sequence& s, int layer, int head, int64_t en
       }
       c.DecodeSoloKeys(decode, recs, ls.codec_state[head], keys);
       for (int j = 0; j < num_queries; ++j) {
-        for (int i = 0; i < decode; ++i)
+        for (int i = 0; i < decode; ++i) {
           out[j * decode + i] = cpu::Dot(queries + j * pq, keys + i * d, d);
+        }
       }
     };
     score(sink ? sink_prepared : prepared, scores);
@@ -925,8 +926,9 @@ absl::Status CpuKvCache::ReadStored(SeqId seq, int layer, int kv_head, float* k,
     }
     i += count;
   }
-  if (encoded > 0)
+  if (encoded > 0) {
     c.DecodeValues(static_cast<int>(encoded), recs.data(), ls.codec_state[kv_head], v);
+  }
   for (int64_t i = 0; i < encoded; ++i) c.ValueToOriginal(v + i * d);
   const int cap = residual_capacity(layer);
   for (int64_t i = encoded; i < ls.stored; ++i) {

@@ -575,8 +575,9 @@ TEST(EvictionTest, LayersNotYetEvictedKeepTheirBlocks) {
   ASSERT_GT(free_tokens, 0);
   ASSERT_TRUE(c.AddSequence(2, free_tokens).ok());
   const std::vector<float> other(free_tokens * d, 7.0f);
-  for (int l = 0; l < 2; ++l)
+  for (int l = 0; l < 2; ++l) {
     ASSERT_TRUE(c.Append(2, l, free_tokens, other.data(), other.data()).ok());
+  }
   std::vector<float> rk(12 * d), rv(12 * d);
   std::vector<int64_t> pos(12);
   ASSERT_TRUE(c.ReadStored(1, 1, 0, rk.data(), rv.data(), pos.data()).ok());
@@ -893,8 +894,9 @@ TEST_P(WindowEvictionTest, KeepsTheSelectionAttendsToItAndFreesBlocks) {
           const auto ref = Attend(query, shifted.data(), shifted_slots, hk.data(), hv.data(),
                                   visible, d, scale, mass_add[h].data());
           const float* o = &out[(static_cast<size_t>(i) * q_heads + qh) * d];
-          for (int e = 0; e < d; ++e)
+          for (int e = 0; e < d; ++e) {
             err = std::max(err, static_cast<float>(std::fabs(o[e] - ref[e])));
+          }
         }
       }
     }
@@ -977,6 +979,9 @@ TEST(WindowEvictionScenarioTest, SinksInsideAKeyGroupAreScoredAtCachePositions) 
   std::vector<int64_t> want = {0, 1, 2};
   for (int64_t p = 5; p < 25; ++p) want.push_back(p);
   ASSERT_EQ(StoredPositions(c, 1, 0, 0), want);
+  float mass[23];
+  EXPECT_EQ(c.ReadAttentionMass(1, 0, 0, mass).code(), absl::StatusCode::kFailedPrecondition)
+      << "masses are kept for H2O only";
   std::vector<float> rk(23 * d), rv(23 * d);
   std::vector<int64_t> pos(23);
   ASSERT_TRUE(c.ReadStored(1, 0, 0, rk.data(), rv.data(), pos.data()).ok());
@@ -1028,8 +1033,9 @@ TEST(WindowEvictionScenarioTest, PrefillAfterEvictionAndSeveralSequences) {
       ASSERT_TRUE(c.PrefillAttention(1, l, n, 4, &q[length * 4 * d], &k[length * kv_heads * d],
                                      &v[length * kv_heads * d], 0.125f, out.data())
                       .ok());
-      for (size_t i = 0; i < static_cast<size_t>(n) * 4 * d; ++i)
+      for (size_t i = 0; i < static_cast<size_t>(n) * 4 * d; ++i) {
         ASSERT_TRUE(std::isfinite(out[i]));
+      }
     }
     length += n;
   }
