@@ -1,6 +1,6 @@
 // CPU reference KvCache (kv_cache.h): block pool with a free list, block tables per sequence,
 // append through the format's codec, prefill/decode attention with fp32 online softmax over
-// chunks of the block table, KIVI's fp16 residual window, and H2O / sink eviction.
+// chunks of the block table, the fp16 residual window (KIVI, TurboQuant), and H2O / sink eviction.
 //
 // Pool layout (bytes): [num_blocks][layer][kv_head][block_size][record_bytes(layer)], where a
 // record is [key | value] of one token (kv_codec.h). Full-precision first/last layers use fp16
