@@ -1,6 +1,6 @@
 // CPU reference KvCache (kv_cache.h): block pool with a free list, block tables per sequence,
 // append through the format's codec, prefill/decode attention with fp32 online softmax over
-// chunks of the block table, KIVI's fp16 residual window, and H2O / sink eviction.
+// chunks of the block table, the fp16 residual window (KIVI, TurboQuant), and H2O / sink eviction.
 //
 // Pool layout (bytes): [num_blocks][layer][kv_head][block_size][record_bytes(layer)], where a
 // record is [key | value] of one token (kv_codec.h). Full-precision first/last layers use fp16
@@ -17,6 +17,21 @@
 //   probability it received.
 //   Sink: keep the old tokens with position < sinks or position >= L - window. Keys stay as
 //   appended (post-RoPE, original positions): positions are NOT re-assigned within the cache.
+// The selection is the same for every format; what compaction does with the survivors depends on
+// where they live:
+//   - per-token records (fp16, bf16, fp8, int8, TurboQuant, KIVI solo keys): moved as they are;
+//   - the fp16 residual window (KIVI, TurboQuant): rows moved within the window, which refills
+//     from newer tokens and flushes as without eviction. The window is per kv-head (H2O keeps
+//     different tokens per head, so heads hold different numbers of encoded slots);
+//   - KIVI key groups (G tokens sharing per-channel (scale, min), spread over their records): a
+//     group whose G tokens all survive moves as a unit, its codes and metadata untouched. A group
+//     that loses some tokens cannot keep its metadata (the evicted records held part of it and
+//     bytes per token stay fixed), so each survivor's key is re-encoded once, from its group
+//     reconstruction, into a solo key (kv_codec.h: per token, (scale, min) per G channels, as KIVI
+//     stores values); solo keys then move as per-token records and are never re-encoded. Every key
+//     is thus quantized at most twice (its group's grid, then its own); values once. The cost: a
+//     second rounding of those keys, per token rather than per channel (coarser for keys with
+//     outlier channels), and a side flag per slot (LayerState::solo_keys) that the attention reads.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -51,7 +66,8 @@ T* Grow(std::vector<T>& v, size_t n) {
 // Per-thread scratch: grows to the largest call seen, then decode allocates nothing.
 struct Scratch {
   std::vector<const uint8_t*> records;
-  std::vector<float> keys, values, scores, prepared, sink_prepared, shifted, max, sum, acc, row;
+  std::vector<float> keys, values, scores, straddle, prepared, sink_prepared, shifted, max, sum,
+      acc, row;
 };
 Scratch& ThreadScratch() {
   thread_local Scratch scratch;
@@ -121,16 +137,22 @@ class CpuKvCache final : public KvCache {
                                float* out) override;
   absl::Status ReadStored(SeqId seq, int layer, int kv_head, float* k, float* v,
                           int64_t* positions) const override;
+  absl::Status ReadAttentionMass(SeqId seq, int layer, int kv_head, float* mass) const override;
 
  private:
   struct LayerState {
-    int64_t length = 0;   // logical tokens appended (positions 0 .. length-1)
-    int64_t stored = 0;   // slots in use, the same for every kv-head
-    int64_t encoded = 0;  // slots [0, encoded) live in blocks, [encoded, stored) in the residual
+    int64_t length = 0;  // logical tokens appended (positions 0 .. length-1)
+    int64_t stored = 0;  // slots in use, the same for every kv-head
+    // [kv_heads]: head h's slots [0, encoded[h]) live in blocks, [encoded[h], stored) in its fp16
+    // residual window. Equal for every head unless eviction kept different tokens per head.
+    std::vector<int64_t> encoded;
     std::vector<HeadCodecState> codec_state;       // [kv_heads]
     std::vector<uint16_t> residual_k, residual_v;  // [kv_heads, residual_capacity, head_dim] fp16
     std::vector<std::vector<int64_t>> positions;   // [kv_heads][stored] (eviction only)
     std::vector<std::vector<float>> mass;          // [kv_heads][stored] (H2O only)
+    // [kv_heads][stored] (eviction with key groups of several tokens only): 1 where the slot's key
+    // is solo (kv_codec.h); the other encoded slots form whole groups of G consecutive slots.
+    std::vector<std::vector<uint8_t>> solo_keys;
   };
   struct Sequence {
     std::vector<int64_t> blocks;
@@ -161,7 +183,12 @@ class CpuKvCache final : public KvCache {
   absl::Status GrowBlocks(Sequence& s, int64_t slots);  // mu_ held exclusively
   void TrimBlocks(Sequence& s);
   void Evict(Sequence& s, int layer, int64_t new_length, int64_t n);
-  void FlushResidual(Sequence& s, int layer);
+  // Marks slots [0, stored) of head h to keep (H2O / sink selection).
+  void SelectKept(const LayerState& ls, int head, int64_t new_length,
+                  std::vector<char>* keep) const;
+  // Encodes head h's oldest residual_flush_tokens() rows of its fp16 window (window_rows rows)
+  // into blocks at slot encoded[head] and shifts the rest down.
+  void FlushWindow(Sequence& s, int layer, int head, int64_t window_rows);
   void EncodeInto(Sequence& s, int layer, int64_t first_slot, int n, const float* k, const float* v,
                   int64_t stride_tokens);
 
@@ -229,12 +256,6 @@ absl::StatusOr<std::unique_ptr<KvCache>> CpuKvCache::Create(const KvCacheConfig&
   auto format_codec = cpu::CreateKvCodec(fmt, config.head_dim);
   if (!format_codec.ok()) return format_codec.status();
   cache->format_codec_ = std::move(*format_codec);
-  if (cache->format_codec_->residual_tokens() > 0 && cache->evicting()) {
-    return absl::UnimplementedError(absl::StrCat(
-        "eviction is not supported with ", fmt.name,
-        "'s fp16 residual window (KIVI's key groups span tokens; for TurboQuant use a format "
-        "without the window, e.g. tq:k=4,v=4,r=0)"));
-  }
   auto fp16 = cpu::CreateKvCodec(KvFormatSpec{}, config.head_dim);
   if (!fp16.ok()) return fp16.status();
   cache->fp16_codec_ = std::move(*fp16);
@@ -325,6 +346,7 @@ absl::Status CpuKvCache::AddSequence(SeqId seq, int64_t reserve_tokens) {
   s.layers.resize(config_.num_layers);
   for (int l = 0; l < config_.num_layers; ++l) {
     LayerState& ls = s.layers[l];
+    ls.encoded.assign(config_.num_kv_heads, 0);
     ls.codec_state.resize(config_.num_kv_heads);
     const size_t residual =
         static_cast<size_t>(config_.num_kv_heads) * residual_capacity(l) * config_.head_dim;
@@ -332,6 +354,7 @@ absl::Status CpuKvCache::AddSequence(SeqId seq, int64_t reserve_tokens) {
     ls.residual_v.resize(residual);
     if (evicting()) ls.positions.resize(config_.num_kv_heads);
     if (h2o()) ls.mass.resize(config_.num_kv_heads);
+    if (evicting() && codec(l).key_group_tokens() > 1) ls.solo_keys.resize(config_.num_kv_heads);
   }
   s.reserved_length = reserve_tokens;
   absl::Status status = GrowBlocks(s, SlotsNeeded(s, reserve_tokens));
@@ -400,84 +423,132 @@ void CpuKvCache::EncodeInto(Sequence& s, int layer, int64_t first_slot, int n, c
   }
 }
 
-void CpuKvCache::FlushResidual(Sequence& s, int layer) {
+void CpuKvCache::FlushWindow(Sequence& s, int layer, int head, int64_t window_rows) {
   LayerState& ls = s.layers[layer];
   const KvCodec& c = codec(layer);
-  const int group = c.residual_flush_tokens(), cap = residual_capacity(layer);
-  const int d = config_.head_dim, heads = config_.num_kv_heads;
+  const int flush = c.residual_flush_tokens(), d = config_.head_dim;
+  const size_t base = static_cast<size_t>(head) * residual_capacity(layer) * d;
+  uint16_t* rk = &ls.residual_k[base];
+  uint16_t* rv = &ls.residual_v[base];
   Scratch& scratch = ThreadScratch();
-  while (ls.stored - ls.encoded >= c.residual_tokens() + group) {
-    // Gather the oldest `group` residual tokens as [group, heads, d] floats and encode them.
-    float* k = Grow(scratch.keys, static_cast<size_t>(group) * heads * d);
-    float* v = Grow(scratch.values, static_cast<size_t>(group) * heads * d);
-    for (int h = 0; h < heads; ++h) {
-      for (int t = 0; t < group; ++t) {
-        const size_t src = (static_cast<size_t>(h) * cap + t) * d;
-        for (int e = 0; e < d; ++e) {
-          k[(t * heads + h) * d + e] = cpu::HalfToFloat(ls.residual_k[src + e]);
-          v[(t * heads + h) * d + e] = cpu::HalfToFloat(ls.residual_v[src + e]);
-        }
-      }
-    }
-    EncodeInto(s, layer, ls.encoded, group, k, v, static_cast<int64_t>(heads) * d);
-    const int64_t remaining = ls.stored - ls.encoded - group;
-    for (int h = 0; h < heads; ++h) {
-      uint16_t* rk = &ls.residual_k[static_cast<size_t>(h) * cap * d];
-      uint16_t* rv = &ls.residual_v[static_cast<size_t>(h) * cap * d];
-      std::memmove(rk, rk + group * d, sizeof(uint16_t) * remaining * d);
-      std::memmove(rv, rv + group * d, sizeof(uint16_t) * remaining * d);
-    }
-    ls.encoded += group;
+  float* k = Grow(scratch.keys, static_cast<size_t>(flush) * d);
+  float* v = Grow(scratch.values, static_cast<size_t>(flush) * d);
+  for (size_t e = 0; e < static_cast<size_t>(flush) * d; ++e) {
+    k[e] = cpu::HalfToFloat(rk[e]);
+    v[e] = cpu::HalfToFloat(rv[e]);
   }
+  const uint8_t** recs = Grow(scratch.records, flush);
+  for (int i = 0; i < flush; ++i) recs[i] = Record(s, layer, head, ls.encoded[head] + i);
+  c.Encode(flush, k, v, d, ls.codec_state[head], const_cast<uint8_t* const*>(recs));
+  const size_t remaining = static_cast<size_t>(window_rows - flush) * d;
+  std::memmove(rk, rk + static_cast<size_t>(flush) * d, sizeof(uint16_t) * remaining);
+  std::memmove(rv, rv + static_cast<size_t>(flush) * d, sizeof(uint16_t) * remaining);
+  ls.encoded[head] += flush;
+}
+
+void CpuKvCache::SelectKept(const LayerState& ls, int head, int64_t new_length,
+                            std::vector<char>* keep) const {
+  const EvictionSpec& e = config_.format.eviction;
+  const std::vector<int64_t>& pos = ls.positions[head];
+  if (e.kind == EvictionSpec::Kind::kSink) {
+    for (int64_t i = 0; i < ls.stored; ++i) {
+      (*keep)[i] = pos[i] < e.sink_tokens || pos[i] >= new_length - e.window_tokens;
+    }
+    return;
+  }
+  int64_t heavy = static_cast<int64_t>(std::floor(e.heavy_fraction * new_length + 1e-9));
+  int64_t recent = static_cast<int64_t>(std::floor(e.recent_fraction * new_length + 1e-9));
+  if (heavy + recent == 0) recent = 1;
+  std::vector<int64_t> others;
+  for (int64_t i = 0; i < ls.stored; ++i) {
+    (*keep)[i] = pos[i] >= new_length - recent;
+    if (!(*keep)[i]) others.push_back(i);
+  }
+  const std::vector<float>& mass = ls.mass[head];
+  const int64_t take = std::min<int64_t>(heavy, static_cast<int64_t>(others.size()));
+  std::partial_sort(others.begin(), others.begin() + take, others.end(), [&](int64_t a, int64_t b) {
+    return mass[a] != mass[b] ? mass[a] > mass[b] : pos[a] < pos[b];
+  });
+  for (int64_t i = 0; i < take; ++i) (*keep)[others[i]] = 1;
 }
 
 void CpuKvCache::Evict(Sequence& s, int layer, int64_t new_length, int64_t n) {
   LayerState& ls = s.layers[layer];
   if (ls.stored <= 0) return;
-  const EvictionSpec& e = config_.format.eviction;
-  const int64_t keep_limit = KeepOld(new_length, n);
-  if (e.kind == EvictionSpec::Kind::kH2O && ls.stored <= keep_limit) return;
-  const int record_bytes = codec(layer).record_bytes();
+  if (h2o() && ls.stored <= KeepOld(new_length, n)) return;
+  const KvCodec& c = codec(layer);
+  const int record_bytes = c.record_bytes(), group = c.key_group_tokens(), d = config_.head_dim;
+  const int cap = residual_capacity(layer);
+  const bool grouped = !ls.solo_keys.empty();
   std::vector<char> keep(ls.stored);
+  std::vector<float> group_keys(grouped ? static_cast<size_t>(group) * d : 0);
+  std::vector<const uint8_t*> group_records(grouped ? group : 0);
   int64_t kept = 0;
   for (int h = 0; h < config_.num_kv_heads; ++h) {
+    SelectKept(ls, h, new_length, &keep);
     std::vector<int64_t>& pos = ls.positions[h];
-    if (e.kind == EvictionSpec::Kind::kSink) {
-      for (int64_t i = 0; i < ls.stored; ++i) {
-        keep[i] = pos[i] < e.sink_tokens || pos[i] >= new_length - e.window_tokens;
-      }
-    } else {
-      int64_t heavy = static_cast<int64_t>(std::floor(e.heavy_fraction * new_length + 1e-9));
-      int64_t recent = static_cast<int64_t>(std::floor(e.recent_fraction * new_length + 1e-9));
-      if (heavy + recent == 0) recent = 1;
-      std::vector<int64_t> others;
-      for (int64_t i = 0; i < ls.stored; ++i) {
-        keep[i] = pos[i] >= new_length - recent;
-        if (!keep[i]) others.push_back(i);
-      }
-      const std::vector<float>& mass = ls.mass[h];
-      const int64_t take = std::min<int64_t>(heavy, static_cast<int64_t>(others.size()));
-      std::partial_sort(others.begin(), others.begin() + take, others.end(),
-                        [&](int64_t a, int64_t b) {
-                          return mass[a] != mass[b] ? mass[a] > mass[b] : pos[a] < pos[b];
-                        });
-      for (int64_t i = 0; i < take; ++i) keep[others[i]] = 1;
-    }
+    float* mass = h2o() ? ls.mass[h].data() : nullptr;
+    uint8_t* solo = grouped ? ls.solo_keys[h].data() : nullptr;
+    // Slots move down only (dst <= src), in order, so slot order stays position order.
+    auto move_slot = [&](int64_t from, int64_t to) {
+      pos[to] = pos[from];
+      if (mass != nullptr) mass[to] = mass[from];
+      if (solo != nullptr) solo[to] = solo[from];
+    };
+    auto move_record = [&](int64_t from, int64_t to) {
+      if (from == to) return;
+      std::memcpy(Record(s, layer, h, to), Record(s, layer, h, from), record_bytes);
+      move_slot(from, to);
+    };
+    const int64_t encoded = ls.encoded[h];
     int64_t dst = 0;
-    for (int64_t src = 0; src < ls.stored; ++src) {
-      if (!keep[src]) continue;
-      if (dst != src) {
-        std::memcpy(Record(s, layer, h, dst), Record(s, layer, h, src), record_bytes);
-        pos[dst] = pos[src];
-        if (h2o()) ls.mass[h][dst] = ls.mass[h][src];
+    for (int64_t src = 0; src < encoded;) {
+      if (solo == nullptr || solo[src]) {  // a per-token record
+        if (keep[src]) move_record(src, dst++);
+        ++src;
+        continue;
       }
-      ++dst;
+      // A whole key group [src, src + group).
+      int survivors = 0;
+      for (int i = 0; i < group; ++i) survivors += keep[src + i] ? 1 : 0;
+      if (survivors == group) {
+        for (int i = 0; i < group; ++i) move_record(src + i, dst++);
+      } else if (survivors > 0) {
+        // Decode the whole group before moving: a survivor may land on a member's slot.
+        for (int i = 0; i < group; ++i) group_records[i] = Record(s, layer, h, src + i);
+        c.DecodeKeys(group, group_records.data(), ls.codec_state[h], group_keys.data());
+        for (int i = 0; i < group; ++i) {
+          if (!keep[src + i]) continue;
+          move_record(src + i, dst);
+          uint8_t* record = Record(s, layer, h, dst);
+          c.EncodeSoloKeys(1, group_keys.data() + static_cast<size_t>(i) * d, &record);
+          solo[dst++] = 1;
+        }
+      }
+      src += group;
+    }
+    ls.encoded[h] = dst;
+    if (cap > 0) {  // the fp16 window: slot i is row i - encoded
+      const size_t base = static_cast<size_t>(h) * cap * d;
+      uint16_t* rk = &ls.residual_k[base];
+      uint16_t* rv = &ls.residual_v[base];
+      for (int64_t src = encoded; src < ls.stored; ++src) {
+        if (!keep[src]) continue;
+        const int64_t from = src - encoded, to = dst - ls.encoded[h];
+        if (from != to) {
+          std::memcpy(rk + to * d, rk + from * d, sizeof(uint16_t) * d);
+          std::memcpy(rv + to * d, rv + from * d, sizeof(uint16_t) * d);
+        }
+        if (src != dst) move_slot(src, dst);
+        ++dst;
+      }
     }
     pos.resize(dst);
-    if (h2o()) ls.mass[h].resize(dst);
+    if (mass != nullptr) ls.mass[h].resize(dst);
+    if (solo != nullptr) ls.solo_keys[h].resize(dst);
     kept = dst;
   }
-  ls.stored = ls.encoded = kept;
+  ls.stored = kept;
 }
 
 absl::Status CpuKvCache::Append(SeqId seq, int layer, int64_t n, const float* k, const float* v) {
@@ -504,36 +575,40 @@ absl::Status CpuKvCache::Append(SeqId seq, int layer, int64_t n, const float* k,
     for (int h = 0; h < heads; ++h) {
       for (int64_t i = 0; i < n; ++i) ls.positions[h].push_back(ls.length + i);
       if (h2o()) ls.mass[h].resize(ls.stored + n, 0.0f);
+      if (!ls.solo_keys.empty()) ls.solo_keys[h].resize(ls.stored + n, 0);
     }
   }
   if (c.residual_tokens() > 0) {
-    const int cap = residual_capacity(layer);
-    int64_t done = 0;
-    while (done < n) {
-      const int64_t room = cap - (ls.stored - ls.encoded);
-      const int64_t take = std::min(room, n - done);
-      for (int h = 0; h < heads; ++h) {
-        for (int64_t i = 0; i < take; ++i) {
-          const size_t dst = (static_cast<size_t>(h) * cap + (ls.stored - ls.encoded) + i) * d;
-          const float* src_k = k + (done + i) * stride + h * d;
-          const float* src_v = v + (done + i) * stride + h * d;
-          for (int e = 0; e < d; ++e) {
-            ls.residual_k[dst + e] = cpu::FloatToHalf(src_k[e]);
-            ls.residual_v[dst + e] = cpu::FloatToHalf(src_v[e]);
-          }
+    // Each head's window takes the rows in order and flushes its oldest whenever it is full
+    // (residual_tokens() + residual_flush_tokens() rows).
+    const int cap = residual_capacity(layer), flush = c.residual_flush_tokens();
+    for (int h = 0; h < heads; ++h) {
+      const size_t base = static_cast<size_t>(h) * cap * d;
+      int64_t window = ls.stored - ls.encoded[h];
+      for (int64_t i = 0; i < n; ++i) {
+        const float* src_k = k + i * stride + h * d;
+        const float* src_v = v + i * stride + h * d;
+        uint16_t* dst_k = &ls.residual_k[base + window * d];
+        uint16_t* dst_v = &ls.residual_v[base + window * d];
+        for (int e = 0; e < d; ++e) {
+          dst_k[e] = cpu::FloatToHalf(src_k[e]);
+          dst_v[e] = cpu::FloatToHalf(src_v[e]);
+        }
+        if (++window == cap) {
+          // The flush writes slots [encoded, encoded + flush) < stored + n <= capacity.
+          FlushWindow(s, layer, h, window);
+          window -= flush;
         }
       }
-      ls.stored += take;
-      done += take;
-      FlushResidual(s, layer);
     }
+    ls.stored += n;
   } else {
     for (int64_t i0 = 0; i0 < n; i0 += kChunkTokens) {
       const int count = static_cast<int>(std::min<int64_t>(kChunkTokens, n - i0));
       EncodeInto(s, layer, ls.stored + i0, count, k + i0 * stride, v + i0 * stride, stride);
     }
     ls.stored += n;
-    ls.encoded = ls.stored;
+    std::fill(ls.encoded.begin(), ls.encoded.end(), ls.stored);
   }
   ls.length += n;
   if (evicting()) TrimBlocks(s);
@@ -567,18 +642,53 @@ void CpuKvCache::ForEachChunk(const Sequence& s, int layer, int head, int64_t en
   float* keys = Grow(scratch.keys, static_cast<size_t>(chunk) * d);
   float* values = Grow(scratch.values, static_cast<size_t>(chunk) * d);
   float* scores = Grow(scratch.scores, static_cast<size_t>(num_queries) * chunk);
-  const int64_t encoded_end = std::min(end, ls.encoded);
-  // Sink slots form their own chunk(s) (eviction runs only with key groups of one token).
+  const int64_t encoded = ls.encoded[head], encoded_end = std::min(end, encoded);
+  const uint8_t* solo = ls.solo_keys.empty() ? nullptr : ls.solo_keys[head].data();
+  auto is_solo = [&](int64_t slot) { return solo != nullptr && solo[slot] != 0; };
   const int64_t sink_end = sink_prepared != nullptr ? std::min(sink_slots, encoded_end) : 0;
+  // Chunks of the encoded slots are homogeneous: a run of solo keys, or whole key groups (for
+  // per-token formats, groups of one). They stop at sink_end, except that a key group may straddle
+  // it (sink eviction with key groups: a group flushed from the window can hold sinks and later
+  // tokens); such a chunk is scored against both query sets. A chunk may also decode a group past
+  // `end` (prefill's fresh tokens), whose scores are left unused.
   for (int64_t c0 = 0; c0 < encoded_end;) {
     const bool sink = c0 < sink_end;
-    const int valid =
-        static_cast<int>(std::min<int64_t>(chunk, (sink ? sink_end : encoded_end) - c0));
-    const int decode =
-        static_cast<int>(std::min<int64_t>(((valid + group - 1) / group) * group, ls.encoded - c0));
+    const bool solo_run = is_solo(c0);
+    int64_t c1 = c0;
+    if (solo_run) {
+      const int64_t limit = std::min<int64_t>(sink ? sink_end : encoded_end, c0 + chunk);
+      while (c1 < limit && is_solo(c1)) ++c1;
+    } else {
+      do {
+        c1 += group;
+      } while (c1 < encoded_end && c1 + group - c0 <= chunk && !is_solo(c1) &&
+               !(sink && c1 >= sink_end));
+    }
+    const int decode = static_cast<int>(c1 - c0);
+    const int valid = static_cast<int>(std::min(c1, encoded_end) - c0);
     for (int i = 0; i < decode; ++i) recs[i] = Record(s, layer, head, c0 + i);
-    c.KeyScores(decode, recs, ls.codec_state[head], num_queries, sink ? sink_prepared : prepared,
-                scores, keys);
+    auto score = [&](const float* queries, float* out) {
+      if (!solo_run) {
+        c.KeyScores(decode, recs, ls.codec_state[head], num_queries, queries, out, keys);
+        return;
+      }
+      c.DecodeSoloKeys(decode, recs, ls.codec_state[head], keys);
+      for (int j = 0; j < num_queries; ++j) {
+        for (int i = 0; i < decode; ++i) {
+          out[j * decode + i] = cpu::Dot(queries + j * pq, keys + i * d, d);
+        }
+      }
+    };
+    score(sink ? sink_prepared : prepared, scores);
+    if (sink && c1 > sink_end) {  // the straddling group: slots >= sink_end use the plain queries
+      float* plain = Grow(scratch.straddle, static_cast<size_t>(num_queries) * decode);
+      score(prepared, plain);
+      for (int j = 0; j < num_queries; ++j) {
+        for (int i = static_cast<int>(sink_end - c0); i < decode; ++i) {
+          scores[j * decode + i] = plain[j * decode + i];
+        }
+      }
+    }
     for (int j = 0; j < num_queries; ++j) {
       for (int i = 0; i < valid; ++i) scores[j * decode + i] *= scale;
     }
@@ -595,11 +705,12 @@ void CpuKvCache::ForEachChunk(const Sequence& s, int layer, int head, int64_t en
   }
   // The fp16 residual window (KIVI, TurboQuant), stored in the original basis: keys are mapped
   // into the key domain of the prepared queries (whose first d floats are the query in that
-  // domain), values into the value domain unless the caller wants original values.
+  // domain), values into the value domain unless the caller wants original values. Sink slots
+  // still in the window are scored against the sink queries.
   const int cap = residual_capacity(layer);
-  for (int64_t c0 = ls.encoded; c0 < end; c0 += chunk) {
+  for (int64_t c0 = encoded; c0 < end; c0 += chunk) {
     const int valid = static_cast<int>(std::min<int64_t>(chunk, end - c0));
-    const size_t base = (static_cast<size_t>(head) * cap + (c0 - ls.encoded)) * d;
+    const size_t base = (static_cast<size_t>(head) * cap + (c0 - encoded)) * d;
     for (int64_t e = 0; e < static_cast<int64_t>(valid) * d; ++e) {
       keys[e] = cpu::HalfToFloat(ls.residual_k[base + e]);
       values[e] = cpu::HalfToFloat(ls.residual_v[base + e]);
@@ -612,7 +723,9 @@ void CpuKvCache::ForEachChunk(const Sequence& s, int layer, int head, int64_t en
     }
     for (int j = 0; j < num_queries; ++j) {
       for (int i = 0; i < valid; ++i) {
-        scores[j * valid + i] = scale * cpu::Dot(prepared + j * pq, keys + i * d, d);
+        const bool sink_row = sink_prepared != nullptr && c0 + i < sink_slots;
+        const float* query = (sink_row ? sink_prepared : prepared) + j * pq;
+        scores[j * valid + i] = scale * cpu::Dot(query, keys + i * d, d);
       }
     }
     fn(c0, valid, scores, valid, need_values ? values : nullptr);
@@ -794,22 +907,32 @@ absl::Status CpuKvCache::ReadStored(SeqId seq, int layer, int kv_head, float* k,
   const LayerState& ls = s.layers[layer];
   const KvCodec& c = codec(layer);
   const int d = config_.head_dim, group = c.key_group_tokens();
+  const int64_t encoded = ls.encoded[kv_head];
+  const uint8_t* solo = ls.solo_keys.empty() ? nullptr : ls.solo_keys[kv_head].data();
   std::vector<const uint8_t*> recs;
-  std::vector<float> keys(static_cast<size_t>(ls.encoded) * d), values(keys.size());
-  for (int64_t i = 0; i < ls.encoded; ++i) recs.push_back(Record(s, layer, kv_head, i));
-  for (int64_t g0 = 0; g0 < ls.encoded; g0 += group) {
-    c.DecodeKeys(group, recs.data() + g0, ls.codec_state[kv_head], keys.data() + g0 * d);
-    c.DecodeValues(group, recs.data() + g0, ls.codec_state[kv_head], values.data() + g0 * d);
+  for (int64_t i = 0; i < encoded; ++i) recs.push_back(Record(s, layer, kv_head, i));
+  std::vector<float> keys(static_cast<size_t>(group) * d);
+  for (int64_t i = 0; i < encoded;) {  // solo keys one by one, key groups whole
+    const bool solo_key = solo != nullptr && solo[i] != 0;
+    const int count = solo_key ? 1 : group;
+    if (solo_key) {
+      c.DecodeSoloKeys(1, recs.data() + i, ls.codec_state[kv_head], keys.data());
+    } else {
+      c.DecodeKeys(count, recs.data() + i, ls.codec_state[kv_head], keys.data());
+    }
+    for (int t = 0; t < count; ++t) {
+      c.KeyToOriginal(keys.data() + t * d);
+      std::memcpy(k + (i + t) * d, keys.data() + t * d, sizeof(float) * d);
+    }
+    i += count;
   }
-  for (int64_t i = 0; i < ls.encoded; ++i) {
-    c.KeyToOriginal(keys.data() + i * d);
-    c.ValueToOriginal(values.data() + i * d);
+  if (encoded > 0) {
+    c.DecodeValues(static_cast<int>(encoded), recs.data(), ls.codec_state[kv_head], v);
   }
-  std::memcpy(k, keys.data(), sizeof(float) * keys.size());
-  std::memcpy(v, values.data(), sizeof(float) * values.size());
+  for (int64_t i = 0; i < encoded; ++i) c.ValueToOriginal(v + i * d);
   const int cap = residual_capacity(layer);
-  for (int64_t i = ls.encoded; i < ls.stored; ++i) {
-    const size_t base = (static_cast<size_t>(kv_head) * cap + (i - ls.encoded)) * d;
+  for (int64_t i = encoded; i < ls.stored; ++i) {
+    const size_t base = (static_cast<size_t>(kv_head) * cap + (i - encoded)) * d;
     for (int e = 0; e < d; ++e) {
       k[i * d + e] = cpu::HalfToFloat(ls.residual_k[base + e]);
       v[i * d + e] = cpu::HalfToFloat(ls.residual_v[base + e]);
@@ -818,6 +941,21 @@ absl::Status CpuKvCache::ReadStored(SeqId seq, int layer, int kv_head, float* k,
   for (int64_t i = 0; i < ls.stored; ++i) {
     positions[i] = evicting() ? ls.positions[kv_head][i] : i;
   }
+  return absl::OkStatus();
+}
+
+absl::Status CpuKvCache::ReadAttentionMass(SeqId seq, int layer, int kv_head, float* mass) const {
+  auto found = Find(seq, layer);
+  if (!found.ok()) return found.status();
+  if (kv_head < 0 || kv_head >= config_.num_kv_heads) {
+    return absl::InvalidArgumentError("ReadAttentionMass: kv_head out of range");
+  }
+  if (!h2o()) {
+    return absl::FailedPreconditionError(
+        "ReadAttentionMass: attention mass is accumulated for H2O eviction only");
+  }
+  const std::vector<float>& m = (*found)->layers[layer].mass[kv_head];
+  std::copy(m.begin(), m.end(), mass);
   return absl::OkStatus();
 }
 

@@ -488,7 +488,9 @@ class Int8Codec final : public KvCodec {
 // Record: key codes [d*b/8] | key meta [d/G channels x (scale, min) fp16] | value codes [d*b/8] |
 // value meta [d/G groups x (scale, min) fp16]. Token j of a key group stores the (scale, min) of
 // channels [j*d/G, (j+1)*d/G), so the per-group metadata is amortized exactly over the group's
-// records (requires G | d). The newest R tokens live in the cache's fp16 residual window.
+// records (requires G | d). The newest R tokens live in the cache's fp16 residual window. Under
+// eviction a key whose group lost members becomes a solo key (kv_codec.h): the key half then has
+// the value half's layout.
 class KiviCodec final : public KvCodec {
  public:
   KiviCodec(int d, int bits, int group, int residual)
@@ -528,23 +530,16 @@ class KiviCodec final : public KvCodec {
       }
     }
     // Values: per token, groups of G channels.
-    for (int i = 0; i < n; ++i) {
-      const float* x = v + i * stride;
-      uint8_t* rec = records[i] + key_bytes();
-      for (int g = 0; g < d / group_; ++g) {
-        float lo = x[g * group_], hi = lo;
-        for (int c = g * group_; c < (g + 1) * group_; ++c) {
-          lo = std::min(lo, x[c]);
-          hi = std::max(hi, x[c]);
-        }
-        float mn, sc;
-        MinScale(lo, hi, levels, &mn, &sc);
-        for (int c = g * group_; c < (g + 1) * group_; ++c) codes[c] = Code(x[c], mn, sc, levels);
-        StoreHalf(rec + codes_bytes + 4 * g, sc);
-        StoreHalf(rec + codes_bytes + 4 * g + 2, mn);
-      }
-      PackCodes(codes, bits_, d, rec);
-    }
+    for (int i = 0; i < n; ++i) EncodeTokenRow(v + i * stride, records[i] + key_bytes());
+  }
+
+  // A solo key is stored like a value: per token, (scale, min) per G channels.
+  void EncodeSoloKeys(int n, const float* keys, uint8_t* const* records) const override {
+    for (int i = 0; i < n; ++i) EncodeTokenRow(keys + i * head_dim(), records[i]);
+  }
+  void DecodeSoloKeys(int n, const uint8_t* const* records, const HeadCodecState&,
+                      float* keys) const override {
+    for (int i = 0; i < n; ++i) DecodeTokenRow(records[i], keys + i * head_dim());
   }
 
   void DecodeKeys(int n, const uint8_t* const* records, const HeadCodecState&,
@@ -570,21 +565,38 @@ class KiviCodec final : public KvCodec {
 
   void DecodeValues(int n, const uint8_t* const* records, const HeadCodecState&,
                     float* values) const override {
-    const int d = head_dim(), codes_bytes = d * bits_ / 8;
-    uint8_t codes[512];
-    for (int i = 0; i < n; ++i) {
-      const uint8_t* rec = records[i] + key_bytes();
-      UnpackCodes(rec, bits_, d, codes);
-      float* out = values + i * d;
-      for (int g = 0; g < d / group_; ++g) {
-        const float sc = LoadHalf(rec + codes_bytes + 4 * g);
-        const float mn = LoadHalf(rec + codes_bytes + 4 * g + 2);
-        for (int c = g * group_; c < (g + 1) * group_; ++c) out[c] = codes[c] * sc + mn;
-      }
-    }
+    for (int i = 0; i < n; ++i) DecodeTokenRow(records[i] + key_bytes(), values + i * head_dim());
   }
 
  private:
+  // x [d] -> b-bit codes [d*b/8] | (scale, min) fp16 per group of G channels, at out.
+  void EncodeTokenRow(const float* x, uint8_t* out) const {
+    const int d = head_dim(), codes_bytes = d * bits_ / 8, levels = (1 << bits_) - 1;
+    uint8_t codes[512];
+    for (int g = 0; g < d / group_; ++g) {
+      float lo = x[g * group_], hi = lo;
+      for (int c = g * group_; c < (g + 1) * group_; ++c) {
+        lo = std::min(lo, x[c]);
+        hi = std::max(hi, x[c]);
+      }
+      float mn, sc;
+      MinScale(lo, hi, levels, &mn, &sc);
+      for (int c = g * group_; c < (g + 1) * group_; ++c) codes[c] = Code(x[c], mn, sc, levels);
+      StoreHalf(out + codes_bytes + 4 * g, sc);
+      StoreHalf(out + codes_bytes + 4 * g + 2, mn);
+    }
+    PackCodes(codes, bits_, d, out);
+  }
+  void DecodeTokenRow(const uint8_t* in, float* out) const {
+    const int d = head_dim(), codes_bytes = d * bits_ / 8;
+    uint8_t codes[512];
+    UnpackCodes(in, bits_, d, codes);
+    for (int g = 0; g < d / group_; ++g) {
+      const float sc = LoadHalf(in + codes_bytes + 4 * g);
+      const float mn = LoadHalf(in + codes_bytes + 4 * g + 2);
+      for (int c = g * group_; c < (g + 1) * group_; ++c) out[c] = codes[c] * sc + mn;
+    }
+  }
   static void MinScale(float lo, float hi, int levels, float* min_out, float* scale_out) {
     const float mn = HalfToFloat(HalfRoundDown(lo));
     *min_out = mn;

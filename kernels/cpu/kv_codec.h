@@ -75,6 +75,20 @@ class KvCodec {
   // values [n, head_dim] in the value domain.
   virtual void DecodeValues(int n, const uint8_t* const* records, const HeadCodecState& state,
                             float* values) const = 0;
+  // Solo keys: a token whose key group lost members to eviction. A group's metadata is spread over
+  // its records (KIVI: token j holds the (scale, min) of channels [j*d/G, (j+1)*d/G)), so an
+  // evicted member takes part of it along; the cache re-encodes each survivor's key once, from its
+  // group reconstruction, into a self-contained form in the same key bytes (KIVI: b-bit codes with
+  // a (scale, min) per G channels, the layout of its values) and moves it like a per-token record
+  // from then on. keys [n, head_dim] key domain -> the key part of records[i] (value part kept).
+  // Only called for codecs with key_group_tokens() > 1; for the others every key is solo already.
+  virtual void EncodeSoloKeys(int n, const float* keys, uint8_t* const* records) const {}
+  // Keys of records written by EncodeSoloKeys -> keys [n, head_dim] in the key domain; for codecs
+  // with key groups of one token, DecodeKeys.
+  virtual void DecodeSoloKeys(int n, const uint8_t* const* records, const HeadCodecState& state,
+                              float* keys) const {
+    DecodeKeys(n, records, state, keys);
+  }
   // scores [num_queries, n] = <prepared_q[j], k_i> (unscaled). scratch: n * head_dim floats.
   virtual void KeyScores(int n, const uint8_t* const* records, const HeadCodecState& state,
                          int num_queries, const float* prepared_q, float* scores,

@@ -465,7 +465,9 @@ INSTANTIATE_TEST_SUITE_P(
                       FormatCase{"tq3", "none", "tq3"}, FormatCase{"tq2.5", "none", "tq2.5"},
                       FormatCase{"tq:k=4,v=3", "none", "tq:k=4,v=3"},
                       FormatCase{"fp16", "h2o:heavy=0.1,recent=0.1", "fp16"},
-                      // Eviction needs a format without an fp16 window (TurboQuant's r=0).
+                      // Eviction with every format: KIVI's key groups and fp16 windows included.
+                      FormatCase{"kivi4", "h2o:heavy=0.1,recent=0.1", "kivi4"},
+                      FormatCase{"tq4", "sink:sinks=4,window=64", "tq4"},
                       FormatCase{"tq:k=4,v=4,r=0", "sink:sinks=4,window=64", "tq:k=4,v=4,r=0"}),
     [](const ::testing::TestParamInfo<FormatCase>& info) {
       std::string name = info.param.kv + "_" + info.param.evict;

@@ -1,10 +1,15 @@
 // KvCache (CPU reference) against a float64 softmax-attention reference: decode and prefill over
-// formats, head dims 64/128, GQA ratios 1/4/8, ragged lengths; block accounting; eviction.
+// formats, head dims 64/128, GQA ratios 1/4/8, ragged lengths; block accounting; eviction, with
+// every format (KIVI's key groups and the fp16 windows included).
 #include "kvgate/kernels/kv_cache.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <initializer_list>
+#include <map>
+#include <ostream>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -447,15 +452,6 @@ TEST(TurboTest, ResidualWindowKeepsNewestTokensInFp16AndFlushesSixteenAtATime) {
   EXPECT_LT(MaxAbsDiff(out, ref), 5e-5f);
 }
 
-TEST(TurboTest, WindowWithEvictionIsUnimplementedButR0Evicts) {
-  auto cfg = Config("tq4", 1, 1, 64, 16, 4);
-  cfg.format.eviction = *ParseEviction("sink:sinks=2,window=8");
-  EXPECT_EQ(CreateCpuKvCache(cfg).status().code(), absl::StatusCode::kUnimplemented);
-  cfg.format = *ParseKvFormat("tq:k=4,v=4,r=0");
-  cfg.format.eviction = *ParseEviction("sink:sinks=2,window=8");
-  EXPECT_TRUE(CreateCpuKvCache(cfg).ok());
-}
-
 // ---- Eviction -----------------------------------------------------------------------------------
 
 std::vector<int64_t> StoredPositions(const KvCache& cache, SeqId seq, int layer, int head) {
@@ -579,7 +575,9 @@ TEST(EvictionTest, LayersNotYetEvictedKeepTheirBlocks) {
   ASSERT_GT(free_tokens, 0);
   ASSERT_TRUE(c.AddSequence(2, free_tokens).ok());
   const std::vector<float> other(free_tokens * d, 7.0f);
-  for (int l = 0; l < 2; ++l) ASSERT_TRUE(c.Append(2, l, free_tokens, other.data(), other.data()).ok());
+  for (int l = 0; l < 2; ++l) {
+    ASSERT_TRUE(c.Append(2, l, free_tokens, other.data(), other.data()).ok());
+  }
   std::vector<float> rk(12 * d), rv(12 * d);
   std::vector<int64_t> pos(12);
   ASSERT_TRUE(c.ReadStored(1, 1, 0, rk.data(), rv.data(), pos.data()).ok());
@@ -630,10 +628,437 @@ TEST(EvictionTest, H2OKeepsHeavyHittersPerHeadAndRecentTokens) {
   EXPECT_EQ(c.free_blocks(), 16 - 1);  // 4 slots: one block
 }
 
-TEST(EvictionTest, KiviWithEvictionIsUnimplemented) {
-  auto cfg = Config("kivi2", 1, 1, 64, 16, 4);
-  cfg.format.eviction = *ParseEviction("h2o");
-  EXPECT_EQ(CreateCpuKvCache(cfg).status().code(), absl::StatusCode::kUnimplemented);
+// ---- Eviction with key groups and fp16 windows (KIVI, TurboQuant) ------------------------------
+
+// A format under test: group / residual override the parser's KIVI G and R (0: keep), so that
+// short runs go through many flushes and evictions.
+struct WindowEvictCase {
+  std::string format;
+  int group = 0;
+  int residual = 0;
+  std::string eviction;
+  std::vector<int> steps;  // Append sizes in order: > 1 prefill (PrefillAttention), 1 decode
+};
+
+void PrintTo(const WindowEvictCase& c, std::ostream* os) {
+  *os << c.format << " G=" << c.group << " R=" << c.residual << " " << c.eviction << ", "
+      << c.steps.size() << " appends";
+}
+
+std::vector<int> Steps(std::initializer_list<std::pair<int, int>> runs) {  // {size, repeat}
+  std::vector<int> steps;
+  for (const auto& [size, repeat] : runs) steps.insert(steps.end(), repeat, size);
+  return steps;
+}
+
+// Rows of `x` [num_keys, kv_heads, d] for kv-head h, as [num_keys, 1, d].
+std::vector<float> HeadRows(const std::vector<float>& x, int kv_heads, int h, int d) {
+  const size_t n = x.size() / (static_cast<size_t>(kv_heads) * d);
+  std::vector<float> out(n * d);
+  for (size_t t = 0; t < n; ++t) {
+    std::copy(&x[(t * kv_heads + h) * d], &x[(t * kv_heads + h) * d] + d, &out[t * d]);
+  }
+  return out;
+}
+
+// Float64 softmax attention of one query q [d] over keys, values [num_keys, d]; keys with index
+// < sink_slots are scored against sink_q instead (StreamingLLM's positions within the cache).
+// Adds each key's probability to mass[num_keys] when mass is not null.
+std::vector<double> Attend(const float* q, const float* sink_q, int64_t sink_slots,
+                           const float* keys, const float* values, int64_t num_keys, int d,
+                           float scale, double* mass) {
+  std::vector<double> s(num_keys);
+  double mx = -1e300;
+  for (int64_t t = 0; t < num_keys; ++t) {
+    const float* query = t < sink_slots ? sink_q : q;
+    double dot = 0;
+    for (int e = 0; e < d; ++e) dot += static_cast<double>(query[e]) * keys[t * d + e];
+    s[t] = dot * scale;
+    mx = std::max(mx, s[t]);
+  }
+  double sum = 0;
+  for (double& x : s) sum += (x = std::exp(x - mx));
+  std::vector<double> out(d, 0.0);
+  for (int64_t t = 0; t < num_keys; ++t) {
+    if (mass != nullptr) mass[t] += s[t] / sum;
+    for (int e = 0; e < d; ++e) out[e] += s[t] / sum * values[t * d + e];
+  }
+  return out;
+}
+
+// H2O's documented rule (kv_cache.h), independently: appending n tokens to reach length L keeps
+// the old tokens among the newest floor(recent * L) positions plus the floor(heavy * L) others
+// with the largest mass, ties to the older token.
+std::vector<int64_t> ExpectedH2O(const EvictionSpec& e, const std::vector<int64_t>& pos,
+                                 const std::vector<float>& mass, int64_t new_length) {
+  int64_t heavy = static_cast<int64_t>(std::floor(e.heavy_fraction * new_length + 1e-9));
+  int64_t recent = static_cast<int64_t>(std::floor(e.recent_fraction * new_length + 1e-9));
+  if (heavy + recent == 0) recent = 1;
+  std::vector<size_t> others;
+  std::vector<char> keep(pos.size(), 0);
+  for (size_t i = 0; i < pos.size(); ++i) {
+    keep[i] = pos[i] >= new_length - recent;
+    if (!keep[i]) others.push_back(i);
+  }
+  std::stable_sort(others.begin(), others.end(),
+                   [&](size_t a, size_t b) { return mass[a] > mass[b]; });
+  for (size_t i = 0; i < others.size() && static_cast<int64_t>(i) < heavy; ++i) {
+    keep[others[i]] = 1;
+  }
+  std::vector<int64_t> kept;
+  for (size_t i = 0; i < pos.size(); ++i) {
+    if (keep[i]) kept.push_back(pos[i]);
+  }
+  return kept;
+}
+
+std::string FirstDifference(const std::vector<int64_t>& got, const std::vector<int64_t>& want) {
+  size_t i = 0;
+  while (i < got.size() && i < want.size() && got[i] == want[i]) ++i;
+  return "sizes " + std::to_string(got.size()) + " / " + std::to_string(want.size()) +
+         ", first difference at slot " + std::to_string(i) + ": " +
+         (i < got.size() ? std::to_string(got[i]) : "-") + " / " +
+         (i < want.size() ? std::to_string(want[i]) : "-");
+}
+
+bool CloseToFp16(const float* got, const float* original, int d) {
+  for (int e = 0; e < d; ++e) {
+    if (std::fabs(got[e] - original[e]) > std::fabs(original[e]) * 1e-3f + 1e-7f) return false;
+  }
+  return true;
+}
+
+class WindowEvictionTest : public ::testing::TestWithParam<WindowEvictCase> {};
+
+// One sequence through prefill chunks and decode steps with eviction, checking after every call:
+//   - the kept positions per kv-head: sinks + window as an fp16 cache with the same eviction keeps
+//     them; H2O exactly the rule above applied to the cache's masses before the append;
+//   - the masses equal float64 attention probabilities summed over the calls;
+//   - decode / prefill output against float64 attention on the kept reconstructions (ReadStored),
+//     fresh prefill tokens in full precision, sink slots scored at positions within the cache;
+//   - blocks: the pool holds exactly the kept slots; bytes per token as without eviction;
+//   - no token is re-quantized again and again: a key takes at most three values over its life
+//     (fp16 window, its group's grid, its solo encoding; TurboQuant: two), a value two, and a
+//     KIVI solo key lies within half a solo quantization step of its group reconstruction.
+TEST_P(WindowEvictionTest, KeepsTheSelectionAttendsToItAndFreesBlocks) {
+  const WindowEvictCase& tc = GetParam();
+  const int d = 64, kv_heads = 2, q_heads = 4, block = 16;
+  int64_t total = 0;
+  for (int n : tc.steps) total += n;
+  auto cfg = Config(tc.format, 1, kv_heads, d, block, (total + block - 1) / block + 1);
+  if (tc.group > 0) cfg.format.group_size = tc.group;
+  if (tc.residual > 0) cfg.format.residual_tokens = tc.residual;
+  auto plain = CreateCpuKvCache(cfg);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  cfg.format.eviction = *ParseEviction(tc.eviction);
+  const EvictionSpec& ev = cfg.format.eviction;
+  const bool h2o = ev.kind == EvictionSpec::Kind::kH2O;
+  if (!h2o) {
+    for (int j = 0; j < d / 2; ++j) cfg.rope_inv_freq.push_back(std::pow(10000.0, -2.0 * j / d));
+  }
+  auto created = CreateCpuKvCache(cfg);
+  ASSERT_TRUE(created.ok()) << created.status();
+  KvCache& c = **created;
+  EXPECT_EQ(c.bytes_per_token(), (*plain)->bytes_per_token());
+  EXPECT_EQ(c.allocated_bytes(), (*plain)->allocated_bytes());
+  // The fp16 twin with the same sink eviction: the positions every per-token format keeps.
+  auto twin_cfg = Config("fp16", 1, kv_heads, d, block, cfg.num_blocks);
+  twin_cfg.format.eviction = ev;
+  auto twin = CreateCpuKvCache(twin_cfg);
+  ASSERT_TRUE(twin.ok());
+  const bool kivi = cfg.format.kind == KvFormatKind::kKivi;
+  const int levels = (1 << static_cast<int>(cfg.format.key_bits)) - 1;
+  const int group_channels = cfg.format.group_size;
+
+  const auto k = RandomVector(total * kv_heads * d, 81), v = RandomVector(total * kv_heads * d, 82);
+  const auto q = RandomVector(total * q_heads * d, 83, 0.7f);
+  const float scale = 0.125f;
+  ASSERT_TRUE(c.AddSequence(1, 0).ok());
+  ASSERT_TRUE((*twin)->AddSequence(1, 0).ok());
+  // Per kv-head: reconstructions seen per position, float64 masses per position.
+  std::vector<std::map<int64_t, std::vector<std::vector<float>>>> key_history(kv_heads),
+      value_history(kv_heads);
+  std::vector<std::map<int64_t, double>> ref_mass(kv_heads);
+  int solo_checks = 0, quantized_checks = 0;
+  int64_t length = 0, evicted_total = 0;
+  for (size_t step = 0; step < tc.steps.size(); ++step) {
+    const int n = tc.steps[step];
+    SCOPED_TRACE(::testing::Message() << "step " << step << " length " << length << " n " << n);
+    std::vector<std::vector<int64_t>> expected(kv_heads);
+    for (int h = 0; h < kv_heads && h2o; ++h) {
+      const std::vector<int64_t> pos = StoredPositions(c, 1, 0, h);
+      std::vector<float> mass(pos.size());
+      ASSERT_TRUE(c.ReadAttentionMass(1, 0, h, mass.data()).ok());
+      expected[h] = ExpectedH2O(ev, pos, mass, length + n);
+    }
+    ASSERT_TRUE(c.Reserve(1, length + n).ok());
+    if (!h2o) {
+      ASSERT_TRUE((*twin)->Reserve(1, length + n).ok());
+    }
+    const float* sk = &k[length * kv_heads * d];
+    const float* sv = &v[length * kv_heads * d];
+    const int64_t before = c.StoredTokens(1, 0);
+    ASSERT_TRUE(c.Append(1, 0, n, sk, sv).ok());
+    if (!h2o) {
+      ASSERT_TRUE((*twin)->Append(1, 0, n, sk, sv).ok());
+    }
+    length += n;
+    const int64_t stored = c.StoredTokens(1, 0);
+    evicted_total += before + n - stored;
+    // Kept positions, then the n new ones.
+    for (int h = 0; h < kv_heads; ++h) {
+      const std::vector<int64_t> pos = StoredPositions(c, 1, 0, h);
+      ASSERT_EQ(static_cast<int64_t>(pos.size()), stored);
+      if (h2o) {
+        std::vector<int64_t> want = expected[h];
+        for (int i = 0; i < n; ++i) want.push_back(length - n + i);
+        ASSERT_EQ(pos, want) << "head " << h << ": " << FirstDifference(pos, want);
+      } else {
+        const std::vector<int64_t> twin_pos = StoredPositions(**twin, 1, 0, h);
+        ASSERT_EQ(pos, twin_pos) << "head " << h << ": " << FirstDifference(pos, twin_pos);
+      }
+    }
+    ASSERT_EQ(c.free_blocks(), c.total_blocks() - c.BlocksForTokens(stored));
+    // Reconstructions: what attention reads, and their history.
+    std::vector<float> rk, rv;
+    ReadAll(c, 1, 0, &rk, &rv);
+    std::vector<std::vector<int64_t>> positions;
+    for (int h = 0; h < kv_heads; ++h) positions.push_back(StoredPositions(c, 1, 0, h));
+    for (int h = 0; h < kv_heads; ++h) {
+      for (int64_t slot = 0; slot < stored; ++slot) {
+        const int64_t p = positions[h][slot];
+        const float* key = &rk[(slot * kv_heads + h) * d];
+        const float* value = &rv[(slot * kv_heads + h) * d];
+        auto& kh = key_history[h][p];
+        if (kh.empty() || !std::equal(key, key + d, kh.back().begin())) {
+          const bool from_quantized =
+              !kh.empty() && !CloseToFp16(kh.back().data(), &k[(p * kv_heads + h) * d], d);
+          if (from_quantized) {  // a second quantization: KIVI's solo key, once
+            ASSERT_TRUE(kivi) << "position " << p << " re-quantized";
+            const std::vector<float>& grouped = kh.back();
+            for (int g = 0; g < d / group_channels; ++g) {
+              const auto [lo, hi] = std::minmax_element(&grouped[g * group_channels],
+                                                        &grouped[(g + 1) * group_channels]);
+              const float step_size =
+                  (*hi - *lo + 2e-3f * std::max(std::fabs(*lo), std::fabs(*hi))) / levels;
+              for (int e = g * group_channels; e < (g + 1) * group_channels; ++e) {
+                ASSERT_LE(std::fabs(key[e] - grouped[e]), 0.5f * step_size * 1.002f + 1e-6f)
+                    << "solo key of position " << p << " channel " << e;
+              }
+            }
+            ++solo_checks;
+          } else if (!kh.empty()) {
+            ++quantized_checks;
+          }
+          kh.emplace_back(key, key + d);
+          ASSERT_LE(kh.size(), kivi ? 3u : 2u) << "key of position " << p;
+        }
+        auto& vh = value_history[h][p];
+        if (vh.empty() || !std::equal(value, value + d, vh.back().begin())) {
+          vh.emplace_back(value, value + d);
+          ASSERT_LE(vh.size(), 2u) << "value of position " << p;
+        }
+      }
+    }
+    // Attention through the cache against float64 on the reconstructions.
+    const int64_t delta = h2o ? 0 : length - stored;
+    const int64_t sink_slots = delta > 0 ? std::min<int64_t>(ev.sink_tokens, stored) : 0;
+    const float* sq = &q[(length - n) * q_heads * d];
+    std::vector<float> out(static_cast<size_t>(n) * q_heads * d);
+    if (n == 1) {
+      ASSERT_TRUE(c.DecodeAttention(1, 0, q_heads, sq, scale, out.data()).ok());
+    } else {
+      ASSERT_TRUE(c.PrefillAttention(1, 0, n, q_heads, sq, sk, sv, scale, out.data()).ok());
+      // The fresh tokens are attended in full precision.
+      for (int64_t t = 0; t < n; ++t) {
+        for (int h = 0; h < kv_heads; ++h) {
+          const size_t dst = ((stored - n + t) * kv_heads + h) * d;
+          std::copy(&sk[(t * kv_heads + h) * d], &sk[(t * kv_heads + h) * d] + d, &rk[dst]);
+          std::copy(&sv[(t * kv_heads + h) * d], &sv[(t * kv_heads + h) * d] + d, &rv[dst]);
+        }
+      }
+    }
+    float err = 0;
+    std::vector<std::vector<double>> mass_add(kv_heads, std::vector<double>(stored, 0.0));
+    for (int h = 0; h < kv_heads; ++h) {
+      const std::vector<float> hk = HeadRows(rk, kv_heads, h, d), hv = HeadRows(rv, kv_heads, h, d);
+      for (int i = 0; i < n; ++i) {
+        const int64_t visible = stored - n + i + 1;  // causal
+        for (int j = 0; j < q_heads / kv_heads; ++j) {
+          const int qh = h * (q_heads / kv_heads) + j;
+          const float* query = sq + (static_cast<size_t>(i) * q_heads + qh) * d;
+          std::vector<float> shifted(query, query + d);
+          if (sink_slots > 0) Rope(shifted.data(), cfg.rope_inv_freq, -delta, d);
+          // Decode shifts every sink slot; prefill the cached ones (the fresh are unshifted).
+          const int64_t shifted_slots = n == 1 ? sink_slots : std::min(sink_slots, stored - n);
+          const auto ref = Attend(query, shifted.data(), shifted_slots, hk.data(), hv.data(),
+                                  visible, d, scale, mass_add[h].data());
+          const float* o = &out[(static_cast<size_t>(i) * q_heads + qh) * d];
+          for (int e = 0; e < d; ++e) {
+            err = std::max(err, static_cast<float>(std::fabs(o[e] - ref[e])));
+          }
+        }
+      }
+    }
+    ASSERT_LT(err, 5e-5f) << "attention vs float64 on the kept reconstructions";
+    if (h2o) {
+      for (int h = 0; h < kv_heads; ++h) {
+        std::vector<float> mass(stored);
+        ASSERT_TRUE(c.ReadAttentionMass(1, 0, h, mass.data()).ok());
+        for (int64_t slot = 0; slot < stored; ++slot) {
+          double& m = ref_mass[h][positions[h][slot]];
+          m += mass_add[h][slot];
+          ASSERT_NEAR(mass[slot], m, 1e-4 * std::max(1.0, m))
+              << "mass of position " << positions[h][slot];
+        }
+      }
+    }
+  }
+  // The run went through evictions, flushes and (KIVI) solo keys, and reclaimed memory.
+  EXPECT_GT(evicted_total, total / 3);
+  EXPECT_GT(quantized_checks, 100) << "tokens must reach the quantized region";
+  if (kivi) {
+    EXPECT_GT(solo_checks, 10) << "groups must lose members";
+  }
+  EXPECT_LT(c.StoredTokens(1, 0), length);
+  EXPECT_GT(c.free_blocks(), c.total_blocks() - c.BlocksForTokens(length));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Formats, WindowEvictionTest,
+    ::testing::Values(
+        // Small G and R: many flushes per run.
+        WindowEvictCase{"kivi4", 8, 16, "h2o:heavy=0.2,recent=0.15",
+                        Steps({{37, 1}, {1, 90}, {29, 1}, {1, 120}, {70, 1}, {1, 150}})},
+        WindowEvictCase{"kivi2", 8, 16, "sink:sinks=3,window=40",
+                        Steps({{37, 1}, {1, 90}, {29, 1}, {1, 120}, {70, 1}, {1, 150}})},
+        WindowEvictCase{"kivi4", 8, 8, "sink:sinks=5,window=30",
+                        Steps({{12, 1}, {1, 40}, {45, 1}, {1, 200}})},
+        WindowEvictCase{"tq:k=4,v=4,r=16", 0, 0, "h2o:heavy=0.2,recent=0.15",
+                        Steps({{37, 1}, {1, 90}, {29, 1}, {1, 120}, {70, 1}, {1, 150}})},
+        WindowEvictCase{"tq:k=4,v=3,qjl,r=16", 0, 0, "sink:sinks=3,window=40",
+                        Steps({{37, 1}, {1, 90}, {29, 1}, {1, 120}, {70, 1}, {1, 150}})},
+        // The formats' defaults (KIVI G = 32, R = 128; TurboQuant R = 128, flushes of 16).
+        WindowEvictCase{"kivi2", 0, 0, "h2o:heavy=0.3,recent=0.3",
+                        Steps({{300, 1}, {1, 150}, {100, 1}, {1, 250}})},
+        WindowEvictCase{"kivi4", 0, 0, "sink:sinks=4,window=256",
+                        Steps({{300, 1}, {1, 150}, {100, 1}, {1, 250}})},
+        WindowEvictCase{"tq4", 0, 0, "h2o:heavy=0.3,recent=0.3",
+                        Steps({{300, 1}, {1, 150}, {100, 1}, {1, 250}})},
+        WindowEvictCase{"tq4", 0, 0, "sink:sinks=4,window=256",
+                        Steps({{300, 1}, {1, 150}, {100, 1}, {1, 250}})}),
+    [](const auto& info) {
+      std::string name = info.param.format + "_" + info.param.eviction;
+      if (info.param.group > 0) name += "_G" + std::to_string(info.param.group);
+      if (info.param.residual > 0) name += "_R" + std::to_string(info.param.residual);
+      for (char& ch : name) {
+        if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+      }
+      return name;
+    });
+
+TEST(WindowEvictionScenarioTest, SinksInsideAKeyGroupAreScoredAtCachePositions) {
+  // KIVI G = 8, R = 8, sinks 3 + window 6. Prefill 5 tokens, then 20: the second append first
+  // evicts positions 3, 4 (keeping the sinks in the window), then its rows flush the group
+  // {0, 1, 2, 5, .., 9}: a key group holding the three sinks and five later tokens, with 2 tokens
+  // evicted, so decode scores the group's first three slots with the query shifted back by 2 and
+  // the other five unshifted.
+  const int d = 64;
+  auto cfg = Config("kivi4", 1, 1, d, 8, 8);
+  cfg.format.group_size = 8;
+  cfg.format.residual_tokens = 8;
+  cfg.format.eviction = *ParseEviction("sink:sinks=3,window=6");
+  for (int j = 0; j < d / 2; ++j) cfg.rope_inv_freq.push_back(std::pow(10000.0, -2.0 * j / d));
+  auto cache = CreateCpuKvCache(cfg);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  KvCache& c = **cache;
+  const auto k = RandomVector(25 * d, 91), v = RandomVector(25 * d, 92);
+  ASSERT_TRUE(c.AddSequence(1, 25).ok());
+  ASSERT_TRUE(c.Append(1, 0, 5, k.data(), v.data()).ok());
+  ASSERT_TRUE(c.Append(1, 0, 20, &k[5 * d], &v[5 * d]).ok());
+  std::vector<int64_t> want = {0, 1, 2};
+  for (int64_t p = 5; p < 25; ++p) want.push_back(p);
+  ASSERT_EQ(StoredPositions(c, 1, 0, 0), want);
+  float mass[23];
+  EXPECT_EQ(c.ReadAttentionMass(1, 0, 0, mass).code(), absl::StatusCode::kFailedPrecondition)
+      << "masses are kept for H2O only";
+  std::vector<float> rk(23 * d), rv(23 * d);
+  std::vector<int64_t> pos(23);
+  ASSERT_TRUE(c.ReadStored(1, 0, 0, rk.data(), rv.data(), pos.data()).ok());
+  for (int slot = 0; slot < 8; ++slot) {  // encoded (4-bit), not the fp16 rows
+    EXPECT_FALSE(CloseToFp16(&rk[slot * d], &k[pos[slot] * d], d)) << "slot " << slot;
+  }
+  const auto q = RandomVector(2 * d, 93);
+  std::vector<float> out(2 * d), shifted(q);
+  for (int j = 0; j < 2; ++j) Rope(&shifted[j * d], cfg.rope_inv_freq, -2, d);
+  ASSERT_TRUE(c.DecodeAttention(1, 0, 2, q.data(), 0.125f, out.data()).ok());
+  for (int j = 0; j < 2; ++j) {
+    const auto ref =
+        Attend(&q[j * d], &shifted[j * d], 3, rk.data(), rv.data(), 23, d, 0.125f, nullptr);
+    const auto unshifted =
+        Attend(&q[j * d], &q[j * d], 0, rk.data(), rv.data(), 23, d, 0.125f, nullptr);
+    float err = 0, diff = 0;
+    for (int e = 0; e < d; ++e) {
+      err = std::max(err, static_cast<float>(std::fabs(out[j * d + e] - ref[e])));
+      diff = std::max(diff, static_cast<float>(std::fabs(unshifted[e] - ref[e])));
+    }
+    EXPECT_LT(err, 5e-5f);
+    EXPECT_GT(diff, 1e-3f) << "the test must distinguish shifted sink scores";
+  }
+}
+
+TEST(WindowEvictionScenarioTest, PrefillAfterEvictionAndSeveralSequences) {
+  // Two sequences share the pool; one evicts (KIVI-2, H2O), the other does not grow: after a
+  // long decode the evicting one holds only its kept slots and returns everything on free.
+  const int d = 64, kv_heads = 2;
+  auto cfg = Config("kivi2", 2, kv_heads, d, 16, 64);
+  cfg.format.eviction = *ParseEviction("h2o:heavy=0.1,recent=0.1");
+  auto cache = CreateCpuKvCache(cfg);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  KvCache& c = **cache;
+  const int total = 700;
+  const auto k = RandomVector(total * kv_heads * d, 101),
+             v = RandomVector(total * kv_heads * d, 102);
+  const auto q = RandomVector(total * 4 * d, 103, 0.7f);
+  ASSERT_TRUE(c.AddSequence(2, 200).ok());
+  for (int l = 0; l < 2; ++l) ASSERT_TRUE(c.Append(2, l, 200, k.data(), v.data()).ok());
+  const int64_t free_after_other = c.free_blocks();
+  ASSERT_TRUE(c.AddSequence(1, 400).ok());
+  std::vector<float> out(400 * 4 * d);
+  int64_t length = 0;
+  for (int n : {400, 1, 1, 1, 150, 1, 1, 120, 1, 1, 1, 1, 1}) {  // prefill chunks after evictions
+    ASSERT_TRUE(c.Reserve(1, length + n).ok());
+    for (int l = 0; l < 2; ++l) {
+      ASSERT_TRUE(c.Append(1, l, n, &k[length * kv_heads * d], &v[length * kv_heads * d]).ok());
+      ASSERT_TRUE(c.PrefillAttention(1, l, n, 4, &q[length * 4 * d], &k[length * kv_heads * d],
+                                     &v[length * kv_heads * d], 0.125f, out.data())
+                      .ok());
+      for (size_t i = 0; i < static_cast<size_t>(n) * 4 * d; ++i) {
+        ASSERT_TRUE(std::isfinite(out[i]));
+      }
+    }
+    length += n;
+  }
+  ASSERT_EQ(c.Length(1, 0), length);
+  // H2O at L = 680: the 67 old tokens among the newest 68 positions, the 67 heavy hitters kept at
+  // L = 679 (68 allowed now, but no other token is left), and the new token.
+  EXPECT_EQ(c.StoredTokens(1, 0), 67 + 67 + 1);
+  EXPECT_EQ(c.StoredTokens(1, 1), 67 + 67 + 1);
+  EXPECT_EQ(c.free_blocks(), free_after_other - c.BlocksForTokens(67 + 67 + 1));
+  c.FreeSequence(1);
+  EXPECT_EQ(c.free_blocks(), free_after_other);
+  // The other sequence's blocks were not written: its encoded keys are within KIVI-2's step of
+  // the originals (another token's N(0, 1) data would not be), its window is its fp16 rows.
+  std::vector<float> rk(200 * d), rv(200 * d);
+  std::vector<int64_t> pos(200);
+  ASSERT_TRUE(c.ReadStored(2, 1, 1, rk.data(), rv.data(), pos.data()).ok());
+  EXPECT_EQ(pos[199], 199);
+  for (int t = 0; t < 64; ++t) {
+    for (int e = 0; e < d; ++e) {
+      ASSERT_NEAR(rk[t * d + e], k[(t * kv_heads + 1) * d + e], 1.0f) << "token " << t;
+    }
+  }
+  EXPECT_TRUE(CloseToFp16(&rk[199 * d], &k[(199 * kv_heads + 1) * d], d));
 }
 
 }  // namespace

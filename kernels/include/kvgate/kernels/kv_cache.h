@@ -104,6 +104,12 @@ class KvCache {
                                   int64_t* positions) const {
     return absl::UnimplementedError("ReadStored not implemented by this KV cache");
   }
+  // H2O eviction: the accumulated attention mass of each stored slot of one kv-head,
+  // mass [StoredTokens] in ReadStored's slot order (what the next eviction ranks heavy hitters
+  // by). For tests and debugging; FailedPreconditionError without H2O.
+  virtual absl::Status ReadAttentionMass(SeqId seq, int layer, int kv_head, float* mass) const {
+    return absl::UnimplementedError("ReadAttentionMass not implemented by this KV cache");
+  }
 };
 
 // CPU reference implementation (the semantics every other backend must match).
