@@ -28,6 +28,7 @@
 #include <utility>
 
 #include "kernels/cuda/decode_attention_internal.h"
+#include "kvgate/kernels/kv_record_layout.h"
 
 namespace kvgate::kernels::cuda::internal {
 namespace {
@@ -183,24 +184,25 @@ __device__ __forceinline__ void Turbo8(const uint8_t* rec, int lane, int hi_chan
   for (int i = 0; i < 8; ++i) o[i] = scale * c[(w >> (bits * i)) & mask];
 }
 
-// Channels [8 lane, 8 lane + 8) of one half (key or value, at `rec`) of a per-token record:
-// fp16, bf16, fp8 (the head scale is applied by the caller), int8 (its fp16 scale follows the D
-// codes).
-template <int KIND, int D>
-__device__ __forceinline__ void PerTokenChunk(const uint8_t* rec, int lane, float o[8]) {
-  if constexpr (KIND == kKindFp16) {
-    Half8(rec + 16 * lane, o);
-  } else if constexpr (KIND == kKindBf16) {
-    Bf16x8(rec + 16 * lane, o);
-  } else if constexpr (KIND == kKindFp8) {
-    Fp8x8(rec + 8 * lane, o);
-  } else {
-    static_assert(KIND == kKindInt8, "per-token formats only");
+// Channels [8 lane, 8 lane + 8) of the key (KEY) or the value of a per-token record `rec`:
+// fp16, bf16, fp8 (the head scale is applied by the caller; the value at key_bytes), int8 (codes
+// and fp16 scale where Int8Record puts them).
+template <int KIND, int D, bool KEY>
+__device__ __forceinline__ void PerTokenChunk(const uint8_t* rec, int key_bytes, int lane,
+                                              float o[8]) {
+  if constexpr (KIND == kKindInt8) {
     uint8_t b[8];
-    Load8(rec + 8 * lane, b);
-    const float s = LoadHalfF(rec + D);
+    Load8(rec + (KEY ? Int8Record::KeyCodes(D) : Int8Record::ValueCodes(D)) + 8 * lane, b);
+    const float s = LoadHalfF(rec + (KEY ? Int8Record::KeyScale(D) : Int8Record::ValueScale(D)));
 #pragma unroll
     for (int i = 0; i < 8; ++i) o[i] = static_cast<float>(static_cast<int8_t>(b[i])) * s;
+  } else if constexpr (KIND == kKindFp16) {
+    Half8(rec + (KEY ? 0 : key_bytes) + 16 * lane, o);
+  } else if constexpr (KIND == kKindBf16) {
+    Bf16x8(rec + (KEY ? 0 : key_bytes) + 16 * lane, o);
+  } else {
+    static_assert(KIND == kKindFp8, "per-token formats only");
+    Fp8x8(rec + (KEY ? 0 : key_bytes) + 8 * lane, o);
   }
 }
 
@@ -211,7 +213,7 @@ __device__ __forceinline__ void KeyChunk(const uint8_t* tile, int tok, int lane,
   const uint8_t* rec = tile + static_cast<size_t>(tok) * fp.record_bytes;
   if constexpr (KIND == kKindFp16 || KIND == kKindBf16 || KIND == kKindFp8 ||
                 KIND == kKindInt8) {
-    PerTokenChunk<KIND, D>(rec, lane, o);
+    PerTokenChunk<KIND, D, true>(rec, fp.key_bytes, lane, o);
   } else if constexpr (KIND == kKindKivi) {
     const int bits = fp.kivi_bits, group = fp.kivi_group, cpt = D / group;
     const uint32_t w = LoadBytes(rec + lane * bits, bits);
@@ -236,10 +238,11 @@ template <int KIND, int D>
 __device__ __forceinline__ void ValueChunk(const uint8_t* tile, int tok, int lane,
                                            const FormatParams& fp, const float* tables,
                                            float o[8]) {
-  const uint8_t* rec = tile + static_cast<size_t>(tok) * fp.record_bytes + fp.key_bytes;
+  const uint8_t* record = tile + static_cast<size_t>(tok) * fp.record_bytes;
+  const uint8_t* rec = record + fp.key_bytes;  // KIVI, TurboQuant: [key | value]
   if constexpr (KIND == kKindFp16 || KIND == kKindBf16 || KIND == kKindFp8 ||
                 KIND == kKindInt8) {
-    PerTokenChunk<KIND, D>(rec, lane, o);
+    PerTokenChunk<KIND, D, false>(record, fp.key_bytes, lane, o);
   } else if constexpr (KIND == kKindKivi) {
     const int bits = fp.kivi_bits;
     const uint32_t w = LoadBytes(rec + lane * bits, bits);
@@ -734,7 +737,9 @@ cudaError_t Dispatch(bool setup, int kind, int d, int g, const SplitArgs& a, con
 //                                                   k index is permuted, Q's fragment likewise)
 //   per-token key factor (int8 scale, TurboQuant norm, FP8 head scale) on the scores
 //   online softmax on the fragment (max: 3 shuffles per head pair; sums stay per lane)
-//   P^T fragment = movmatrix.trans of the packed probabilities (x per-token value factor)
+//   P^T fragment = movmatrix.trans of the packed probabilities (x per-token value factor: the
+//                  TurboQuant norm in fp16 after the transpose; the int8 scale in fp32 before
+//                  it, with a power-of-two prescale, Int8Prescale)
 //   O^T[D][8] += V^T[D][16 tok] x P^T              (D/16 mma; lane (g, t) holds the values of
 //                                                   tokens 2t, 2t+1, 2t+8, 2t+9 on its
 //                                                   ValueChannel list)
@@ -1040,12 +1045,26 @@ __device__ __forceinline__ int ChannelBytes() {
   return FMT == kKindFp16 || FMT == kKindBf16 ? 2 : 1;
 }
 
+// Word j (4 channels) of lane g's int8 value list: 32-bit word Int8ValueWord<D>(g, j) of the value
+// codes (4-byte aligned, Int8Record). One load instruction reads word j of every lane, and the
+// lanes of a warp read tokens 2t (+1, +8, +9) of records of 4 (D/2 + 1) bytes, so token 2t's words
+// sit 2t banks further: a contiguous share per lane (words 4g + j at D = 128) would put lanes
+// (g, t) and (g + 1, t - 2) on one bank. Interleaving the lanes' words in steps of 2 (lane g: the
+// odd or even words, per g % 2, of an 8-word stretch, per g / 2) gives every lane its own bank at
+// D = 128 (at D = 64 the 16 words cannot fill 32 banks; this halves the conflicts there).
+template <int D>
+__host__ __device__ constexpr int Int8ValueWord(int g, int j) {
+  constexpr int kRun = D / 32 < 4 ? D / 32 : 4;  // words of a lane in one 8-word stretch
+  return 32 * (j / kRun) + 2 * kRun * (g / 2) + g % 2 + 2 * (j % kRun);
+}
+
 // Channel of entry m of lane t's key list (KEY) or of lane g's value list: the lane's share of
 // the hi channels [0, hi), then its share of [hi, D) (TurboQuant's split; other formats: hi = D,
-// one contiguous share).
+// one contiguous share; int8 values: Int8ValueWord's words).
 template <int FMT, int D, bool KEY>
 __device__ __forceinline__ int ListChannel(int lane_part, int m) {
   constexpr int kLanes = KEY ? 4 : 8;
+  if constexpr (FMT == kKindInt8 && !KEY) return 4 * Int8ValueWord<D>(lane_part, m / 4) + m % 4;
   if constexpr (MmaFmt<FMT>::kKivi) {  // KIVI: contiguous share, read in code pairs (KiviUnit)
     return lane_part * (D / kLanes) + KiviListOffset<MmaFmt<FMT>::KiviBits(), D / kLanes>(m);
   }
@@ -1054,7 +1073,8 @@ __device__ __forceinline__ int ListChannel(int lane_part, int m) {
 }
 
 // CH channels (the lane's list) of one key or value vector of a token -> CH/2 (b)f16x2.
-// rec: the vector's first byte (key: record; value: record + key_bytes). part: t or g.
+// rec: the vector's first byte (key: record; value: record + key_bytes, int8: the value codes).
+// part: t or g.
 template <int FMT, int D, int CH, bool KEY>
 __device__ __forceinline__ void LoadList(const uint8_t* rec, int part, const FormatParams& fp,
                                          uint32_t (&h)[CH / 2]) {
@@ -1085,10 +1105,13 @@ __device__ __forceinline__ void LoadList(const uint8_t* rec, int part, const For
       Fp8x4ToHalf2(u.y, h[2], h[3]);
     }
   } else if constexpr (FMT == kKindInt8) {
-    uint32_t w[CH / 4];
-    LoadWords<CH / 4>(p, w);
+    // Codes are 4-byte aligned (Int8Record): one LDS.32 per 4 codes, no realignment.
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(rec);
 #pragma unroll
-    for (int j = 0; j < CH / 4; ++j) Int8x4ToHalf2(w[j], h[2 * j], h[2 * j + 1]);
+    for (int j = 0; j < CH / 4; ++j) {
+      const uint32_t w = KEY ? words[part * (CH / 4) + j] : words[Int8ValueWord<D>(part, j)];
+      Int8x4ToHalf2(w, h[2 * j], h[2 * j + 1]);
+    }
   } else if constexpr (MmaFmt<FMT>::kKivi) {
     constexpr int B = MmaFmt<FMT>::KiviBits();
     uint32_t w[(CH * B + 31) / 32];
@@ -1133,14 +1156,25 @@ __device__ __forceinline__ void TurboList(const uint8_t* rec, const TurboLane& l
   if constexpr (nlo > 0) TurboCodes<F::LoBits(), nlo>(rw, lane.lo, lo_table, h + nhi / 2);
 }
 
-// Per-token factor of a key / value vector (int8 scale, TurboQuant norm; 1 otherwise).
+// Per-token factor of a key / value vector (TurboQuant norm; 1 otherwise).
 template <int FMT, int D, bool KEY>
 __device__ __forceinline__ float TokenFactor(const uint8_t* vec, const FormatParams& fp) {
-  if constexpr (FMT == kKindInt8) return LoadHalfF(vec + D);
   if constexpr (MmaFmt<FMT>::kTurbo) {
     return LoadHalfF(vec + (KEY ? fp.tq_key_code_bytes : fp.tq_value_code_bytes));
   }
   return 1.f;
+}
+
+// int8 value scales fold into P in fp32, times a per-warp power of two `pre` chosen so that the
+// largest scale seen times pre is in [2^14, 2^15): every p x scale x pre (p <= 1) is then an fp16
+// below 2^15 (no overflow) and normal unless it is under 2^-28 of the largest term, so the fp16
+// rounding of the folded probability is 2^-11 relative like fp16's p. The warp lowers pre (and
+// rescales its accumulators by the exact power-of-two ratio) when a larger scale arrives, as the
+// online softmax does with its max; the accumulators are divided by pre at the end.
+constexpr float kInt8PreInit = 0x1p38f;  // fits the smallest fp16 scale, 2^-24
+__device__ __forceinline__ float Int8Prescale(float max_scale) {
+  // 2^(14 - floor(log2 max_scale)) from the exponent bits (max_scale in [2^-24, 65504]).
+  return __uint_as_float((268u - (__float_as_uint(max_scale) >> 23)) << 23);
 }
 
 template <int FMT, int D>
@@ -1181,6 +1215,7 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
   for (int i = 0; i < kValTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // heads 2t, 2t+1
   float key_scale = 1.f, value_scale = 1.f;
+  float int8_pre = kInt8PreInit;  // int8: power of two folded into P with the value scales
   if constexpr (FMT == kKindFp8) {
     const float* hs = a.head_scales + (StateSlot(a, seq) * num_kv_heads + kvh) * 2;
     key_scale = hs[0];
@@ -1349,10 +1384,23 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) s[i] += s_odd[i];
+      float vs_g = 0.f, vs_g8 = 0.f;  // int8: value scales of tokens g, g + 8
       if constexpr (FMT == kKindFp8) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[i] *= key_scale;
-      } else if constexpr (FMT == kKindInt8 || F::kTurbo) {
+      } else if constexpr (FMT == kKindInt8) {
+        // Key and value scale of a token in one load (adjacent in Int8Record, key in the low half).
+        const float2 sc_g = __half22float2(*reinterpret_cast<const __half2*>(
+            rec_g + Int8Record::KeyScale(D)));
+        const float2 sc_g8 = __half22float2(*reinterpret_cast<const __half2*>(
+            rec_g8 + Int8Record::KeyScale(D)));
+        s[0] *= sc_g.x;
+        s[1] *= sc_g.x;
+        s[2] *= sc_g8.x;
+        s[3] *= sc_g8.x;
+        vs_g = sc_g.y;
+        vs_g8 = sc_g8.y;
+      } else if constexpr (F::kTurbo) {
         const float sg = TokenFactor<FMT, D, true>(rec_g, fp);
         const float sg8 = TokenFactor<FMT, D, true>(rec_g8, fp);
         s[0] *= sg;
@@ -1361,8 +1409,37 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
         s[3] *= sg8;
       }
       if (!full || c0 < skip) {
-        if (c0 + g >= ntok || c0 + g < skip) s[0] = s[1] = -INFINITY;
-        if (c0 + g + 8 >= ntok || c0 + g + 8 < skip) s[2] = s[3] = -INFINITY;
+        // Rows past the end hold stale or poisoned bytes (a NaN scale): no score, no scale.
+        if (c0 + g >= ntok || c0 + g < skip) {
+          s[0] = s[1] = -INFINITY;
+          vs_g = 0.f;
+        }
+        if (c0 + g + 8 >= ntok || c0 + g + 8 < skip) {
+          s[2] = s[3] = -INFINITY;
+          vs_g8 = 0.f;
+        }
+      }
+      if constexpr (FMT == kKindInt8) {
+        // A scale above the prescale's range: lower it for the warp (the max over its 16 tokens;
+        // lanes of one g hold the same tokens) and rescale the accumulators by the exact ratio.
+        const float vmax = fmaxf(vs_g, vs_g8);
+        if (__any_sync(0xffffffffu, vmax * int8_pre >= 0x1p15f)) {
+          float mx = vmax;
+#pragma unroll
+          for (int off = 4; off < 32; off <<= 1) {
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+          }
+          const float pre = Int8Prescale(mx);
+          const float ratio = pre / int8_pre;  // a power of two: exact
+#pragma unroll
+          for (int i = 0; i < kValTiles; ++i) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[i][k] *= ratio;
+          }
+          int8_pre = pre;
+        }
+        vs_g *= int8_pre;
+        vs_g8 *= int8_pre;
       }
       // ---- online softmax (heads 2t, 2t+1) ----
       // The running max moves only when a score of the chunk exceeds it, which gets rare after
@@ -1401,12 +1478,13 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
       // masks garbage without touching the decoded registers.
       const int tv[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
       uint32_t v[4][kValCh / 2];
-      float vf[4];  // per-token value factor (0 for tokens past the end)
+      float vf[4];  // TurboQuant: per-token value factor (0 for tokens past the end)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const bool valid = full || c0 + tv[r] < ntok;
         const int row = full ? c0 + tv[r] : min(c0 + tv[r], ntok - 1);
-        const uint8_t* vec = tile + row * rb + kb;
+        const uint8_t* vec =
+            tile + row * rb + (FMT == kKindInt8 ? Int8Record::ValueCodes(D) : kb);
         if constexpr (F::kTurbo) {
           TurboList<FMT, D, kValCh, false>(tile + row * rb, tq_val, tq_hi, tq_lo, v[r]);
         } else {
@@ -1430,9 +1508,7 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
           }
         }
         vf[r] = 1.f;
-        if constexpr (FMT == kKindInt8 || F::kTurbo) {
-          vf[r] = valid ? TokenFactor<FMT, D, false>(vec, fp) : 0.f;
-        }
+        if constexpr (F::kTurbo) vf[r] = valid ? TokenFactor<FMT, D, false>(vec, fp) : 0.f;
       }
       uint32_t pb0, pb1, pb0_lo = 0, pb1_lo = 0;
       if constexpr (kBf) {
@@ -1441,11 +1517,16 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
         pb1 = MovTrans(PackBf162(p2, p3, &r2, &r3));
         pb0_lo = MovTrans(PackBf162(r0, r1));
         pb1_lo = MovTrans(PackBf162(r2, r3));
+      } else if constexpr (FMT == kKindInt8) {
+        // p x value scale x pre in fp32 on the token-major fragment (tokens g, g + 8), one
+        // rounding to fp16 (Int8Prescale), then transposed.
+        pb0 = MovTrans(PackHalf2(p0 * vs_g, p1 * vs_g));
+        pb1 = MovTrans(PackHalf2(p2 * vs_g8, p3 * vs_g8));
       } else {
         pb0 = MovTrans(PackHalf2(p0, p1));  // P[tok 2t, 2t+1][head g]
         pb1 = MovTrans(PackHalf2(p2, p3));  // P[tok 2t+8, 2t+9][head g]
-        if constexpr (FMT == kKindInt8 || F::kTurbo) {
-          // Per-token value factors fold into P (p <= 1 times a scale or a norm, in fp16).
+        if constexpr (F::kTurbo) {
+          // Per-token value factors fold into P (p <= 1 times a norm, in fp16).
           pb0 = HalfMul2(pb0, PackHalf2(vf[0], vf[1]));
           pb1 = HalfMul2(pb1, PackHalf2(vf[2], vf[3]));
         }
@@ -1462,6 +1543,14 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
     }
   }
   GridDepLaunch();
+  if constexpr (FMT == kKindInt8) {
+    const float unscale = 1.f / int8_pre;  // a power of two: exact
+#pragma unroll
+    for (int i = 0; i < kValTiles; ++i) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][k] *= unscale;
+    }
+  }
   // ---- merge the warps: (m, l, O) per head through shared memory ----
 #pragma unroll
   for (int off = 4; off < 32; off <<= 1) {
