@@ -18,6 +18,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/paged_kv_host.h"
@@ -61,6 +62,9 @@ struct CaseOptions {
   // of arrays twice the batch size plus one (DecodeBatch::seq_slots, entry s at slot
   // 2 (n - 1 - s) + 1); the other slots hold NaN, so reading the wrong slot shows in the output.
   bool slotted = false;
+  // > lo: every value of token t is multiplied by 2^e_t, e_t drawn uniformly from
+  // [value_exp_lo, value_exp_hi] per (sequence, token) (int8's per-token value scales over a range).
+  float value_exp_lo = 0, value_exp_hi = 0;
 };
 
 // Runs one batch through the CPU cache and the CUDA kernel; returns the worst relative L2 error.
@@ -79,12 +83,22 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
   std::vector<float> channel_bias(kv_heads * d);
   for (float& x : channel_bias) x = 0.5f * normal(rng);  // per-channel structure (KIVI keys)
   int64_t blocks = 0;
+  std::mt19937_64 gain_rng(seed ^ 0x9a17);
+  std::uniform_real_distribution<float> gain_exp(opt.value_exp_lo, opt.value_exp_hi);
   for (int s = 0; s < num_seqs; ++s) {
     k[s].resize(size_t(lens[s]) * kv_heads * d);
     v[s].resize(k[s].size());
     for (size_t i = 0; i < k[s].size(); ++i) {
       k[s][i] = normal(rng) + channel_bias[i % (kv_heads * d)];
       v[s][i] = normal(rng);
+    }
+    if (opt.value_exp_hi > opt.value_exp_lo) {
+      for (int t = 0; t < lens[s]; ++t) {
+        const float gain = std::exp2(gain_exp(gain_rng));
+        for (size_t i = size_t(t) * kv_heads * d; i < size_t(t + 1) * kv_heads * d; ++i) {
+          v[s][i] *= gain;
+        }
+      }
     }
     blocks += (lens[s] + bs - 1) / bs;
   }
@@ -313,6 +327,29 @@ INSTANTIATE_TEST_SUITE_P(Poison, CudaDecodePoisonTest,
                            }
                            return name;
                          });
+
+// int8 folds each token's value scale into the fp16 probability, under a per-warp power-of-two
+// prescale (decode_attention.cu, Int8Prescale): values at 2^-14 .. 2^-10 (every p x scale below
+// fp16's normal range without the prescale: the kernel had 1e-2 .. 1e-1 relative error there) and
+// spread per token over 2^-20 .. 2^14 (the prescale lowers mid-split; scales near fp16's top),
+// with one split (a warp crosses many scale jumps) and automatic splits.
+TEST(CudaDecodeInt8Test, ValueScalesAcrossTheFp16Range) {
+  SKIP_WITHOUT_GPU();
+  for (int d : {64, 128}) {
+    for (const auto& [lo, hi] : {std::pair{-14.f, -10.f}, std::pair{-20.f, 14.f}}) {
+      for (int splits : {0, 1}) {
+        Result r;
+        RunCase("int8", d, 4, {1, 17, 1000, 4097}, splits, 31 + d, &r,
+                {.value_exp_lo = lo, .value_exp_hi = hi});
+        if (HasFatalFailure()) return;
+        EXPECT_TRUE(r.all_finite) << "d=" << d << " 2^" << lo << "..2^" << hi;
+        EXPECT_LT(r.max_rel_l2, kTolerance) << "d=" << d << " 2^" << lo << "..2^" << hi;
+        std::printf("[ result ] int8 d=%d values 2^%g..2^%g splits=%d rel_l2=%.3g\n", d, lo, hi,
+                    r.splits, r.max_rel_l2);
+      }
+    }
+  }
+}
 
 // Layouts on the edges of the tensor-core kernel: TurboQuant with different key and value rates
 // and KIVI groups other than 32 (16 and 64 take the tensor-core kernel, 8 the v1 kernel).
