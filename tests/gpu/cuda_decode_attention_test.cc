@@ -63,7 +63,8 @@ struct CaseOptions {
   // 2 (n - 1 - s) + 1); the other slots hold NaN, so reading the wrong slot shows in the output.
   bool slotted = false;
   // > lo: every value of token t is multiplied by 2^e_t, e_t drawn uniformly from
-  // [value_exp_lo, value_exp_hi] per (sequence, token) (int8's per-token value scales over a range).
+  // [value_exp_lo, value_exp_hi] per (sequence, token) (int8's per-token value scales over a
+  // range).
   float value_exp_lo = 0, value_exp_hi = 0;
 };
 

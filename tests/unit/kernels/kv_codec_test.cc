@@ -221,9 +221,9 @@ TEST(UniformQuantizerTest, Int8ErrorWithinHalfStep) {
   }
 }
 
-// The INT8 record's byte layout is shared with the CUDA kernels (kvgate/kernels/kv_record_layout.h):
-// key codes, value codes, key scale, value scale. Keys and values with different amax and known
-// codes must land at exactly those offsets.
+// The INT8 record's byte layout is shared with the CUDA kernels
+// (kvgate/kernels/kv_record_layout.h): key codes, value codes, key scale, value scale. Keys and
+// values with different amax and known codes must land at exactly those offsets.
 TEST(UniformQuantizerTest, Int8RecordLayout) {
   for (int d : {64, 128}) {
     auto codec = CreateKvCodec(*ParseKvFormat("int8"), d);

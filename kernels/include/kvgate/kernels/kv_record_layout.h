@@ -10,7 +10,8 @@
 // sizes and record-granular compaction do not depend on the order. The codes come first so that
 // both code vectors start 4-byte aligned whenever the record does (records are 2d + 4 = 4 (d/2 + 1)
 // bytes, so every record of a 16-byte aligned block segment is): decode reads them with aligned
-// 32-bit loads. The two scales are adjacent: one 32-bit load reads both (key scale in the low half).
+// 32-bit loads. The two scales are adjacent: one 32-bit load reads both (key scale in the low
+// half).
 //
 //   const uint8_t* rec = ...;  // a record of head_dim d
 //   const int8_t* value_codes = reinterpret_cast<const int8_t*>(rec + Int8Record::ValueCodes(d));
