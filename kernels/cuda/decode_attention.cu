@@ -743,7 +743,9 @@ cudaError_t Dispatch(bool setup, int kind, int d, int g, const SplitArgs& a, con
 //   O^T[D][8] += V^T[D][16 tok] x P^T              (D/16 mma; lane (g, t) holds the values of
 //                                                   tokens 2t, 2t+1, 2t+8, 2t+9 on its
 //                                                   ValueChannel list)
-// Codes become fp16 in registers: fp8/int8 exactly (cvt / 0x64XX magic), KIVI as
+// int8 keys skip the decode: S comes from int8 mma (m16n8k32) of the stored codes with q in 16-bit
+// fixed point (hi and lo int8 parts; QueryFixed4).
+// Codes become fp16 in registers: fp8/int8 values exactly (cvt / 0x64XX magic), KIVI as
 // code * scale + min (HFMA2; powers of two of the scale absorb the code's bit position),
 // TurboQuant centroids by prmt lookups in tables held in registers (TurboTable).
 // bf16: q and p are split into hi + lo bf16 parts (two mma each) so the result keeps fp32-level
@@ -791,6 +793,38 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// d += A B with int8 operands and int32 accumulators (exact).
+__device__ __forceinline__ void Imma16832(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                          uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// int8 keys: Q K^T on the integer tensor cores, straight from the stored codes (no decode). The
+// prepared query of each head is quantized to 16-bit fixed point, q ~ unit * (256 hi + lo) with
+// unit = max|q| / kQueryFixedMax and hi, lo int8 (|q - unit (256 hi + lo)| <= unit / 2 =
+// 1.5e-5 max|q|, finer than fp16's 2^-12 relative for all but the smallest entries), and
+// S = unit * (256 K hi^T + K lo^T): two int8 mma per 32 channels, exact int32 sums.
+constexpr float kQueryFixedMax = 127.f * 256.f;
+
+// 4 consecutive query entries -> their packed (hi, lo) int8 words.
+__device__ __forceinline__ void QueryFixed4(const float* v, float inv_unit, uint32_t& hi,
+                                            uint32_t& lo) {
+  hi = lo = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int q =
+        static_cast<int>(fminf(fmaxf(rintf(v[i] * inv_unit), -kQueryFixedMax), kQueryFixedMax));
+    const int h = (q + 128) >> 8;  // floor((q + 128) / 256): h in [-127, 127], l in [-128, 127]
+    const int l = q - 256 * h;
+    hi |= (static_cast<uint32_t>(h) & 0xFFu) << (8 * i);
+    lo |= (static_cast<uint32_t>(l) & 0xFFu) << (8 * i);
   }
 }
 
@@ -1105,12 +1139,13 @@ __device__ __forceinline__ void LoadList(const uint8_t* rec, int part, const For
       Fp8x4ToHalf2(u.y, h[2], h[3]);
     }
   } else if constexpr (FMT == kKindInt8) {
-    // Codes are 4-byte aligned (Int8Record): one LDS.32 per 4 codes, no realignment.
+    // Values only (int8 keys go to the integer mma undecoded). Codes are 4-byte aligned
+    // (Int8Record): one LDS.32 per 4 codes, no realignment.
+    static_assert(!KEY, "int8 keys: Imma16832");
     const uint32_t* words = reinterpret_cast<const uint32_t*>(rec);
 #pragma unroll
     for (int j = 0; j < CH / 4; ++j) {
-      const uint32_t w = KEY ? words[part * (CH / 4) + j] : words[Int8ValueWord<D>(part, j)];
-      Int8x4ToHalf2(w, h[2 * j], h[2 * j + 1]);
+      Int8x4ToHalf2(words[Int8ValueWord<D>(part, j)], h[2 * j], h[2 * j + 1]);
     }
   } else if constexpr (MmaFmt<FMT>::kKivi) {
     constexpr int B = MmaFmt<FMT>::KiviBits();
@@ -1283,11 +1318,40 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
   }
   GridDepWait();  // qprep (PrepareQueryKernel); the first tiles are already on their way
   // Q fragments: head g (zero beyond G); pair j of k-step s = list entries 4s + 2j, 4s + 2j + 1.
-  uint32_t qf[kKeySteps][2];
+  // int8: the int8 mma's B fragments instead, k-step s (32 channels) = words 2s, 2s + 1 of the
+  // lane's key list (channels t D/4 + 8s + [0, 8)), hi and lo parts (QueryFixed4).
+  constexpr bool kInt8 = FMT == kKindInt8;
+  constexpr int kInt8Steps = D / 32;
+  uint32_t qf[kInt8 ? 1 : kKeySteps][2];
   uint32_t qf_lo[kBf ? kKeySteps : 1][2];
-  {
-    const float* qp =
-        qsrc + (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + min(g, G - 1)) * D;
+  uint32_t qi_hi[kInt8 ? kInt8Steps : 1][2], qi_lo[kInt8 ? kInt8Steps : 1][2];
+  float q_unit0 = 0.f, q_unit1 = 0.f;  // int8: the fixed-point unit of heads 2t, 2t + 1
+  const float* qp = qsrc + (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + min(g, G - 1)) * D;
+  if constexpr (kInt8) {
+    float v[kKeyCh];
+    float mx = 0.f;
+#pragma unroll
+    for (int j = 0; j < kKeyCh / 4; ++j) {
+      const float4 x = g < G ? reinterpret_cast<const float4*>(qp + t * kKeyCh)[j]
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
+      v[4 * j] = x.x;
+      v[4 * j + 1] = x.y;
+      v[4 * j + 2] = x.z;
+      v[4 * j + 3] = x.w;
+      mx = fmaxf(mx, fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(x.z), fabsf(x.w))));
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the head's 4 lanes
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float inv_unit = mx > 0.f ? kQueryFixedMax / mx : 0.f;
+#pragma unroll
+    for (int st = 0; st < kInt8Steps; ++st) {
+      QueryFixed4(v + 8 * st, inv_unit, qi_hi[st][0], qi_lo[st][0]);
+      QueryFixed4(v + 8 * st + 4, inv_unit, qi_hi[st][1], qi_lo[st][1]);
+    }
+    const float unit = mx / kQueryFixedMax;
+    q_unit0 = __shfl_sync(0xffffffffu, unit, 8 * t);  // lane (g = 2t, 0)
+    q_unit1 = __shfl_sync(0xffffffffu, unit, 8 * t + 4);
+  } else {
 #pragma unroll
     for (int s = 0; s < kKeySteps; ++s) {
       // Entries 4s .. 4s + 3 of the lane's key list (not consecutive channels for KIVI's pairs).
@@ -1344,56 +1408,78 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
     for (int c0 = warp * 16; c0 < ntok; c0 += kWarps * 16) {
       const bool full = c0 + 16 <= ntok;
       // ---- scores S^T = K Q^T ----
-      uint32_t ka[kKeyCh / 2], kc[kKeyCh / 2];
       const uint8_t* rec_g = tile + (c0 + g) * rb;
       const uint8_t* rec_g8 = tile + (c0 + g + 8) * rb;
-      if constexpr (F::kTurbo) {
-        TurboList<FMT, D, kKeyCh, true>(rec_g, tq_key, tq_hi, tq_lo, ka);
-        TurboList<FMT, D, kKeyCh, true>(rec_g8, tq_key, tq_hi, tq_lo, kc);
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+      if constexpr (kInt8) {
+        // Codes 4-byte aligned (Int8Record): the A fragments are the stored words.
+        const uint32_t* kg =
+            reinterpret_cast<const uint32_t*>(rec_g + Int8Record::KeyCodes(D)) + t * (kKeyCh / 4);
+        const uint32_t* kg8 =
+            reinterpret_cast<const uint32_t*>(rec_g8 + Int8Record::KeyCodes(D)) + t * (kKeyCh / 4);
+        int hi[4] = {0, 0, 0, 0}, lo[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int st = 0; st < kInt8Steps; ++st) {
+          const uint32_t a0 = kg[2 * st], a1 = kg8[2 * st];
+          const uint32_t a2 = kg[2 * st + 1], a3 = kg8[2 * st + 1];
+          Imma16832(hi, a0, a1, a2, a3, qi_hi[st][0], qi_hi[st][1]);
+          Imma16832(lo, a0, a1, a2, a3, qi_lo[st][0], qi_lo[st][1]);
+        }
+        // |256 hi + lo| <= 2^15 * 127 * D: exact in int32; one rounding to fp32.
+        s[0] = static_cast<float>(256 * hi[0] + lo[0]) * q_unit0;
+        s[1] = static_cast<float>(256 * hi[1] + lo[1]) * q_unit1;
+        s[2] = static_cast<float>(256 * hi[2] + lo[2]) * q_unit0;
+        s[3] = static_cast<float>(256 * hi[3] + lo[3]) * q_unit1;
       } else {
-        LoadList<FMT, D, kKeyCh, true>(rec_g, t, fp, ka);
-        LoadList<FMT, D, kKeyCh, true>(rec_g8, t, fp, kc);
-      }
-      if constexpr (F::kKivi) {
-        // code * scale' + min per channel pair, from the tile's staged group metadata.
-        const uint32_t* meta =
-            kivi_meta + (tt & 1) * kivi_meta_words + (c0 >> lg_group) * D + t * (kKeyCh / 2);
+        uint32_t ka[kKeyCh / 2], kc[kKeyCh / 2];
+        if constexpr (F::kTurbo) {
+          TurboList<FMT, D, kKeyCh, true>(rec_g, tq_key, tq_hi, tq_lo, ka);
+          TurboList<FMT, D, kKeyCh, true>(rec_g8, tq_key, tq_hi, tq_lo, kc);
+        } else {
+          LoadList<FMT, D, kKeyCh, true>(rec_g, t, fp, ka);
+          LoadList<FMT, D, kKeyCh, true>(rec_g8, t, fp, kc);
+        }
+        if constexpr (F::kKivi) {
+          // code * scale' + min per channel pair, from the tile's staged group metadata.
+          const uint32_t* meta =
+              kivi_meta + (tt & 1) * kivi_meta_words + (c0 >> lg_group) * D + t * (kKeyCh / 2);
 #pragma unroll
-        for (int q4 = 0; q4 < kKeyCh / 8; ++q4) {
-          const uint4 sc = reinterpret_cast<const uint4*>(meta)[q4];
-          const uint4 mn = reinterpret_cast<const uint4*>(meta + D / 2)[q4];
-          const uint32_t scs[4] = {sc.x, sc.y, sc.z, sc.w}, mns[4] = {mn.x, mn.y, mn.z, mn.w};
+          for (int q4 = 0; q4 < kKeyCh / 8; ++q4) {
+            const uint4 sc = reinterpret_cast<const uint4*>(meta)[q4];
+            const uint4 mn = reinterpret_cast<const uint4*>(meta + D / 2)[q4];
+            const uint32_t scs[4] = {sc.x, sc.y, sc.z, sc.w}, mns[4] = {mn.x, mn.y, mn.z, mn.w};
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            ka[4 * q4 + k] = HalfFma2(ka[4 * q4 + k], scs[k], mns[k]);
-            kc[4 * q4 + k] = HalfFma2(kc[4 * q4 + k], scs[k], mns[k]);
+            for (int k = 0; k < 4; ++k) {
+              ka[4 * q4 + k] = HalfFma2(ka[4 * q4 + k], scs[k], mns[k]);
+              kc[4 * q4 + k] = HalfFma2(kc[4 * q4 + k], scs[k], mns[k]);
+            }
           }
         }
-      }
-      // Two accumulator chains (even / odd k-steps) halve the dependent mma latency.
-      float s[4] = {0.f, 0.f, 0.f, 0.f}, s_odd[4] = {0.f, 0.f, 0.f, 0.f};
+        // Two accumulator chains (even / odd k-steps) halve the dependent mma latency.
+        float s_odd[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int st = 0; st < kKeySteps; ++st) {
-        float(&sa)[4] = st % 2 ? s_odd : s;
-        Mma16816<kBf>(sa, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf[st][0],
-                      qf[st][1]);
-        if constexpr (kBf) {
-          Mma16816<kBf>(sa, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf_lo[st][0],
-                        qf_lo[st][1]);
+        for (int st = 0; st < kKeySteps; ++st) {
+          float(&sa)[4] = st % 2 ? s_odd : s;
+          Mma16816<kBf>(sa, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf[st][0],
+                        qf[st][1]);
+          if constexpr (kBf) {
+            Mma16816<kBf>(sa, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf_lo[st][0],
+                          qf_lo[st][1]);
+          }
         }
-      }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s[i] += s_odd[i];
+        for (int i = 0; i < 4; ++i) s[i] += s_odd[i];
+      }
       float vs_g = 0.f, vs_g8 = 0.f;  // int8: value scales of tokens g, g + 8
       if constexpr (FMT == kKindFp8) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[i] *= key_scale;
       } else if constexpr (FMT == kKindInt8) {
         // Key and value scale of a token in one load (adjacent in Int8Record, key in the low half).
-        const float2 sc_g = __half22float2(*reinterpret_cast<const __half2*>(
-            rec_g + Int8Record::KeyScale(D)));
-        const float2 sc_g8 = __half22float2(*reinterpret_cast<const __half2*>(
-            rec_g8 + Int8Record::KeyScale(D)));
+        const float2 sc_g =
+            __half22float2(*reinterpret_cast<const __half2*>(rec_g + Int8Record::KeyScale(D)));
+        const float2 sc_g8 =
+            __half22float2(*reinterpret_cast<const __half2*>(rec_g8 + Int8Record::KeyScale(D)));
         s[0] *= sc_g.x;
         s[1] *= sc_g.x;
         s[2] *= sc_g8.x;
@@ -1483,8 +1569,7 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
       for (int r = 0; r < 4; ++r) {
         const bool valid = full || c0 + tv[r] < ntok;
         const int row = full ? c0 + tv[r] : min(c0 + tv[r], ntok - 1);
-        const uint8_t* vec =
-            tile + row * rb + (FMT == kKindInt8 ? Int8Record::ValueCodes(D) : kb);
+        const uint8_t* vec = tile + row * rb + (FMT == kKindInt8 ? Int8Record::ValueCodes(D) : kb);
         if constexpr (F::kTurbo) {
           TurboList<FMT, D, kValCh, false>(tile + row * rb, tq_val, tq_hi, tq_lo, v[r]);
         } else {
