@@ -8,7 +8,8 @@
 // sides read identical stored bytes (PackPagedKv encodes with the CPU codecs under the cache's
 // rules); the tensor-core kernel rounds q and p to fp16 (2^-11 relative each; bf16 splits them into
 // hi + lo parts), which measured 2.4e-4..6.7e-4 relative L2 (v1 and bf16: <= 4e-6), so the bound
-// is relative L2 error < 1e-3 per sequence.
+// is relative L2 error < 1e-3 per sequence (int8, whose q K^T is exact integer arithmetic on a
+// 16-bit fixed-point q: < 5e-4).
 // Outputs are poisoned (NaN) before each run. Skipped with a reason when no GPU is present.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -224,6 +225,12 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
 }
 
 constexpr double kTolerance = 1e-3;  // identical storage: fp16 operand rounding + summation order
+// int8: q K^T in int8 mma with q in 16-bit fixed point, p x value scale rounded once to fp16
+// (decode_attention.cu); measured 1.2e-4 .. 2.3e-4 on the H200 (2026-11-29) over every int8 case.
+constexpr double kInt8Tolerance = 5e-4;
+double ToleranceFor(const std::string& format) {
+  return format == "int8" ? kInt8Tolerance : kTolerance;
+}
 
 class CudaDecodeTest : public ::testing::TestWithParam<std::tuple<std::string, int, int>> {};
 
@@ -234,7 +241,7 @@ TEST_P(CudaDecodeTest, MatchesCpuReferenceOnRaggedBatch) {
   RunCase(format, d, ratio, {1, 17, 1000, 4097}, 0, 1000 + d * 10 + ratio, &r);
   if (HasFatalFailure()) return;
   EXPECT_TRUE(r.all_finite) << "unwritten or non-finite outputs";
-  EXPECT_LT(r.max_rel_l2, kTolerance) << format << " d=" << d << " gqa=" << ratio;
+  EXPECT_LT(r.max_rel_l2, ToleranceFor(format)) << format << " d=" << d << " gqa=" << ratio;
   std::printf("[ result ] %s d=%d gqa=%d splits=%d rel_l2=%.3g\n", format.c_str(), d, ratio,
               r.splits, r.max_rel_l2);
 }
@@ -264,7 +271,7 @@ TEST_P(CudaDecodeSplitTest, ForcedSplitCountsMatchCpu) {
   RunCase(format, 128, 4, {4097, 333}, splits, 77 + splits, &r);
   if (HasFatalFailure()) return;
   EXPECT_TRUE(r.all_finite);
-  EXPECT_LT(r.max_rel_l2, kTolerance) << format << " splits=" << splits;
+  EXPECT_LT(r.max_rel_l2, ToleranceFor(format)) << format << " splits=" << splits;
   std::printf("[ result ] %s forced_splits=%d used=%d rel_l2=%.3g\n", format.c_str(), splits,
               r.splits, r.max_rel_l2);
 }
@@ -291,7 +298,7 @@ TEST_P(CudaDecodeLongTest, LongSequenceMatchesCpu) {
   RunCase(format, 128, 8, {len}, 0, 4242, &r);
   if (HasFatalFailure()) return;
   EXPECT_TRUE(r.all_finite);
-  EXPECT_LT(r.max_rel_l2, kTolerance) << format << " len=" << len;
+  EXPECT_LT(r.max_rel_l2, ToleranceFor(format)) << format << " len=" << len;
   std::printf("[ result ] %s len=%d splits=%d rel_l2=%.3g\n", format.c_str(), len, r.splits,
               r.max_rel_l2);
 }
@@ -315,7 +322,7 @@ TEST_P(CudaDecodePoisonTest, UnusedSlotsOfLastBlockAreMasked) {
   RunCase(format, 128, 4, {1, 17, 1000, 205}, 0, 99, &r, {.poison_tail = true});
   if (HasFatalFailure()) return;
   EXPECT_TRUE(r.all_finite) << format << ": NaN from unused slots";
-  EXPECT_LT(r.max_rel_l2, kTolerance) << format;
+  EXPECT_LT(r.max_rel_l2, ToleranceFor(format)) << format;
   std::printf("[ result ] %s poisoned tail rel_l2=%.3g\n", format.c_str(), r.max_rel_l2);
 }
 
@@ -331,9 +338,10 @@ INSTANTIATE_TEST_SUITE_P(Poison, CudaDecodePoisonTest,
 
 // int8 folds each token's value scale into the fp16 probability, under a per-warp power-of-two
 // prescale (decode_attention.cu, Int8Prescale): values at 2^-14 .. 2^-10 (every p x scale below
-// fp16's normal range without the prescale: the kernel had 1e-2 .. 1e-1 relative error there) and
-// spread per token over 2^-20 .. 2^14 (the prescale lowers mid-split; scales near fp16's top),
-// with one split (a warp crosses many scale jumps) and automatic splits.
+// fp16's normal range without the prescale: the kernel of c0c9e85, which folded p x scale in fp16,
+// measured 6.9e-3 .. 1.7e-2 relative L2 here on the H200) and spread per token over 2^-20 .. 2^14
+// (the prescale lowers mid-split; scales near fp16's top), with one split (a warp crosses many
+// scale jumps) and automatic splits. Measured now: 1.4e-4 .. 2.0e-4.
 TEST(CudaDecodeInt8Test, ValueScalesAcrossTheFp16Range) {
   SKIP_WITHOUT_GPU();
   for (int d : {64, 128}) {
@@ -344,7 +352,7 @@ TEST(CudaDecodeInt8Test, ValueScalesAcrossTheFp16Range) {
                 {.value_exp_lo = lo, .value_exp_hi = hi});
         if (HasFatalFailure()) return;
         EXPECT_TRUE(r.all_finite) << "d=" << d << " 2^" << lo << "..2^" << hi;
-        EXPECT_LT(r.max_rel_l2, kTolerance) << "d=" << d << " 2^" << lo << "..2^" << hi;
+        EXPECT_LT(r.max_rel_l2, kInt8Tolerance) << "d=" << d << " 2^" << lo << "..2^" << hi;
         std::printf("[ result ] int8 d=%d values 2^%g..2^%g splits=%d rel_l2=%.3g\n", d, lo, hi,
                     r.splits, r.max_rel_l2);
       }
@@ -617,8 +625,9 @@ TEST(CudaDecodeSinkTest, ShiftedSinkQueriesMatchCpu) {
           if (HasFatalFailure()) return;
           EXPECT_EQ(r.shifted_seqs, 3);
           EXPECT_TRUE(r.all_finite) << format << " d=" << d;
-          EXPECT_LT(r.max_rel_l2, kTolerance) << format << " d=" << d << " gqa=" << ratio
-                                              << " sinks=" << sinks << " splits=" << splits;
+          EXPECT_LT(r.max_rel_l2, ToleranceFor(format))
+              << format << " d=" << d << " gqa=" << ratio << " sinks=" << sinks
+              << " splits=" << splits;
           std::printf("[ result ] %s sinks d=%d gqa=%d S=%d W=%d splits=%d rel_l2=%.3g\n", format,
                       d, ratio, sinks, window, splits, r.max_rel_l2);
         }
