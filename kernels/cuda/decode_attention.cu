@@ -809,7 +809,7 @@ __device__ __forceinline__ void Imma16832(int (&d)[4], uint32_t a0, uint32_t a1,
 // int8 keys: Q K^T on the integer tensor cores, straight from the stored codes (no decode). The
 // prepared query of each head is quantized to 16-bit fixed point, q ~ unit * (256 hi + lo) with
 // unit = max|q| / kQueryFixedMax and hi, lo int8 (|q - unit (256 hi + lo)| <= unit / 2 =
-// 1.5e-5 max|q|, finer than fp16's 2^-12 relative for all but the smallest entries), and
+// 1.5e-5 max|q|: finer than fp16's 2^-12 relative for every entry above 6% of max|q|), and
 // S = unit * (256 K hi^T + K lo^T): two int8 mma per 32 channels, exact int32 sums.
 constexpr float kQueryFixedMax = 127.f * 256.f;
 
