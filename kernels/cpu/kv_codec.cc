@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "kernels/cpu/numeric.h"
+#include "kvgate/kernels/kv_record_layout.h"
 
 namespace kvgate::kernels::cpu {
 
@@ -439,29 +440,42 @@ class Fp8Codec final : public KvCodec {
 };
 
 // ---- INT8, symmetric, fp16 scale per (token, kv-head) -------------------------------------------
-// Record: key codes [d] int8, key scale fp16, value codes [d], value scale fp16.
+// Record (kvgate/kernels/kv_record_layout.h, Int8Record): key codes [d] int8, value codes [d] int8,
+// key scale fp16, value scale fp16; key_bytes() = value_bytes() = d + 2 count each vector's codes
+// and scale, but the two are interleaved so that the codes stay 4-byte aligned.
 // scale = fp16(amax / 127); q = clamp(round(x / scale), -127, 127); x^ = q * scale.
 class Int8Codec final : public KvCodec {
  public:
   explicit Int8Codec(int d) : KvCodec(d, d + 2, d + 2) {}
   void Encode(int n, const float* k, const float* v, int64_t stride, const HeadCodecState&,
               uint8_t* const* records) const override {
+    const int d = head_dim();
     for (int i = 0; i < n; ++i) {
-      EncodeRow(k + i * stride, records[i]);
-      EncodeRow(v + i * stride, records[i] + key_bytes());
+      EncodeRow(k + i * stride, records[i] + Int8Record::KeyCodes(d),
+                records[i] + Int8Record::KeyScale(d));
+      EncodeRow(v + i * stride, records[i] + Int8Record::ValueCodes(d),
+                records[i] + Int8Record::ValueScale(d));
     }
   }
   void DecodeKeys(int n, const uint8_t* const* records, const HeadCodecState&,
                   float* keys) const override {
-    for (int i = 0; i < n; ++i) DecodeRow(records[i], keys + i * head_dim());
+    const int d = head_dim();
+    for (int i = 0; i < n; ++i) {
+      DecodeRow(records[i] + Int8Record::KeyCodes(d), records[i] + Int8Record::KeyScale(d),
+                keys + i * d);
+    }
   }
   void DecodeValues(int n, const uint8_t* const* records, const HeadCodecState&,
                     float* values) const override {
-    for (int i = 0; i < n; ++i) DecodeRow(records[i] + key_bytes(), values + i * head_dim());
+    const int d = head_dim();
+    for (int i = 0; i < n; ++i) {
+      DecodeRow(records[i] + Int8Record::ValueCodes(d), records[i] + Int8Record::ValueScale(d),
+                values + i * d);
+    }
   }
 
  private:
-  void EncodeRow(const float* x, uint8_t* out) const {
+  void EncodeRow(const float* x, uint8_t* codes, uint8_t* scale_out) const {
     const int d = head_dim();
     float amax = 0;
     for (int c = 0; c < d; ++c) amax = std::max(amax, std::fabs(x[c]));
@@ -470,14 +484,13 @@ class Int8Codec final : public KvCodec {
     const float inv = scale > 0 ? 1.0f / scale : 0.0f;
     for (int c = 0; c < d; ++c) {
       const float q = std::clamp(std::nearbyint(x[c] * inv), -127.0f, 127.0f);
-      out[c] = static_cast<uint8_t>(static_cast<int8_t>(q));
+      codes[c] = static_cast<uint8_t>(static_cast<int8_t>(q));
     }
-    std::memcpy(out + d, &scale_half, 2);
+    std::memcpy(scale_out, &scale_half, 2);
   }
-  void DecodeRow(const uint8_t* in, float* out) const {
-    const int d = head_dim();
-    const float scale = LoadHalf(in + d);
-    for (int c = 0; c < d; ++c) out[c] = static_cast<int8_t>(in[c]) * scale;
+  void DecodeRow(const uint8_t* codes, const uint8_t* scale_in, float* out) const {
+    const float scale = LoadHalf(scale_in);
+    for (int c = 0; c < head_dim(); ++c) out[c] = static_cast<int8_t>(codes[c]) * scale;
   }
 };
 

@@ -37,7 +37,8 @@ class KvCodec {
   virtual ~KvCodec() = default;
 
   int head_dim() const { return head_dim_; }
-  // A token's record: [key_bytes | value_bytes].
+  // A token's record holds key_bytes of key and value_bytes of value: [key | value] for every
+  // format but INT8, whose codes precede both scales (kvgate/kernels/kv_record_layout.h).
   int key_bytes() const { return key_bytes_; }
   int value_bytes() const { return value_bytes_; }
   int record_bytes() const { return key_bytes_ + value_bytes_; }

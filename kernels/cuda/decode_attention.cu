@@ -28,6 +28,7 @@
 #include <utility>
 
 #include "kernels/cuda/decode_attention_internal.h"
+#include "kvgate/kernels/kv_record_layout.h"
 
 namespace kvgate::kernels::cuda::internal {
 namespace {
@@ -183,24 +184,25 @@ __device__ __forceinline__ void Turbo8(const uint8_t* rec, int lane, int hi_chan
   for (int i = 0; i < 8; ++i) o[i] = scale * c[(w >> (bits * i)) & mask];
 }
 
-// Channels [8 lane, 8 lane + 8) of one half (key or value, at `rec`) of a per-token record:
-// fp16, bf16, fp8 (the head scale is applied by the caller), int8 (its fp16 scale follows the D
-// codes).
-template <int KIND, int D>
-__device__ __forceinline__ void PerTokenChunk(const uint8_t* rec, int lane, float o[8]) {
-  if constexpr (KIND == kKindFp16) {
-    Half8(rec + 16 * lane, o);
-  } else if constexpr (KIND == kKindBf16) {
-    Bf16x8(rec + 16 * lane, o);
-  } else if constexpr (KIND == kKindFp8) {
-    Fp8x8(rec + 8 * lane, o);
-  } else {
-    static_assert(KIND == kKindInt8, "per-token formats only");
+// Channels [8 lane, 8 lane + 8) of the key (KEY) or the value of a per-token record `rec`:
+// fp16, bf16, fp8 (the head scale is applied by the caller; the value at key_bytes), int8 (codes
+// and fp16 scale where Int8Record puts them).
+template <int KIND, int D, bool KEY>
+__device__ __forceinline__ void PerTokenChunk(const uint8_t* rec, int key_bytes, int lane,
+                                              float o[8]) {
+  if constexpr (KIND == kKindInt8) {
     uint8_t b[8];
-    Load8(rec + 8 * lane, b);
-    const float s = LoadHalfF(rec + D);
+    Load8(rec + (KEY ? Int8Record::KeyCodes(D) : Int8Record::ValueCodes(D)) + 8 * lane, b);
+    const float s = LoadHalfF(rec + (KEY ? Int8Record::KeyScale(D) : Int8Record::ValueScale(D)));
 #pragma unroll
     for (int i = 0; i < 8; ++i) o[i] = static_cast<float>(static_cast<int8_t>(b[i])) * s;
+  } else if constexpr (KIND == kKindFp16) {
+    Half8(rec + (KEY ? 0 : key_bytes) + 16 * lane, o);
+  } else if constexpr (KIND == kKindBf16) {
+    Bf16x8(rec + (KEY ? 0 : key_bytes) + 16 * lane, o);
+  } else {
+    static_assert(KIND == kKindFp8, "per-token formats only");
+    Fp8x8(rec + (KEY ? 0 : key_bytes) + 8 * lane, o);
   }
 }
 
@@ -211,7 +213,7 @@ __device__ __forceinline__ void KeyChunk(const uint8_t* tile, int tok, int lane,
   const uint8_t* rec = tile + static_cast<size_t>(tok) * fp.record_bytes;
   if constexpr (KIND == kKindFp16 || KIND == kKindBf16 || KIND == kKindFp8 ||
                 KIND == kKindInt8) {
-    PerTokenChunk<KIND, D>(rec, lane, o);
+    PerTokenChunk<KIND, D, true>(rec, fp.key_bytes, lane, o);
   } else if constexpr (KIND == kKindKivi) {
     const int bits = fp.kivi_bits, group = fp.kivi_group, cpt = D / group;
     const uint32_t w = LoadBytes(rec + lane * bits, bits);
@@ -236,10 +238,11 @@ template <int KIND, int D>
 __device__ __forceinline__ void ValueChunk(const uint8_t* tile, int tok, int lane,
                                            const FormatParams& fp, const float* tables,
                                            float o[8]) {
-  const uint8_t* rec = tile + static_cast<size_t>(tok) * fp.record_bytes + fp.key_bytes;
+  const uint8_t* record = tile + static_cast<size_t>(tok) * fp.record_bytes;
+  const uint8_t* rec = record + fp.key_bytes;  // KIVI, TurboQuant: [key | value]
   if constexpr (KIND == kKindFp16 || KIND == kKindBf16 || KIND == kKindFp8 ||
                 KIND == kKindInt8) {
-    PerTokenChunk<KIND, D>(rec, lane, o);
+    PerTokenChunk<KIND, D, false>(record, fp.key_bytes, lane, o);
   } else if constexpr (KIND == kKindKivi) {
     const int bits = fp.kivi_bits;
     const uint32_t w = LoadBytes(rec + lane * bits, bits);
@@ -734,11 +737,15 @@ cudaError_t Dispatch(bool setup, int kind, int d, int g, const SplitArgs& a, con
 //                                                   k index is permuted, Q's fragment likewise)
 //   per-token key factor (int8 scale, TurboQuant norm, FP8 head scale) on the scores
 //   online softmax on the fragment (max: 3 shuffles per head pair; sums stay per lane)
-//   P^T fragment = movmatrix.trans of the packed probabilities (x per-token value factor)
+//   P^T fragment = movmatrix.trans of the packed probabilities (x per-token value factor: the
+//                  TurboQuant norm in fp16 after the transpose; the int8 scale in fp32 before
+//                  it, with a power-of-two prescale, Int8Prescale)
 //   O^T[D][8] += V^T[D][16 tok] x P^T              (D/16 mma; lane (g, t) holds the values of
 //                                                   tokens 2t, 2t+1, 2t+8, 2t+9 on its
 //                                                   ValueChannel list)
-// Codes become fp16 in registers: fp8/int8 exactly (cvt / 0x64XX magic), KIVI as
+// int8 keys skip the decode: S comes from int8 mma (m16n8k32) of the stored codes with q in 16-bit
+// fixed point (hi and lo int8 parts; QueryFixed4).
+// Codes become fp16 in registers: fp8/int8 values exactly (cvt / 0x64XX magic), KIVI as
 // code * scale + min (HFMA2; powers of two of the scale absorb the code's bit position),
 // TurboQuant centroids by prmt lookups in tables held in registers (TurboTable).
 // bf16: q and p are split into hi + lo bf16 parts (two mma each) so the result keeps fp32-level
@@ -786,6 +793,38 @@ __device__ __forceinline__ void Mma16816(float (&d)[4], uint32_t a0, uint32_t a1
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// d += A B with int8 operands and int32 accumulators (exact).
+__device__ __forceinline__ void Imma16832(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                          uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// int8 keys: Q K^T on the integer tensor cores, straight from the stored codes (no decode). The
+// prepared query of each head is quantized to 16-bit fixed point, q ~ unit * (256 hi + lo) with
+// unit = max|q| / kQueryFixedMax and hi, lo int8 (|q - unit (256 hi + lo)| <= unit / 2 =
+// 1.5e-5 max|q|: finer than fp16's 2^-12 relative for every entry above 6% of max|q|), and
+// S = unit * (256 K hi^T + K lo^T): two int8 mma per 32 channels, exact int32 sums.
+constexpr float kQueryFixedMax = 127.f * 256.f;
+
+// 4 consecutive query entries -> their packed (hi, lo) int8 words.
+__device__ __forceinline__ void QueryFixed4(const float* v, float inv_unit, uint32_t& hi,
+                                            uint32_t& lo) {
+  hi = lo = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int q =
+        static_cast<int>(fminf(fmaxf(rintf(v[i] * inv_unit), -kQueryFixedMax), kQueryFixedMax));
+    const int h = (q + 128) >> 8;  // floor((q + 128) / 256): h in [-127, 127], l in [-128, 127]
+    const int l = q - 256 * h;
+    hi |= (static_cast<uint32_t>(h) & 0xFFu) << (8 * i);
+    lo |= (static_cast<uint32_t>(l) & 0xFFu) << (8 * i);
   }
 }
 
@@ -1040,12 +1079,26 @@ __device__ __forceinline__ int ChannelBytes() {
   return FMT == kKindFp16 || FMT == kKindBf16 ? 2 : 1;
 }
 
+// Word j (4 channels) of lane g's int8 value list: 32-bit word Int8ValueWord<D>(g, j) of the value
+// codes (4-byte aligned, Int8Record). One load instruction reads word j of every lane, and the
+// lanes of a warp read tokens 2t (+1, +8, +9) of records of 4 (D/2 + 1) bytes, so token 2t's words
+// sit 2t banks further: a contiguous share per lane (words 4g + j at D = 128) would put lanes
+// (g, t) and (g + 1, t - 2) on one bank. Interleaving the lanes' words in steps of 2 (lane g: the
+// odd or even words, per g % 2, of an 8-word stretch, per g / 2) gives every lane its own bank at
+// D = 128 (at D = 64 the 16 words cannot fill 32 banks; this halves the conflicts there).
+template <int D>
+__host__ __device__ constexpr int Int8ValueWord(int g, int j) {
+  constexpr int kRun = D / 32 < 4 ? D / 32 : 4;  // words of a lane in one 8-word stretch
+  return 32 * (j / kRun) + 2 * kRun * (g / 2) + g % 2 + 2 * (j % kRun);
+}
+
 // Channel of entry m of lane t's key list (KEY) or of lane g's value list: the lane's share of
 // the hi channels [0, hi), then its share of [hi, D) (TurboQuant's split; other formats: hi = D,
-// one contiguous share).
+// one contiguous share; int8 values: Int8ValueWord's words).
 template <int FMT, int D, bool KEY>
 __device__ __forceinline__ int ListChannel(int lane_part, int m) {
   constexpr int kLanes = KEY ? 4 : 8;
+  if constexpr (FMT == kKindInt8 && !KEY) return 4 * Int8ValueWord<D>(lane_part, m / 4) + m % 4;
   if constexpr (MmaFmt<FMT>::kKivi) {  // KIVI: contiguous share, read in code pairs (KiviUnit)
     return lane_part * (D / kLanes) + KiviListOffset<MmaFmt<FMT>::KiviBits(), D / kLanes>(m);
   }
@@ -1054,7 +1107,8 @@ __device__ __forceinline__ int ListChannel(int lane_part, int m) {
 }
 
 // CH channels (the lane's list) of one key or value vector of a token -> CH/2 (b)f16x2.
-// rec: the vector's first byte (key: record; value: record + key_bytes). part: t or g.
+// rec: the vector's first byte (key: record; value: record + key_bytes, int8: the value codes).
+// part: t or g.
 template <int FMT, int D, int CH, bool KEY>
 __device__ __forceinline__ void LoadList(const uint8_t* rec, int part, const FormatParams& fp,
                                          uint32_t (&h)[CH / 2]) {
@@ -1085,10 +1139,14 @@ __device__ __forceinline__ void LoadList(const uint8_t* rec, int part, const For
       Fp8x4ToHalf2(u.y, h[2], h[3]);
     }
   } else if constexpr (FMT == kKindInt8) {
-    uint32_t w[CH / 4];
-    LoadWords<CH / 4>(p, w);
+    // Values only (int8 keys go to the integer mma undecoded). Codes are 4-byte aligned
+    // (Int8Record): one LDS.32 per 4 codes, no realignment.
+    static_assert(!KEY, "int8 keys: Imma16832");
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(rec);
 #pragma unroll
-    for (int j = 0; j < CH / 4; ++j) Int8x4ToHalf2(w[j], h[2 * j], h[2 * j + 1]);
+    for (int j = 0; j < CH / 4; ++j) {
+      Int8x4ToHalf2(words[Int8ValueWord<D>(part, j)], h[2 * j], h[2 * j + 1]);
+    }
   } else if constexpr (MmaFmt<FMT>::kKivi) {
     constexpr int B = MmaFmt<FMT>::KiviBits();
     uint32_t w[(CH * B + 31) / 32];
@@ -1133,14 +1191,25 @@ __device__ __forceinline__ void TurboList(const uint8_t* rec, const TurboLane& l
   if constexpr (nlo > 0) TurboCodes<F::LoBits(), nlo>(rw, lane.lo, lo_table, h + nhi / 2);
 }
 
-// Per-token factor of a key / value vector (int8 scale, TurboQuant norm; 1 otherwise).
+// Per-token factor of a key / value vector (TurboQuant norm; 1 otherwise).
 template <int FMT, int D, bool KEY>
 __device__ __forceinline__ float TokenFactor(const uint8_t* vec, const FormatParams& fp) {
-  if constexpr (FMT == kKindInt8) return LoadHalfF(vec + D);
   if constexpr (MmaFmt<FMT>::kTurbo) {
     return LoadHalfF(vec + (KEY ? fp.tq_key_code_bytes : fp.tq_value_code_bytes));
   }
   return 1.f;
+}
+
+// int8 value scales fold into P in fp32, times a per-warp power of two `pre` chosen so that the
+// largest scale seen times pre is in [2^14, 2^15): every p x scale x pre (p <= 1) is then an fp16
+// below 2^15 (no overflow) and normal unless it is under 2^-28 of the largest term, so the fp16
+// rounding of the folded probability is 2^-11 relative like fp16's p. The warp lowers pre (and
+// rescales its accumulators by the exact power-of-two ratio) when a larger scale arrives, as the
+// online softmax does with its max; the accumulators are divided by pre at the end.
+constexpr float kInt8PreInit = 0x1p38f;  // fits the smallest fp16 scale, 2^-24
+__device__ __forceinline__ float Int8Prescale(float max_scale) {
+  // 2^(14 - floor(log2 max_scale)) from the exponent bits (max_scale in [2^-24, 65504]).
+  return __uint_as_float((268u - (__float_as_uint(max_scale) >> 23)) << 23);
 }
 
 template <int FMT, int D>
@@ -1181,6 +1250,7 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
   for (int i = 0; i < kValTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // heads 2t, 2t+1
   float key_scale = 1.f, value_scale = 1.f;
+  float int8_pre = kInt8PreInit;  // int8: power of two folded into P with the value scales
   if constexpr (FMT == kKindFp8) {
     const float* hs = a.head_scales + (StateSlot(a, seq) * num_kv_heads + kvh) * 2;
     key_scale = hs[0];
@@ -1248,11 +1318,40 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
   }
   GridDepWait();  // qprep (PrepareQueryKernel); the first tiles are already on their way
   // Q fragments: head g (zero beyond G); pair j of k-step s = list entries 4s + 2j, 4s + 2j + 1.
-  uint32_t qf[kKeySteps][2];
+  // int8: the int8 mma's B fragments instead, k-step s (32 channels) = words 2s, 2s + 1 of the
+  // lane's key list (channels t D/4 + 8s + [0, 8)), hi and lo parts (QueryFixed4).
+  constexpr bool kInt8 = FMT == kKindInt8;
+  constexpr int kInt8Steps = D / 32;
+  uint32_t qf[kInt8 ? 1 : kKeySteps][2];
   uint32_t qf_lo[kBf ? kKeySteps : 1][2];
-  {
-    const float* qp =
-        qsrc + (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + min(g, G - 1)) * D;
+  uint32_t qi_hi[kInt8 ? kInt8Steps : 1][2], qi_lo[kInt8 ? kInt8Steps : 1][2];
+  float q_unit0 = 0.f, q_unit1 = 0.f;  // int8: the fixed-point unit of heads 2t, 2t + 1
+  const float* qp = qsrc + (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + min(g, G - 1)) * D;
+  if constexpr (kInt8) {
+    float v[kKeyCh];
+    float mx = 0.f;
+#pragma unroll
+    for (int j = 0; j < kKeyCh / 4; ++j) {
+      const float4 x = g < G ? reinterpret_cast<const float4*>(qp + t * kKeyCh)[j]
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
+      v[4 * j] = x.x;
+      v[4 * j + 1] = x.y;
+      v[4 * j + 2] = x.z;
+      v[4 * j + 3] = x.w;
+      mx = fmaxf(mx, fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(x.z), fabsf(x.w))));
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the head's 4 lanes
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float inv_unit = mx > 0.f ? kQueryFixedMax / mx : 0.f;
+#pragma unroll
+    for (int st = 0; st < kInt8Steps; ++st) {
+      QueryFixed4(v + 8 * st, inv_unit, qi_hi[st][0], qi_lo[st][0]);
+      QueryFixed4(v + 8 * st + 4, inv_unit, qi_hi[st][1], qi_lo[st][1]);
+    }
+    const float unit = mx / kQueryFixedMax;
+    q_unit0 = __shfl_sync(0xffffffffu, unit, 8 * t);  // lane (g = 2t, 0)
+    q_unit1 = __shfl_sync(0xffffffffu, unit, 8 * t + 4);
+  } else {
 #pragma unroll
     for (int s = 0; s < kKeySteps; ++s) {
       // Entries 4s .. 4s + 3 of the lane's key list (not consecutive channels for KIVI's pairs).
@@ -1309,50 +1408,85 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
     for (int c0 = warp * 16; c0 < ntok; c0 += kWarps * 16) {
       const bool full = c0 + 16 <= ntok;
       // ---- scores S^T = K Q^T ----
-      uint32_t ka[kKeyCh / 2], kc[kKeyCh / 2];
       const uint8_t* rec_g = tile + (c0 + g) * rb;
       const uint8_t* rec_g8 = tile + (c0 + g + 8) * rb;
-      if constexpr (F::kTurbo) {
-        TurboList<FMT, D, kKeyCh, true>(rec_g, tq_key, tq_hi, tq_lo, ka);
-        TurboList<FMT, D, kKeyCh, true>(rec_g8, tq_key, tq_hi, tq_lo, kc);
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+      if constexpr (kInt8) {
+        // Codes 4-byte aligned (Int8Record): the A fragments are the stored words.
+        const uint32_t* kg =
+            reinterpret_cast<const uint32_t*>(rec_g + Int8Record::KeyCodes(D)) + t * (kKeyCh / 4);
+        const uint32_t* kg8 =
+            reinterpret_cast<const uint32_t*>(rec_g8 + Int8Record::KeyCodes(D)) + t * (kKeyCh / 4);
+        int hi[4] = {0, 0, 0, 0}, lo[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int st = 0; st < kInt8Steps; ++st) {
+          const uint32_t a0 = kg[2 * st], a1 = kg8[2 * st];
+          const uint32_t a2 = kg[2 * st + 1], a3 = kg8[2 * st + 1];
+          Imma16832(hi, a0, a1, a2, a3, qi_hi[st][0], qi_hi[st][1]);
+          Imma16832(lo, a0, a1, a2, a3, qi_lo[st][0], qi_lo[st][1]);
+        }
+        // |256 hi + lo| <= 2^15 * 127 * D: exact in int32; one rounding to fp32.
+        s[0] = static_cast<float>(256 * hi[0] + lo[0]) * q_unit0;
+        s[1] = static_cast<float>(256 * hi[1] + lo[1]) * q_unit1;
+        s[2] = static_cast<float>(256 * hi[2] + lo[2]) * q_unit0;
+        s[3] = static_cast<float>(256 * hi[3] + lo[3]) * q_unit1;
       } else {
-        LoadList<FMT, D, kKeyCh, true>(rec_g, t, fp, ka);
-        LoadList<FMT, D, kKeyCh, true>(rec_g8, t, fp, kc);
-      }
-      if constexpr (F::kKivi) {
-        // code * scale' + min per channel pair, from the tile's staged group metadata.
-        const uint32_t* meta =
-            kivi_meta + (tt & 1) * kivi_meta_words + (c0 >> lg_group) * D + t * (kKeyCh / 2);
+        uint32_t ka[kKeyCh / 2], kc[kKeyCh / 2];
+        if constexpr (F::kTurbo) {
+          TurboList<FMT, D, kKeyCh, true>(rec_g, tq_key, tq_hi, tq_lo, ka);
+          TurboList<FMT, D, kKeyCh, true>(rec_g8, tq_key, tq_hi, tq_lo, kc);
+        } else {
+          LoadList<FMT, D, kKeyCh, true>(rec_g, t, fp, ka);
+          LoadList<FMT, D, kKeyCh, true>(rec_g8, t, fp, kc);
+        }
+        if constexpr (F::kKivi) {
+          // code * scale' + min per channel pair, from the tile's staged group metadata.
+          const uint32_t* meta =
+              kivi_meta + (tt & 1) * kivi_meta_words + (c0 >> lg_group) * D + t * (kKeyCh / 2);
 #pragma unroll
-        for (int q4 = 0; q4 < kKeyCh / 8; ++q4) {
-          const uint4 sc = reinterpret_cast<const uint4*>(meta)[q4];
-          const uint4 mn = reinterpret_cast<const uint4*>(meta + D / 2)[q4];
-          const uint32_t scs[4] = {sc.x, sc.y, sc.z, sc.w}, mns[4] = {mn.x, mn.y, mn.z, mn.w};
+          for (int q4 = 0; q4 < kKeyCh / 8; ++q4) {
+            const uint4 sc = reinterpret_cast<const uint4*>(meta)[q4];
+            const uint4 mn = reinterpret_cast<const uint4*>(meta + D / 2)[q4];
+            const uint32_t scs[4] = {sc.x, sc.y, sc.z, sc.w}, mns[4] = {mn.x, mn.y, mn.z, mn.w};
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            ka[4 * q4 + k] = HalfFma2(ka[4 * q4 + k], scs[k], mns[k]);
-            kc[4 * q4 + k] = HalfFma2(kc[4 * q4 + k], scs[k], mns[k]);
+            for (int k = 0; k < 4; ++k) {
+              ka[4 * q4 + k] = HalfFma2(ka[4 * q4 + k], scs[k], mns[k]);
+              kc[4 * q4 + k] = HalfFma2(kc[4 * q4 + k], scs[k], mns[k]);
+            }
           }
         }
-      }
-      // Two accumulator chains (even / odd k-steps) halve the dependent mma latency.
-      float s[4] = {0.f, 0.f, 0.f, 0.f}, s_odd[4] = {0.f, 0.f, 0.f, 0.f};
+        // Two accumulator chains (even / odd k-steps) halve the dependent mma latency.
+        float s_odd[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int st = 0; st < kKeySteps; ++st) {
-        float(&sa)[4] = st % 2 ? s_odd : s;
-        Mma16816<kBf>(sa, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf[st][0],
-                      qf[st][1]);
-        if constexpr (kBf) {
-          Mma16816<kBf>(sa, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf_lo[st][0],
-                        qf_lo[st][1]);
+        for (int st = 0; st < kKeySteps; ++st) {
+          float(&sa)[4] = st % 2 ? s_odd : s;
+          Mma16816<kBf>(sa, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf[st][0],
+                        qf[st][1]);
+          if constexpr (kBf) {
+            Mma16816<kBf>(sa, ka[2 * st], kc[2 * st], ka[2 * st + 1], kc[2 * st + 1], qf_lo[st][0],
+                          qf_lo[st][1]);
+          }
         }
-      }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s[i] += s_odd[i];
+        for (int i = 0; i < 4; ++i) s[i] += s_odd[i];
+      }
+      float vs_g = 0.f, vs_g8 = 0.f;  // int8: value scales of tokens g, g + 8
       if constexpr (FMT == kKindFp8) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[i] *= key_scale;
-      } else if constexpr (FMT == kKindInt8 || F::kTurbo) {
+      } else if constexpr (FMT == kKindInt8) {
+        // Key and value scale of a token in one load (adjacent in Int8Record, key in the low half).
+        const float2 sc_g =
+            __half22float2(*reinterpret_cast<const __half2*>(rec_g + Int8Record::KeyScale(D)));
+        const float2 sc_g8 =
+            __half22float2(*reinterpret_cast<const __half2*>(rec_g8 + Int8Record::KeyScale(D)));
+        s[0] *= sc_g.x;
+        s[1] *= sc_g.x;
+        s[2] *= sc_g8.x;
+        s[3] *= sc_g8.x;
+        vs_g = sc_g.y;
+        vs_g8 = sc_g8.y;
+      } else if constexpr (F::kTurbo) {
         const float sg = TokenFactor<FMT, D, true>(rec_g, fp);
         const float sg8 = TokenFactor<FMT, D, true>(rec_g8, fp);
         s[0] *= sg;
@@ -1361,8 +1495,37 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
         s[3] *= sg8;
       }
       if (!full || c0 < skip) {
-        if (c0 + g >= ntok || c0 + g < skip) s[0] = s[1] = -INFINITY;
-        if (c0 + g + 8 >= ntok || c0 + g + 8 < skip) s[2] = s[3] = -INFINITY;
+        // Rows past the end hold stale or poisoned bytes (a NaN scale): no score, no scale.
+        if (c0 + g >= ntok || c0 + g < skip) {
+          s[0] = s[1] = -INFINITY;
+          vs_g = 0.f;
+        }
+        if (c0 + g + 8 >= ntok || c0 + g + 8 < skip) {
+          s[2] = s[3] = -INFINITY;
+          vs_g8 = 0.f;
+        }
+      }
+      if constexpr (FMT == kKindInt8) {
+        // A scale above the prescale's range: lower it for the warp (the max over its 16 tokens;
+        // lanes of one g hold the same tokens) and rescale the accumulators by the exact ratio.
+        const float vmax = fmaxf(vs_g, vs_g8);
+        if (__any_sync(0xffffffffu, vmax * int8_pre >= 0x1p15f)) {
+          float mx = vmax;
+#pragma unroll
+          for (int off = 4; off < 32; off <<= 1) {
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+          }
+          const float pre = Int8Prescale(mx);
+          const float ratio = pre / int8_pre;  // a power of two: exact
+#pragma unroll
+          for (int i = 0; i < kValTiles; ++i) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[i][k] *= ratio;
+          }
+          int8_pre = pre;
+        }
+        vs_g *= int8_pre;
+        vs_g8 *= int8_pre;
       }
       // ---- online softmax (heads 2t, 2t+1) ----
       // The running max moves only when a score of the chunk exceeds it, which gets rare after
@@ -1401,12 +1564,12 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
       // masks garbage without touching the decoded registers.
       const int tv[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
       uint32_t v[4][kValCh / 2];
-      float vf[4];  // per-token value factor (0 for tokens past the end)
+      float vf[4];  // TurboQuant: per-token value factor (0 for tokens past the end)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const bool valid = full || c0 + tv[r] < ntok;
         const int row = full ? c0 + tv[r] : min(c0 + tv[r], ntok - 1);
-        const uint8_t* vec = tile + row * rb + kb;
+        const uint8_t* vec = tile + row * rb + (FMT == kKindInt8 ? Int8Record::ValueCodes(D) : kb);
         if constexpr (F::kTurbo) {
           TurboList<FMT, D, kValCh, false>(tile + row * rb, tq_val, tq_hi, tq_lo, v[r]);
         } else {
@@ -1430,9 +1593,7 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
           }
         }
         vf[r] = 1.f;
-        if constexpr (FMT == kKindInt8 || F::kTurbo) {
-          vf[r] = valid ? TokenFactor<FMT, D, false>(vec, fp) : 0.f;
-        }
+        if constexpr (F::kTurbo) vf[r] = valid ? TokenFactor<FMT, D, false>(vec, fp) : 0.f;
       }
       uint32_t pb0, pb1, pb0_lo = 0, pb1_lo = 0;
       if constexpr (kBf) {
@@ -1441,11 +1602,16 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
         pb1 = MovTrans(PackBf162(p2, p3, &r2, &r3));
         pb0_lo = MovTrans(PackBf162(r0, r1));
         pb1_lo = MovTrans(PackBf162(r2, r3));
+      } else if constexpr (FMT == kKindInt8) {
+        // p x value scale x pre in fp32 on the token-major fragment (tokens g, g + 8), one
+        // rounding to fp16 (Int8Prescale), then transposed.
+        pb0 = MovTrans(PackHalf2(p0 * vs_g, p1 * vs_g));
+        pb1 = MovTrans(PackHalf2(p2 * vs_g8, p3 * vs_g8));
       } else {
         pb0 = MovTrans(PackHalf2(p0, p1));  // P[tok 2t, 2t+1][head g]
         pb1 = MovTrans(PackHalf2(p2, p3));  // P[tok 2t+8, 2t+9][head g]
-        if constexpr (FMT == kKindInt8 || F::kTurbo) {
-          // Per-token value factors fold into P (p <= 1 times a scale or a norm, in fp16).
+        if constexpr (F::kTurbo) {
+          // Per-token value factors fold into P (p <= 1 times a norm, in fp16).
           pb0 = HalfMul2(pb0, PackHalf2(vf[0], vf[1]));
           pb1 = HalfMul2(pb1, PackHalf2(vf[2], vf[3]));
         }
@@ -1462,6 +1628,14 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
     }
   }
   GridDepLaunch();
+  if constexpr (FMT == kKindInt8) {
+    const float unscale = 1.f / int8_pre;  // a power of two: exact
+#pragma unroll
+    for (int i = 0; i < kValTiles; ++i) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][k] *= unscale;
+    }
+  }
   // ---- merge the warps: (m, l, O) per head through shared memory ----
 #pragma unroll
   for (int off = 4; off < 32; off <<= 1) {

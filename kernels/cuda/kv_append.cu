@@ -46,6 +46,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/kv_append_internal.h"
+#include "kvgate/kernels/kv_record_layout.h"
 
 namespace kvgate::kernels::cuda::internal {
 namespace {
@@ -607,16 +608,17 @@ __global__ void __launch_bounds__(kThreads) EncodeRowsKernel(AppendFormat f, App
         const uint16_t scale_half = FloatToHalf(65504.0f < q ? 65504.0f : q);
         const float scale = HalfToFloat(scale_half);
         const float inv = scale > 0 ? __fdiv_rn(1.0f, scale) : 0.0f;
-        uint8_t* base = out + half * (D + 2);
+        uint8_t* codes = out + (half == 0 ? Int8Record::KeyCodes(D) : Int8Record::ValueCodes(D));
 #pragma unroll
         for (int r = 0; r < V; ++r) {
           const float c = rintf(__fmul_rn(x[half][r], inv));
-          base[c0 + r] = static_cast<uint8_t>(static_cast<int8_t>(
+          codes[c0 + r] = static_cast<uint8_t>(static_cast<int8_t>(
               static_cast<int>(c < -127.0f ? -127.0f : (127.0f < c ? 127.0f : c))));
         }
         if (lane == 0) {
-          base[D] = static_cast<uint8_t>(scale_half & 0xFF);
-          base[D + 1] = static_cast<uint8_t>(scale_half >> 8);
+          uint8_t* sc = out + (half == 0 ? Int8Record::KeyScale(D) : Int8Record::ValueScale(D));
+          sc[0] = static_cast<uint8_t>(scale_half & 0xFF);
+          sc[1] = static_cast<uint8_t>(scale_half >> 8);
         }
       }
     } else {  // TurboQuant
@@ -1033,8 +1035,11 @@ __global__ void __launch_bounds__(kThreads) ReadKernel(AppendFormat f, ReadArgs 
     } else if constexpr (KIND == kAppendInt8) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const uint8_t* in = mine + half * (D + 2);
-        const float scale = HalfToFloat(static_cast<uint16_t>(in[D] | (in[D + 1] << 8)));
+        const uint8_t* in =
+            mine + (half == 0 ? Int8Record::KeyCodes(D) : Int8Record::ValueCodes(D));
+        const uint8_t* sc =
+            mine + (half == 0 ? Int8Record::KeyScale(D) : Int8Record::ValueScale(D));
+        const float scale = HalfToFloat(static_cast<uint16_t>(sc[0] | (sc[1] << 8)));
 #pragma unroll
         for (int r = 0; r < V; ++r) {
           out[half][r] = __fmul_rn(static_cast<float>(static_cast<int8_t>(in[c0 + r])), scale);

@@ -976,17 +976,19 @@ TEST(CudaRunnerBench, DecodeThroughputOnReferenceModel) {
 //   fp16, bf16, kivi4, kivi2, tq4, tq4/fp16=1:1: the rounding alone: max 6.5e-4, mean 1.1e-4.
 //   tq3.5, tq3, tq2.5: also a few codes flipped by the 1e-6 (a 2.5-3.5-bit level step on one
 //     coordinate of a rotated key/value): max 5.1e-3 on single rows, mean 2.2e-4.
-//   int8: the decode kernel folds each token's value scale (amax / 127) into the fp16
-//     probability (HalfMul2 in DecodeMmaKernel); with small values p x scale falls below fp16's
-//     normal range (6.1e-5) and loses relative precision: max 5.4e-3, mean 1.3e-3.
+//   int8: max 4.8e-3, mean 1.1e-3 (2026-11-29T07:15Z, reference model; tiny llama 1.6e-3 /
+//     2.5e-4). Not the decode kernel's: with identical stored codes it is within 2.5e-4 of the
+//     CPU (CudaKvCacheHost, cuda_decode_attention_test), and making its p x value-scale fold
+//     exact (Int8Prescale; it was fp16-subnormal for small values) left these figures in place
+//     (6.0e-3 / 1.3e-3 with that fix alone, 5.4e-3 / 1.3e-3 before). What remains is the 1e-6 K/V
+//     difference moving values across int8 rounding boundaries (a step is amax / 127 of the
+//     token's row), as for fp8 below.
 //   fp8: measured max 5.4e-2, mean 4.0e-3 while the scale rule was amax / 200 (keys) and
 //     amax / 100 (values), which put every head's largest element exactly on an E4M3 rounding tie
 //     (200 between 192 and 208), so a last-bit difference in amax flipped it by ~4%. With the rule
 //     amax / 192 and amax / 96 (exact E4M3 values, kv_codec.cc): max 7.7e-3, mean 1.4e-3
 //     (2026-11-29T05:11Z): what remains are ordinary level flips, more frequent than TurboQuant's
 //     because E4M3 steps are 1/8 of an octave everywhere.
-// The int8 cause is in the decode kernel (kernels/cuda); once fixed, its bound drops to the
-// first group's.
 constexpr double kFp32PrefillTolerance = 5e-5;
 constexpr double kFp32Tolerance = 2e-3;
 constexpr double kFp32MeanTolerance = 5e-4;
@@ -996,7 +998,7 @@ struct Fp32Bound {
 };
 Fp32Bound Fp32BoundFor(const std::string& format) {
   if (format == "tq3.5" || format == "tq3" || format == "tq2.5") return {1e-2, 5e-4};
-  if (format == "int8") return {1.2e-2, 2.5e-3};
+  if (format == "int8") return {1e-2, 2.2e-3};
   if (format == "fp8") return {1.5e-2, 2.5e-3};
   return {};
 }

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu/numeric.h"
 #include "kvgate/kernels/kv_format.h"
+#include "kvgate/kernels/kv_record_layout.h"
 #include "tests/unit/kernels/reference_attention.h"
 
 namespace kvgate::kernels::cpu {
@@ -217,6 +218,35 @@ TEST(UniformQuantizerTest, Int8ErrorWithinHalfStep) {
     const float step = RoundToHalf(amax / 127.0f);
     for (int e = 0; e < d; ++e) {
       ASSERT_LE(std::fabs(x[i * d + e] - out[i * d + e]), step / 2 * (1 + 1e-5f)) << i;
+    }
+  }
+}
+
+// The INT8 record's byte layout is shared with the CUDA kernels
+// (kvgate/kernels/kv_record_layout.h): key codes, value codes, key scale, value scale. Keys and
+// values with different amax and known codes must land at exactly those offsets.
+TEST(UniformQuantizerTest, Int8RecordLayout) {
+  for (int d : {64, 128}) {
+    auto codec = CreateKvCodec(*ParseKvFormat("int8"), d);
+    ASSERT_TRUE(codec.ok());
+    ASSERT_EQ((*codec)->record_bytes(), Int8Record::Bytes(d));
+    // key[c] = (c % 9 - 4) / 4 * 2 (amax 2: scale fp16(2/127)); value[c] = -3 at c = 5, else 0.
+    std::vector<float> k(d), v(d, 0.0f);
+    for (int c = 0; c < d; ++c) k[c] = (c % 9 - 4) * 0.5f;
+    v[5] = -3.0f;
+    std::vector<uint8_t> rec((*codec)->record_bytes(), 0xA5);
+    uint8_t* recs[1] = {rec.data()};
+    HeadCodecState state;
+    (*codec)->Encode(1, k.data(), v.data(), d, state, recs);
+    const uint16_t key_scale = FloatToHalf(2.0f / 127.0f), value_scale = FloatToHalf(3.0f / 127.0f);
+    EXPECT_EQ(rec[Int8Record::KeyScale(d)] | rec[Int8Record::KeyScale(d) + 1] << 8, key_scale);
+    EXPECT_EQ(rec[Int8Record::ValueScale(d)] | rec[Int8Record::ValueScale(d) + 1] << 8,
+              value_scale);
+    for (int c = 0; c < d; ++c) {
+      const int key_code = static_cast<int>(std::nearbyint(k[c] / HalfToFloat(key_scale)));
+      EXPECT_EQ(static_cast<int8_t>(rec[Int8Record::KeyCodes(d) + c]), key_code) << d << " " << c;
+      EXPECT_EQ(static_cast<int8_t>(rec[Int8Record::ValueCodes(d) + c]), c == 5 ? -127 : 0)
+          << d << " " << c;
     }
   }
 }
