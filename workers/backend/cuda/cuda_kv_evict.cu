@@ -8,6 +8,8 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "kvgate/kernels/kv_record_layout.h"
+
 namespace kvgate::worker::cuda {
 namespace {
 
@@ -308,7 +310,8 @@ __device__ __forceinline__ void AddScore(float& m, float& l, float s) {
   }
 }
 
-// 32-bit words of a stored key: the key codes, and int8's fp16 scale after them.
+// 32-bit words of a key in the mass kernels' smem tiles: the key codes, and for int8 the record's
+// word holding the key scale (kernels::Int8Record) after them.
 __host__ __device__ constexpr int KeyWords(MassKeyFormat format, int d) {
   return format == MassKeyFormat::kFp16 || format == MassKeyFormat::kBf16 ? d / 2
          : format == MassKeyFormat::kFp8                                  ? d / 4
@@ -479,7 +482,13 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
       for (int r = warp; r < count; r += kMassThreads / 32) {
         const uint32_t* src =
             reinterpret_cast<const uint32_t*>(SlotRecord(a.p, table, head, t0 + r));
-        for (int w = lane; w < key_words; w += 32) CpAsync4(tile + r * row_words + w, src + w);
+        for (int w = lane; w < key_words; w += 32) {
+          // int8: the word after the key codes is the one holding the key scale (low half).
+          const int from = FORMAT == MassKeyFormat::kInt8 && w == d / 4
+                               ? kernels::Int8Record::KeyScale(d) / 4
+                               : w;
+          CpAsync4(tile + r * row_words + w, src + from);
+        }
       }
     }
     asm volatile("cp.async.commit_group;\n" ::);
