@@ -848,7 +848,8 @@ void LaunchDecodeMassScores(const DecodeMassArgs& a, dim3 grid, cudaStream_t str
 }
 
 // 16-byte copies and reads of the keys when every key starts 16-byte aligned and is a whole number
-// of 16-byte units (fp16, bf16 and fp8 at head_dim % 16 == 0; not int8's 2 + d byte keys).
+// of 16-byte units (fp16, bf16 and fp8 at head_dim % 16 == 0; not int8: its 2d + 4 byte records
+// start only 4-byte aligned, and its key scale sits after the value codes).
 template <MassKeyFormat FORMAT>
 void LaunchDecodeMassScores(const DecodeMassArgs& a, dim3 grid, cudaStream_t stream) {
   const EvictPool& p = a.p;
