@@ -58,7 +58,7 @@ cudaError_t LaunchQkvEpilogue(float* qkv, const float* bias, const float* q_norm
 struct PrefillTile {
   int32_t first_row;     // step row of the chunk's first fresh token
   int32_t tile_begin;    // index of the tile's first query inside the chunk
-  int32_t tile_rows;     // queries in this tile (<= kPrefillTileRows)
+  int32_t tile_rows;     // queries in this tile (<= the launcher's tile rows)
   int32_t past;          // cached tokens before the chunk (its first position)
   int32_t prefix_index;  // entry of the prefix arrays holding the cached tokens; -1 if past == 0
 };
