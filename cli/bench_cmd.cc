@@ -359,7 +359,10 @@ absl::Status RunPrefill(const worker::LlamaConfig& config, const std::string& fo
   const int vocab = config.vocab_size;
   std::vector<std::vector<int32_t>> ids(prompts, std::vector<int32_t>(length));
   for (int p = 0; p < prompts; ++p) {
-    for (int i = 0; i < length; ++i) ids[p][i] = (p * 7919 + i * 104729) % vocab;
+    // int64: i * 104729 overflows int32 from i = 20,505 (prompts of 32K and more).
+    for (int i = 0; i < length; ++i) {
+      ids[p][i] = static_cast<int32_t>((int64_t{p} * 7919 + int64_t{i} * 104729) % vocab);
+    }
   }
   std::vector<float> logits(static_cast<size_t>(prompts) * vocab);
   // Pass 0 warms up (cuBLAS heuristics, workspaces); pass 1 is timed, on fresh sequences.
@@ -421,7 +424,9 @@ absl::Status RunMixed(const worker::LlamaConfig& config, const std::string& form
     live.push_back({.id = s, .prefilled = 0, .prompt_seq = false, .token = (s * 31) % vocab});
   }
   std::vector<int32_t> prompt_ids(prompt);
-  for (int i = 0; i < prompt; ++i) prompt_ids[i] = (i * 104729 + 17) % vocab;
+  for (int i = 0; i < prompt; ++i) {
+    prompt_ids[i] = static_cast<int32_t>((int64_t{i} * 104729 + 17) % vocab);
+  }
   std::vector<double> step_ms;
   std::vector<float> logits;
   int64_t decode_tokens = 0, prefill_tokens = 0;

@@ -54,14 +54,16 @@ cudaError_t LaunchQkvEpilogue(float* qkv, const float* bias, const float* q_norm
                               const int32_t* row_position, int num_rows, const QkvShape& shape,
                               float* q_out, cudaStream_t stream);
 
-// One tile of query rows of a prefill chunk for LaunchPrefillAttention (int32 fields, in order).
+// One tile of query rows of a prefill chunk for LaunchPrefillAttention and
+// LaunchPrefillAttentionMma (prefill_attention.h); int32 fields, in order.
 struct PrefillTile {
   int32_t first_row;     // step row of the chunk's first fresh token
   int32_t tile_begin;    // index of the tile's first query inside the chunk
-  int32_t tile_rows;     // queries in this tile (<= kPrefillTileRows)
+  int32_t tile_rows;     // queries in this tile (<= the launcher's tile rows)
   int32_t past;          // cached tokens before the chunk (its first position)
   int32_t prefix_index;  // entry of the prefix arrays holding the cached tokens; -1 if past == 0
 };
+// Query rows per tile of LaunchPrefillAttention (LaunchPrefillAttentionMma: kPrefillMmaTileRows).
 inline constexpr int kPrefillTileRows = 32;
 
 struct PrefillAttentionArgs {
@@ -96,6 +98,7 @@ struct PrefillAttentionArgs {
 // positions [0, past + i]; positions below past come from the prefix arrays (the cache read through
 // its format), the others from the fresh fp32 keys/values (CpuKvCache::PrefillAttention's
 // semantics, sinks included). fp32 scores, online softmax and accumulation. D must be 64 or 128.
+// The runner's fp32 compute mode uses it; the bf16 mode the tensor-core LaunchPrefillAttentionMma.
 cudaError_t LaunchPrefillAttention(const PrefillAttentionArgs& args, cudaStream_t stream);
 
 // out[r, h, :] = T(in[r, (h / G) * group_pad + h % G, :]) for the Hq real heads of each row:

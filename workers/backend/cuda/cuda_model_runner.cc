@@ -23,6 +23,7 @@
 #include "workers/backend/cuda/cuda_kernels.h"
 #include "workers/backend/cuda/cuda_kv_cache.h"
 #include "workers/backend/cuda/cuda_status.h"
+#include "workers/backend/cuda/prefill_attention.h"
 #include "workers/model/llama_config.h"
 #include "workers/model/llama_weights.h"
 
@@ -811,11 +812,13 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
   RETURN_IF_ERROR(EnsureWorkspace(rows));
   RETURN_IF_ERROR(EnsureLogits(out_rows));
 
-  // Prefill query tiles (chunks after the decode ones).
+  // Prefill query tiles (chunks after the decode ones): 32 queries for the fp32 kernel, 64 for
+  // the tensor-core one of the bf16 mode (prefill_attention.h).
+  const int64_t tile_rows = fp32() ? cuda::kPrefillTileRows : cuda::kPrefillMmaTileRows;
   int64_t num_tiles = 0, max_read = 0, max_keys = 0;
   for (int oi = num_decode; oi < num_chunks; ++oi) {
     const int64_t n = static_cast<int64_t>(chunks[order[oi]].tokens.size());
-    num_tiles += (n + cuda::kPrefillTileRows - 1) / cuda::kPrefillTileRows;
+    num_tiles += (n + tile_rows - 1) / tile_rows;
     if (oi < num_decode + num_prefix) max_read = std::max(max_read, kept[order[oi]] + n);
     max_keys = std::max(max_keys, kept[order[oi]] + n);
   }
@@ -908,11 +911,11 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
                    .n = static_cast<int32_t>(n),
                    .cached = static_cast<int32_t>(kept[ci]),
                    .prefix_index = has_prefix ? oi - num_decode : -1};
-    for (int64_t t = 0; t < n; t += cuda::kPrefillTileRows) {
+    for (int64_t t = 0; t < n; t += tile_rows) {
       tiles[tile++] = {
           .first_row = static_cast<int32_t>(first_row[ci]),
           .tile_begin = static_cast<int32_t>(t),
-          .tile_rows = static_cast<int32_t>(std::min<int64_t>(cuda::kPrefillTileRows, n - t)),
+          .tile_rows = static_cast<int32_t>(std::min<int64_t>(tile_rows, n - t)),
           .past = static_cast<int32_t>(kept[ci]),
           .prefix_index = has_prefix ? oi - num_decode : -1};
     }
@@ -1017,7 +1020,12 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
       RETURN_IF_ERROR(cache.ReadLayer(layer, prefix, meta_ + off_read, static_cast<int>(max_read),
                                       prefix_k_, prefix_v_, max_read));
     }
-    CUDA_RETURN_IF_ERROR(cuda::LaunchPrefillAttention(prefill, stream_));
+    if (fp32()) {
+      CUDA_RETURN_IF_ERROR(cuda::LaunchPrefillAttention(prefill, stream_));
+    } else {
+      CUDA_RETURN_IF_ERROR(
+          cuda::LaunchPrefillAttentionMma(prefill, cuda::kRunnerPrefillOperands, stream_));
+    }
     if (cache.h2o() && num_prefill > 0) {
       RETURN_IF_ERROR(cache.PrefillMassLayer(
           layer, all, reinterpret_cast<const PrefillMassChunk*>(meta_ + off_mass), num_prefill,

@@ -21,7 +21,8 @@
 // cache in one call for all sequences (CudaKvAppend); the decode tokens run one CudaDecodeAttention
 // call over every decode sequence (every stored token read through the format); prefill chunks
 // attend to their cached prefix, read out of the pool through the format (CudaKvAppend::Read) into
-// an fp32 scratch, and to the step's own tokens in fp32 (CpuKvCache::PrefillAttention's semantics).
+// an fp32 scratch, and to the step's own tokens (CpuKvCache::PrefillAttention's semantics; on the
+// tensor cores with fp16 operands in bf16 mode, prefill_attention.h; fp32 in fp32 mode).
 // The final norm and lm_head run only on the rows whose logits are returned. Forward copies the
 // logits back to the host as fp32 rows; ForwardSample (supports_device_sampling() unless
 // CudaRunnerOptions::device_sampling is off) samples on the GPU (LaunchSampleTokens,
