@@ -25,17 +25,10 @@
 #include "kernels/cuda/paged_kv_host.h"
 #include "kvgate/kernels/cuda_attention.h"
 #include "kvgate/kernels/kv_cache.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace kvgate::kernels::cuda {
 namespace {
-
-#define SKIP_WITHOUT_GPU()                                             \
-  do {                                                                 \
-    absl::Status gpu = CudaDeviceStatus();                             \
-    if (!gpu.ok()) GTEST_SKIP() << "no usable GPU: " << gpu.message(); \
-  } while (0)
-
-#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(expr)
 
 template <class T>
 T* Upload(const std::vector<T>& host) {
@@ -179,8 +172,8 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
   int32_t* dslots = Upload(slots);
   float* dq = Upload(q);
   float* dout = nullptr;
-  CUDA_OK(cudaMalloc(&dout, q.size() * sizeof(float)));
-  CUDA_OK(cudaMemset(dout, 0xFF, q.size() * sizeof(float)));  // NaN poison
+  ASSERT_CUDA(cudaMalloc(&dout, q.size() * sizeof(float)));
+  ASSERT_CUDA(cudaMemset(dout, 0xFF, q.size() * sizeof(float)));  // NaN poison
   b.pool = pool;
   b.block_stride_bytes = packed->block_bytes;
   b.layer_offset_bytes = 0;
@@ -203,9 +196,9 @@ void RunCase(const std::string& format, int d, int ratio, const std::vector<int>
   b.scale = scale;
   absl::Status st = (*attn)->Run(b, nullptr);
   ASSERT_TRUE(st.ok()) << st;
-  CUDA_OK(cudaDeviceSynchronize());
+  ASSERT_CUDA(cudaDeviceSynchronize());
   std::vector<float> got(q.size());
-  CUDA_OK(cudaMemcpy(got.data(), dout, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  ASSERT_CUDA(cudaMemcpy(got.data(), dout, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
   for (void* p : {static_cast<void*>(pool), static_cast<void*>(tables), static_cast<void*>(enc),
                   static_cast<void*>(res_lens), static_cast<void*>(res_k),
                   static_cast<void*>(res_v), static_cast<void*>(scales), static_cast<void*>(dslots),
@@ -564,8 +557,8 @@ void RunSinkCase(const std::string& format, int d, int ratio, int sinks, int win
   double* dfreq = Upload(cfg.rope_inv_freq);
   float* dq = Upload(q);
   float* dout = nullptr;
-  CUDA_OK(cudaMalloc(&dout, q.size() * sizeof(float)));
-  CUDA_OK(cudaMemset(dout, 0xFF, q.size() * sizeof(float)));  // NaN poison
+  ASSERT_CUDA(cudaMalloc(&dout, q.size() * sizeof(float)));
+  ASSERT_CUDA(cudaMemset(dout, 0xFF, q.size() * sizeof(float)));  // NaN poison
   DecodeBatch b;
   b.pool = pool;
   b.block_stride_bytes = packed->block_bytes;
@@ -586,9 +579,9 @@ void RunSinkCase(const std::string& format, int d, int ratio, int sinks, int win
   b.scale = scale;
   absl::Status st = (*attn)->Run(b, nullptr);
   ASSERT_TRUE(st.ok()) << st;
-  CUDA_OK(cudaDeviceSynchronize());
+  ASSERT_CUDA(cudaDeviceSynchronize());
   std::vector<float> got(q.size());
-  CUDA_OK(cudaMemcpy(got.data(), dout, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  ASSERT_CUDA(cudaMemcpy(got.data(), dout, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
   for (void* p :
        {static_cast<void*>(pool), static_cast<void*>(tables), static_cast<void*>(enc),
         static_cast<void*>(scales), static_cast<void*>(dslots), static_cast<void*>(dshift),
@@ -650,7 +643,7 @@ TEST(CudaDecodeSinkTest, UnshiftedSinksDoNotMatchCpu) {
 TEST(CudaDecodeSinkTest, SinksNeedAPerTokenFormatAndTheShiftArrays) {
   SKIP_WITHOUT_GPU();
   int32_t* dummy = nullptr;
-  CUDA_OK(cudaMalloc(&dummy, 64));
+  ASSERT_CUDA(cudaMalloc(&dummy, 64));
   DecodeBatch b;
   b.pool = reinterpret_cast<const uint8_t*>(dummy);
   b.block_tables = b.encoded_lens = dummy;

@@ -37,24 +37,10 @@
 #include "workers/backend/cuda/cublas_api.h"
 #include "workers/backend/cuda/cuda_model_runner.h"
 #include "workers/backend/model_runner.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace kvgate::worker {
 namespace {
-
-std::string GpuUnavailableReason() {
-  int count = 0;
-  const cudaError_t e = cudaGetDeviceCount(&count);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    return std::string("no CUDA device: ") + cudaGetErrorString(e);
-  }
-  return count == 0 ? "no CUDA device" : "";
-}
-
-#define SKIP_WITHOUT_GPU()                                                           \
-  do {                                                                               \
-    if (std::string why = GpuUnavailableReason(); !why.empty()) GTEST_SKIP() << why; \
-  } while (0)
 
 std::string ReferenceModelDir() {
   const char* env = std::getenv("KVGATE_REFERENCE_MODEL");

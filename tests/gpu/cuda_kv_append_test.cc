@@ -54,57 +54,14 @@
 #include "kernels/cuda/paged_kv_host.h"
 #include "kvgate/kernels/cuda_attention.h"
 #include "kvgate/kernels/kv_cache.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace kvgate::kernels::cuda {
 namespace {
 
-#define SKIP_WITHOUT_GPU()                                             \
-  do {                                                                 \
-    absl::Status gpu = CudaDeviceStatus();                             \
-    if (!gpu.ok()) GTEST_SKIP() << "no usable GPU: " << gpu.message(); \
-  } while (0)
-
-#define CUDA_OK(expr)                                                      \
-  do {                                                                     \
-    const cudaError_t _e = (expr);                                         \
-    ASSERT_EQ(_e, cudaSuccess) << #expr << ": " << cudaGetErrorString(_e); \
-  } while (0)
+using gputest::DeviceArray;
 
 constexpr uint8_t kPoison = 0xA5;
-
-// Device array owning its memory.
-template <class T>
-class DeviceArray {
- public:
-  DeviceArray() = default;
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  ~DeviceArray() {
-    if (p_ != nullptr) cudaFree(p_);
-  }
-  cudaError_t Allocate(size_t n) {
-    if (p_ != nullptr) cudaFree(p_);
-    p_ = nullptr;
-    n_ = n;
-    return cudaMalloc(&p_, std::max<size_t>(n, 1) * sizeof(T));
-  }
-  cudaError_t Upload(const std::vector<T>& host) {
-    if (host.size() > n_ || p_ == nullptr) {
-      const cudaError_t e = Allocate(host.size());
-      if (e != cudaSuccess) return e;
-    }
-    return cudaMemcpy(p_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
-  }
-  cudaError_t Download(std::vector<T>* host) const {
-    host->resize(n_);
-    return cudaMemcpy(host->data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost);
-  }
-  T* get() const { return p_; }
-
- private:
-  T* p_ = nullptr;
-  size_t n_ = 0;
-};
 
 // ---- Reference: the CPU codec under CpuKvCache::Append's rules ---------------------------------
 // Per appended call: FP8 ChooseScales over the call's rows (per kv-head), formats without a window
@@ -370,13 +327,13 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
   const int64_t layer_bytes = int64_t{heads} * bs * rb;
   const int64_t block_stride = 2 * layer_bytes, layer_offset = layer_bytes;
   DeviceArray<uint8_t> pool;
-  CUDA_OK(pool.Upload(std::vector<uint8_t>(total_blocks * block_stride, kPoison)));
+  ASSERT_CUDA(pool.Upload(std::vector<uint8_t>(total_blocks * block_stride, kPoison)));
   DeviceArray<float> scales;
-  CUDA_OK(scales.Upload(std::vector<float>(size_t(sc.num_slots) * heads * 2, 0.f)));
+  ASSERT_CUDA(scales.Upload(std::vector<float>(size_t(sc.num_slots) * heads * 2, 0.f)));
   DeviceArray<uint16_t> res_k, res_v;
   const size_t window_values = size_t(sc.num_slots) * heads * std::max(cap, 1) * d;
-  CUDA_OK(res_k.Upload(std::vector<uint16_t>(window_values, 0)));
-  CUDA_OK(res_v.Upload(std::vector<uint16_t>(window_values, 0)));
+  ASSERT_CUDA(res_k.Upload(std::vector<uint16_t>(window_values, 0)));
+  ASSERT_CUDA(res_v.Upload(std::vector<uint16_t>(window_values, 0)));
 
   KvCacheConfig cfg{.num_layers = 1,
                     .num_kv_heads = heads,
@@ -427,11 +384,11 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
       ASSERT_TRUE(cache.Append(s, 0, n, k.data(), v.data()).ok());
       ref[s].Append(n, k.data(), v.data());
     }
-    CUDA_OK(qkv.Upload(host));
-    CUDA_OK(d_tables.Upload(call_tables));
-    CUDA_OK(d_slots.Upload(call_slots));
-    CUDA_OK(d_begin.Upload(begin));
-    CUDA_OK(d_stored.Upload(stored));
+    ASSERT_CUDA(qkv.Upload(host));
+    ASSERT_CUDA(d_tables.Upload(call_tables));
+    ASSERT_CUDA(d_slots.Upload(call_slots));
+    ASSERT_CUDA(d_begin.Upload(begin));
+    ASSERT_CUDA(d_stored.Upload(stored));
     AppendBatch a;
     a.pool = pool.get();
     a.block_stride_bytes = block_stride;
@@ -454,16 +411,16 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
     const absl::Status st = append.Append(a, nullptr);
     ASSERT_TRUE(st.ok()) << st;
     // The host buffers are reused by the next call: keep the call's inputs alive until done.
-    CUDA_OK(cudaDeviceSynchronize());
+    ASSERT_CUDA(cudaDeviceSynchronize());
   }
 
   std::vector<uint8_t> gpu_pool;
   std::vector<float> gpu_scales;
   std::vector<uint16_t> gpu_wk, gpu_wv;
-  CUDA_OK(pool.Download(&gpu_pool));
-  CUDA_OK(scales.Download(&gpu_scales));
-  CUDA_OK(res_k.Download(&gpu_wk));
-  CUDA_OK(res_v.Download(&gpu_wv));
+  ASSERT_CUDA(pool.Download(&gpu_pool));
+  ASSERT_CUDA(scales.Download(&gpu_scales));
+  ASSERT_CUDA(res_k.Download(&gpu_wk));
+  ASSERT_CUDA(res_v.Download(&gpu_wv));
 
   // (a) record bytes, (c) scales and windows, and no stray writes.
   RecordComparer comparer(spec, codec);
@@ -526,12 +483,12 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
   DeviceArray<float> out_k, out_v;
   const std::vector<float> nan_fill(size_t(sc.num_seqs) * heads * out_stride * d,
                                     std::numeric_limits<float>::quiet_NaN());
-  CUDA_OK(out_k.Upload(nan_fill));
-  CUDA_OK(out_v.Upload(nan_fill));
-  CUDA_OK(d_tables.Upload(tables));
-  CUDA_OK(d_slots.Upload(slots_by_seq));
+  ASSERT_CUDA(out_k.Upload(nan_fill));
+  ASSERT_CUDA(out_v.Upload(nan_fill));
+  ASSERT_CUDA(d_tables.Upload(tables));
+  ASSERT_CUDA(d_slots.Upload(slots_by_seq));
   DeviceArray<int32_t> d_lens;
-  CUDA_OK(d_lens.Upload(lens));
+  ASSERT_CUDA(d_lens.Upload(lens));
   ReadBatch rd;
   rd.pool = pool.get();
   rd.block_stride_bytes = block_stride;
@@ -552,8 +509,8 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
   const absl::Status read_st = append.Read(rd, nullptr);
   ASSERT_TRUE(read_st.ok()) << read_st;
   std::vector<float> got_k, got_v;
-  CUDA_OK(out_k.Download(&got_k));
-  CUDA_OK(out_v.Download(&got_v));
+  ASSERT_CUDA(out_k.Download(&got_k));
+  ASSERT_CUDA(out_v.Download(&got_v));
   for (int s = 0; s < sc.num_seqs; ++s) {
     const int64_t n = ref[s].stored();
     std::vector<float> ek(n * d), ev(n * d);
@@ -644,11 +601,11 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
   DeviceArray<int32_t> d_enc, d_res;
   DeviceArray<float> d_entry_scales, d_q, d_out;
   DeviceArray<uint16_t> d_ewk, d_ewv;
-  CUDA_OK(d_enc.Upload(enc_lens));
-  CUDA_OK(d_res.Upload(res_lens));
-  CUDA_OK(d_entry_scales.Upload(entry_scales));
-  CUDA_OK(d_q.Upload(q));
-  CUDA_OK(d_out.Upload(std::vector<float>(q.size(), std::numeric_limits<float>::quiet_NaN())));
+  ASSERT_CUDA(d_enc.Upload(enc_lens));
+  ASSERT_CUDA(d_res.Upload(res_lens));
+  ASSERT_CUDA(d_entry_scales.Upload(entry_scales));
+  ASSERT_CUDA(d_q.Upload(q));
+  ASSERT_CUDA(d_out.Upload(std::vector<float>(q.size(), std::numeric_limits<float>::quiet_NaN())));
   DecodeBatch db;
   db.pool = pool.get();
   db.block_stride_bytes = block_stride;
@@ -658,8 +615,8 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
   db.encoded_lens = d_enc.get();
   db.max_encoded_len = max_enc;
   if (cap > 0) {
-    CUDA_OK(d_ewk.Upload(entry_wk));
-    CUDA_OK(d_ewv.Upload(entry_wv));
+    ASSERT_CUDA(d_ewk.Upload(entry_wk));
+    ASSERT_CUDA(d_ewv.Upload(entry_wv));
     db.residual_lens = d_res.get();
     db.residual_k = d_ewk.get();
     db.residual_v = d_ewv.get();
@@ -674,7 +631,7 @@ void RunCase(const KvFormatSpec& spec, int d, int heads, const Scenario& sc, con
   const absl::Status run_st = (*attn_or)->Run(db, nullptr);
   ASSERT_TRUE(run_st.ok()) << run_st;
   std::vector<float> got;
-  CUDA_OK(d_out.Download(&got));
+  ASSERT_CUDA(d_out.Download(&got));
   for (int s = 0; s < sc.num_seqs; ++s) {
     double err = 0, norm = 0;
     for (size_t i = size_t(s) * q_heads * d; i < size_t(s + 1) * q_heads * d; ++i) {
@@ -1104,17 +1061,17 @@ TEST(CudaKvAppendArgs, BadBatchesAreRejected) {
   const int rb = (*a_fp8)->record_bytes(), rbk = (*a_kivi)->record_bytes();
   const int rbt = (*a_tq)->record_bytes();
   DeviceArray<uint8_t> pool;
-  CUDA_OK(pool.Allocate(size_t(8) * heads * bs * std::max({rb, rbk, rbt})));
+  ASSERT_CUDA(pool.Allocate(size_t(8) * heads * bs * std::max({rb, rbk, rbt})));
   DeviceArray<int32_t> tables, begin, stored, slots;
-  CUDA_OK(tables.Upload({0, 1}));
-  CUDA_OK(begin.Upload({0, 3}));
-  CUDA_OK(stored.Upload({0}));
-  CUDA_OK(slots.Upload({0}));
+  ASSERT_CUDA(tables.Upload({0, 1}));
+  ASSERT_CUDA(begin.Upload({0, 3}));
+  ASSERT_CUDA(stored.Upload({0}));
+  ASSERT_CUDA(slots.Upload({0}));
   DeviceArray<float> rows, scales;
-  CUDA_OK(rows.Upload(std::vector<float>(3 * 2 * heads * d, 1.f)));
-  CUDA_OK(scales.Upload(std::vector<float>(2 * heads, 0.f)));
+  ASSERT_CUDA(rows.Upload(std::vector<float>(3 * 2 * heads * d, 1.f)));
+  ASSERT_CUDA(scales.Upload(std::vector<float>(2 * heads, 0.f)));
   DeviceArray<uint16_t> window;
-  CUDA_OK(window.Allocate(size_t(heads) * (*a_kivi)->residual_capacity() * d * 2));
+  ASSERT_CUDA(window.Allocate(size_t(heads) * (*a_kivi)->residual_capacity() * d * 2));
   // A window large enough for KIVI's R + G (and TurboQuant's smaller R + 16).
   auto good = [&](int record_bytes, int capacity) {
     AppendBatch a;
@@ -1146,7 +1103,7 @@ TEST(CudaKvAppendArgs, BadBatchesAreRejected) {
     a.residual_k = a.residual_v = nullptr;
     EXPECT_TRUE((*a_tq_r0)->Append(a, nullptr).ok());
   }
-  CUDA_OK(cudaDeviceSynchronize());
+  ASSERT_CUDA(cudaDeviceSynchronize());
   auto bad = [&](CudaKvAppend& append, int record_bytes, const char* what,
                  std::function<void(AppendBatch&)> edit) {
     AppendBatch a = good(record_bytes, append.residual_capacity());
@@ -1181,9 +1138,9 @@ TEST(CudaKvAppendArgs, BadBatchesAreRejected) {
   EXPECT_TRUE((*a_fp8)->Append(empty, nullptr).ok());
 
   DeviceArray<float> out;
-  CUDA_OK(out.Allocate(size_t(2) * heads * 4 * d));
+  ASSERT_CUDA(out.Allocate(size_t(2) * heads * 4 * d));
   DeviceArray<int32_t> lens;
-  CUDA_OK(lens.Upload({3}));
+  ASSERT_CUDA(lens.Upload({3}));
   auto read = [&](std::function<void(ReadBatch&)> edit) {
     ReadBatch r;
     r.pool = pool.get();
@@ -1208,7 +1165,7 @@ TEST(CudaKvAppendArgs, BadBatchesAreRejected) {
   EXPECT_EQ(read([](ReadBatch& r) { r.head_scales = nullptr; }).code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(read([](ReadBatch& r) { r.max_len = -1; }).code(), absl::StatusCode::kInvalidArgument);
-  CUDA_OK(cudaDeviceSynchronize());
+  ASSERT_CUDA(cudaDeviceSynchronize());
 }
 
 }  // namespace

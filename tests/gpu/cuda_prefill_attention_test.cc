@@ -33,61 +33,24 @@
 
 #include "workers/backend/cuda/cuda_kernels.h"
 #include "workers/backend/cuda/prefill_attention.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace kvgate::worker::cuda {
 namespace {
 
-std::string GpuUnavailableReason() {
-  int count = 0;
-  const cudaError_t e = cudaGetDeviceCount(&count);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    return std::string("no CUDA device: ") + cudaGetErrorString(e);
-  }
-  return count == 0 ? "no CUDA device" : "";
-}
+using gputest::DeviceArray;
 
-#define SKIP_WITHOUT_GPU()                                                           \
-  do {                                                                               \
-    if (std::string why = GpuUnavailableReason(); !why.empty()) GTEST_SKIP() << why; \
-  } while (0)
-
-#define ASSERT_CUDA(expr)                                                      \
-  do {                                                                         \
-    const cudaError_t err_ = (expr);                                           \
-    ASSERT_EQ(err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(err_); \
-  } while (0)
-
+// The array's contents; on a copy error, a test failure and every element at T's maximum (which
+// no comparison below accepts).
 template <class T>
-class DeviceArray {
- public:
-  DeviceArray() = default;
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  ~DeviceArray() {
-    if (p_ != nullptr) cudaFree(p_);
+std::vector<T> Fetch(const DeviceArray<T>& array) {
+  std::vector<T> host;
+  if (const cudaError_t e = array.Download(&host); e != cudaSuccess) {
+    ADD_FAILURE() << "download: " << cudaGetErrorString(e);
+    host.assign(array.size(), std::numeric_limits<T>::max());
   }
-  cudaError_t Allocate(size_t n) {
-    n_ = n;
-    return cudaMalloc(&p_, std::max<size_t>(n, 1) * sizeof(T));
-  }
-  cudaError_t Upload(const std::vector<T>& host) {
-    if (cudaError_t e = Allocate(host.size()); e != cudaSuccess) return e;
-    return cudaMemcpy(p_, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
-  }
-  std::vector<T> Download() const {
-    std::vector<T> host(n_);
-    if (cudaMemcpy(host.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost) != cudaSuccess) {
-      host.assign(n_, std::numeric_limits<T>::max());
-    }
-    return host;
-  }
-  T* get() const { return p_; }
-
- private:
-  T* p_ = nullptr;
-  size_t n_ = 0;
-};
+  return host;
+}
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr double kFp16Bound = 8.0 / 4096.0;  // 8 u, u = 2^-12
@@ -340,9 +303,9 @@ TEST_P(PrefillMma, MatchesFloat64AndFp32Kernel) {
         mma ? LaunchPrefillAttentionMma(a, operands, nullptr) : LaunchPrefillAttention(a, nullptr);
     EXPECT_EQ(launch, cudaSuccess) << cudaGetErrorString(launch);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    if (!bf16) return out_f32.Download();
+    if (!bf16) return Fetch(out_f32);
     std::vector<float> out;
-    for (uint16_t b : out_bf16.Download()) {
+    for (uint16_t b : Fetch(out_bf16)) {
       const uint32_t bits = static_cast<uint32_t>(b) << 16;
       float x;
       std::memcpy(&x, &bits, 4);
@@ -501,7 +464,7 @@ TEST(PrefillMmaTiming, Llama3_8BHeads) {
     }
     ASSERT_CUDA(cudaEventDestroy(start));
     ASSERT_CUDA(cudaEventDestroy(stop));
-    const Error err = Compare(out_mma.Download(), out32.Download());
+    const Error err = Compare(Fetch(out_mma), Fetch(out32));
     std::printf(
         "[prefill timing] %-28s fp32 kernel %8.3f ms (%6.1f TFLOP/s) | mma %8.3f ms "
         "(%6.1f TFLOP/s) | x%.1f | rel L2 vs fp32 %.2e\n",

@@ -68,6 +68,7 @@
 #include "workers/backend/model_runner.h"
 #include "workers/engine/engine.h"
 #include "workers/engine/sampler.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace kvgate::worker {
 namespace {
@@ -84,22 +85,6 @@ const std::vector<std::string>& AllFormats() {
                                                    "tq3",   "tq2.5", "tq4/fp16=1:1"};
   return formats;
 }
-
-std::string GpuUnavailableReason() {
-  int count = 0;
-  const cudaError_t e = cudaGetDeviceCount(&count);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    return std::string("no CUDA device: ") + cudaGetErrorString(e);
-  }
-  if (count == 0) return "no CUDA device";
-  return "";
-}
-
-#define SKIP_WITHOUT_GPU()                                                           \
-  do {                                                                               \
-    if (std::string why = GpuUnavailableReason(); !why.empty()) GTEST_SKIP() << why; \
-  } while (0)
 
 std::string Env(const char* name) {
   const char* v = std::getenv(name);
