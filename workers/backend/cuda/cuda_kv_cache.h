@@ -162,6 +162,21 @@ class CudaKvCache final : public kernels::KvCache {
   static int64_t KeptBefore(const EvictPlan& plan) {
     return std::min<int64_t>(plan.stored, int64_t{plan.lead} + plan.trail + plan.heavy);
   }
+  // Eviction with TurboQuant's window in format `index`: each kv-head's split between records and
+  // window is on the device (DecodeLayer's encoded_lens + residual_lens: the stored total).
+  bool head_windows(int index) const {
+    return head_window_ != nullptr && formats_[index].append->residual_capacity() > 0;
+  }
+  // H2O: the mass kernels do not decode the layer's keys (TurboQuant): its decode masses come
+  // from keys read back (ReadLayer) through PrefillMassLayer, as one-token chunks.
+  bool layer_mass_reads_back(int layer) const {
+    return layer_spec(layer).kind == kernels::KvFormatKind::kTurbo;
+  }
+  bool mass_reads_back() const {
+    return std::any_of(formats_.begin(), formats_.end(), [](const Format& f) {
+      return f.spec.kind == kernels::KvFormatKind::kTurbo;
+    });
+  }
   // Sink eviction with rope_inv_freq (else nullptr): the frequencies on the device [head_dim / 2],
   // for the prefill attention's sink shift.
   const double* sink_rope_inv_freq() const { return rope_inv_freq_; }
@@ -252,6 +267,8 @@ class CudaKvCache final : public kernels::KvCache {
   const Format& format_of(int layer) const { return formats_[layer_format_[layer]]; }
   float* head_scales(int layer) const;
   uint16_t* residual(int layer, bool values) const;
+  // Evicting layers with a window: the per-head window counts [slots][kv_heads]; else nullptr.
+  int32_t* head_window(int layer) const;
   template <class Batch>
   void FillPoolFields(int layer, const DeviceSeqBatch& seqs, Batch& b) const;
   // Reads every stored token of (seq, layer) to device buffers [kv_heads, stored, head_dim].
@@ -278,6 +295,11 @@ class CudaKvCache final : public kernels::KvCache {
   float* mass_scratch_ = nullptr;   // H2O: DecodeMassScratchFloats(max_sequences_, kv_heads)
   double* rope_inv_freq_ = nullptr;  // sinks with rope_inv_freq: [head_dim / 2]
   float* mass_scores_ = nullptr;     // H2O: DecodeMassScoreFloatsPerBlock per block (one layer)
+  // Evicting with a window (TurboQuant r > 0): rows in each head's fp16 window,
+  // [layers][slots][kv_heads] (layers without a window unused). Eviction keeps different tokens
+  // per kv-head under H2O, so the heads' splits between records and window differ; only the
+  // device knows them (EvictCompact and the appends update them, the kernels read them).
+  int32_t* head_window_ = nullptr;
   std::map<kernels::SeqId, Sequence> seqs_;
 };
 

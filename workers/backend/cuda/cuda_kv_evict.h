@@ -63,10 +63,25 @@ struct EvictPool {
   const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks]
   int max_blocks = 0;
   int num_seqs = 0;
+  // Layers with a per-head fp16 window (TurboQuant with r > 0; nullptr head_window: none): the
+  // window rows of each (state slot, kv-head) [slots][kv_heads] (read and written), the windows
+  // [slots][kv_heads][residual_capacity][head_dim] fp16 and each sequence's state slot.
+  int32_t* head_window = nullptr;
+  uint16_t* residual_k = nullptr;
+  uint16_t* residual_v = nullptr;
+  int residual_capacity = 0;
+  const int32_t* seq_slots = nullptr;  // [num_seqs]
 };
 
+// The largest fp16 window (residual_capacity) eviction compacts: its rows' metadata are staged in
+// shared memory.
+inline constexpr int kMaxEvictWindowRows = 1024;
+
 // Grid (num_seqs, kv_heads); plans [num_seqs] (device). Positions (and masses) must be set for
-// the `stored` slots of each plan; record_bytes a multiple of 4.
+// the `stored` slots of each plan; record_bytes a multiple of 4 without a window. With
+// head_window (residual_capacity <= kMaxEvictWindowRows, head_dim <= 128): the kept set is chosen over the
+// records and the window's rows together; the records compact as without a window, the window's
+// kept rows move down in order after them and head_window becomes their count.
 cudaError_t LaunchEvictCompact(const EvictPool& p, const EvictPlan* plans, cudaStream_t stream);
 
 // Keys for the mass kernels.
