@@ -509,6 +509,15 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
   };
   const int prompt = 90, steps = 160;
   const int prompt_chunks[] = {40, 30, 20};
+  // Decode runs the tensor-core kernel (fp16 q and p) for every format here but TurboQuant with
+  // unequal key and value rates. These keys (norms up to 3) make the scores large, so its rounding
+  // shows more than in CudaKvCacheHost: max row errors measured on the H200 1.3e-3 .. 1.5e-3
+  // (fp16, fp8), 1.4e-3 .. 1.9e-3 (tq4, tq3.5 with r=128: most kept tokens in the fp32 window
+  // split) and 1.5e-3 .. 2.4e-3 (r=16: most of them encoded, through the tensor cores). A wrong
+  // kept set or a wrong head split would be off by far more (other tokens' values).
+  const kernels::KvFormatSpec& spec = cfg.format;
+  const double decode_bound = spec.kind == kernels::KvFormatKind::kTurbo ? 3e-3
+                                                                         : kCacheDecodeTolerance;
   ASSERT_TRUE((*cpu)->AddSequence(3, prompt).ok());
   ASSERT_TRUE((*gpu)->AddSequence(3, prompt).ok());
   double worst = 0;
@@ -550,7 +559,7 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
       for (int h = 0; h < q_heads; ++h) {
         const double err = RowError(&got[size_t(h) * d], &want[size_t(h) * d], d);
         worst = std::max(worst, err);
-        ASSERT_LT(err, kCacheDecodeTolerance) << "step " << step << " layer " << layer << " head " << h;
+        ASSERT_LT(err, decode_bound) << "step " << step << " layer " << layer << " head " << h;
       }
     }
     EXPECT_EQ((*gpu)->free_blocks(), (*cpu)->free_blocks()) << "step " << step;
