@@ -17,16 +17,24 @@
 // DecodeAttention reads every stored token through the format; PrefillAttention reads the cached
 // prefix through the format and the fresh tokens in fp32.
 //
-// Eviction (H2O, sink; per-token formats fp16, bf16, fp8, int8) follows CpuKvCache: before each
-// append of n tokens to a layer the cache keeps, per kv-head, the tokens CpuKvCache keeps in the
-// first slots (cuda_kv_evict.h): sinks compact them in slot (= position) order, H2O refills the
+// Eviction (H2O, sink; fp16, bf16, fp8, int8 and TurboQuant, not KIVI) follows CpuKvCache: before
+// each append of n tokens to a layer the cache keeps, per kv-head, the tokens CpuKvCache keeps in
+// the first slots (cuda_kv_evict.h): sinks compact them in slot (= position) order, H2O refills the
 // evicted tokens' slots with the newest kept ones, so its slots are in no particular order
 // (ReadStored's positions say which token each holds); H2O masses accumulate after every decode
 // and prefill attention. How many slots survive is a function of the stored count and the
 // length (PlanAppend), so the host tracks stored tokens without reading anything back. With
 // rope_inv_freq, sinks are scored at positions within the cache as CpuKvCache scores them: the
 // query rotated back by the evicted count for the sink slots (SinkShiftAfter; the decode and
-// prefill attention take it per sequence).
+// prefill attention take it per sequence; not for TurboQuant, whose decode kernels have no shifted
+// query: UnimplementedError). TurboQuant with its fp16 window: the kept set spans each head's
+// records and window rows; the records compact as above, the window's kept rows move down in
+// order after them, so each kv-head's window holds its own number of rows. Those counts live on
+// the device only (head_window: per layer, slot and kv-head; the eviction and the appends update
+// them, the append / decode / read kernels take each head's split from them), while the stored
+// total stays a host function of the plan. H2O masses of TurboQuant layers come from keys read back
+// in fp32 (the mass kernels decode only the per-token formats): DecodeAttention and the runner
+// score the decode query against them as a one-token prefill chunk (PrefillMassLayer).
 //
 // The CUDA runner drives the device methods (AppendLayer, DecodeLayer, ReadLayer) for whole steps
 // with its own device metadata and then CommitAppend. The host-pointer KvCache methods stage
@@ -86,8 +94,8 @@ struct DeviceSeqBatch {
 
 class CudaKvCache final : public kernels::KvCache {
  public:
-  // UnimplementedError for eviction with formats other than fp16/bf16/fp8/int8, TurboQuant QJL
-  // keys, head_dim other than 64/128 and block sizes that are not a multiple of 16 (no kernels;
+  // UnimplementedError for eviction with KIVI, sink eviction with rope_inv_freq and TurboQuant,
+  // eviction with a window above kMaxEvictWindowRows rows, TurboQuant QJL keys, head_dim other than 64/128 and block sizes that are not a multiple of 16 (no kernels;
   // DecodeAttention also refuses GQA groups above 8); InvalidArgumentError for rope_inv_freq of
   // a size other than head_dim / 2. ResourceExhausted when the pool or the slots cannot be
   // allocated. `stream` (not owned) carries every kernel and copy. max_sequences: sequences that
