@@ -246,6 +246,10 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     if (residual && (!b.residual_k || !b.residual_v || b.residual_capacity <= 0)) {
       return absl::InvalidArgumentError("DecodeBatch: residual window pointers missing");
     }
+    if (b.head_window != nullptr && !residual) {
+      return absl::InvalidArgumentError(
+          "DecodeBatch: head_window needs a format with a window and residual_lens");
+    }
     // Sinks: one more split per (sequence, kv-head) on the tensor-core kernel, for the formats
     // sink eviction runs with (they have no window, so the split index after the block splits
     // is free).
@@ -301,6 +305,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     a.residual_v = b.residual_v;
     a.residual_capacity = b.residual_capacity;
     a.residual_tile_tokens = residual_tile_tokens_;
+    a.head_window = b.head_window;
     a.head_scales = b.head_scales;
     a.seq_slots = b.seq_slots;
     a.num_q_heads = b.num_q_heads;

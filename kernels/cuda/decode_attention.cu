@@ -106,6 +106,19 @@ __device__ __forceinline__ size_t StateSlot(const SplitArgs& a, int seq) {
   return static_cast<size_t>(a.seq_slots != nullptr ? a.seq_slots[seq] : seq);
 }
 
+// Tokens (sequence, kv-head) holds in blocks and in its fp16 window: per head with
+// SplitArgs::head_window, else the sequence's split.
+__device__ __forceinline__ int HeadEncoded(const SplitArgs& a, int seq, int kvh, int num_kv_heads) {
+  if (a.head_window == nullptr) return a.encoded_lens[seq];
+  return a.encoded_lens[seq] + a.residual_lens[seq] -
+         a.head_window[StateSlot(a, seq) * num_kv_heads + kvh];
+}
+__device__ __forceinline__ int HeadWindowLen(const SplitArgs& a, int seq, int kvh,
+                                             int num_kv_heads) {
+  if (a.head_window == nullptr) return a.residual_lens[seq];
+  return a.head_window[StateSlot(a, seq) * num_kv_heads + kvh];
+}
+
 __device__ __forceinline__ float LoadHalfF(const uint8_t* p) {
   return __half2float(*reinterpret_cast<const __half*>(p));
 }
@@ -392,7 +405,7 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
       const size_t window = (StateSlot(a, seq) * num_kv_heads + kvh) * a.residual_capacity * D;
       win_k = a.residual_k + window;
       win_v = a.residual_v + window;
-      win_len = a.residual_lens[seq];
+      win_len = HeadWindowLen(a, seq, kvh, num_kv_heads);
       StageWindow<D>(smem, win_k, win_v, 0, min(a.residual_tile_tokens, win_len));
       CpAsyncCommit();
     }
@@ -426,7 +439,7 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   __syncthreads();
 
   if (split < a.num_splits) {
-    const int enc = a.encoded_lens[seq];
+    const int enc = HeadEncoded(a, seq, kvh, num_kv_heads);
     const int bs = a.block_size;
     const int seq_blocks = (enc + bs - 1) / bs;
     const int b0 = split * a.blocks_per_split;
@@ -1257,7 +1270,7 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
     value_scale = hs[1];
   }
 
-  int enc = a.encoded_lens[seq];
+  int enc = HeadEncoded(a, seq, kvh, num_kv_heads);
   const int bs = a.block_size;
   int b0 = split * a.blocks_per_split, span = a.blocks_per_split;
   // Attention sinks: the CTA at split num_splits scores slots [0, sinks) with the shifted query

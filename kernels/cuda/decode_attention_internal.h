@@ -44,6 +44,8 @@ struct SplitArgs {
   const uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
   int residual_tile_tokens = 0;
+  // DecodeBatch::head_window (nullptr: every head holds encoded_lens / residual_lens).
+  const int32_t* head_window = nullptr;
   // TurboQuant's window split scores the window keys against the query in the original basis
   // (query [seqs, q_heads, d] times query_scale) and rotates its partial output by the codec's
   // random signs then Walsh-Hadamard (signs, d floats), so that it merges with the rotated-domain

@@ -215,6 +215,10 @@ class CudaKvAppendImpl final : public CudaKvAppend {
       KVGATE_KERNELS_RETURN_IF_ERROR(
           CheckWindow(b.residual_k, b.residual_v, b.residual_capacity, "AppendBatch"));
     }
+    if (b.head_window != nullptr && (f_.kind != internal::kAppendTurbo || f_.window_tokens == 0)) {
+      return absl::UnimplementedError(
+          "AppendBatch: per-head windows (head_window) need TurboQuant with a window");
+    }
     internal::AppendArgs a;
     CopySharedFields(b, a);
     a.row_begin = b.row_begin;
@@ -263,6 +267,10 @@ class CudaKvAppendImpl final : public CudaKvAppend {
       KVGATE_KERNELS_RETURN_IF_ERROR(
           CheckWindow(b.residual_k, b.residual_v, b.residual_capacity, "ReadBatch"));
     }
+    if (b.head_window != nullptr && (f_.kind != internal::kAppendTurbo || f_.window_tokens == 0)) {
+      return absl::UnimplementedError(
+          "ReadBatch: per-head windows (head_window) need TurboQuant with a window");
+    }
     internal::ReadArgs a;
     CopySharedFields(b, a);
     a.lens = b.lens;
@@ -297,6 +305,7 @@ class CudaKvAppendImpl final : public CudaKvAppend {
     a.residual_k = b.residual_k;
     a.residual_v = b.residual_v;
     a.residual_capacity = b.residual_capacity;
+    a.head_window = b.head_window;
   }
 
   // Bytes of the d/32 floats a lane of ReadKernel stores at once.

@@ -172,6 +172,19 @@ __device__ __forceinline__ int64_t EncodedCount(const AppendFormat& f, int64_t s
   return stored < r + g ? 0 : (stored - r) / g * g;
 }
 
+// Tokens (batch entry s, kv-head h) holds in blocks before and after an append of n rows to the
+// stored_before tokens sb: from sb and n, or with per-head windows from the head's window rows w
+// (a window of w < R + flush rows flushes as a sequence of w tokens without encoded ones would).
+struct EncodedSplit {
+  int64_t before = 0, after = 0;
+};
+__device__ __forceinline__ EncodedSplit AppendSplit(const AppendFormat& f, const AppendArgs& a,
+                                                    int s, int h, int64_t sb, int64_t n) {
+  if (a.head_window == nullptr) return {EncodedCount(f, sb), EncodedCount(f, sb + n)};
+  const int64_t w = a.head_window[StateSlot(a.seq_slots, s) * f.num_kv_heads + h];
+  return {sb - w, sb - w + EncodedCount(f, w + n)};
+}
+
 // Record of token t of batch entry s, kv-head h; nullptr when the block table has no block there.
 template <class Byte>
 __device__ __forceinline__ Byte* RecordPtr(const AppendFormat& f, Byte* pool, int64_t block_stride,
@@ -837,7 +850,8 @@ __device__ __forceinline__ void WindowUpdate(const AppendFormat& f, const Append
                                              int h) {
   const int64_t rb = a.row_begin[s], n = a.row_begin[s + 1] - rb, sb = a.stored_before[s];
   if (n <= 0) return;
-  const int64_t sa = sb + n, eb = EncodedCount(f, sb), ea = EncodedCount(f, sa);
+  const EncodedSplit split = AppendSplit(f, a, s, h, sb, n);
+  const int64_t sa = sb + n, eb = split.before, ea = split.after;
   const int64_t window = (StateSlot(a.seq_slots, s) * f.num_kv_heads + h) * a.residual_capacity * D;
   uint16_t* wk = a.residual_k + window;
   uint16_t* wv = a.residual_v + window;
@@ -900,6 +914,12 @@ __device__ __forceinline__ void WindowUpdate(const AppendFormat& f, const Append
       }
     }
   }
+  if (a.head_window != nullptr) {
+    __syncthreads();  // every thread has read the old count
+    if (threadIdx.x == 0) {
+      a.head_window[StateSlot(a.seq_slots, s) * f.num_kv_heads + h] = static_cast<int32_t>(sa - ea);
+    }
+  }
 }
 
 // After KiviGroupKernel or TurboFlushKernel (which read the old window): one CTA per (kv-head,
@@ -925,7 +945,8 @@ __global__ void __launch_bounds__(kThreads) TurboFlushKernel(AppendFormat f, App
   const int s = blockIdx.z, h = blockIdx.y;
   const int64_t rb = a.row_begin[s], n = a.row_begin[s + 1] - rb, sb = a.stored_before[s];
   if (n <= 0) return;
-  const int64_t eb = EncodedCount(f, sb), ea = EncodedCount(f, sb + n);
+  const EncodedSplit split = AppendSplit(f, a, s, h, sb, n);
+  const int64_t eb = split.before, ea = split.after;
   const int64_t first = eb + static_cast<int64_t>(blockIdx.x) * kWarps;  // the CTA's first token
   if (first >= ea) return;
   float* table = reinterpret_cast<float*>(smem);
@@ -988,7 +1009,10 @@ __global__ void __launch_bounds__(kThreads) ReadKernel(AppendFormat f, ReadArgs 
   const int64_t len = a.lens[s];
   if (t >= len) return;
   float out[2][V];
-  const int64_t encoded = EncodedCount(f, len);
+  const int64_t encoded =
+      a.head_window != nullptr
+          ? len - a.head_window[StateSlot(a.seq_slots, s) * f.num_kv_heads + h]
+          : EncodedCount(f, len);
   if (t >= encoded) {  // the fp16 window (KIVI, TurboQuant with R > 0)
     const int64_t at =
         ((StateSlot(a.seq_slots, s) * f.num_kv_heads + h) * a.residual_capacity + (t - encoded)) *

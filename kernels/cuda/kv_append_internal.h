@@ -56,6 +56,7 @@ struct AppendArgs {
   uint16_t* residual_k = nullptr;
   uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
+  int32_t* head_window = nullptr;  // AppendBatch::head_window
   // Every record's address is a multiple of store_width (2, 4, 8 or 16 bytes): records are
   // written with stores that wide. vec_loads: k and v rows are 16-byte aligned (loads of d/32
   // or 4 floats at a time).
@@ -79,6 +80,7 @@ struct ReadArgs {
   const uint16_t* residual_k = nullptr;
   const uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
+  const int32_t* head_window = nullptr;  // ReadBatch::head_window
   float* out_k = nullptr;
   float* out_v = nullptr;
   int64_t out_stride_tokens = 0;

@@ -66,12 +66,20 @@ absl::Status CudaKvCache::InitLayout() {
   const kernels::KvFormatSpec& fmt = c.format;
   if (fmt.eviction.kind != kernels::EvictionSpec::Kind::kNone) {
     const kernels::KvFormatKind k = fmt.kind;
-    if (k != kernels::KvFormatKind::kFp16 && k != kernels::KvFormatKind::kBf16 &&
-        k != kernels::KvFormatKind::kFp8 && k != kernels::KvFormatKind::kInt8) {
+    // KIVI would need its key groups split on eviction (CpuKvCache re-encodes a broken group's
+    // survivors as solo keys, a per-slot flag the decode kernel would have to read).
+    if (k == kernels::KvFormatKind::kKivi) {
       return absl::UnimplementedError(
           absl::StrCat("the CUDA KV cache evicts (", kernels::EvictionToString(fmt.eviction),
-                       ") only with fp16, bf16, fp8 and int8, got ", fmt.name,
-                       ": use --backend cpu for eviction with it"));
+                       ") with fp16, bf16, fp8, int8 and TurboQuant, not ", fmt.name,
+                       ": use --backend cpu for eviction with KIVI"));
+    }
+    // The decode kernels shift the sinks' query for the per-token formats only.
+    if (k == kernels::KvFormatKind::kTurbo &&
+        fmt.eviction.kind == kernels::EvictionSpec::Kind::kSink && !c.rope_inv_freq.empty()) {
+      return absl::UnimplementedError(absl::StrCat(
+          "the CUDA KV cache shifts the sinks' query (sink eviction with RoPE frequencies) for "
+          "fp16, bf16, fp8 and int8 only, got ", fmt.name, ": use --backend cpu"));
     }
     if (!c.rope_inv_freq.empty() &&
         2 * static_cast<int64_t>(c.rope_inv_freq.size()) != c.head_dim) {
@@ -128,6 +136,12 @@ absl::Status CudaKvCache::InitLayout() {
     residual_offset_.push_back(residual_halves);
     residual_halves += int64_t{c.num_kv_heads} * capacity * c.head_dim;
   }
+  if (evicting() && *std::max_element(residual_capacity_.begin(), residual_capacity_.end()) >
+                        kMaxEvictWindowRows) {
+    return absl::UnimplementedError(absl::StrCat(
+        "the CUDA KV cache evicts with fp16 windows of at most ", kMaxEvictWindowRows,
+        " rows (R + 16), got ", fmt.name, ": use a smaller r or --backend cpu"));
+  }
   geometry_.block_bytes = offset;
   geometry_.residual_bytes_per_sequence = residual_halves * 2 * 2;  // k and v, 2 bytes each
   geometry_.slot_bytes = geometry_.residual_bytes_per_sequence +
@@ -181,6 +195,13 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
                            scale_floats * int64_t{sizeof(float)}, "the FP8 scale slots"));
   CUDA_RETURN_IF_ERROR(
       cudaMemsetAsync(cache->scales_, 0, scale_floats * sizeof(float), cache->stream_));
+  if (cache->evicting() && cache->geometry_.residual_bytes_per_sequence > 0) {
+    const int64_t counts = int64_t{config.num_layers} * max_sequences * config.num_kv_heads;
+    RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->head_window_),
+                             counts * int64_t{sizeof(int32_t)}, "the per-head window counts"));
+    CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(cache->head_window_, 0, counts * sizeof(int32_t), cache->stream_));
+  }
   const int64_t residual_halves =
       cache->geometry_.residual_bytes_per_sequence / 4 * int64_t{max_sequences};
   if (residual_halves > 0) {
@@ -233,7 +254,7 @@ CudaKvCache::~CudaKvCache() {
                   static_cast<void*>(residual_k_), static_cast<void*>(residual_v_),
                   static_cast<void*>(positions_), static_cast<void*>(mass_),
                   static_cast<void*>(mass_scratch_), static_cast<void*>(mass_scores_),
-                  static_cast<void*>(rope_inv_freq_)}) {
+                  static_cast<void*>(rope_inv_freq_), static_cast<void*>(head_window_)}) {
     if (p != nullptr) cudaFree(p);
   }
 }
@@ -248,6 +269,11 @@ int CudaKvCache::group_pad(int num_q_heads) const {
 
 float* CudaKvCache::head_scales(int layer) const {
   return scales_ + int64_t{layer} * max_sequences_ * config_.num_kv_heads * 2;
+}
+
+int32_t* CudaKvCache::head_window(int layer) const {
+  if (head_window_ == nullptr || residual_capacity_[layer] == 0) return nullptr;
+  return head_window_ + int64_t{layer} * max_sequences_ * config_.num_kv_heads;
 }
 
 uint16_t* CudaKvCache::residual(int layer, bool values) const {
@@ -359,6 +385,12 @@ absl::Status CudaKvCache::AddSequence(kernels::SeqId seq, int64_t reserve_tokens
   CUDA_RETURN_IF_ERROR(cudaMemset2DAsync(scales_ + int64_t{s.slot} * config_.num_kv_heads * 2,
                                          row * max_sequences_, 0, row, config_.num_layers,
                                          stream_));
+  if (head_window_ != nullptr) {  // every head's window empty: [layers][slots][kv_heads]
+    const size_t counts = static_cast<size_t>(config_.num_kv_heads) * sizeof(int32_t);
+    CUDA_RETURN_IF_ERROR(cudaMemset2DAsync(head_window_ + int64_t{s.slot} * config_.num_kv_heads,
+                                           counts * max_sequences_, 0, counts, config_.num_layers,
+                                           stream_));
+  }
   seqs_.emplace(seq, std::move(s));
   return absl::OkStatus();
 }
@@ -432,7 +464,12 @@ EvictPool CudaKvCache::PoolFor(int layer, const DeviceSeqBatch& seqs) const {
                    .head_dim = config_.head_dim,
                    .block_tables = seqs.block_tables,
                    .max_blocks = seqs.max_blocks,
-                   .num_seqs = seqs.num_seqs};
+                   .num_seqs = seqs.num_seqs,
+                   .head_window = head_window(layer),
+                   .residual_k = residual(layer, false),
+                   .residual_v = residual(layer, true),
+                   .residual_capacity = residual_capacity_[layer],
+                   .seq_slots = seqs.slots};
 }
 
 absl::Status CudaKvCache::EvictLayer(int layer, const DeviceSeqBatch& seqs,
@@ -461,6 +498,11 @@ absl::Status CudaKvCache::DecodeMassLayer(int layer, const DeviceSeqBatch& seqs,
                                           const int32_t* lens, int max_len, const float* q,
                                           int group, int group_pad, float scale) {
   if (!h2o()) return absl::FailedPreconditionError("DecodeMassLayer: the cache is not H2O");
+  if (layer_mass_reads_back(layer)) {
+    return absl::UnimplementedError(
+        "DecodeMassLayer: TurboQuant keys are not decoded by the mass kernel (DecodeAttention "
+        "takes the masses from the read-back keys)");
+  }
   if (seqs.num_seqs > max_sequences_) {
     return absl::InvalidArgumentError(absl::StrCat("DecodeMassLayer: ", seqs.num_seqs,
                                                    " sequences, at most ", max_sequences_));
@@ -506,6 +548,7 @@ void CudaKvCache::FillPoolFields(int layer, const DeviceSeqBatch& seqs, Batch& b
   b.residual_k = residual(layer, false);
   b.residual_v = residual(layer, true);
   b.residual_capacity = residual_capacity_[layer];
+  b.head_window = head_window(layer);
 }
 
 absl::Status CudaKvCache::AppendLayer(int layer, const DeviceSeqBatch& seqs,
@@ -857,7 +900,11 @@ absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num
     std::copy(q + int64_t{h} * d, q + int64_t{h + 1} * d,
               padded.begin() + ((h / group) * pad + h % group) * int64_t{d});
   }
-  const kernels::cuda::KiviCounts counts = SplitStoredTokens(layer_spec(layer), stored);
+  // Per-head windows: each head's split comes from its count on the device; the sequence's
+  // stored total as encoded_lens (the splits plan over it).
+  const kernels::cuda::KiviCounts counts = head_window(layer) != nullptr
+                                               ? kernels::cuda::KiviCounts{stored, 0}
+                                               : SplitStoredTokens(layer_spec(layer), stored);
   const SinkShift sink = SinkShiftFor(stored, s->length[layer]);
   const std::vector<int32_t> lens = {static_cast<int32_t>(counts.encoded),
                                      static_cast<int32_t>(counts.residual), sink.slots, sink.shift};
@@ -875,7 +922,32 @@ absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num
   RETURN_IF_ERROR(DecodeLayer(
       layer, batch, dlens.get(), lens[0], dlens.get() + 1, dq.get(), hkv * pad, scale, dout.get(),
       sink.slots > 0 ? dlens.get() + 2 : nullptr, sink.slots > 0 ? dlens.get() + 3 : nullptr));
-  if (h2o()) {  // per-token formats: every stored token is encoded (lens[0])
+  DeviceArray<float> keys, values, last_key, row_stats;
+  DeviceArray<int32_t> dchunk;
+  if (h2o() && layer_mass_reads_back(layer)) {
+    // TurboQuant: the masses of the read-back keys (fp32, original basis: the scores CpuKvCache
+    // takes in the rotated basis up to rounding), as a prefill chunk of one query token whose
+    // fresh key is the newest slot's.
+    RETURN_IF_ERROR(keys.Allocate(stored * hkv * d));
+    RETURN_IF_ERROR(values.Allocate(stored * hkv * d));
+    RETURN_IF_ERROR(ReadAll(*s, layer, keys.get(), values.get()));
+    RETURN_IF_ERROR(last_key.Allocate(int64_t{hkv} * d));
+    CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
+        last_key.get(), d * sizeof(float), keys.get() + (stored - 1) * d,
+        stored * d * sizeof(float), d * sizeof(float), hkv, cudaMemcpyDeviceToDevice, stream_));
+    const PrefillMassChunk chunk{.batch_index = 0,
+                                 .first_row = 0,
+                                 .n = 1,
+                                 .cached = static_cast<int32_t>(stored - 1),
+                                 .prefix_index = stored > 1 ? 0 : -1};
+    RETURN_IF_ERROR(dchunk.Upload(reinterpret_cast<const int32_t*>(&chunk), 5, stream_));
+    RETURN_IF_ERROR(row_stats.Allocate(PrefillMassStatsFloatsPerRow(hkv)));
+    RETURN_IF_ERROR(PrefillMassLayer(layer, batch,
+                                     reinterpret_cast<const PrefillMassChunk*>(dchunk.get()), 1, 1,
+                                     static_cast<int>(stored), dq.get(), group, pad,
+                                     last_key.get(), int64_t{hkv} * d, keys.get(), stored, scale,
+                                     row_stats.get()));
+  } else if (h2o()) {  // per-token formats: every stored token is encoded (lens[0])
     RETURN_IF_ERROR(
         DecodeMassLayer(layer, batch, dlens.get(), lens[0], dq.get(), group, pad, scale));
   }

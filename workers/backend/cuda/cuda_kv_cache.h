@@ -17,16 +17,24 @@
 // DecodeAttention reads every stored token through the format; PrefillAttention reads the cached
 // prefix through the format and the fresh tokens in fp32.
 //
-// Eviction (H2O, sink; per-token formats fp16, bf16, fp8, int8) follows CpuKvCache: before each
-// append of n tokens to a layer the cache keeps, per kv-head, the tokens CpuKvCache keeps in the
-// first slots (cuda_kv_evict.h): sinks compact them in slot (= position) order, H2O refills the
+// Eviction (H2O, sink; fp16, bf16, fp8, int8 and TurboQuant, not KIVI) follows CpuKvCache: before
+// each append of n tokens to a layer the cache keeps, per kv-head, the tokens CpuKvCache keeps in
+// the first slots (cuda_kv_evict.h): sinks compact them in slot (= position) order, H2O refills the
 // evicted tokens' slots with the newest kept ones, so its slots are in no particular order
 // (ReadStored's positions say which token each holds); H2O masses accumulate after every decode
 // and prefill attention. How many slots survive is a function of the stored count and the
 // length (PlanAppend), so the host tracks stored tokens without reading anything back. With
 // rope_inv_freq, sinks are scored at positions within the cache as CpuKvCache scores them: the
 // query rotated back by the evicted count for the sink slots (SinkShiftAfter; the decode and
-// prefill attention take it per sequence).
+// prefill attention take it per sequence; not for TurboQuant, whose decode kernels have no shifted
+// query: UnimplementedError). TurboQuant with its fp16 window: the kept set spans each head's
+// records and window rows; the records compact as above, the window's kept rows move down in
+// order after them, so each kv-head's window holds its own number of rows. Those counts live on
+// the device only (head_window: per layer, slot and kv-head; the eviction and the appends update
+// them, the append / decode / read kernels take each head's split from them), while the stored
+// total stays a host function of the plan. H2O masses of TurboQuant layers come from keys read back
+// in fp32 (the mass kernels decode only the per-token formats): DecodeAttention and the runner
+// score the decode query against them as a one-token prefill chunk (PrefillMassLayer).
 //
 // The CUDA runner drives the device methods (AppendLayer, DecodeLayer, ReadLayer) for whole steps
 // with its own device metadata and then CommitAppend. The host-pointer KvCache methods stage
@@ -86,8 +94,8 @@ struct DeviceSeqBatch {
 
 class CudaKvCache final : public kernels::KvCache {
  public:
-  // UnimplementedError for eviction with formats other than fp16/bf16/fp8/int8, TurboQuant QJL
-  // keys, head_dim other than 64/128 and block sizes that are not a multiple of 16 (no kernels;
+  // UnimplementedError for eviction with KIVI, sink eviction with rope_inv_freq and TurboQuant,
+  // eviction with a window above kMaxEvictWindowRows rows, TurboQuant QJL keys, head_dim other than 64/128 and block sizes that are not a multiple of 16 (no kernels;
   // DecodeAttention also refuses GQA groups above 8); InvalidArgumentError for rope_inv_freq of
   // a size other than head_dim / 2. ResourceExhausted when the pool or the slots cannot be
   // allocated. `stream` (not owned) carries every kernel and copy. max_sequences: sequences that
@@ -161,6 +169,21 @@ class CudaKvCache final : public kernels::KvCache {
   EvictPlan PlanAppend(kernels::SeqId seq, int64_t n) const;
   static int64_t KeptBefore(const EvictPlan& plan) {
     return std::min<int64_t>(plan.stored, int64_t{plan.lead} + plan.trail + plan.heavy);
+  }
+  // Eviction with TurboQuant's window in format `index`: each kv-head's split between records and
+  // window is on the device (DecodeLayer's encoded_lens + residual_lens: the stored total).
+  bool head_windows(int index) const {
+    return head_window_ != nullptr && formats_[index].append->residual_capacity() > 0;
+  }
+  // H2O: the mass kernels do not decode the layer's keys (TurboQuant): its decode masses come
+  // from keys read back (ReadLayer) through PrefillMassLayer, as one-token chunks.
+  bool layer_mass_reads_back(int layer) const {
+    return layer_spec(layer).kind == kernels::KvFormatKind::kTurbo;
+  }
+  bool mass_reads_back() const {
+    return std::any_of(formats_.begin(), formats_.end(), [](const Format& f) {
+      return f.spec.kind == kernels::KvFormatKind::kTurbo;
+    });
   }
   // Sink eviction with rope_inv_freq (else nullptr): the frequencies on the device [head_dim / 2],
   // for the prefill attention's sink shift.
@@ -252,6 +275,8 @@ class CudaKvCache final : public kernels::KvCache {
   const Format& format_of(int layer) const { return formats_[layer_format_[layer]]; }
   float* head_scales(int layer) const;
   uint16_t* residual(int layer, bool values) const;
+  // Evicting layers with a window: the per-head window counts [slots][kv_heads]; else nullptr.
+  int32_t* head_window(int layer) const;
   template <class Batch>
   void FillPoolFields(int layer, const DeviceSeqBatch& seqs, Batch& b) const;
   // Reads every stored token of (seq, layer) to device buffers [kv_heads, stored, head_dim].
@@ -278,6 +303,11 @@ class CudaKvCache final : public kernels::KvCache {
   float* mass_scratch_ = nullptr;   // H2O: DecodeMassScratchFloats(max_sequences_, kv_heads)
   double* rope_inv_freq_ = nullptr;  // sinks with rope_inv_freq: [head_dim / 2]
   float* mass_scores_ = nullptr;     // H2O: DecodeMassScoreFloatsPerBlock per block (one layer)
+  // Evicting with a window (TurboQuant r > 0): rows in each head's fp16 window,
+  // [layers][slots][kv_heads] (layers without a window unused). Eviction keeps different tokens
+  // per kv-head under H2O, so the heads' splits between records and window differ; only the
+  // device knows them (EvictCompact and the appends update them, the kernels read them).
+  int32_t* head_window_ = nullptr;
   std::map<kernels::SeqId, Sequence> seqs_;
 };
 

@@ -291,6 +291,153 @@ __global__ void EvictOrderedKernel(EvictPool p, const EvictPlan* plans) {
   }
 }
 
+// ---- Eviction with a per-head fp16 window (TurboQuant with r > 0) ------------------------------
+
+// Window rows staged per step of the window's compaction.
+constexpr int kWindowStep = 32;
+
+// Slots i of [lo, hi) with pred(i), in slot order: those of rank [first, first + kPairChunk) go
+// to out[rank - first]. Returns how many there are.
+template <class Pred>
+__device__ int CollectWhere(const Pred& pred, int lo, int hi, int first, int* out,
+                            int* warp_counts) {
+  int running = 0;
+  for (int c = lo; c < hi; c += kThreads) {
+    const int i = c + static_cast<int>(threadIdx.x);
+    const bool flag = i < hi && pred(i);
+    int total;
+    const int rank = running + BlockExclusiveCount(flag, warp_counts, &total);
+    if (flag && rank >= first && rank < first + kPairChunk) out[rank - first] = i;
+    running += total;
+  }
+  return running;
+}
+
+// Copies the records, positions and (H2O) masses of slots src[k] into slots dst[k], k < count (no
+// slot is both a source and a destination); records of any byte size.
+__device__ void MoveRecords(const EvictPool& p, const int32_t* table, int head, const int* dst,
+                            const int* src, int count) {
+  if (p.record_bytes % 4 == 0) {
+    const int words = p.record_bytes / 4;
+    for (int e = threadIdx.x; e < count * words; e += kThreads) {
+      const int k = e / words, w = e - k * words;
+      reinterpret_cast<uint32_t*>(SlotRecord(p, table, head, dst[k]))[w] =
+          reinterpret_cast<const uint32_t*>(SlotRecord(p, table, head, src[k]))[w];
+    }
+  } else {
+    for (int e = threadIdx.x; e < count * p.record_bytes; e += kThreads) {
+      const int k = e / p.record_bytes, b = e - k * p.record_bytes;
+      SlotRecord(p, table, head, dst[k])[b] = SlotRecord(p, table, head, src[k])[b];
+    }
+  }
+  for (int k = threadIdx.x; k < count; k += kThreads) {
+    const int64_t to = SlotMeta(p, table, head, dst[k]), from = SlotMeta(p, table, head, src[k]);
+    p.positions[to] = p.positions[from];
+    if (p.mass != nullptr) p.mass[to] = p.mass[from];
+  }
+}
+
+// Grid (num_seqs, kv_heads), H2O or sinks, layers with a per-head fp16 window: head h's slots
+// [0, encoded) are records, [encoded, stored) its window's rows (slot encoded + row), encoded =
+// stored - head_window. The kept set is chosen over all of them, as CpuKvCache::Evict does (H2O:
+// the recent positions plus the heavy tokens of largest mass; sinks: positions < lead or >=
+// length - trail). The records compact as the per-token formats' do (H2O's holes below the kept
+// record count refilled from above it, unordered; sinks' holes lie above the sink slots, which
+// never move), the window's surviving rows move down in order (its oldest rows flush first) to
+// the slots after the kept records, and head_window becomes their count. Dynamic shared memory:
+// residual_capacity x (position, mass, source row) staged before any row moves.
+__global__ void EvictWindowedKernel(EvictPool p, const EvictPlan* plans) {
+  const EvictPlan plan = plans[blockIdx.x];
+  const int head = blockIdx.y, d = p.head_dim;
+  const int32_t* table = p.block_tables + int64_t{blockIdx.x} * p.max_blocks;
+  const int stored = plan.stored;
+  const int kept = min(stored, plan.lead + plan.trail + plan.heavy);
+  const int evict = stored - kept;
+  const int32_t recent = plan.length - plan.trail;
+  const int64_t state = int64_t{p.seq_slots[blockIdx.x]} * p.num_kv_heads + head;
+  __shared__ int warp_ints[kWarps];
+  __shared__ int pair_dst[kPairChunk], pair_src[kPairChunk];
+  __shared__ uint32_t row_stage[2][kWindowStep][kMaxHeadDim / 2];  // fp16 pairs: keys, values
+  extern __shared__ int32_t window_meta[];  // [capacity] positions, masses, kept rows' sources
+  if (evict > 0) {
+    const int rows = p.head_window[state];
+    const int encoded = stored - rows;
+    const uint64_t threshold =
+        p.mass != nullptr ? SelectKey(p, table, head, stored, recent, evict - 1) : 0;
+    auto leaves = [&](int slot) {
+      if (p.mass != nullptr) return EvictKey(p, table, head, slot, recent) <= threshold;
+      const int32_t pos = p.positions[SlotMeta(p, table, head, slot)];
+      return !(pos < plan.lead || pos >= recent);
+    };
+    // The window's kept rows, their positions and masses staged first: they land on the slots
+    // after the kept records, which the record moves read from and later rows still occupy.
+    int32_t* row_pos = window_meta;
+    float* row_mass = reinterpret_cast<float*>(window_meta + p.residual_capacity);
+    int32_t* row_src = window_meta + 2 * p.residual_capacity;
+    int kept_rows = 0;
+    for (int c = 0; c < rows; c += kThreads) {
+      const int r = c + static_cast<int>(threadIdx.x);
+      const bool stays = r < rows && !leaves(encoded + r);
+      int total;
+      const int rank = kept_rows + BlockExclusiveCount(stays, warp_ints, &total);
+      if (stays) {
+        const int64_t m = SlotMeta(p, table, head, encoded + r);
+        row_src[rank] = r;
+        row_pos[rank] = p.positions[m];
+        row_mass[rank] = p.mass != nullptr ? p.mass[m] : 0.0f;
+      }
+      kept_rows += total;
+    }
+    const int kept_records = kept - kept_rows;
+    __syncthreads();
+    // Records: the holes below kept_records take the kept records above it, in rounds of
+    // kPairChunk (a filled hole holds a kept token, so the open holes rank from 0 every round).
+    auto stays_record = [&](int slot) { return !leaves(slot); };
+    for (int first = 0;; first += kPairChunk) {
+      const int sources =
+          CollectWhere(stays_record, kept_records, encoded, first, pair_src, warp_ints);
+      CollectWhere(leaves, 0, kept_records, 0, pair_dst, warp_ints);
+      __syncthreads();
+      MoveRecords(p, table, head, pair_dst, pair_src, max(0, min(kPairChunk, sources - first)));
+      __syncthreads();
+      if (first + kPairChunk >= sources) break;
+    }
+    // The window's kept rows move down in order, kWindowStep at a time (a destination row never
+    // exceeds its source, and later steps' sources lie above this step's destinations).
+    const size_t window = size_t(state) * p.residual_capacity * d;
+    const int words = d / 2;
+    for (int r0 = 0; r0 < kept_rows; r0 += kWindowStep) {
+      const int count = min(kWindowStep, kept_rows - r0);
+      for (int e = threadIdx.x; e < count * words; e += kThreads) {
+        const int k = e / words, w = e - k * words;
+        const size_t at = window + size_t(row_src[r0 + k]) * d;
+        row_stage[0][k][w] = reinterpret_cast<const uint32_t*>(p.residual_k + at)[w];
+        row_stage[1][k][w] = reinterpret_cast<const uint32_t*>(p.residual_v + at)[w];
+      }
+      __syncthreads();
+      for (int e = threadIdx.x; e < count * words; e += kThreads) {
+        const int k = e / words, w = e - k * words;
+        const size_t at = window + size_t(r0 + k) * d;
+        reinterpret_cast<uint32_t*>(p.residual_k + at)[w] = row_stage[0][k][w];
+        reinterpret_cast<uint32_t*>(p.residual_v + at)[w] = row_stage[1][k][w];
+      }
+      __syncthreads();
+    }
+    for (int r = threadIdx.x; r < kept_rows; r += kThreads) {
+      const int64_t m = SlotMeta(p, table, head, kept_records + r);
+      p.positions[m] = row_pos[r];
+      if (p.mass != nullptr) p.mass[m] = row_mass[r];
+    }
+    if (threadIdx.x == 0) p.head_window[state] = kept_rows;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < plan.n; i += kThreads) {
+    const int64_t m = SlotMeta(p, table, head, kept + i);
+    p.positions[m] = plan.length + i;
+    if (p.mass != nullptr) p.mass[m] = 0.0f;
+  }
+}
+
 // ---- Decode masses ------------------------------------------------------------------------------
 
 // Merges softmax statistics (m, l) of two sets of scores.
@@ -869,8 +1016,18 @@ void LaunchDecodeMassScores(const DecodeMassArgs& a, dim3 grid, cudaStream_t str
 
 cudaError_t LaunchEvictCompact(const EvictPool& p, const EvictPlan* plans, cudaStream_t stream) {
   if (p.num_seqs == 0) return cudaSuccess;
-  if (p.record_bytes % 4 != 0) return cudaErrorInvalidValue;
   const dim3 grid(p.num_seqs, p.num_kv_heads);
+  if (p.head_window != nullptr) {
+    if (p.seq_slots == nullptr || p.residual_k == nullptr || p.residual_v == nullptr ||
+        p.residual_capacity <= 0 || p.head_dim > kMaxHeadDim || p.head_dim % 2 != 0) {
+      return cudaErrorInvalidValue;
+    }
+    if (p.residual_capacity > kMaxEvictWindowRows) return cudaErrorInvalidValue;
+    const size_t smem = size_t{3} * p.residual_capacity * sizeof(int32_t);
+    EvictWindowedKernel<<<grid, kThreads, smem, stream>>>(p, plans);
+    return cudaGetLastError();
+  }
+  if (p.record_bytes % 4 != 0) return cudaErrorInvalidValue;
   if (p.mass != nullptr) {
     EvictH2oKernel<<<grid, kThreads, 0, stream>>>(p, plans);
   } else {

@@ -1,5 +1,6 @@
-// Device side of KV eviction (H2O, attention sinks) for CudaKvCache, per-token formats only
-// (fp16, bf16, fp8, int8): the kept tokens are CpuKvCache's (kernels/cpu/cpu_kv_cache.cc).
+// Device side of KV eviction (H2O, attention sinks) for CudaKvCache, for the per-token formats
+// (fp16, bf16, fp8, int8, TurboQuant) and TurboQuant's per-kv-head fp16 window: the kept tokens
+// are CpuKvCache's (kernels/cpu/cpu_kv_cache.cc).
 //
 // Every slot of the pool has an int32 position and (H2O) a float attention mass in two arrays laid
 // out like the records: [num_blocks][layer][kv_head][block_size], so they follow the block tables
@@ -16,11 +17,17 @@
 //     not depend on the order (only the fp32 summation order changes), the positions travel with
 //     the records. Sinks (mass unset): slots stay in position order (the first `lead` slots are
 //     the sinks, the last `trail` the window); the kept records are compacted stably.
-//   LaunchDecodeMass: after decode attention, per (sequence, kv-head): the scores of the stored
-//     keys for the group's queries (fp32, the keys decoded as the CPU codec does), their softmax
-//     (M, L) per query head, and sum_j exp(s_j - M_j) / L_j added to every slot's mass. Keys are
-//     read once: the first pass writes the scores to a scratch laid out like the slots, the
-//     second reads them back.
+//     With a window (EvictPool::head_window): one kernel for both kinds chooses the kept set over
+//     the records and the window's rows (H2O by the same order key; sinks by position), refills
+//     the records' holes as H2O does (the sinks' own slots never move), moves the window's kept
+//     rows down in order (the oldest flush first, as on the CPU) to the slots after the kept
+//     records, and leaves each head's new window count.
+//   LaunchDecodeMass (fp16, bf16, fp8, int8 keys; TurboQuant layers take their decode masses
+//     from LaunchPrefillMass over read-back keys): after decode attention, per (sequence,
+//     kv-head): the scores of the stored keys for the group's queries (fp32, the keys decoded as
+//     the CPU codec does), their softmax (M, L) per query head, and sum_j exp(s_j - M_j) / L_j
+//     added to every slot's mass. Keys are read once: the first pass writes the scores to a
+//     scratch laid out like the slots, the second reads them back.
 //   LaunchPrefillMass: the same for chunks of prefill queries over the cached prefix (read back in
 //     fp32) and the fresh keys (causal), in tiles of query rows x keys: a first pass gives each
 //     query row its (M, L), a second adds each key's probabilities over the rows that see it.
@@ -63,10 +70,25 @@ struct EvictPool {
   const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks]
   int max_blocks = 0;
   int num_seqs = 0;
+  // Layers with a per-head fp16 window (TurboQuant with r > 0; nullptr head_window: none): the
+  // window rows of each (state slot, kv-head) [slots][kv_heads] (read and written), the windows
+  // [slots][kv_heads][residual_capacity][head_dim] fp16 and each sequence's state slot.
+  int32_t* head_window = nullptr;
+  uint16_t* residual_k = nullptr;
+  uint16_t* residual_v = nullptr;
+  int residual_capacity = 0;
+  const int32_t* seq_slots = nullptr;  // [num_seqs]
 };
 
+// The largest fp16 window (residual_capacity) eviction compacts: its rows' metadata are staged in
+// shared memory.
+inline constexpr int kMaxEvictWindowRows = 1024;
+
 // Grid (num_seqs, kv_heads); plans [num_seqs] (device). Positions (and masses) must be set for
-// the `stored` slots of each plan; record_bytes a multiple of 4.
+// the `stored` slots of each plan; record_bytes a multiple of 4 without a window. With
+// head_window (residual_capacity <= kMaxEvictWindowRows, head_dim <= 128): the kept set is chosen over the
+// records and the window's rows together; the records compact as without a window, the window's
+// kept rows move down in order after them and head_window becomes their count.
 cudaError_t LaunchEvictCompact(const EvictPool& p, const EvictPlan* plans, cudaStream_t stream);
 
 // Keys for the mass kernels.

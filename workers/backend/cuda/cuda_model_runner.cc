@@ -815,10 +815,18 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
   // Prefill query tiles (chunks after the decode ones): 32 queries for the fp32 kernel, 64 for
   // the tensor-core one of the bf16 mode (prefill_attention.h).
   const int64_t tile_rows = fp32() ? cuda::kPrefillTileRows : cuda::kPrefillMmaTileRows;
+  // H2O with TurboQuant layers: the mass kernel does not decode TurboQuant records, so the decode
+  // rows' masses come from their read-back keys, as one-token prefill chunks: the decode chunks'
+  // stored tokens are read with the prefixes (read entries from chunk 0, not num_decode) and get
+  // mass chunks too (mass chunks from chunk 0).
+  const bool mass_read_back = cache.h2o() && cache.mass_reads_back();
+  const int first_read = mass_read_back ? 0 : num_decode;
+  const int num_read = num_decode + num_prefix - first_read;
+  const int first_mass = first_read;
   int64_t num_tiles = 0, max_read = 0, max_keys = 0;
-  for (int oi = num_decode; oi < num_chunks; ++oi) {
+  for (int oi = first_read; oi < num_chunks; ++oi) {
     const int64_t n = static_cast<int64_t>(chunks[order[oi]].tokens.size());
-    num_tiles += (n + tile_rows - 1) / tile_rows;
+    if (oi >= num_decode) num_tiles += (n + tile_rows - 1) / tile_rows;
     if (oi < num_decode + num_prefix) max_read = std::max(max_read, kept[order[oi]] + n);
     max_keys = std::max(max_keys, kept[order[oi]] + n);
   }
@@ -826,7 +834,7 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
 
   // Pinned layout (int32): tokens[rows], positions[rows], gather[out_rows],
   // tables[chunks * max_blocks], slots[chunks], row_begin[chunks + 1], stored_before[chunks],
-  // per format: encoded[num_decode], residual[num_decode]; read_lens[num_prefix],
+  // per format: encoded[num_decode], residual[num_decode]; read_lens[num_read],
   // tiles[num_tiles * 5].
   const size_t off_tokens = 0, off_pos = rows, off_gather = 2 * rows;
   const size_t off_tables = off_gather + out_rows;
@@ -835,15 +843,15 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
   const size_t off_stored = off_row_begin + num_chunks + 1;
   const size_t off_lens = off_stored + num_chunks;
   const size_t off_read = off_lens + size_t{2} * num_formats * num_decode;
-  const size_t off_tiles = off_read + num_prefix;
-  // Eviction: plans[chunks * 6]; H2O prefill masses: mass_chunks[(chunks - num_decode) * 5].
+  const size_t off_tiles = off_read + num_read;
+  // Eviction: plans[chunks * 6]; H2O prefill masses: mass_chunks[(chunks - first_mass) * 5].
   const size_t off_plans = off_tiles + size_t{5} * num_tiles;
   const size_t off_mass = off_plans + size_t{6} * num_chunks;
-  const int num_prefill = num_chunks - num_decode;
+  const int num_mass = num_chunks - first_mass;
   // Sink eviction's shift (CudaKvCache::SinkShiftAfter) of the chunks with a cached prefix:
   // sink_slots[num_shifted] then sink_shift[num_shifted], decode chunks first.
   const int num_shifted = cache.sink_rope_inv_freq() != nullptr ? num_decode + num_prefix : 0;
-  const size_t off_sinks = off_mass + size_t{5} * num_prefill;
+  const size_t off_sinks = off_mass + size_t{5} * num_mass;
   const size_t total = off_sinks + size_t{2} * num_shifted;
   RETURN_IF_ERROR(EnsurePinned(total));
   int32_t* h = pinned_;
@@ -886,8 +894,12 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
     int32_t* encoded = h + off_lens + size_t{2} * f * num_decode;
     int32_t* residual = encoded + num_decode;
     for (int oi = 0; oi < num_decode; ++oi) {
+      // Per-head windows (eviction with TurboQuant's window): each head's split is on the
+      // device; the stored total plans the splits.
+      const int64_t stored = kept[order[oi]] + 1;
       const kernels::cuda::KiviCounts counts =
-          kernels::cuda::SplitStoredTokens(cache.format_spec(f), kept[order[oi]] + 1);
+          cache.head_windows(f) ? kernels::cuda::KiviCounts{stored, 0}
+                                : kernels::cuda::SplitStoredTokens(cache.format_spec(f), stored);
       encoded[oi] = static_cast<int32_t>(counts.encoded);
       residual[oi] = static_cast<int32_t>(counts.residual);
       max_encoded[f] = std::max(max_encoded[f], encoded[oi]);
@@ -900,29 +912,30 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
   auto* tiles = reinterpret_cast<cuda::PrefillTile*>(h + off_tiles);
   static_assert(sizeof(cuda::PrefillTile) == 5 * sizeof(int32_t));
   int64_t tile = 0;
-  for (int oi = num_decode; oi < num_chunks; ++oi) {
+  for (int oi = first_read; oi < num_chunks; ++oi) {
     const int ci = order[oi];
     const int64_t n = static_cast<int64_t>(chunks[ci].tokens.size());
     const bool has_prefix = oi < num_decode + num_prefix;
-    if (has_prefix) h[off_read + (oi - num_decode)] = static_cast<int32_t>(kept[ci] + n);
-    auto* mass_chunk = reinterpret_cast<PrefillMassChunk*>(h + off_mass) + (oi - num_decode);
+    if (has_prefix) h[off_read + (oi - first_read)] = static_cast<int32_t>(kept[ci] + n);
+    auto* mass_chunk = reinterpret_cast<PrefillMassChunk*>(h + off_mass) + (oi - first_mass);
     *mass_chunk = {.batch_index = oi,
                    .first_row = static_cast<int32_t>(first_row[ci]),
                    .n = static_cast<int32_t>(n),
                    .cached = static_cast<int32_t>(kept[ci]),
-                   .prefix_index = has_prefix ? oi - num_decode : -1};
+                   .prefix_index = has_prefix ? oi - first_read : -1};
+    if (oi < num_decode) continue;  // decode rows: attention by DecodeLayer, no tiles
     for (int64_t t = 0; t < n; t += tile_rows) {
       tiles[tile++] = {
           .first_row = static_cast<int32_t>(first_row[ci]),
           .tile_begin = static_cast<int32_t>(t),
           .tile_rows = static_cast<int32_t>(std::min<int64_t>(tile_rows, n - t)),
           .past = static_cast<int32_t>(kept[ci]),
-          .prefix_index = has_prefix ? oi - num_decode : -1};
+          .prefix_index = has_prefix ? oi - first_read : -1};
     }
   }
   CUDA_RETURN_IF_ERROR(
       cudaMemcpyAsync(meta_, pinned_, total * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
-  RETURN_IF_ERROR(EnsurePrefixScratch(int64_t{num_prefix} * num_kv_heads * max_read * d));
+  RETURN_IF_ERROR(EnsurePrefixScratch(int64_t{num_read} * num_kv_heads * max_read * d));
 
   const cuda::DeviceSeqBatch all{.num_seqs = num_chunks,
                                  .block_tables = meta_ + off_tables,
@@ -933,10 +946,10 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
                                     .max_blocks = max_blocks,
                                     .slots = all.slots};
   const cuda::DeviceSeqBatch prefix{
-      .num_seqs = num_prefix,
-      .block_tables = all.block_tables + size_t{static_cast<size_t>(num_decode)} * max_blocks,
+      .num_seqs = num_read,
+      .block_tables = all.block_tables + size_t{static_cast<size_t>(first_read)} * max_blocks,
       .max_blocks = max_blocks,
-      .slots = all.slots + num_decode};
+      .slots = all.slots + first_read};
   cuda::PrefillAttentionArgs prefill;
   prefill.tiles = reinterpret_cast<const cuda::PrefillTile*>(meta_ + off_tiles);
   prefill.num_tiles = static_cast<int>(num_tiles);
@@ -948,7 +961,7 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
   prefill.prefix_k = prefix_k_;
   prefill.prefix_v = prefix_v_;
   prefill.prefix_stride_tokens = max_read;
-  if (num_shifted > 0) {  // indexed by prefix entry: the chunks after the decode ones
+  if (num_shifted > 0) {  // indexed by prefix entry (first_read = num_decode: no H2O)
     prefill.sink_slots = meta_ + off_sinks + num_decode;
     prefill.sink_shift = meta_ + off_sinks + num_shifted + num_decode;
     prefill.rope_inv_freq = cache.sink_rope_inv_freq();
@@ -1010,13 +1023,13 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
           layer, decode, encoded, max_encoded[f], encoded + num_decode, q_, padded_heads, scale,
           attn_f32_, num_shifted > 0 ? meta_ + off_sinks : nullptr,
           num_shifted > 0 ? meta_ + off_sinks + num_shifted : nullptr));
-      if (cache.h2o()) {
+      if (cache.h2o() && !cache.layer_mass_reads_back(layer)) {
         RETURN_IF_ERROR(cache.DecodeMassLayer(layer, decode, encoded, max_encoded[f], q_,
                                               num_heads / num_kv_heads, group_pad_, scale));
       }
       RETURN_IF_ERROR(GatherHeads(num_decode));
     }
-    if (num_prefix > 0) {
+    if (num_read > 0) {
       RETURN_IF_ERROR(cache.ReadLayer(layer, prefix, meta_ + off_read, static_cast<int>(max_read),
                                       prefix_k_, prefix_v_, max_read));
     }
@@ -1026,11 +1039,16 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
       CUDA_RETURN_IF_ERROR(
           cuda::LaunchPrefillAttentionMma(prefill, cuda::kRunnerPrefillOperands, stream_));
     }
-    if (cache.h2o() && num_prefill > 0) {
+    // H2O masses of the prefill chunks, and of the decode rows where the layer's keys are read
+    // back (their mass chunks come first).
+    const int mass_from = cache.h2o() && cache.layer_mass_reads_back(layer) ? 0 : num_decode;
+    if (cache.h2o() && num_chunks > mass_from) {
       RETURN_IF_ERROR(cache.PrefillMassLayer(
-          layer, all, reinterpret_cast<const PrefillMassChunk*>(meta_ + off_mass), num_prefill,
-          max_rows, static_cast<int>(max_keys), q_, num_heads / num_kv_heads, group_pad_,
-          qkv_ + q_dim, qkv_dim, prefix_k_, max_read, scale, mass_stats_));
+          layer, all,
+          reinterpret_cast<const PrefillMassChunk*>(meta_ + off_mass) + (mass_from - first_mass),
+          num_chunks - mass_from, max_rows, static_cast<int>(max_keys), q_,
+          num_heads / num_kv_heads, group_pad_, qkv_ + q_dim, qkv_dim, prefix_k_, max_read, scale,
+          mass_stats_));
     }
     RETURN_IF_ERROR(Gemm(attn_, w.o_proj, x_, m, hidden, q_dim, true, w.o_bias));
     RETURN_IF_ERROR(RmsNorm(w.post_attention_norm, nullptr, m));

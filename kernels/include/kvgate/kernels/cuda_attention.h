@@ -55,6 +55,12 @@ struct DecodeBatch {
   const uint16_t* residual_k = nullptr;
   const uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
+  // Per-kv-head windows (eviction with a window, CudaKvCache): when non-null (with residual_lens),
+  // [slots, num_kv_heads] rows of each head's window at the sequence's state slot; kv-head h of
+  // sequence s then holds encoded_lens[s] + residual_lens[s] - head_window[slot * heads + h]
+  // tokens in blocks (max_encoded_len must cover encoded_lens[s] + residual_lens[s]) and the
+  // rest in its window.
+  const int32_t* head_window = nullptr;
   // FP8 only: [num_seqs, num_kv_heads, 2] = (key_scale, value_scale).
   const float* head_scales = nullptr;
   // Per-sequence state slots: when non-null, batch entry s reads head_scales and the residual

@@ -85,6 +85,13 @@ struct AppendBatch {
   uint16_t* residual_k = nullptr;
   uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
+  // TurboQuant with a window, per-kv-head windows (eviction keeps different tokens per head,
+  // CudaKvCache): when non-null, [slots, kv_heads] rows in each head's window (read and written:
+  // the append leaves the new counts). Head h of sequence s then holds stored_before[s] -
+  // head_window[slot * heads + h] tokens in blocks, and its window takes the new rows and flushes
+  // as a window of that many rows would (each head's split follows from its own count). nullptr:
+  // every head's split follows from stored_before (SplitStoredTokens). KIVI: unsupported.
+  int32_t* head_window = nullptr;
 };
 
 // Reads (dequantizes) what attention sees for the first `lens[s]` tokens of sequences, one layer,
@@ -108,6 +115,7 @@ struct ReadBatch {
   const uint16_t* residual_k = nullptr;  // with a window (as in AppendBatch)
   const uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
+  const int32_t* head_window = nullptr;  // as in AppendBatch (read only)
   float* out_k = nullptr;  // [num_seqs, kv_heads, out_stride_tokens, head_dim]
   float* out_v = nullptr;
   int64_t out_stride_tokens = 0;
