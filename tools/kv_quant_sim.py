@@ -20,16 +20,17 @@ Only the decode rows are recomputed per setting; the prefill's keys and values a
 quantizers are simulations (NumPy rotations and signs, not kvgate's kTurboSignSeed), so figures
 agree with `kvgate eval` in trend and size, not to the digit.
 
-  tools/kv_quant_sim.py [--probes N] [--kvgate BIN] [--stats] CONTEXT WINDOWS SETTING...
+  tools/kv_quant_sim.py [--probes N] [--kvgate BIN] [--stats | --score-error] CONTEXT WINDOWS SETTING...
 
 SETTING: comma-separated fields
   k=Q, v=Q   the key / value quantizer (default none):
-             tq4, tq3   TurboQuant MSE: norm, random rotation of all d channels, Lloyd-Max codes
+             tqB        TurboQuant MSE at B = 2..6 bits: norm, random rotation of all d
+                        channels, Lloyd-Max codes
              tq35       kvgate's tq3.5: the first d/2 ROTATED channels at 4 bits, the rest at 3
              oN         outlier split in the ORIGINAL basis (the TurboQuant paper's): per layer and
                         kv-head the N channels of largest mean |x| over the prefill at 4 bits, the
                         other d - N at 3 bits, each set with its own rotation and norm
-             oN:A:B     the same with A bits on the outliers and B on the rest
+             oN:A:B     the same with A bits on the outliers and B on the rest (2..6)
              any of them + 'c' (tq4c, o16c, ...): the per-channel mean over the prefill is
                         subtracted before quantizing and added back (kept in fp16)
   R=N        exact window of the newest N tokens, flushed 16 at a time as kvgate's TurboQuant /
@@ -41,7 +42,9 @@ e.g.
 
 Bits per element of a key or value record at head_dim d (codes + fp16 norms): tqB: B + 16/d;
 tq35: 3.5 + 16/d; oN:A:B: (N A + (d - N) B + 32) / d; centering adds d fp16 per (sequence, layer,
-kv-head), not per token. --stats prints per layer and kv-head how concentrated |key| is.
+kv-head), not per token. --stats prints per layer and kv-head how concentrated |key| is;
+--score-error how much of each key quantizer's logit error, at the probes' retrieving row, is a
+shift common to all keys (harmless) and how much varies between keys.
 """
 import argparse
 import json
@@ -67,9 +70,15 @@ EPS = cfg.get('rms_norm_eps', 1e-6)
 LM_HEAD = w['lm_head.weight'] if 'lm_head.weight' in w else w['model.embed_tokens.weight']
 SCORED = 64  # decode rows per perplexity window (kvgate eval's --score-tokens default)
 
-# Lloyd-Max centroids of N(0, 1) (kernels/cpu/kv_codec.cc), scaled by 1/sqrt(m) for the rotated
-# coordinates of an m-dimensional unit vector.
+# Lloyd-Max centroids of N(0, 1) (2-4 bits: kernels/cpu/kv_codec.cc; 5 and 6 bits: Lloyd's
+# iteration on a 4e5-point grid of [-8, 8], MSE 0.00250 / 0.00064), scaled by 1/sqrt(m) for the
+# rotated coordinates of an m-dimensional unit vector.
 _HALF = {
+    6: [0.0337, 0.0998, 0.1662, 0.2328, 0.2999, 0.3674, 0.4355, 0.5044, 0.5742, 0.6449, 0.7168,
+        0.7900, 0.8647, 0.9412, 1.0195, 1.1001, 1.1832, 1.2692, 1.3584, 1.4515, 1.5490, 1.6517,
+        1.7607, 1.8771, 2.0028, 2.1401, 2.2924, 2.4649, 2.6661, 2.9116, 3.2350, 3.7392],
+    5: [0.0660, 0.1978, 0.3308, 0.4658, 0.6037, 0.7457, 0.8929, 1.0470, 1.2099, 1.3843, 1.5742,
+        1.7852, 2.0268, 2.3159, 2.6894, 3.2592],
     4: [0.1284, 0.3881, 0.6568, 0.9424, 1.2563, 1.6181, 2.0690, 2.7326],
     3: [0.2451, 0.7560, 1.3439, 2.1520],
     2: [0.4528, 1.5104],
@@ -111,7 +120,7 @@ def turbo(x, bits):
     return (yh @ pi) * s
 
 
-QUANT_RE = re.compile(r'^(?:(tq4|tq3|tq35)|o(\d+)(?::(\d):(\d))?)(c?)$')
+QUANT_RE = re.compile(r'^(?:(tq35|tq[2-6])|o(\d+)(?::([2-6]):([2-6]))?)(c?)$')
 
 
 def quantize(x, mode, prefill):
@@ -126,7 +135,7 @@ def quantize(x, mode, prefill):
     mu = x[:prefill].mean(axis=0, keepdims=True) if centered else 0.0
     xc = x - mu
     if base:
-        bits = {'tq4': [4] * D, 'tq3': [3] * D, 'tq35': [4] * (D // 2) + [3] * (D - D // 2)}[base]
+        bits = [4] * (D // 2) + [3] * (D - D // 2) if base == 'tq35' else [int(base[2])] * D
         return turbo(xc, bits) + mu
     n_out, hi, lo = int(outliers), int(hi or 4), int(lo or 3)
     order = np.argsort(-np.abs(xc[:prefill]).mean(axis=0), kind='stable')
@@ -321,6 +330,49 @@ def key_stats(ids, prefill):
                   f'{e[:16].sum() / e.sum():13.3f} {mean_e:12.3f}  {top.tolist()}')
 
 
+def score_error(probes, modes):
+    """How each key quantizer perturbs the retrieving row's attention logits: for the last query
+    token of each probe, every layer and query head, the logit errors e_i = q (k^_i - k_i) / sqrt(d)
+    over the prefill keys, split into their mean (a shift common to all keys, which softmax
+    ignores) and their standard deviation over keys (what moves attention), and the deviation's
+    RMS under the row's exact attention over the prefill (the error on the keys that the row
+    attends to), all relative to the standard deviation of the exact logits; averaged over probes,
+    layers and heads."""
+    acc = {m: np.zeros(3) for m in modes}
+    cnt = 0
+    g = HEADS // KVH
+    for prefix, query, _ in probes:
+        ids = prefix + query
+        n, P = len(ids), len(prefix)
+        cos, sin = rope(np.arange(n))
+        x = w['model.embed_tokens.weight'][np.asarray(ids)]
+        causal = np.triu(np.full((n, n), -np.inf, dtype=np.float32), 1)
+        for l in range(cfg['num_hidden_layers']):
+            q, k, v = qkv(l, x, cos, sin)
+            for j in range(KVH):
+                qj = q[n - 1, j * g:(j + 1) * g]                       # [g, d]
+                s = qj @ k[:P, j].T / math.sqrt(D)
+                for mo in modes:
+                    e = qj @ (quantize(k[:, j], mo, P)[:P] - k[:P, j]).T / math.sqrt(D)
+                    sd = s.std(1)
+                    # where the attention is: the RMS of (e_i - mean e) under the exact attention
+                    # of the row over the prefill keys
+                    pa = softmax(s)
+                    top = np.sqrt((pa * (e - e.mean(1, keepdims=True)) ** 2).sum(1))
+                    acc[mo] += [np.mean(np.abs(e.mean(1)) / sd), np.mean(e.std(1) / sd),
+                                np.mean(top / sd)]
+            cnt += 1
+            qh = q.transpose(1, 0, 2).reshape(KVH, g * n, D)
+            pr = softmax((qh @ k.transpose(1, 2, 0)).reshape(KVH, g, n, n) / math.sqrt(D) + causal)
+            out = pr.reshape(KVH, g * n, n) @ v.transpose(1, 0, 2)
+            x = finish_layer(l, x, out.reshape(HEADS, n, D).transpose(1, 0, 2))
+    print(f'key quantizer  |mean logit error|  std of logit error  attention-weighted rms   '
+          f'(/ std of exact logits; {len(probes)} probes x layers x kv-heads)')
+    for mo in modes:
+        a = acc[mo] / (cnt * KVH)
+        print(f'{mo:14s} {a[0]:18.4f} {a[1]:19.4f} {a[2]:23.4f}')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('context', type=int)
@@ -332,6 +384,8 @@ def main():
                     help='kvgate binary for `kvgate tokenize` (default $KVGATE_BIN)')
     ap.add_argument('--seed', type=int, default=1, help="probe seed (kvgate eval's --seed)")
     ap.add_argument('--stats', action='store_true', help='print key concentration and exit')
+    ap.add_argument('--score-error', action='store_true',
+                    help='with --probes: logit errors of the settings\' key quantizers, and exit')
     a = ap.parse_args()
     files = [f['ids'] for f in json.load(open(os.path.join(MODEL_DIR, 'eval', 'heldout_ids.json')))['files']]
     C = a.context
@@ -339,6 +393,10 @@ def main():
         key_stats(files[0][:C], C)
         return
     settings = {s: parse_setting(s) for s in a.settings}
+    if a.score_error:
+        score_error(make_probes(a.kvgate, files, C, a.probes, a.seed),
+                    list(dict.fromkeys(st['k'] for st in settings.values())))
+        return
 
     wins = [f[:C + 1] for f in files if len(f) >= C + 1][:a.windows]
     ppl = {s: [] for s in settings}   # per window: mean (nll - nll_exact)
