@@ -33,6 +33,9 @@ SETTING: comma-separated fields
              oN:A:B     the same with A bits on the outliers and B on the rest (2..6)
              any of them + 'c' (tq4c, o16c, ...): the per-channel mean over the prefill is
                         subtracted before quantizing and added back (kept in fp16)
+             any of them + 'u' (tq4u, tq35cu, ...): the reconstruction divided by the
+                        quantizer's mean inner-product shrinkage E<u, u^> (~ sqrt(1 - D)), so that
+                        <q, k^> is unbiased (a constant factor: free in a kernel)
   R=N        exact window of the newest N tokens, flushed 16 at a time as kvgate's TurboQuant /
              KIVI cache does (after a flush the window holds N..N+15 tokens); default 128, R=0: none
   F=N        flush granularity of that window (default 16; F=1: a window that slides every token)
@@ -104,9 +107,24 @@ def rotation(m):
     return _rot_cache[m]
 
 
-def turbo(x, bits):
+_shrink_cache = {}
+
+
+def shrink(m, bits):
+    """E <u, u^> over random unit vectors u of the norm-corrected reconstruction u^ (= sqrt(1 - D)
+    for MSE distortion D): the factor by which the quantizer shrinks inner products on average."""
+    key = (m, tuple(bits))
+    if key not in _shrink_cache:
+        u = np.random.default_rng(7).standard_normal((4000, m)).astype(np.float32)
+        u /= np.linalg.norm(u, axis=-1, keepdims=True)
+        _shrink_cache[key] = float((u * turbo(u, bits)).sum(-1).mean())
+    return _shrink_cache[key]
+
+
+def turbo(x, bits, unbiased=False):
     """TurboQuant MSE with norm correction: x [n, m] -> reconstruction; bits[j] is the code width
-    of ROTATED coordinate j (kvgate's split rates put the high widths first)."""
+    of ROTATED coordinate j (kvgate's split rates put the high widths first). unbiased: divided by
+    shrink(), so that inner products with the reconstruction are unbiased on average."""
     m = x.shape[-1]
     pi = rotation(m)
     nrm = np.linalg.norm(x, axis=-1, keepdims=True)
@@ -117,10 +135,12 @@ def turbo(x, bits):
         c = (LEVELS[b] / math.sqrt(m)).astype(np.float32)
         yh[:, cols] = c[np.searchsorted((c[1:] + c[:-1]) / 2, y[:, cols])]
     s = nrm / np.maximum(np.linalg.norm(yh, axis=-1, keepdims=True), 1e-30)
+    if unbiased:
+        s = s / shrink(m, bits)
     return (yh @ pi) * s
 
 
-QUANT_RE = re.compile(r'^(?:(tq35|tq[2-6])|o(\d+)(?::([2-6]):([2-6]))?)(c?)$')
+QUANT_RE = re.compile(r'^(?:(tq35|tq[2-6])|o(\d+)(?::([2-6]):([2-6]))?)(c?)(u?)$')
 
 
 def quantize(x, mode, prefill):
@@ -131,18 +151,18 @@ def quantize(x, mode, prefill):
     mt = QUANT_RE.match(mode)
     if not mt:
         raise ValueError(f'unknown quantizer {mode!r}')
-    base, outliers, hi, lo, centered = mt.groups()
+    base, outliers, hi, lo, centered, unbiased = mt.groups()
     mu = x[:prefill].mean(axis=0, keepdims=True) if centered else 0.0
     xc = x - mu
     if base:
         bits = [4] * (D // 2) + [3] * (D - D // 2) if base == 'tq35' else [int(base[2])] * D
-        return turbo(xc, bits) + mu
+        return turbo(xc, bits, unbiased) + mu
     n_out, hi, lo = int(outliers), int(hi or 4), int(lo or 3)
     order = np.argsort(-np.abs(xc[:prefill]).mean(axis=0), kind='stable')
     out_ch, rest = np.sort(order[:n_out]), np.sort(order[n_out:])
     xh = np.empty_like(x)
-    xh[:, out_ch] = turbo(xc[:, out_ch], [hi] * n_out)
-    xh[:, rest] = turbo(xc[:, rest], [lo] * (D - n_out))
+    xh[:, out_ch] = turbo(xc[:, out_ch], [hi] * n_out, unbiased)
+    xh[:, rest] = turbo(xc[:, rest], [lo] * (D - n_out), unbiased)
     return xh + mu
 
 
@@ -336,9 +356,10 @@ def score_error(probes, modes):
     over the prefill keys, split into their mean (a shift common to all keys, which softmax
     ignores) and their standard deviation over keys (what moves attention), and the deviation's
     RMS under the row's exact attention over the prefill (the error on the keys that the row
-    attends to), all relative to the standard deviation of the exact logits; averaged over probes,
-    layers and heads."""
-    acc = {m: np.zeros(3) for m in modes}
+    attends to), all relative to the standard deviation of the exact logits, and the regression
+    slope of e on the exact logits (-0.01: logits shrunk by 1%, which flattens attention over the
+    quantized keys); averaged over probes, layers and heads."""
+    acc = {m: np.zeros(4) for m in modes}
     cnt = 0
     g = HEADS // KVH
     for prefix, query, _ in probes:
@@ -359,18 +380,20 @@ def score_error(probes, modes):
                     # of the row over the prefill keys
                     pa = softmax(s)
                     top = np.sqrt((pa * (e - e.mean(1, keepdims=True)) ** 2).sum(1))
+                    sc = s - s.mean(1, keepdims=True)
+                    slope = (sc * e).sum(1) / (sc * sc).sum(1)     # e ~ slope * s: shrinkage
                     acc[mo] += [np.mean(np.abs(e.mean(1)) / sd), np.mean(e.std(1) / sd),
-                                np.mean(top / sd)]
+                                np.mean(top / sd), np.mean(slope)]
             cnt += 1
             qh = q.transpose(1, 0, 2).reshape(KVH, g * n, D)
             pr = softmax((qh @ k.transpose(1, 2, 0)).reshape(KVH, g, n, n) / math.sqrt(D) + causal)
             out = pr.reshape(KVH, g * n, n) @ v.transpose(1, 0, 2)
             x = finish_layer(l, x, out.reshape(HEADS, n, D).transpose(1, 0, 2))
-    print(f'key quantizer  |mean logit error|  std of logit error  attention-weighted rms   '
+    print(f'key quantizer  |mean logit error|  std of logit error  attention-weighted rms  slope   '
           f'(/ std of exact logits; {len(probes)} probes x layers x kv-heads)')
     for mo in modes:
         a = acc[mo] / (cnt * KVH)
-        print(f'{mo:14s} {a[0]:18.4f} {a[1]:19.4f} {a[2]:23.4f}')
+        print(f'{mo:14s} {a[0]:18.4f} {a[1]:19.4f} {a[2]:23.4f} {a[3]:+.4f}')
 
 
 def main():
