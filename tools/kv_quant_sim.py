@@ -13,7 +13,8 @@ assigning four random string constants, held-out code as filler up to length C, 
 `NAME = "` for one of the constants; the prefix is prefilled exactly, the query and the value
 tokens (teacher forced) are decoded through the quantizer. `retr` is the top-1 accuracy over the
 value tokens, `dretr` its difference from exact attention on the same probes in points, with the
-95% interval of that paired difference over probes (the delta method of quality_eval.cc).
+95% interval of that paired difference over probes (the delta method of quality_eval.cc), and
+`vs_first` the same paired difference against the first setting on the command line.
 
 Exact attention is the baseline (kvgate eval's is the fp16 cache: equal to ~1e-3 in KL terms).
 Only the decode rows are recomputed per setting; the prefill's keys and values are shared. The
@@ -437,6 +438,8 @@ def main():
     hits = {s: [] for s in settings}
     base_hits, lens = [], []
 
+    first = next(iter(settings), None)
+
     def report(out):
         print(f'C={C} windows={len(wins)} probes={len(lens)}'
               + (f' exact_retr={sum(base_hits) / sum(lens):.4f}' if lens else ''), file=out)
@@ -451,6 +454,11 @@ def main():
                 delta = (h.sum() - b.sum()) / n.sum()
                 resid = (h - b - delta * n) / n.mean()
                 line += f' retr={h.sum() / n.sum():.4f} dretr={100 * delta:+.2f}+-{100 * ci95(resid):.2f}'
+                if s != first:  # paired with the first setting on the same probes
+                    f0 = np.array(hits[first])
+                    dv = (h.sum() - f0.sum()) / n.sum()
+                    rv = (h - f0 - dv * n) / n.mean()
+                    line += f' vs_first={100 * dv:+.2f}+-{100 * ci95(rv):.2f}'
             print(line, file=out, flush=True)
 
     if a.probes:
