@@ -322,10 +322,14 @@ def make_probes(kvgate, files, context, count, seed=1):
     pre, qry, val = (tokenize(kvgate, headers, True), tokenize(kvgate, queries, False),
                      tokenize(kvgate, values, False))
     fillers = [f for f in files if len(f) >= context]
+    if not fillers:
+        raise ValueError(f'no evaluation file of {context} tokens for retrieval probes')
     probes = []
     for i in range(count):
         filler = fillers[i % len(fillers)]
         fill = context - (len(pre[i]) + len(qry[i]) + len(val[i])) + 1
+        if fill < 0 or fill + 1 > len(filler):
+            raise ValueError(f'context {context} too short for probes')
         probes.append((pre[i] + filler[1:1 + fill], qry[i], val[i]))
     return probes
 
@@ -416,7 +420,18 @@ def main():
     if a.stats:
         key_stats(files[0][:C], C)
         return
-    settings = {s: parse_setting(s) for s in a.settings}
+    try:
+        settings = {s: parse_setting(s) for s in a.settings}
+    except ValueError as e:
+        ap.error(str(e))
+    if a.probes and not os.access(a.kvgate, os.X_OK):
+        ap.error(f'--probes needs a kvgate binary for `kvgate tokenize`: {a.kvgate} is not one '
+                 '(--kvgate or $KVGATE_BIN)')
+    if a.score_error and not a.probes:
+        ap.error('--score-error needs --probes N')
+    if a.windows and (C <= SCORED or sum(len(f) >= C + 1 for f in files) < a.windows):
+        ap.error(f'{a.windows} windows of {C} tokens: need C > {SCORED} and that many files of '
+                 f'C + 1 tokens')
     if a.score_error:
         score_error(make_probes(a.kvgate, files, C, a.probes, a.seed),
                     list(dict.fromkeys(st['k'] for st in settings.values())))
