@@ -142,15 +142,15 @@ __device__ uint64_t SelectKey(const EvictPool& p, const int32_t* table, int head
   return prefix;
 }
 
-// Slots of [lo, hi) whose evicted state (key <= threshold) is `evicted`, in slot order: those of
-// rank [first, first + kPairChunk) go to out[rank - first]. Returns how many there are.
-__device__ int CollectSlots(const EvictPool& p, const int32_t* table, int head, int32_t window,
-                            uint64_t threshold, int lo, int hi, bool evicted, int first, int* out,
+// Slots i of [lo, hi) with pred(i), in slot order: those of rank [first, first + kPairChunk) go
+// to out[rank - first]. Returns how many there are.
+template <class Pred>
+__device__ int CollectWhere(const Pred& pred, int lo, int hi, int first, int* out,
                             int* warp_counts) {
   int running = 0;
   for (int c = lo; c < hi; c += kThreads) {
     const int i = c + static_cast<int>(threadIdx.x);
-    const bool flag = i < hi && (EvictKey(p, table, head, i, window) <= threshold) == evicted;
+    const bool flag = i < hi && pred(i);
     int total;
     const int rank = running + BlockExclusiveCount(flag, warp_counts, &total);
     if (flag && rank >= first && rank < first + kPairChunk) out[rank - first] = i;
@@ -159,20 +159,27 @@ __device__ int CollectSlots(const EvictPool& p, const int32_t* table, int head, 
   return running;
 }
 
-// Copies the records, positions and masses of slots src[k] into slots dst[k], k < count (no slot
-// is both a source and a destination).
-__device__ void MoveSlots(const EvictPool& p, const int32_t* table, int head, const int* dst,
-                          const int* src, int count) {
-  const int words = p.record_bytes / 4;
-  for (int e = threadIdx.x; e < count * words; e += kThreads) {
-    const int k = e / words, w = e - k * words;
-    reinterpret_cast<uint32_t*>(SlotRecord(p, table, head, dst[k]))[w] =
-        reinterpret_cast<const uint32_t*>(SlotRecord(p, table, head, src[k]))[w];
+// Copies the records, positions and (H2O) masses of slots src[k] into slots dst[k], k < count (no
+// slot is both a source and a destination); records of any byte size.
+__device__ void MoveRecords(const EvictPool& p, const int32_t* table, int head, const int* dst,
+                            const int* src, int count) {
+  if (p.record_bytes % 4 == 0) {
+    const int words = p.record_bytes / 4;
+    for (int e = threadIdx.x; e < count * words; e += kThreads) {
+      const int k = e / words, w = e - k * words;
+      reinterpret_cast<uint32_t*>(SlotRecord(p, table, head, dst[k]))[w] =
+          reinterpret_cast<const uint32_t*>(SlotRecord(p, table, head, src[k]))[w];
+    }
+  } else {
+    for (int e = threadIdx.x; e < count * p.record_bytes; e += kThreads) {
+      const int k = e / p.record_bytes, b = e - k * p.record_bytes;
+      SlotRecord(p, table, head, dst[k])[b] = SlotRecord(p, table, head, src[k])[b];
+    }
   }
   for (int k = threadIdx.x; k < count; k += kThreads) {
     const int64_t to = SlotMeta(p, table, head, dst[k]), from = SlotMeta(p, table, head, src[k]);
     p.positions[to] = p.positions[from];
-    p.mass[to] = p.mass[from];
+    if (p.mass != nullptr) p.mass[to] = p.mass[from];
   }
 }
 
@@ -226,17 +233,18 @@ __global__ void EvictH2oKernel(EvictPool p, const EvictPlan* plans) {
       num_pairs = holes;  // == sources: both count the evicted tokens below `kept`
     }
     __syncthreads();
-    MoveSlots(p, table, head, pair_dst, pair_src, num_pairs);
+    MoveRecords(p, table, head, pair_dst, pair_src, num_pairs);
   } else if (evict > 0) {
     const uint64_t threshold = SelectKey(p, table, head, stored, window, evict - 1);
     // Rounds of kPairChunk pairs: a filled hole holds a kept key, so the holes still open rank
     // from 0 every round, while the sources (copied, not cleared) keep their ranks.
     for (int first = 0;; first += kPairChunk) {
-      const int sources = CollectSlots(p, table, head, window, threshold, kept, stored, false,
-                                       first, pair_src, warp_ints);
-      CollectSlots(p, table, head, window, threshold, 0, kept, true, 0, pair_dst, warp_ints);
+      auto evicted = [&](int i) { return EvictKey(p, table, head, i, window) <= threshold; };
+      const int sources = CollectWhere([&](int i) { return !evicted(i); }, kept, stored, first,
+                                       pair_src, warp_ints);
+      CollectWhere(evicted, 0, kept, 0, pair_dst, warp_ints);
       __syncthreads();
-      MoveSlots(p, table, head, pair_dst, pair_src, min(kPairChunk, sources - first));
+      MoveRecords(p, table, head, pair_dst, pair_src, min(kPairChunk, sources - first));
       __syncthreads();
       if (first + kPairChunk >= sources) break;
     }
@@ -295,47 +303,6 @@ __global__ void EvictOrderedKernel(EvictPool p, const EvictPlan* plans) {
 
 // Window rows staged per step of the window's compaction.
 constexpr int kWindowStep = 32;
-
-// Slots i of [lo, hi) with pred(i), in slot order: those of rank [first, first + kPairChunk) go
-// to out[rank - first]. Returns how many there are.
-template <class Pred>
-__device__ int CollectWhere(const Pred& pred, int lo, int hi, int first, int* out,
-                            int* warp_counts) {
-  int running = 0;
-  for (int c = lo; c < hi; c += kThreads) {
-    const int i = c + static_cast<int>(threadIdx.x);
-    const bool flag = i < hi && pred(i);
-    int total;
-    const int rank = running + BlockExclusiveCount(flag, warp_counts, &total);
-    if (flag && rank >= first && rank < first + kPairChunk) out[rank - first] = i;
-    running += total;
-  }
-  return running;
-}
-
-// Copies the records, positions and (H2O) masses of slots src[k] into slots dst[k], k < count (no
-// slot is both a source and a destination); records of any byte size.
-__device__ void MoveRecords(const EvictPool& p, const int32_t* table, int head, const int* dst,
-                            const int* src, int count) {
-  if (p.record_bytes % 4 == 0) {
-    const int words = p.record_bytes / 4;
-    for (int e = threadIdx.x; e < count * words; e += kThreads) {
-      const int k = e / words, w = e - k * words;
-      reinterpret_cast<uint32_t*>(SlotRecord(p, table, head, dst[k]))[w] =
-          reinterpret_cast<const uint32_t*>(SlotRecord(p, table, head, src[k]))[w];
-    }
-  } else {
-    for (int e = threadIdx.x; e < count * p.record_bytes; e += kThreads) {
-      const int k = e / p.record_bytes, b = e - k * p.record_bytes;
-      SlotRecord(p, table, head, dst[k])[b] = SlotRecord(p, table, head, src[k])[b];
-    }
-  }
-  for (int k = threadIdx.x; k < count; k += kThreads) {
-    const int64_t to = SlotMeta(p, table, head, dst[k]), from = SlotMeta(p, table, head, src[k]);
-    p.positions[to] = p.positions[from];
-    if (p.mass != nullptr) p.mass[to] = p.mass[from];
-  }
-}
 
 // Grid (num_seqs, kv_heads), H2O or sinks, layers with a per-head fp16 window: head h's slots
 // [0, encoded) are records, [encoded, stored) its window's rows (slot encoded + row), encoded =
