@@ -51,6 +51,18 @@ constexpr int kMaxDecodeGroup = 8;
 // Tokens per append call of AppendSynthetic (its random K/V source: 32 MiB at 8 x 128 heads).
 constexpr int64_t kSyntheticChunk = 4096;
 
+// AppendSynthetic's K/V source: `rows` rows of `row_floats` uniform values of unit variance in k
+// and v (seeds `seed` and ~seed), enqueued on `stream`.
+absl::Status FillSyntheticKv(int64_t rows, int64_t row_floats, uint64_t seed, cudaStream_t stream,
+                             DeviceArray<float>& k, DeviceArray<float>& v) {
+  RETURN_IF_ERROR(k.Allocate(rows * row_floats));
+  RETURN_IF_ERROR(v.Allocate(rows * row_floats));
+  const float bound = std::sqrt(3.0f);
+  CUDA_RETURN_IF_ERROR(LaunchFillUniformFloat(k.get(), rows * row_floats, seed, bound, stream));
+  CUDA_RETURN_IF_ERROR(LaunchFillUniformFloat(v.get(), rows * row_floats, ~seed, bound, stream));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status CudaKvCache::InitLayout() {
@@ -622,11 +634,7 @@ absl::Status CudaKvCache::AppendSynthetic(kernels::SeqId seq, int64_t n, uint64_
   const int64_t chunk = std::min(n, kSyntheticChunk);
   const int64_t row_floats = int64_t{config_.num_kv_heads} * config_.head_dim;
   DeviceArray<float> k, v;
-  RETURN_IF_ERROR(k.Allocate(chunk * row_floats));
-  RETURN_IF_ERROR(v.Allocate(chunk * row_floats));
-  const float bound = std::sqrt(3.0f);
-  CUDA_RETURN_IF_ERROR(LaunchFillUniformFloat(k.get(), chunk * row_floats, seed, bound, stream_));
-  CUDA_RETURN_IF_ERROR(LaunchFillUniformFloat(v.get(), chunk * row_floats, ~seed, bound, stream_));
+  RETURN_IF_ERROR(FillSyntheticKv(chunk, row_floats, seed, stream_, k, v));
   // Per (layer, chunk): {row_begin = 0, row_end, stored_before}.
   const int64_t chunks = (n + chunk - 1) / chunk;
   std::vector<int32_t> meta;
@@ -666,11 +674,7 @@ absl::Status CudaKvCache::AppendSyntheticEvicting(Sequence& s, int64_t n,
   const int64_t chunk = std::min(n, kSyntheticChunk);
   const int64_t row_floats = int64_t{config_.num_kv_heads} * config_.head_dim;
   DeviceArray<float> k, v;
-  RETURN_IF_ERROR(k.Allocate(chunk * row_floats));
-  RETURN_IF_ERROR(v.Allocate(chunk * row_floats));
-  const float bound = std::sqrt(3.0f);
-  CUDA_RETURN_IF_ERROR(LaunchFillUniformFloat(k.get(), chunk * row_floats, seed, bound, stream_));
-  CUDA_RETURN_IF_ERROR(LaunchFillUniformFloat(v.get(), chunk * row_floats, ~seed, bound, stream_));
+  RETURN_IF_ERROR(FillSyntheticKv(chunk, row_floats, seed, stream_, k, v));
   DeviceArray<int32_t> dmeta, slot;
   RETURN_IF_ERROR(dmeta.Allocate(9));
   RETURN_IF_ERROR(slot.Upload(&s.slot, 1, stream_));
