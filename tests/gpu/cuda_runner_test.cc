@@ -1058,6 +1058,27 @@ Fp32Bound Fp32BoundFor(const std::string& format) {
   if (format == "fp8") return {1.5e-2, 2.5e-3};
   return {};
 }
+// RunParitySteps' rows against the fp32 bounds: the whole-prompt prefill rows (the first
+// prefill_rows) within kFp32PrefillTolerance, the later rows (decode, chunks over a cached prefix)
+// within the format's Fp32BoundFor. Prints the figures after `label`.
+void ExpectFp32Parity(const Runners& pair, size_t prefill_rows, const std::string& format,
+                      const std::string& label) {
+  const std::vector<double>& err = pair.errors();
+  ASSERT_GT(prefill_rows, 0u);
+  ASSERT_LT(prefill_rows, err.size());
+  const std::vector<double> prefill(err.begin(), err.begin() + prefill_rows);
+  const std::vector<double> later(err.begin() + prefill_rows, err.end());
+  std::printf(
+      "%s: %zu logits rows, GPU vs CPU relative error: whole-prompt prefill max %.3g; later rows "
+      "(decode, chunk over a cached prefix) max %.3g mean %.3g; argmax equal %d/%zu\n",
+      label.c_str(), err.size(), Runners::Max(prefill), Runners::Max(later), Runners::Mean(later),
+      pair.same_argmax(), err.size());
+  EXPECT_LT(Runners::Max(prefill), kFp32PrefillTolerance);
+  const Fp32Bound bound = Fp32BoundFor(format);
+  EXPECT_LT(Runners::Max(later), bound.max);
+  EXPECT_LT(Runners::Mean(later), bound.mean);
+}
+
 // Against goldens computed in float64 from the same bf16 weights (issue 6: 1e-3 relative).
 constexpr double kGoldenTolerance = 1e-3;
 
@@ -1089,21 +1110,8 @@ TEST_P(CudaRunnerFp32Parity, LogitsMatchCpuForPrefillChunksAndDecode) {
   Runners pair(**cpu, **gpu, nullptr);
   const size_t prefill_rows = RunParitySteps(pair, vocab);
   if (HasFailure()) return;
-  const std::vector<double>& err = pair.errors();
-  ASSERT_GT(prefill_rows, 0u);
-  ASSERT_LT(prefill_rows, err.size());
-  const std::vector<double> prefill(err.begin(), err.begin() + prefill_rows);
-  const std::vector<double> later(err.begin() + prefill_rows, err.end());
-  std::printf(
-      "[cuda fp32 parity] %s %s: %zu logits rows, GPU vs CPU relative error: whole-prompt prefill "
-      "max %.3g; later rows (decode, chunk over a cached prefix) max %.3g mean %.3g; argmax equal "
-      "%d/%zu\n",
-      p.model.c_str(), p.format.c_str(), err.size(), Runners::Max(prefill), Runners::Max(later),
-      Runners::Mean(later), pair.same_argmax(), err.size());
-  EXPECT_LT(Runners::Max(prefill), kFp32PrefillTolerance);
-  const Fp32Bound bound = Fp32BoundFor(p.format);
-  EXPECT_LT(Runners::Max(later), bound.max);
-  EXPECT_LT(Runners::Mean(later), bound.mean);
+  ExpectFp32Parity(pair, prefill_rows, p.format,
+                   "[cuda fp32 parity] " + p.model + " " + p.format);
 }
 
 INSTANTIATE_TEST_SUITE_P(ModelsAndFormats, CudaRunnerFp32Parity,
@@ -1139,20 +1147,9 @@ TEST_P(CudaRunnerSinks, LogitsAndKeptTokensMatchCpu) {
   Runners pair(**cpu, **gpu, nullptr);
   const size_t prefill_rows = RunParitySteps(pair, (*cpu)->config().vocab_size);
   if (HasFailure()) return;
-  const std::vector<double>& err = pair.errors();
-  ASSERT_GT(prefill_rows, 0u);
-  ASSERT_LT(prefill_rows, err.size());
-  const std::vector<double> prefill(err.begin(), err.begin() + prefill_rows);
-  const std::vector<double> later(err.begin() + prefill_rows, err.end());
-  std::printf(
-      "[cuda sinks] %s %s sinks=4 window=32: %zu logits rows, whole-prompt prefill max %.3g; "
-      "later rows max %.3g mean %.3g; argmax equal %d/%zu\n",
-      p.model.c_str(), p.format.c_str(), err.size(), Runners::Max(prefill), Runners::Max(later),
-      Runners::Mean(later), pair.same_argmax(), err.size());
-  EXPECT_LT(Runners::Max(prefill), kFp32PrefillTolerance);
-  const Fp32Bound bound = Fp32BoundFor(p.format);
-  EXPECT_LT(Runners::Max(later), bound.max);
-  EXPECT_LT(Runners::Mean(later), bound.mean);
+  ExpectFp32Parity(pair, prefill_rows, p.format,
+                   "[cuda sinks] " + p.model + " " + p.format + " sinks=4 window=32");
+  if (HasFatalFailure()) return;
   // The same kept tokens.
   kernels::KvCache& cc = (*cpu)->kv_cache();
   kernels::KvCache& gc = (*gpu)->kv_cache();
