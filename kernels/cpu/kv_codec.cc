@@ -294,6 +294,27 @@ absl::StatusOr<TurboCodebook> TurboCodebook::Create(int d, double rate) {
   };
   build(cb.hi_bits_, &cb.hi_centroids_, &cb.hi_bounds_);
   build(cb.lo_bits_, &cb.lo_centroids_, &cb.lo_bounds_);
+  // c = E[<u, uhat> / ||uhat||] over uniform unit vectors (normalized Gaussians; the rotation
+  // maps the sphere to itself, so it is not needed here). 4096 samples: standard error < 1e-4.
+  constexpr int kSamples = 4096;
+  SplitMix64 rng(kTurboDebiasSeed ^ static_cast<uint64_t>(d));
+  std::vector<float> u(d), uhat(d);
+  std::vector<uint8_t> codes(cb.code_bytes_);
+  double sum = 0;
+  for (int i = 0; i < kSamples; ++i) {
+    double sq = 0;
+    for (float& x : u) {
+      x = static_cast<float>(rng.Gaussian());
+      sq += double{x} * x;
+    }
+    const float inv = static_cast<float>(1.0 / std::sqrt(sq));
+    for (float& x : u) x *= inv;
+    cb.Quantize(u.data(), codes.data(), uhat.data());
+    double dot = 0, recon = 0;
+    for (int c = 0; c < d; ++c) dot += double{u[c]} * uhat[c], recon += double{uhat[c]} * uhat[c];
+    if (recon > 0) sum += dot / std::sqrt(recon);
+  }
+  cb.norm_debias_ = static_cast<float>(kSamples / sum);
   return cb;
 }
 
@@ -625,8 +646,9 @@ class KiviCodec final : public KvCodec {
 
 // ---- TurboQuant ---------------------------------------------------------------------------------
 // Per vector x: u = Pi x / ||x||, codes = TurboCodebook(u), uhat = centroids.
-//   MSE part (keys without QJL, values): stores fp16 s = ||x|| / ||uhat|| (norm correction), so
-//   the key-domain reconstruction is s * uhat (its norm equals ||x||).
+//   MSE part (keys without QJL, values): stores fp16 s = ||x|| / ||uhat|| (norm correction) times
+//   the codebook's norm_debias() (unless debias=0), so the key-domain reconstruction is s * uhat:
+//   its norm is ||x|| / c and its mean inner product with any fixed vector is exact.
 //   QJL keys (TurboQuant_prod): MSE codebook at key_bits - 1, s = ||x|| (no correction, keeps the
 //   estimator unbiased), r = u - uhat, stores sign(S r) (d bits) and fp16 ||r||; the estimate of
 //   <q, x> is ||x|| * (<Pi q, uhat> + ||r|| sqrt(pi/2) / d * <S Pi q, sign(S r)>).
@@ -641,7 +663,8 @@ class TurboCodec final : public KvCodec {
     auto value_cb = TurboCodebook::Create(d, spec.value_bits);
     if (!value_cb.ok()) return value_cb.status();
     return std::unique_ptr<TurboCodec>(new TurboCodec(d, *std::move(key_cb), *std::move(value_cb),
-                                                      spec.qjl_keys, spec.residual_tokens));
+                                                      spec.qjl_keys, spec.tq_debias,
+                                                      spec.residual_tokens));
   }
 
   int residual_tokens() const override { return residual_; }
@@ -668,7 +691,7 @@ class TurboCodec final : public KvCodec {
       const float key_norm = Normalize(k + i * stride, u);
       key_cb_.Quantize(u, rec, uhat);
       if (!qjl_) {
-        StoreHalf(rec + key_cb_.code_bytes(), CorrectedScale(key_norm, uhat));
+        StoreHalf(rec + key_cb_.code_bytes(), CorrectedScale(key_norm, uhat, key_cb_, debias_, d));
       } else {
         StoreHalf(rec + key_cb_.code_bytes(), std::min(key_norm, 65504.0f));
         for (int c = 0; c < d; ++c) u[c] -= uhat[c];  // residual r
@@ -683,7 +706,8 @@ class TurboCodec final : public KvCodec {
       uint8_t* vrec = rec + key_bytes();
       const float value_norm = Normalize(v + i * stride, u);
       value_cb_.Quantize(u, vrec, uhat);
-      StoreHalf(vrec + value_cb_.code_bytes(), CorrectedScale(value_norm, uhat));
+      StoreHalf(vrec + value_cb_.code_bytes(),
+                CorrectedScale(value_norm, uhat, value_cb_, debias_, d));
     }
   }
 
@@ -748,11 +772,13 @@ class TurboCodec final : public KvCodec {
  private:
   static constexpr float kSqrtHalfPi = 1.2533141373155003f;
 
-  TurboCodec(int d, TurboCodebook key_cb, TurboCodebook value_cb, bool qjl, int residual)
+  TurboCodec(int d, TurboCodebook key_cb, TurboCodebook value_cb, bool qjl, bool debias,
+             int residual)
       : KvCodec(d, key_cb.code_bytes() + 2 + (qjl ? d / 8 + 2 : 0), value_cb.code_bytes() + 2),
         key_cb_(std::move(key_cb)),
         value_cb_(std::move(value_cb)),
         qjl_(qjl),
+        debias_(debias),
         residual_(residual),
         rotation_(d) {
     if (qjl_) {
@@ -772,13 +798,20 @@ class TurboCodec final : public KvCodec {
     rotation_.Rotate(u);
     return norm;
   }
-  float CorrectedScale(float norm, const float* uhat) const {
-    const float recon = std::sqrt(Dot(uhat, uhat, head_dim()));
-    return recon > 0 ? std::min(norm / recon, 65504.0f) : 0.0f;
+  // ||x|| / ||uhat|| (norm correction) times the codebook's debias factor (1 without debias),
+  // capped at the fp16 maximum. The CUDA encoder (kernels/cuda/kv_append.cu) computes the same
+  // float expression: division, then multiplication, each rounded.
+  static float CorrectedScale(float norm, const float* uhat, const TurboCodebook& cb, bool debias,
+                              int d) {
+    const float recon = std::sqrt(Dot(uhat, uhat, d));
+    if (!(recon > 0)) return 0.0f;
+    const float corrected = norm / recon;
+    return std::min(debias ? corrected * cb.norm_debias() : corrected, 65504.0f);
   }
 
   TurboCodebook key_cb_, value_cb_;
   bool qjl_;
+  bool debias_;   // norms times the codebook's norm_debias() (QJL keys: never, already unbiased)
   int residual_;  // R: newest tokens the cache keeps in fp16
   HadamardRotation rotation_;
   std::vector<float> qjl_matrix_;  // [d, d] row-major

@@ -19,8 +19,9 @@ namespace kvgate::kernels {
 namespace {
 
 constexpr absl::string_view kAcceptedFormats =
-    "fp16, bf16, fp8, int8, kivi2, kivi4, tq4, tq3.5, tq3, tq2.5, tq:k=A,v=B[,qjl][,r=R] "
-    "(A, B in 1, 1.5, 2, 2.5, 3, 3.5, 4; R the fp16 window of newest tokens, default 128)";
+    "fp16, bf16, fp8, int8, kivi2, kivi4, tq4, tq3.5, tq3, tq2.5, "
+    "tq:k=A,v=B[,qjl][,r=R][,debias=0] (A, B in 1, 1.5, 2, 2.5, 3, 3.5, 4; R the fp16 window of "
+    "newest tokens, default 128)";
 
 bool IsTurboRate(double bits) {
   for (double r : {1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0}) {
@@ -45,6 +46,7 @@ absl::StatusOr<KvFormatSpec> ParseTurboParams(absl::string_view text, absl::stri
   double key_bits = -1, value_bits = -1;
   bool qjl = false;
   int residual = KvFormatSpec{}.residual_tokens;
+  bool debias = true;
   for (absl::string_view item : absl::StrSplit(params, ',')) {
     if (item == "qjl") {
       qjl = true;
@@ -53,9 +55,17 @@ absl::StatusOr<KvFormatSpec> ParseTurboParams(absl::string_view text, absl::stri
     std::vector<absl::string_view> kv = absl::StrSplit(item, absl::MaxSplits('=', 1));
     if (kv.size() == 2 && kv[0] == "r") {
       if (!absl::SimpleAtoi(kv[1], &residual) || residual < 0 || residual > 65536) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "KV format '", text, "': r='", kv[1], "' is not a token count in [0, 65536]"));
+        return absl::InvalidArgumentError(absl::StrCat("KV format '", text, "': r='", kv[1],
+                                                       "' is not a token count in [0, 65536]"));
       }
+      continue;
+    }
+    if (kv.size() == 2 && kv[0] == "debias") {
+      if (kv[1] != "0" && kv[1] != "1") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("KV format '", text, "': debias='", kv[1], "' is not 0 or 1"));
+      }
+      debias = kv[1] == "1";
       continue;
     }
     double value = 0;
@@ -70,7 +80,7 @@ absl::StatusOr<KvFormatSpec> ParseTurboParams(absl::string_view text, absl::stri
       value_bits = value;
     } else {
       return absl::InvalidArgumentError(
-          absl::StrCat("KV format '", text, "': unknown key '", kv[0], "' (k, v, qjl, r)"));
+          absl::StrCat("KV format '", text, "': unknown key '", kv[0], "' (k, v, qjl, r, debias)"));
     }
   }
   if (key_bits < 0 || value_bits < 0) {
@@ -84,8 +94,10 @@ absl::StatusOr<KvFormatSpec> ParseTurboParams(absl::string_view text, absl::stri
   std::string name = absl::StrCat("tq:k=", BitsName(key_bits), ",v=", BitsName(value_bits));
   if (qjl) absl::StrAppend(&name, ",qjl");
   if (residual != KvFormatSpec{}.residual_tokens) absl::StrAppend(&name, ",r=", residual);
+  if (!debias) absl::StrAppend(&name, ",debias=0");
   KvFormatSpec spec = Turbo(key_bits, value_bits, qjl, std::move(name));
   spec.residual_tokens = residual;
+  spec.tq_debias = debias;
   return spec;
 }
 
@@ -123,10 +135,10 @@ absl::StatusOr<KvFormatSpec> ParseKvFormat(std::string_view text_in) {
   if (absl::ConsumePrefix(&suffix, "fp16=")) counts = absl::StrSplit(suffix, ':');
   int first = -1, last = -1;
   if (counts.size() != 2 || !absl::SimpleAtoi(counts[0], &first) ||
-      !absl::SimpleAtoi(counts[1], &last) || first < 0 || last < 0 || first > 1024 ||
-      last > 1024) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "KV format '", text, "': expected FORMAT/fp16=F:L (the first F and last L layers in fp16)"));
+      !absl::SimpleAtoi(counts[1], &last) || first < 0 || last < 0 || first > 1024 || last > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV format '", text,
+                     "': expected FORMAT/fp16=F:L (the first F and last L layers in fp16)"));
   }
   spec->full_precision_first_layers = first;
   spec->full_precision_last_layers = last;
@@ -168,9 +180,9 @@ absl::StatusOr<KvFormatSpec> ParseBaseKvFormat(absl::string_view text) {
   if (text == "tq2.5") return Turbo(2.5, 2.5, false, "tq2.5");
   absl::string_view params = text;
   if (absl::ConsumePrefix(&params, "tq:")) return ParseTurboParams(text, params);
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown KV format '", text, "'; accepted: ", kAcceptedFormats,
-                   ", each optionally followed by /fp16=F:L"));
+  return absl::InvalidArgumentError(absl::StrCat("unknown KV format '", text,
+                                                 "'; accepted: ", kAcceptedFormats,
+                                                 ", each optionally followed by /fp16=F:L"));
 }
 
 }  // namespace

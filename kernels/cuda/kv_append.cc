@@ -150,6 +150,11 @@ class CudaKvAppendImpl final : public CudaKvAppend {
           f.tq_code_bytes[half] = (f.tq_hi_channels[half] * f.tq_hi_bits[half] +
                                    (d - f.tq_hi_channels[half]) * f.tq_lo_bits[half]) /
                                   8;
+          if (spec.tq_debias) {
+            absl::StatusOr<cpu::TurboCodebook> cb = cpu::TurboCodebook::Create(d, rates[half]);
+            if (!cb.ok()) return cb.status();
+            f.tq_debias[half] = cb->norm_debias();
+          }
         }
         if (f.tq_code_bytes[0] + 2 != f.key_bytes ||
             f.key_bytes + f.tq_code_bytes[1] + 2 != f.record_bytes) {

@@ -506,8 +506,8 @@ __device__ __forceinline__ void TurboEncodeWarp(const AppendFormat& f, const flo
   for (int half = 0; half < 2; ++half) {
     const int base = half == 0 ? 0 : 8 * f.key_bytes;
     OrBits(stage, base + tl[half].bit, codes[half], V * tl[half].bits);
-    if (lane == half) {  // CorrectedScale: ||x|| / ||uhat||, capped at the fp16 maximum
-      const float q = __fdiv_rn(norm[half], recon[half]);
+    if (lane == half) {  // CorrectedScale: ||x|| / ||uhat|| * debias, capped at the fp16 maximum
+      const float q = __fmul_rn(__fdiv_rn(norm[half], recon[half]), f.tq_debias[half]);
       const float s = recon[half] > 0 ? (65504.0f < q ? 65504.0f : q) : 0.0f;
       OrBits(stage, base + 8 * f.tq_code_bytes[half], FloatToHalf(s), 16);
     }

@@ -36,6 +36,7 @@ struct AppendFormat {
   // the fp16 norm at byte code_bytes of the half.
   int tq_hi_channels[2] = {}, tq_hi_bits[2] = {}, tq_lo_bits[2] = {}, tq_code_bytes[2] = {};
   float tq_wht_scale = 0;           // 1 / sqrt(d), computed as FastWalshHadamard does
+  float tq_debias[2] = {1, 1};      // TurboCodebook::norm_debias() per half (1: debias=0)
   const float* tq_table = nullptr;  // kTurboTableFloats floats + kTurboSignWords words (device)
 };
 

@@ -673,7 +673,9 @@ const std::vector<std::string> kFormats = {
     "tq:k=2.5,v=3.5",
     // without a window (every token encoded directly; (d) runs) and with a small one
     "tq:k=4,v=4,r=0", "tq:k=2.5,v=3.5,r=0", "tq:k=1,v=1,r=0", "tq:k=3,v=3,r=32",
-    "tq:k=4,v=2.5,r=32"};
+    "tq:k=4,v=2.5,r=32",
+    // the plain norm correction (debias=0; the others multiply by TurboCodebook::norm_debias())
+    "tq:k=4,v=3,debias=0", "tq:k=3.5,v=2.5,r=0,debias=0"};
 
 class CudaKvAppendTest : public ::testing::TestWithParam<std::tuple<std::string, int, int>> {};
 

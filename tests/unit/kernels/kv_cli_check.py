@@ -50,13 +50,24 @@ scale = (np.abs(x).max(axis=1, keepdims=True) / 127).astype(np.float16).astype(n
 expected = np.clip(np.round(x / scale), -127, 127) * scale
 assert np.allclose(y, expected, atol=1e-6), f"int8 max diff {np.abs(y - expected).max()}"
 
-# TurboQuant 4-bit: relative MSE near the paper's 0.0095 (norm-corrected ~0.0095).
+# TurboQuant 4-bit: relative MSE near the paper's 0.0095 (debiased: D / (1 - D) ~ 0.0096).
 run("roundtrip", "--format", "tq4", "--in", path("x.npy"), "--out", path("y.npy"))
 y = np.load(path("y.npy"))
 rel = (np.sum((x - y) ** 2, axis=1) / np.sum(x ** 2, axis=1)).mean()
 assert 0.008 < rel < 0.011, f"tq4 relative MSE {rel}"
-# norm correction: reconstruction norms equal input norms (fp16 precision).
+# Debiased norms: every reconstruction is longer than its input by one factor 1 / c (c ~ sqrt(1 -
+# D) = 0.9955), so that the projection <x, y> / ||x||^2 averages 1 (unbiased inner products).
+ratio = np.linalg.norm(y, axis=1) / np.linalg.norm(x, axis=1)
+assert np.allclose(ratio, ratio.mean(), rtol=2e-3) and 1.002 < ratio.mean() < 1.008, ratio.mean()
+proj = np.sum(x * y, axis=1) / np.sum(x ** 2, axis=1)
+assert abs(proj.mean() - 1) < 1e-3, f"tq4 mean projection {proj.mean()}"
+# debias=0, the plain norm correction: reconstruction norms equal input norms (fp16 precision),
+# and the projection is short by ~c.
+run("roundtrip", "--format", "tq:k=4,v=4,debias=0", "--in", path("x.npy"), "--out", path("y.npy"))
+y = np.load(path("y.npy"))
 assert np.allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=2e-3)
+proj = np.sum(x * y, axis=1) / np.sum(x ** 2, axis=1)
+assert 0.992 < proj.mean() < 0.998, f"tq4 debias=0 mean projection {proj.mean()}"
 
 # Attention through fp16 vs float64 NumPy attention, GQA 8 q-heads over 2 kv-heads.
 q = rng.standard_normal((8, 64)).astype(np.float32)

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -110,8 +111,10 @@ TEST(HadamardTest, RotationIsOrthonormalAndInvertible) {
 
 TEST(TurboQuantTest, MsePerBitWidthMatchesPaper) {
   // Paper (and Lloyd-Max on N(0,1)): D_mse = 0.3634, 0.1175, 0.0345, 0.0095 for b = 1..4 on unit
-  // vectors. With norm correction (stored scale ||x|| / ||uhat||) the reconstruction has unit norm
-  // and, by the centroid condition <u, uhat> = ||uhat||^2 = 1 - D, its MSE is 2 - 2 sqrt(1 - D).
+  // vectors. With norm correction (stored scale ||x|| / ||uhat||, debias=0) the reconstruction
+  // has unit norm and, by the centroid condition <u, uhat> = ||uhat||^2 = 1 - D, its MSE is
+  // 2 - 2 sqrt(1 - D). Debiased (the default: the scale divided by c = sqrt(1 - D) more), its norm
+  // is 1 / c and its MSE 1 / c^2 - 2 c / c + 1 = D / (1 - D).
   const double paper[5] = {0, 0.3634, 0.1175, 0.0345, 0.0095};
   const int d = 128, n = 4000;
   const auto x = RandomUnitVectors(n, d, 5);
@@ -130,17 +133,27 @@ TEST(TurboQuantTest, MsePerBitWidthMatchesPaper) {
     }
     mse /= n;
     // Through the format (RoundTripKv: rotation, codes, fp16 corrected norm, un-rotation).
-    KvFormatSpec spec = *ParseKvFormat(absl::StrCat("tq:k=", b, ",v=", b));
-    std::vector<float> out(x.size());
-    ASSERT_TRUE(RoundTripKv(spec, d, KvTensorRole::kKeys, n, x.data(), out.data()).ok());
-    double mse_corrected = 0;
-    for (size_t e = 0; e < x.size(); ++e) mse_corrected += (x[e] - out[e]) * (x[e] - out[e]);
-    mse_corrected /= n;
+    auto format_mse = [&](const std::string& format) {
+      std::vector<float> out(x.size());
+      EXPECT_TRUE(
+          RoundTripKv(*ParseKvFormat(format), d, KvTensorRole::kKeys, n, x.data(), out.data())
+              .ok());
+      double sum = 0;
+      for (size_t e = 0; e < x.size(); ++e) sum += (x[e] - out[e]) * (x[e] - out[e]);
+      return sum / n;
+    };
+    const double mse_corrected = format_mse(absl::StrCat("tq:k=", b, ",v=", b, ",debias=0"));
+    const double mse_debiased = format_mse(absl::StrCat("tq:k=", b, ",v=", b));
     const double expected_corrected = 2 - 2 * std::sqrt(1 - paper[b]);
-    std::printf("[ turboquant b=%d ] MSE %.5f (paper %.4f), norm-corrected %.5f (expected %.5f)\n",
-                b, mse, paper[b], mse_corrected, expected_corrected);
+    const double expected_debiased = paper[b] / (1 - paper[b]);
+    std::printf(
+        "[ turboquant b=%d ] MSE %.5f (paper %.4f), norm-corrected %.5f (expected %.5f), "
+        "debiased %.5f (expected %.5f)\n",
+        b, mse, paper[b], mse_corrected, expected_corrected, mse_debiased, expected_debiased);
     EXPECT_NEAR(mse, paper[b], 0.05 * paper[b]) << b;
     EXPECT_NEAR(mse_corrected, expected_corrected, 0.05 * expected_corrected) << b;
+    EXPECT_NEAR(mse_debiased, expected_debiased, 0.05 * expected_debiased) << b;
+    EXPECT_NEAR(1.0 / cb->norm_debias(), std::sqrt(1 - paper[b]), 0.01 * std::sqrt(1 - paper[b]));
     // Shannon lower bound and the paper's upper bound.
     EXPECT_GT(mse, std::pow(4.0, -b));
     EXPECT_LT(mse, 2.72 * std::pow(4.0, -b));
@@ -202,6 +215,49 @@ TEST(TurboQuantTest, QjlInnerProductIsUnbiased) {
   std::printf("[ qjl ] mean error %.5f, sd %.5f, n %d (true <y,x> ~ 0.8)\n", mean, sd, n);
   EXPECT_LT(std::fabs(mean), 4 * sd / std::sqrt(n) + 2e-3);  // fp16 norms add ~1e-3 relative
   EXPECT_GT(sd, 0.0);
+}
+
+// The default TurboQuant scores (norms times TurboCodebook::norm_debias()) are unbiased at every
+// rate; debias=0 (plain norm correction) shrinks them by c = E[<u, uhat> / ||uhat||] ~ sqrt(1 - D),
+// which this test must detect (at tq2.5, 1 - c ~ 5%), or it could not fail.
+TEST(TurboQuantTest, DebiasedScoresAreUnbiased) {
+  const int d = 128, n = 3000;
+  const auto x = RandomUnitVectors(n, d, 17);
+  const auto y = RandomUnitVectors(n, d, 18);
+  std::vector<float> yc(y.size());
+  for (size_t e = 0; e < y.size(); ++e) yc[e] = 0.8f * x[e] + 0.6f * y[e];
+  // Mean relative score error (score - <y, x>) / <y, x> and its standard error.
+  auto relative_bias = [&](const std::string& format, double* stderr_out) {
+    auto codec = CreateKvCodec(*ParseKvFormat(format), d);
+    EXPECT_TRUE(codec.ok());
+    std::vector<uint8_t> rec((*codec)->record_bytes());
+    uint8_t* recs[1] = {rec.data()};
+    std::vector<float> prepared((*codec)->prepared_query_floats()), scratch(d);
+    HeadCodecState state;
+    double sum = 0, sum_sq = 0;
+    for (int i = 0; i < n; ++i) {
+      (*codec)->Encode(1, &x[i * d], &x[i * d], d, state, recs);
+      (*codec)->PrepareQuery(&yc[i * d], prepared.data());
+      float score;
+      (*codec)->KeyScores(1, recs, state, 1, prepared.data(), &score, scratch.data());
+      const double truth = Dot(&yc[i * d], &x[i * d], d);
+      const double rel = (score - truth) / truth;
+      sum += rel, sum_sq += rel * rel;
+    }
+    const double mean = sum / n;
+    *stderr_out = std::sqrt((sum_sq / n - mean * mean) / n);
+    return mean;
+  };
+  for (const char* rate : {"4", "3.5", "3", "2.5"}) {
+    double se = 0, se_plain = 0;
+    const double bias = relative_bias(absl::StrCat("tq:k=", rate, ",v=", rate), &se);
+    const double plain =
+        relative_bias(absl::StrCat("tq:k=", rate, ",v=", rate, ",debias=0"), &se_plain);
+    std::printf("[ turboquant %s ] relative score bias: debiased %+.5f (se %.5f), plain %+.5f\n",
+                rate, bias, se, plain);
+    EXPECT_LT(std::fabs(bias), 4 * se + 1e-3) << rate;  // fp16 norms: ~5e-4 relative
+    EXPECT_LT(plain, -(4 * se_plain + 1e-3)) << rate;   // shrunk, detectably
+  }
 }
 
 // ---- Uniform quantizers: analytic bounds -------------------------------------------------------

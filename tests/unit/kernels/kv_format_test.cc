@@ -50,12 +50,20 @@ TEST(KvFormatTest, ParsesEveryDocumentedName) {
   EXPECT_EQ(r0->name, "tq:k=4,v=4,r=0");
   EXPECT_EQ(ParseKvFormat(r0->name)->residual_tokens, 0);
   EXPECT_EQ(ParseKvFormat("tq:k=4,v=4,r=128")->name, "tq:k=4,v=4");
+  // Debiased norms by default; debias=0 keeps the plain norm correction (and names it).
+  EXPECT_TRUE(ParseKvFormat("tq3.5")->tq_debias);
+  auto plain = ParseKvFormat("tq:k=4,v=3,debias=0");
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_FALSE(plain->tq_debias);
+  EXPECT_EQ(plain->name, "tq:k=4,v=3,debias=0");
+  EXPECT_FALSE(ParseKvFormat(plain->name)->tq_debias);
+  EXPECT_EQ(ParseKvFormat("tq:k=4,v=3,debias=1")->name, "tq:k=4,v=3");
 }
 
 TEST(KvFormatTest, RejectsUnknownNamesWithTheAcceptedList) {
-  for (const char* bad : {"", "fp32", "tq5", "tq:k=4", "tq:k=4,v=9", "tq:k=1,v=2,qjl",
-                          "tq:k=4,v=3,x=1", "tq:k=4,v=4,r=-1", "tq:k=4,v=4,r=x", "kivi3",
-                          "TQ4"}) {
+  for (const char* bad :
+       {"", "fp32", "tq5", "tq:k=4", "tq:k=4,v=9", "tq:k=1,v=2,qjl", "tq:k=4,v=3,x=1",
+        "tq:k=4,v=4,r=-1", "tq:k=4,v=4,r=x", "tq:k=4,v=4,debias=2", "kivi3", "TQ4"}) {
     auto spec = ParseKvFormat(bad);
     ASSERT_FALSE(spec.ok()) << bad;
     EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument) << bad;

@@ -45,14 +45,16 @@ struct KvFormatSpec {
   int group_size = 32;        // KIVI G
   int residual_tokens = 128;  // KIVI and TurboQuant R: newest tokens kept in fp16
   bool qjl_keys = false;      // TurboQuant_prod: 1-bit QJL residual on keys
+  bool tq_debias = true;      // TurboQuant: stored norms unbias inner products (debias=0: off)
   int full_precision_first_layers = 0;  // layers kept in fp16 at the start
   int full_precision_last_layers = 0;   // and at the end
   EvictionSpec eviction;
 };
 
 // Parses "fp16", "bf16", "fp8", "int8", "kivi2", "kivi4", "tq4", "tq3.5", "tq3", "tq2.5",
-// "tq:k=4,v=3[,qjl][,r=R]" (R: TurboQuant's fp16 window of the newest tokens, default 128; r=0
-// encodes every token), each optionally followed by "/fp16=F:L": the first F and the last L layers
+// "tq:k=4,v=3[,qjl][,r=R][,debias=0]" (R: TurboQuant's fp16 window of the newest tokens, default
+// 128; r=0 encodes every token; debias=0 stores the plain norm-corrected scale, which shrinks
+// scores by ~sqrt(1 - D): kept to measure it), each optionally followed by "/fp16=F:L": the first F and the last L layers
 // keep fp16 KV (e.g. "tq4/fp16=1:1"). The canonical name (spec.name) is what workers report and
 // policies declare. InvalidArgumentError lists the accepted names otherwise.
 absl::StatusOr<KvFormatSpec> ParseKvFormat(std::string_view text);
