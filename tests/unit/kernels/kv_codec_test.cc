@@ -148,8 +148,9 @@ TEST(TurboQuantTest, MsePerBitWidthMatchesPaper) {
     const double expected_debiased = paper[b] / (1 - paper[b]);
     std::printf(
         "[ turboquant b=%d ] MSE %.5f (paper %.4f), norm-corrected %.5f (expected %.5f), "
-        "debiased %.5f (expected %.5f)\n",
-        b, mse, paper[b], mse_corrected, expected_corrected, mse_debiased, expected_debiased);
+        "debiased %.5f (expected %.5f), c = 1 / norm_debias %.5f (sqrt(1 - D) %.5f)\n",
+        b, mse, paper[b], mse_corrected, expected_corrected, mse_debiased, expected_debiased,
+        1.0 / cb->norm_debias(), std::sqrt(1 - paper[b]));
     EXPECT_NEAR(mse, paper[b], 0.05 * paper[b]) << b;
     EXPECT_NEAR(mse_corrected, expected_corrected, 0.05 * expected_corrected) << b;
     EXPECT_NEAR(mse_debiased, expected_debiased, 0.05 * expected_debiased) << b;
