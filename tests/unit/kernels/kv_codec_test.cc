@@ -109,6 +109,16 @@ TEST(HadamardTest, RotationIsOrthonormalAndInvertible) {
 
 // ---- TurboQuant distortion ----------------------------------------------------------------------
 
+// Mean squared error per vector of x ([n, d] unit vectors) through a format's round trip.
+double RoundTripMse(const std::string& format, KvTensorRole role, int n, int d,
+                    const std::vector<float>& x) {
+  std::vector<float> out(x.size());
+  EXPECT_TRUE(RoundTripKv(*ParseKvFormat(format), d, role, n, x.data(), out.data()).ok()) << format;
+  double sum = 0;
+  for (size_t e = 0; e < x.size(); ++e) sum += (x[e] - out[e]) * (x[e] - out[e]);
+  return sum / n;
+}
+
 TEST(TurboQuantTest, MsePerBitWidthMatchesPaper) {
   // Paper (and Lloyd-Max on N(0,1)): D_mse = 0.3634, 0.1175, 0.0345, 0.0095 for b = 1..4 on unit
   // vectors. With norm correction (stored scale ||x|| / ||uhat||, debias=0) the reconstruction
@@ -133,17 +143,9 @@ TEST(TurboQuantTest, MsePerBitWidthMatchesPaper) {
     }
     mse /= n;
     // Through the format (RoundTripKv: rotation, codes, fp16 corrected norm, un-rotation).
-    auto format_mse = [&](const std::string& format) {
-      std::vector<float> out(x.size());
-      EXPECT_TRUE(
-          RoundTripKv(*ParseKvFormat(format), d, KvTensorRole::kKeys, n, x.data(), out.data())
-              .ok());
-      double sum = 0;
-      for (size_t e = 0; e < x.size(); ++e) sum += (x[e] - out[e]) * (x[e] - out[e]);
-      return sum / n;
-    };
-    const double mse_corrected = format_mse(absl::StrCat("tq:k=", b, ",v=", b, ",debias=0"));
-    const double mse_debiased = format_mse(absl::StrCat("tq:k=", b, ",v=", b));
+    const std::string format = absl::StrCat("tq:k=", b, ",v=", b);
+    const double mse_corrected = RoundTripMse(format + ",debias=0", KvTensorRole::kKeys, n, d, x);
+    const double mse_debiased = RoundTripMse(format, KvTensorRole::kKeys, n, d, x);
     const double expected_corrected = 2 - 2 * std::sqrt(1 - paper[b]);
     const double expected_debiased = paper[b] / (1 - paper[b]);
     std::printf(
@@ -165,17 +167,11 @@ TEST(TurboQuantTest, FractionalRatesSitBetweenIntegerRates) {
   const int d = 128, n = 2000;
   const auto x = RandomUnitVectors(n, d, 6);
   auto mse_of = [&](const char* format) {
-    std::vector<float> out(x.size());
-    EXPECT_TRUE(
-        RoundTripKv(*ParseKvFormat(format), d, KvTensorRole::kValues, n, x.data(), out.data())
-            .ok());
-    double mse = 0;
-    for (size_t e = 0; e < x.size(); ++e) mse += (x[e] - out[e]) * (x[e] - out[e]);
-    return mse / n;
+    return RoundTripMse(format, KvTensorRole::kValues, n, d, x);
   };
   const double m4 = mse_of("tq4"), m35 = mse_of("tq3.5"), m3 = mse_of("tq3"), m25 = mse_of("tq2.5"),
                m2 = mse_of("tq:k=2,v=2");
-  std::printf("[ turboquant ] corrected MSE tq4 %.5f tq3.5 %.5f tq3 %.5f tq2.5 %.5f tq2 %.5f\n", m4,
+  std::printf("[ turboquant ] debiased MSE tq4 %.5f tq3.5 %.5f tq3 %.5f tq2.5 %.5f tq2 %.5f\n", m4,
               m35, m3, m25, m2);
   EXPECT_LT(m4, m35);
   EXPECT_LT(m35, m3);
@@ -186,78 +182,68 @@ TEST(TurboQuantTest, FractionalRatesSitBetweenIntegerRates) {
   EXPECT_NEAR(m25, 0.25 * m3 + 0.75 * m2, 0.1 * m25);
 }
 
-TEST(TurboQuantTest, QjlInnerProductIsUnbiased) {
-  // TurboQuant_prod at 3 bits (2-bit MSE + 1-bit QJL): E[<y, x~>] = <y, x>. The plain 3-bit MSE
-  // quantizer without norm correction shrinks inner products by (1 - D) on average; QJL's
-  // estimate must show no such bias.
+// Errors of the scores a TurboQuant format computes on codes, score - <y, x>, over n = 3000 pairs
+// at d = 128: keys x unit vectors (seed), queries y = 0.8 x + 0.6 z with z unit vectors (seed + 1),
+// so that <y, x> ~ 0.8 and a bias proportional to it shows. Absolute and relative to <y, x>.
+struct ScoreErrors {
+  double mean = 0, sd = 0;                    // of score - <y, x>
+  double relative_mean = 0, relative_se = 0;  // of (score - <y, x>) / <y, x>; standard error
+};
+ScoreErrors MeasureScoreErrors(const std::string& format, uint32_t seed) {
   const int d = 128, n = 3000;
-  const auto x = RandomUnitVectors(n, d, 7);
-  const auto y = RandomUnitVectors(n, d, 8);
-  // Make y correlated with x so <y, x> is large (bias is proportional to it).
-  std::vector<float> yc(y.size());
-  for (size_t e = 0; e < y.size(); ++e) yc[e] = 0.8f * x[e] + 0.6f * y[e];
-  auto codec = CreateKvCodec(*ParseKvFormat("tq:k=3,v=3,qjl"), d);
-  ASSERT_TRUE(codec.ok());
+  const auto x = RandomUnitVectors(n, d, seed);
+  const auto z = RandomUnitVectors(n, d, seed + 1);
+  std::vector<float> y(z.size());
+  for (size_t e = 0; e < z.size(); ++e) y[e] = 0.8f * x[e] + 0.6f * z[e];
+  auto codec = CreateKvCodec(*ParseKvFormat(format), d);
+  EXPECT_TRUE(codec.ok()) << format;
+  if (!codec.ok()) return {};
   std::vector<uint8_t> rec((*codec)->record_bytes());
   uint8_t* recs[1] = {rec.data()};
   std::vector<float> prepared((*codec)->prepared_query_floats()), scratch(d);
   HeadCodecState state;
-  double sum_err = 0, sum_sq = 0;
+  double sum = 0, sum_sq = 0, rel_sum = 0, rel_sq = 0;
   for (int i = 0; i < n; ++i) {
     (*codec)->Encode(1, &x[i * d], &x[i * d], d, state, recs);
-    (*codec)->PrepareQuery(&yc[i * d], prepared.data());
+    (*codec)->PrepareQuery(&y[i * d], prepared.data());
     float score;
     (*codec)->KeyScores(1, recs, state, 1, prepared.data(), &score, scratch.data());
-    const double truth = Dot(&yc[i * d], &x[i * d], d);
-    sum_err += score - truth;
-    sum_sq += (score - truth) * (score - truth);
+    const double truth = Dot(&y[i * d], &x[i * d], d), err = score - truth;
+    sum += err, sum_sq += err * err;
+    rel_sum += err / truth, rel_sq += (err / truth) * (err / truth);
   }
-  const double mean = sum_err / n, sd = std::sqrt(sum_sq / n - mean * mean);
-  std::printf("[ qjl ] mean error %.5f, sd %.5f, n %d (true <y,x> ~ 0.8)\n", mean, sd, n);
-  EXPECT_LT(std::fabs(mean), 4 * sd / std::sqrt(n) + 2e-3);  // fp16 norms add ~1e-3 relative
-  EXPECT_GT(sd, 0.0);
+  ScoreErrors out;
+  out.mean = sum / n;
+  out.sd = std::sqrt(sum_sq / n - out.mean * out.mean);
+  out.relative_mean = rel_sum / n;
+  out.relative_se = std::sqrt((rel_sq / n - out.relative_mean * out.relative_mean) / n);
+  return out;
+}
+
+TEST(TurboQuantTest, QjlInnerProductIsUnbiased) {
+  // TurboQuant_prod at 3 bits (2-bit MSE + 1-bit QJL): E[<y, x~>] = <y, x>. The plain 3-bit MSE
+  // quantizer without norm correction shrinks inner products by (1 - D) on average; QJL's
+  // estimate must show no such bias.
+  const int n = 3000;
+  const ScoreErrors e = MeasureScoreErrors("tq:k=3,v=3,qjl", 7);
+  std::printf("[ qjl ] mean error %.5f, sd %.5f, n %d (true <y,x> ~ 0.8)\n", e.mean, e.sd, n);
+  EXPECT_LT(std::fabs(e.mean), 4 * e.sd / std::sqrt(n) + 2e-3);  // fp16 norms add ~1e-3 relative
+  EXPECT_GT(e.sd, 0.0);
 }
 
 // The default TurboQuant scores (norms times TurboCodebook::norm_debias()) are unbiased at every
 // rate; debias=0 (plain norm correction) shrinks them by c = E[<u, uhat> / ||uhat||] ~ sqrt(1 - D),
 // which this test must detect (at tq2.5, 1 - c ~ 5%), or it could not fail.
 TEST(TurboQuantTest, DebiasedScoresAreUnbiased) {
-  const int d = 128, n = 3000;
-  const auto x = RandomUnitVectors(n, d, 17);
-  const auto y = RandomUnitVectors(n, d, 18);
-  std::vector<float> yc(y.size());
-  for (size_t e = 0; e < y.size(); ++e) yc[e] = 0.8f * x[e] + 0.6f * y[e];
-  // Mean relative score error (score - <y, x>) / <y, x> and its standard error.
-  auto relative_bias = [&](const std::string& format, double* stderr_out) {
-    auto codec = CreateKvCodec(*ParseKvFormat(format), d);
-    EXPECT_TRUE(codec.ok());
-    std::vector<uint8_t> rec((*codec)->record_bytes());
-    uint8_t* recs[1] = {rec.data()};
-    std::vector<float> prepared((*codec)->prepared_query_floats()), scratch(d);
-    HeadCodecState state;
-    double sum = 0, sum_sq = 0;
-    for (int i = 0; i < n; ++i) {
-      (*codec)->Encode(1, &x[i * d], &x[i * d], d, state, recs);
-      (*codec)->PrepareQuery(&yc[i * d], prepared.data());
-      float score;
-      (*codec)->KeyScores(1, recs, state, 1, prepared.data(), &score, scratch.data());
-      const double truth = Dot(&yc[i * d], &x[i * d], d);
-      const double rel = (score - truth) / truth;
-      sum += rel, sum_sq += rel * rel;
-    }
-    const double mean = sum / n;
-    *stderr_out = std::sqrt((sum_sq / n - mean * mean) / n);
-    return mean;
-  };
   for (const char* rate : {"4", "3.5", "3", "2.5"}) {
-    double se = 0, se_plain = 0;
-    const double bias = relative_bias(absl::StrCat("tq:k=", rate, ",v=", rate), &se);
-    const double plain =
-        relative_bias(absl::StrCat("tq:k=", rate, ",v=", rate, ",debias=0"), &se_plain);
+    const std::string format = absl::StrCat("tq:k=", rate, ",v=", rate);
+    const ScoreErrors debiased = MeasureScoreErrors(format, 17);
+    const ScoreErrors plain = MeasureScoreErrors(format + ",debias=0", 17);
     std::printf("[ turboquant %s ] relative score bias: debiased %+.5f (se %.5f), plain %+.5f\n",
-                rate, bias, se, plain);
-    EXPECT_LT(std::fabs(bias), 4 * se + 1e-3) << rate;  // fp16 norms: ~5e-4 relative
-    EXPECT_LT(plain, -(4 * se_plain + 1e-3)) << rate;   // shrunk, detectably
+                rate, debiased.relative_mean, debiased.relative_se, plain.relative_mean);
+    // fp16 norms: ~5e-4 relative
+    EXPECT_LT(std::fabs(debiased.relative_mean), 4 * debiased.relative_se + 1e-3) << rate;
+    EXPECT_LT(plain.relative_mean, -(4 * plain.relative_se + 1e-3)) << rate;  // shrunk, detectably
   }
 }
 
