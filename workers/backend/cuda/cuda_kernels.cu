@@ -158,227 +158,6 @@ __global__ void __launch_bounds__(kEpilogueWarps * 32)
   }
 }
 
-__device__ __forceinline__ float4 Load4(const float* p) {
-  return *reinterpret_cast<const float4*>(p);
-}
-__device__ __forceinline__ float Dot4(float4 a, float4 b) {
-  return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
-}
-__device__ __forceinline__ void Fma4(float p, float4 v, float4& acc) {
-  acc.x += p * v.x;
-  acc.y += p * v.y;
-  acc.z += p * v.z;
-  acc.w += p * v.w;
-}
-
-constexpr int kPrefillThreads = 128;
-constexpr int kPrefillKeys = 32;  // keys per shared-memory tile
-
-template <int D>
-constexpr int PrefillSmemFloats() {
-  return (kPrefillTileRows + 2 * kPrefillKeys) * (D + 4) + kPrefillTileRows * (kPrefillKeys + 1);
-}
-
-// grid (num_tiles, Hq), 128 threads. Thread t owns query rows 2 (t / 8) and 2 (t / 8) + 1 of the
-// tile; for scores the keys t % 8 + 8 j (j < 4) of each 32-key tile, for the output the columns
-// 4 (t % 8) + 32 c (c < D / 32, float4 each). The 8 lanes sharing a row pair are one aligned
-// group of a warp: row max and sum reduce over them with three shuffles, and the probabilities go
-// through shared memory rows that only that group writes and reads. Rows of shared arrays are
-// padded to D + 4 floats so that the float4 accesses of a quarter-warp hit distinct banks.
-template <int D>
-__global__ void __launch_bounds__(kPrefillThreads) PrefillAttentionKernel(PrefillAttentionArgs a) {
-  constexpr int QT = kPrefillTileRows, KT = kPrefillKeys, LD = D + 4, PL = KT + 1;
-  constexpr int C4 = D / 32;  // output float4 columns per thread
-  extern __shared__ float4 smem4[];
-  float* q_s = reinterpret_cast<float*>(smem4);  // [QT][LD]
-  float* k_s = q_s + QT * LD;                    // [KT][LD]
-  float* v_s = k_s + KT * LD;                    // [KT][LD]
-  float* p_s = v_s + KT * LD;                    // [QT][PL]
-
-  const PrefillTile tile = a.tiles[blockIdx.x];
-  const int head = blockIdx.y;
-  const int hkv = a.shape.num_kv_heads, group = a.shape.num_q_heads / hkv;
-  const int kv_head = head / group;
-  const int q_slot = kv_head * a.shape.group_pad + head % group;
-  const int64_t q_row_floats = int64_t{hkv} * a.shape.group_pad * D;
-  const int tid = threadIdx.x, rg = tid >> 3, kl = tid & 7;
-
-  for (int i = tid; i < QT * D / 4; i += kPrefillThreads) {
-    const int r = i / (D / 4), c = (i % (D / 4)) * 4;
-    float4 val = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r < tile.tile_rows) {
-      const int64_t row = int64_t{tile.first_row} + tile.tile_begin + r;
-      val = Load4(a.q + row * q_row_floats + int64_t{q_slot} * D + c);
-      val.x *= a.scale, val.y *= a.scale, val.z *= a.scale, val.w *= a.scale;
-    }
-    *reinterpret_cast<float4*>(q_s + r * LD + c) = val;
-  }
-
-  const int64_t pos0 = int64_t{tile.past} + tile.tile_begin;  // position of the first query
-  const int64_t num_keys = pos0 + tile.tile_rows;
-  const float* prefix_k = nullptr;
-  const float* prefix_v = nullptr;
-  int64_t sinks = 0;  // cached slots scored with the shifted query (attention sinks)
-  int32_t shift = 0;
-  if (tile.prefix_index >= 0) {
-    const int64_t base = (int64_t{tile.prefix_index} * hkv + kv_head) * a.prefix_stride_tokens * D;
-    prefix_k = a.prefix_k + base;
-    prefix_v = a.prefix_v + base;
-    if (a.sink_slots != nullptr) {
-      sinks = a.sink_slots[tile.prefix_index] < tile.past ? a.sink_slots[tile.prefix_index]
-                                                          : tile.past;
-      shift = a.sink_shift[tile.prefix_index];
-    }
-  }
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  float4 acc[2][C4];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-#pragma unroll
-    for (int c = 0; c < C4; ++c) acc[r][c] = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-
-  for (int64_t k0 = 0; k0 < num_keys; k0 += KT) {
-    __syncthreads();  // the previous tile's values are consumed (first pass: q_s is stored)
-    for (int i = tid; i < KT * D / 4; i += kPrefillThreads) {
-      const int kk = i / (D / 4), c = (i % (D / 4)) * 4;
-      const int64_t t = k0 + kk;
-      float4 kval = make_float4(0.f, 0.f, 0.f, 0.f), vval = kval;
-      if (t < num_keys) {
-        if (t < tile.past) {
-          kval = Load4(prefix_k + t * D + c);
-          vval = Load4(prefix_v + t * D + c);
-        } else {
-          const int64_t off =
-              (tile.first_row + (t - tile.past)) * a.fresh_row_stride + int64_t{kv_head} * D + c;
-          kval = Load4(a.fresh_k + off);
-          vval = Load4(a.fresh_v + off);
-        }
-      }
-      *reinterpret_cast<float4*>(k_s + kk * LD + c) = kval;
-      *reinterpret_cast<float4*>(v_s + kk * LD + c) = vval;
-    }
-    if (k0 < sinks) {
-      // Sink keys rotated forward by `shift` positions: q . R(shift) k = R(-shift) q . k, the
-      // CPU's shifted-query score, with one rotation per key instead of one per query.
-      __syncthreads();
-      constexpr int kHalf = D / 2;
-      const int rows = static_cast<int>(sinks - k0 < KT ? sinks - k0 : KT);
-      for (int i = tid; i < rows * kHalf; i += kPrefillThreads) {
-        const int kk = i / kHalf, j = i % kHalf;
-        double sn, cs;
-        sincos(static_cast<double>(shift) * a.rope_inv_freq[j], &sn, &cs);
-        const float cf = static_cast<float>(cs), sf = static_cast<float>(sn);
-        float* key = k_s + kk * LD;
-        const float x0 = key[j], x1 = key[j + kHalf];
-        key[j] = x0 * cf - x1 * sf;
-        key[j + kHalf] = x1 * cf + x0 * sf;
-      }
-    }
-    __syncthreads();
-
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    const float* q0 = q_s + (2 * rg) * LD;
-    const float* q1 = q0 + LD;
-#pragma unroll 4
-    for (int c = 0; c < D; c += 4) {
-      const float4 a0 = Load4(q0 + c), a1 = Load4(q1 + c);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float4 b = Load4(k_s + (kl + 8 * j) * LD + c);
-        s[0][j] += Dot4(a0, b);
-        s[1][j] += Dot4(a1, b);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int qr = 2 * rg + r;
-      const int64_t pos = pos0 + qr;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t t = k0 + kl + 8 * j;
-        if (qr >= tile.tile_rows || t > pos) s[r][j] = -INFINITY;
-        mx = fmaxf(mx, s[r][j]);
-      }
-#pragma unroll
-      for (int o = 1; o < 8; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_new = fmaxf(m[r], mx);
-      float corr = 1.0f, sum = 0.0f;
-      if (m_new != -INFINITY) {
-        corr = expf(m[r] - m_new);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          s[r][j] = expf(s[r][j] - m_new);
-          sum += s[r][j];
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) s[r][j] = 0.0f;
-      }
-#pragma unroll
-      for (int o = 1; o < 8; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      l[r] = l[r] * corr + sum;
-      m[r] = m_new;
-#pragma unroll
-      for (int c = 0; c < C4; ++c) {
-        acc[r][c].x *= corr, acc[r][c].y *= corr, acc[r][c].z *= corr, acc[r][c].w *= corr;
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) p_s[qr * PL + kl + 8 * j] = s[r][j];
-    }
-    __syncwarp();  // p_s rows of this lane group are written by the group itself
-#pragma unroll 4
-    for (int kk = 0; kk < KT; ++kk) {
-      const float p0 = p_s[(2 * rg) * PL + kk], p1 = p_s[(2 * rg + 1) * PL + kk];
-#pragma unroll
-      for (int c = 0; c < C4; ++c) {
-        const float4 v = Load4(v_s + kk * LD + kl * 4 + 32 * c);
-        Fma4(p0, v, acc[0][c]);
-        Fma4(p1, v, acc[1][c]);
-      }
-    }
-    __syncwarp();  // the next tile's p_s writes come after these reads
-  }
-
-  const int hq = a.shape.num_q_heads;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int qr = 2 * rg + r;
-    if (qr >= tile.tile_rows) continue;
-    const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
-    const int64_t row = int64_t{tile.first_row} + tile.tile_begin + qr;
-    const int64_t out = (row * hq + head) * D;
-#pragma unroll
-    for (int c = 0; c < C4; ++c) {
-      const int col = kl * 4 + 32 * c;
-      const float4 o =
-          make_float4(acc[r][c].x * inv, acc[r][c].y * inv, acc[r][c].z * inv, acc[r][c].w * inv);
-      if (a.out_f32 != nullptr) {
-        *reinterpret_cast<float4*>(a.out_f32 + out + col) = o;
-      } else {
-        uint16_t* dst = a.out_bf16 + out + col;
-        dst[0] = FloatToBf16(o.x);
-        dst[1] = FloatToBf16(o.y);
-        dst[2] = FloatToBf16(o.z);
-        dst[3] = FloatToBf16(o.w);
-      }
-    }
-  }
-}
-
-template <int D>
-cudaError_t LaunchPrefillFor(const PrefillAttentionArgs& args, cudaStream_t stream) {
-  constexpr int smem = PrefillSmemFloats<D>() * static_cast<int>(sizeof(float));
-  // Above 48 KB a kernel's dynamic shared memory must be opted into, once per kernel.
-  static const cudaError_t setup = cudaFuncSetAttribute(
-      PrefillAttentionKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (setup != cudaSuccess) return setup;
-  const dim3 grid(args.num_tiles, args.shape.num_q_heads);
-  PrefillAttentionKernel<D><<<grid, kPrefillThreads, smem, stream>>>(args);
-  return cudaGetLastError();
-}
-
 template <class T>
 __global__ void GatherHeadsKernel(const float* in, T* out, int64_t total, QkvShape shape) {
   const int d = shape.head_dim, hq = shape.num_q_heads;
@@ -489,8 +268,8 @@ struct RunningSum {
 // grid (rows), kSampleThreads threads: one token per row (the contract in cuda_kernels.h).
 // sorted_ids: [sort_rows, vocab], the ids of each sampled row in descending logit order.
 __global__ void __launch_bounds__(kSampleThreads)
-    SampleKernel(const float* logits, int vocab, const SampleRow* params,
-                 const int32_t* sorted_ids, int32_t* tokens) {
+    SampleKernel(const float* logits, int vocab, const SampleRow* params, const int32_t* sorted_ids,
+                 int32_t* tokens) {
   using Scan = cub::BlockScan<double, kSampleThreads>;
   using SumD = cub::BlockReduce<double, kSampleThreads>;
   using SumI = cub::BlockReduce<int, kSampleThreads>;
@@ -669,21 +448,6 @@ cudaError_t LaunchQkvEpilogue(float* qkv, const float* bias, const float* q_norm
   return cudaGetLastError();
 }
 
-cudaError_t LaunchPrefillAttention(const PrefillAttentionArgs& args, cudaStream_t stream) {
-  if (args.num_tiles <= 0) return cudaSuccess;
-  if (args.shape.num_kv_heads <= 0 || args.shape.num_q_heads % args.shape.num_kv_heads != 0) {
-    return cudaErrorInvalidValue;
-  }
-  switch (args.shape.head_dim) {
-    case 64:
-      return LaunchPrefillFor<64>(args, stream);
-    case 128:
-      return LaunchPrefillFor<128>(args, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
-}
-
 template <class T>
 cudaError_t LaunchGatherHeads(const float* in, T* out, int num_rows, const QkvShape& shape,
                               cudaStream_t stream) {
@@ -697,8 +461,8 @@ template <class T>
 cudaError_t LaunchSwiGlu(const float* gate_up, T* act, int num_rows, int inter,
                          cudaStream_t stream) {
   if (num_rows <= 0) return cudaSuccess;
-  SwiGluKernel<T><<<GridFor(int64_t{num_rows} * inter, 256), 256, 0, stream>>>(gate_up, act,
-                                                                               num_rows, inter);
+  SwiGluKernel<T>
+      <<<GridFor(int64_t{num_rows} * inter, 256), 256, 0, stream>>>(gate_up, act, num_rows, inter);
   return cudaGetLastError();
 }
 
@@ -746,12 +510,12 @@ cudaError_t LaunchSampleTokens(const float* logits, int rows, int vocab, const S
     auto* ids_in = reinterpret_cast<int32_t*>(base + l.ids_in);
     auto* ids_out = reinterpret_cast<int32_t*>(base + l.ids_out);
     SortKeysKernel<<<dim3((vocab + 255) / 256, rows), 256, 0, stream>>>(logits, vocab, params,
-                                                                       keys_in, ids_in);
+                                                                        keys_in, ids_in);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     size_t temp_bytes = l.temp_bytes;
-    if (const cudaError_t e = cub::DeviceRadixSort::SortPairs(
-            base + l.temp, temp_bytes, keys_in, keys_out, ids_in, ids_out,
-            sort_rows * vocab, 0, l.end_bit, stream);
+    if (const cudaError_t e =
+            cub::DeviceRadixSort::SortPairs(base + l.temp, temp_bytes, keys_in, keys_out, ids_in,
+                                            ids_out, sort_rows * vocab, 0, l.end_bit, stream);
         e != cudaSuccess) {
       return e;
     }
@@ -762,14 +526,13 @@ cudaError_t LaunchSampleTokens(const float* logits, int rows, int vocab, const S
 }
 
 // The compute types of the runner (cuda_kernels.h): bf16 bits and fp32.
-#define KVGATE_INSTANTIATE_COMPUTE_TYPE(T)                                                       \
-  template cudaError_t LaunchEmbedding<T>(const T*, const int32_t*, float*, int, int,           \
-                                          cudaStream_t);                                         \
-  template cudaError_t LaunchRmsNorm<T>(const float*, const float*, const int32_t*, T*, int, int, \
-                                        float, cudaStream_t);                                    \
-  template cudaError_t LaunchGatherHeads<T>(const float*, T*, int, const QkvShape&,             \
-                                            cudaStream_t);                                       \
-  template cudaError_t LaunchSwiGlu<T>(const float*, T*, int, int, cudaStream_t);               \
+#define KVGATE_INSTANTIATE_COMPUTE_TYPE(T)                                                         \
+  template cudaError_t LaunchEmbedding<T>(const T*, const int32_t*, float*, int, int,              \
+                                          cudaStream_t);                                           \
+  template cudaError_t LaunchRmsNorm<T>(const float*, const float*, const int32_t*, T*, int, int,  \
+                                        float, cudaStream_t);                                      \
+  template cudaError_t LaunchGatherHeads<T>(const float*, T*, int, const QkvShape&, cudaStream_t); \
+  template cudaError_t LaunchSwiGlu<T>(const float*, T*, int, int, cudaStream_t);                  \
   template cudaError_t LaunchFillUniformBf16<T>(T*, int64_t, uint64_t, float, cudaStream_t);
 KVGATE_INSTANTIATE_COMPUTE_TYPE(uint16_t)
 KVGATE_INSTANTIATE_COMPUTE_TYPE(float)

@@ -4,7 +4,8 @@
 // group_pad; sinks' RoPE shift) computed FlashAttention-2 style with mma.sync m16n8k16: Q, K and V
 // are rounded to 16-bit operands, the scores and the output accumulate in fp32, the online softmax
 // runs in fp32 (GPU_NOTES.md, "Tensor-core prefill attention", has the design and the errors).
-// The fp32 CUDA-core kernel of cuda_kernels.cu stays the reference and serves CudaCompute::kFp32.
+// The fp32 CUDA-core kernel (LaunchPrefillAttention, in prefill_attention.cu too) stays the
+// reference and serves CudaCompute::kFp32.
 //
 //   // tiles of at most kPrefillMmaTileRows queries each (PrefillTile, cuda_kernels.h)
 //   PrefillAttentionArgs args = ...;  // out_bf16 or out_f32 set
