@@ -108,8 +108,8 @@ std::string ModelDir(const std::string& name) {
   return std::filesystem::exists(dir + "/config.json", ec) ? dir : "";
 }
 
-// ParseKvFormat, plus a test-only ",r=R" suffix that sets KIVI's fp16 window (kivi4,r=16: R = 16,
-// so that short runs flush key groups and evict from them).
+// ParseKvFormat, plus a test-only ",r=R" suffix that sets KIVI's fp16 window (kivi4,r=32: R = 32,
+// so that short runs flush key groups and evict from them; G | R).
 kernels::KvFormatSpec TestKvFormat(const std::string& format) {
   const size_t comma = format.find(",r=");
   if (comma == std::string::npos || format.rfind("kivi", 0) != 0) {
@@ -554,6 +554,28 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
       ASSERT_TRUE((*cpu)->Append(3, layer, 1, k.data(), v.data()).ok());
       absl::Status s = (*gpu)->Append(3, layer, 1, k.data(), v.data());
       ASSERT_TRUE(s.ok()) << s;
+      if (kivi) {  // the same slots, bit for bit, after every eviction, flush and re-encode
+        const int64_t stored = (*cpu)->StoredTokens(3, layer);
+        ASSERT_EQ((*gpu)->StoredTokens(3, layer), stored);
+        for (int h = 0; h < kv_heads; ++h) {
+          std::vector<float> ck(size_t(stored) * d), cv(ck.size()), gk(ck.size()), gv(ck.size());
+          std::vector<int64_t> cp(stored), gp(stored);
+          ASSERT_TRUE((*cpu)->ReadStored(3, layer, h, ck.data(), cv.data(), cp.data()).ok());
+          ASSERT_TRUE((*gpu)->ReadStored(3, layer, h, gk.data(), gv.data(), gp.data()).ok());
+          for (int64_t i = 0; i < stored; ++i) {
+            ASSERT_EQ(gp[i], cp[i]) << "position of slot " << i << ", step " << step << " layer "
+                                    << layer << " kv-head " << h;
+            for (int e = 0; e < d; ++e) {
+              ASSERT_EQ(gk[i * d + e], ck[i * d + e])
+                  << "key of slot " << i << " (position " << cp[i] << ") channel " << e
+                  << ", step " << step << " layer " << layer << " kv-head " << h << " of "
+                  << stored << " slots";
+              ASSERT_EQ(gv[i * d + e], cv[i * d + e])
+                  << "value of slot " << i << " channel " << e << ", step " << step;
+            }
+          }
+        }
+      }
       std::vector<float> want(q.size()), got(q.size());
       ASSERT_TRUE((*cpu)->DecodeAttention(3, layer, q_heads, q.data(), 0.125f, want.data()).ok());
       s = (*gpu)->DecodeAttention(3, layer, q_heads, q.data(), 0.125f, got.data());
@@ -673,11 +695,11 @@ std::vector<EvictCase> EvictCases() {
     cases.push_back({format, "h2o:heavy=0.4,recent=0.3"});
     cases.push_back({format, "sink:sinks=4,window=150"});
   }
-  // KIVI (G = 32) with a small window (r=16: 32 tokens flush from a 48-row window, so most kept
+  // KIVI (G = 32) with a small window (r=32: 32 tokens flush from a 64-row window, so most kept
   // tokens sit in key groups, which H2O and the sliding window break: solo keys), sinks with and
   // without the RoPE shift (sinks=20: inside the first group, then solo), and the default r=128
   // with budgets above its 160-row window.
-  for (const char* format : {"kivi4,r=16", "kivi2,r=16"}) {
+  for (const char* format : {"kivi4,r=32", "kivi2,r=32"}) {
     cases.push_back({format, "h2o:heavy=0.2,recent=0.1"});
     cases.push_back({format, "sink:sinks=4,window=40"});
     cases.push_back({format, "sink:sinks=20,window=40", /*rope=*/true});
@@ -800,7 +822,7 @@ TEST_P(CudaRunnerEvictionWindowed, LogitsMatchCpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, CudaRunnerEvictionWindowed,
-                         ::testing::Values("tq4", "tq:k=4,v=4,r=16", "kivi4", "kivi4,r=16"),
+                         ::testing::Values("tq4", "tq:k=4,v=4,r=16", "kivi4", "kivi4,r=32"),
                          [](const ::testing::TestParamInfo<std::string>& info) {
                            std::string name = info.param;
                            for (char& ch : name) {
@@ -1243,14 +1265,14 @@ INSTANTIATE_TEST_SUITE_P(ModelsAndFormats, CudaRunnerSinks,
                            return info.param.model + "_" + info.param.format;
                          });
 
-// KIVI: the default window (the sinks and the recent window stay in it) and r=16 (key groups
+// KIVI: the default window (the sinks and the recent window stay in it) and r=32 (key groups
 // flush, the window slides over them: solo keys; the sinks end up in a group, then solo).
 INSTANTIATE_TEST_SUITE_P(Kivi, CudaRunnerSinks,
                          ::testing::Values(ParityCase{"reference", "kivi4"},
-                                           ParityCase{"reference", "kivi4,r=16"}),
+                                           ParityCase{"reference", "kivi4,r=32"}),
                          [](const ::testing::TestParamInfo<ParityCase>& info) {
                            return info.param.model + "_" +
-                                  (info.param.format == "kivi4" ? "kivi4" : "kivi4_r16");
+                                  (info.param.format == "kivi4" ? "kivi4" : "kivi4_r32");
                          });
 
 std::string SourceDir() {

@@ -488,7 +488,8 @@ EvictPool CudaKvCache::PoolFor(int layer, const DeviceSeqBatch& seqs) const {
                    .residual_v = residual(layer, true),
                    .residual_capacity = residual_capacity_[layer],
                    .seq_slots = seqs.slots,
-                   .key_offsets = key_offsets(layer),
+                   // The array's base: the eviction kernels index it like the positions.
+                   .key_offsets = key_offsets(layer) != nullptr ? key_offsets_ : nullptr,
                    .kivi_bits = static_cast<int>(layer_spec(layer).key_bits),
                    .kivi_group = layer_spec(layer).group_size};
 }

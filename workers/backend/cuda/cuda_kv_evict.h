@@ -82,7 +82,8 @@ struct EvictPool {
   int residual_capacity = 0;
   const int32_t* seq_slots = nullptr;  // [num_seqs]
   // KIVI (with its window, so head_window is set too): each slot's key-group offset
-  // (kvgate/kernels/cuda_kv_append.h, ReadBatch::key_offsets), laid out like the positions;
+  // (kvgate/kernels/cuda_kv_append.h, ReadBatch::key_offsets), laid out like the positions (the
+  // array's base, not the layer's first byte);
   // the format's bits and group G (8 | G, G | head_dim).
   uint8_t* key_offsets = nullptr;
   int kivi_bits = 0, kivi_group = 0;
