@@ -252,8 +252,8 @@ __device__ __forceinline__ void KeyChunk(const uint8_t* tile, int tok, int lane,
     const int slot = slots.first + tok;
     const uint32_t w = LoadBytes(rec + lane * bits, bits);
     const uint32_t mask = (1u << bits) - 1;
-    const uint8_t offset = slots.key_offsets[slots.table[slot / bs] * slots.key_offsets_block_stride +
-                                             slot % bs];
+    const uint8_t offset =
+        slots.key_offsets[slots.table[slot / bs] * slots.key_offsets_block_stride + slot % bs];
     if (offset == kSoloKeyOffset) {
       const uint8_t* meta = rec + fp.kivi_codes_bytes + 4 * ((8 * lane) / group);
       const float sc = LoadHalfF(meta), mn = LoadHalfF(meta + 2);

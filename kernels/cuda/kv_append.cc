@@ -272,7 +272,8 @@ class CudaKvAppendImpl final : public CudaKvAppend {
           "ReadBatch: per-head windows (head_window) need a format with a window");
     }
     if (b.key_offsets != nullptr &&
-        (f_.kind != internal::kAppendKivi || b.key_offsets_block_stride < f_.num_kv_heads * int64_t{f_.block_size})) {
+        (f_.kind != internal::kAppendKivi ||
+         b.key_offsets_block_stride < f_.num_kv_heads * int64_t{f_.block_size})) {
       return absl::InvalidArgumentError(
           "ReadBatch: key_offsets need KIVI and a block stride of at least kv_heads * block_size");
     }

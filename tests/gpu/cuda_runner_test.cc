@@ -786,10 +786,10 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The runners end to end with H2O eviction over TurboQuant and KIVI with their fp16 windows (the
 // reference model, fp32 compute, so that the masses and the kept tokens agree): the GPU's per-head
-// windows, its decode masses from read-back keys, KIVI's solo keys, against the CPU runner. The caches' inputs differ by the
-// GPU's fp32 arithmetic, so a few codes may flip: the bound is the format-relative one of
-// CudaRunnerParity, the format's error measured against a CPU runner with fp16 KV and the same
-// eviction.
+// windows, its decode masses from read-back keys, KIVI's solo keys, against the CPU runner. The
+// caches' inputs differ by the GPU's fp32 arithmetic, so a few codes may flip: the bound is the
+// format-relative one of CudaRunnerParity, the format's error measured against a CPU runner with
+// fp16 KV and the same eviction.
 class CudaRunnerEvictionWindowed : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaRunnerEvictionWindowed, LogitsMatchCpu) {

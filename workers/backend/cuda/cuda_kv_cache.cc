@@ -1032,7 +1032,9 @@ absl::Status CudaKvCache::ReadSlotMeta(const Sequence& s, int layer, int kv_head
         ((int64_t{s.blocks[b]} * config_.num_layers + layer) * config_.num_kv_heads + kv_head) * bs;
     CUDA_RETURN_IF_ERROR(
         cudaMemcpy(block.data(), meta + index, bs * sizeof(T), cudaMemcpyDeviceToHost));
-    for (int64_t i = b * bs; i < std::min<int64_t>(n, (b + 1) * bs); ++i) out[i] = block[i - b * bs];
+    for (int64_t i = b * bs; i < std::min<int64_t>(n, (b + 1) * bs); ++i) {
+      out[i] = block[i - b * bs];
+    }
   }
   return absl::OkStatus();
 }

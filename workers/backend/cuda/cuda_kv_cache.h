@@ -37,9 +37,10 @@
 // order after them, so each kv-head's window holds its own number of rows. Those counts live on
 // the device only (head_window: per layer, slot and kv-head; the eviction and the appends update
 // them, the append / decode / read kernels take each head's split from them), while the stored
-// total stays a host function of the plan. H2O masses of TurboQuant and KIVI layers come from keys
-// read back in fp32 (the mass kernels decode only the per-token formats): DecodeAttention and the runner
-// score the decode query against them as a one-token prefill chunk (PrefillMassLayer).
+// total stays a host function of the plan. H2O masses of TurboQuant and KIVI layers come from
+// keys read back in fp32 (the mass kernels decode only the per-token formats): DecodeAttention
+// and the runner score the decode query against them as a one-token prefill chunk
+// (PrefillMassLayer).
 //
 // The CUDA runner drives the device methods (AppendLayer, DecodeLayer, ReadLayer) for whole steps
 // with its own device metadata and then CommitAppend. The host-pointer KvCache methods stage

@@ -357,7 +357,8 @@ __device__ void KiviSoloKeys(const EvictPool& p, const int32_t* table, int head,
         for (int c = lane; c < d; c += 32) {
           const int bit = c * bits;
           const uint32_t code = (rec[bit >> 3] >> (bit & 7)) & levels;
-          const uint8_t* meta = SlotRecord(p, table, head, start + c / cpt) + codes_bytes + 4 * (c % cpt);
+          const uint8_t* meta =
+              SlotRecord(p, table, head, start + c / cpt) + codes_bytes + 4 * (c % cpt);
           const float scale = ki::HalfToFloat(static_cast<uint16_t>(meta[0] | (meta[1] << 8)));
           const float min = ki::HalfToFloat(static_cast<uint16_t>(meta[2] | (meta[3] << 8)));
           key_rows[warp][c] = __fadd_rn(__fmul_rn(static_cast<float>(code), scale), min);
