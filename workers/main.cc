@@ -64,7 +64,7 @@ constexpr char kDefaultBackend[] = "cuda";
 #endif
 ABSL_FLAG(std::string, backend, kDefaultBackend,
           "Model backend: cpu (kvgate-worker), cuda (kvgate-worker-cuda; eviction for the "
-          "per-token formats and TurboQuant + H2O), or "
+          "per-token formats, KIVI and TurboQuant + H2O), or "
           "null (benchmark/test tool: no model math, placeholder tokens; --max_context may exceed "
           "the model's)");
 ABSL_FLAG(double, gpu_memory_fraction, 0.85, "cuda backend: fraction of the GPU memory free after "

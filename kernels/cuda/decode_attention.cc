@@ -175,7 +175,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
       a->residual_tile_tokens_ = std::min(internal::kMaxTileTokens, smem / (4 * d));
     }
     a->smem_v1_bytes_ = smem;
-    a->tile_blocks_ = tile_blocks;
+    a->tile_blocks_ = a->tile_blocks_v1_ = tile_blocks;
     a->smem_bytes_ = smem;
     int dev = 0;
     cudaGetDevice(&dev);
@@ -184,6 +184,12 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
       cudaError_t e = internal::SetupSplitKernel(a->kind_, d, 1 << gi, smem, &a->ctas_per_sm_[gi]);
       if (e != cudaSuccess) return CudaError(e, "kernel setup");
       a->ctas_per_sm_[gi] = std::max(1, a->ctas_per_sm_[gi]);
+      if (a->kind_ == internal::kKindKivi) {  // KIVI under eviction: v1 (DecodeBatch::key_offsets)
+        e = internal::SetupSplitKernel(internal::kKindKiviEvict, d, 1 << gi, smem,
+                                       &a->evict_ctas_per_sm_[gi]);
+        if (e != cudaSuccess) return CudaError(e, "kernel setup");
+        a->evict_ctas_per_sm_[gi] = std::max(1, a->evict_ctas_per_sm_[gi]);
+      }
     }
     // v2 (DecodeMmaKernel, tensor cores) where it has an instance: tiles of 64 tokens (records of
     // >= 256 bytes) or 128, kStagesMma deep.
@@ -250,14 +256,26 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
       return absl::InvalidArgumentError(
           "DecodeBatch: head_window needs a format with a window and residual_lens");
     }
+    // KIVI under eviction: key groups anywhere and solo keys, on the v1 kernel (kKindKiviEvict),
+    // which also scores the sinks itself. The KIVI call without key_offsets is unchanged.
+    const bool evicted = b.key_offsets != nullptr;
+    if (evicted && (kind_ != internal::kKindKivi ||
+                    b.key_offsets_block_stride < int64_t{hkv} * block_size_)) {
+      return absl::InvalidArgumentError(
+          "DecodeBatch: key_offsets need KIVI and a block stride of at least kv_heads * "
+          "block_size");
+    }
+    const int kind = evicted ? internal::kKindKiviEvict : kind_;
+    const int mma_fmt = evicted ? -1 : mma_fmt_;
+    const int tile_blocks = evicted ? tile_blocks_v1_ : tile_blocks_;
     // Sinks: one more split per (sequence, kv-head) on the tensor-core kernel, for the formats
     // sink eviction runs with (they have no window, so the split index after the block splits
     // is free).
     const bool sinks = b.sink_slots != nullptr;
-    if (sinks && !(per_token_ && mma_fmt_ >= 0)) {
+    if (sinks && !(evicted || (per_token_ && mma_fmt_ >= 0))) {
       return absl::UnimplementedError(
           "CUDA decode: attention sinks (sink eviction's shifted query) are implemented for fp16, "
-          "bf16, fp8 and int8 only");
+          "bf16, fp8, int8 and KIVI under eviction only");
     }
     if (sinks && (!b.sink_shift || !b.rope_inv_freq)) {
       return absl::InvalidArgumentError(
@@ -267,9 +285,9 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     // least, time = waves of CTAs (ceil(CTAs / resident CTA slots)) x (tiles per split + 1 for
     // the pipeline's fill), so that the last wave is not a small tail; ties go to fewer splits.
     const int max_blocks = (b.max_encoded_len + block_size_ - 1) / block_size_;
-    const int max_tiles = std::max(1, (max_blocks + tile_blocks_ - 1) / tile_blocks_);
+    const int max_tiles = std::max(1, (max_blocks + tile_blocks - 1) / tile_blocks);
     const int gi = g == 1 ? 0 : g == 2 ? 1 : g == 4 ? 2 : 3;
-    const int64_t slots = int64_t{num_sms_} * ctas_per_sm_[gi];
+    const int64_t slots = int64_t{num_sms_} * (evicted ? evict_ctas_per_sm_[gi] : ctas_per_sm_[gi]);
     const int64_t pairs = int64_t{b.num_seqs} * hkv;
     const int split_cap = internal::kMaxReduceSplits - 1;  // one left for the window or sinks
     int splits = 1;
@@ -310,10 +328,12 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     a.seq_slots = b.seq_slots;
     a.num_q_heads = b.num_q_heads;
     a.block_size = block_size_;
-    a.tile_blocks = tile_blocks_;
-    a.blocks_per_split = tiles_per_split * tile_blocks_;
+    a.key_offsets = b.key_offsets;
+    a.key_offsets_block_stride = b.key_offsets_block_stride;
+    a.tile_blocks = tile_blocks;
+    a.blocks_per_split = tiles_per_split * tile_blocks;
     a.num_splits = splits;
-    a.total_splits = splits + (residual || sinks ? 1 : 0);
+    a.total_splits = splits + (residual || (sinks && !evicted) ? 1 : 0);
     // Workspace (with sinks: the shifted prepared query after the prepared one).
     const size_t q_floats = size_t(b.num_seqs) * b.num_q_heads * d;
     const size_t acc_floats = size_t(b.num_seqs) * hkv * a.total_splits * g * d;
@@ -334,9 +354,9 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     }
     a.part_acc = part_acc_;
     a.part_ml = part_ml_;
-    cudaError_t e = internal::LaunchDecode(kind_, mma_fmt_, d, g, a, fp_, hkv, b.num_seqs,
-                                           smem_bytes_, smem_v1_bytes_, b.q, b.out, signs_, b.scale,
-                                           static_cast<cudaStream_t>(stream_ptr));
+    cudaError_t e = internal::LaunchDecode(
+        kind, mma_fmt, d, g, a, fp_, hkv, b.num_seqs, evicted ? smem_v1_bytes_ : smem_bytes_,
+        smem_v1_bytes_, b.q, b.out, signs_, b.scale, static_cast<cudaStream_t>(stream_ptr));
     if (e != cudaSuccess) return CudaError(e, "decode attention launch");
     return absl::OkStatus();
   }
@@ -363,6 +383,8 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
   bool has_window_ = false;  // KIVI, TurboQuant with R > 0
   bool per_token_ = false;   // fp16, bf16, fp8, int8: the formats that may have sinks
   int ctas_per_sm_[4] = {1, 1, 1, 1};
+  int evict_ctas_per_sm_[4] = {1, 1, 1, 1};  // KIVI: the v1 kernel under eviction
+  int tile_blocks_v1_ = 1;
   int forced_splits_ = 0, last_splits_ = 0;
   uint64_t workspace_generation_ = 0;
   int mma_fmt_ = -1;  // DecodeMmaKernel (v2) format id; -1: DecodeSplitKernel (v1)

@@ -12,9 +12,9 @@
 //    the fragments; its comment below has the fragment mapping. With attention sinks (sink
 //    eviction) one more CTA per (sequence, kv-head) scores the sink slots against the RoPE-shifted
 //    query (PrepareQueryKernel writes it next to the prepared one) and the block splits mask them.
-//  - DecodeSplitKernel (v1: the other layouts, and the fp16 residual window of KIVI and
-//    TurboQuant as one extra split): a split is a range of whole tiles; a tile is `tile_blocks`
-//    blocks. Each block
+//  - DecodeSplitKernel (v1: the other layouts, KIVI under eviction (key groups anywhere, solo
+//    keys, sinks scored per token), and the fp16 residual window of KIVI and TurboQuant as one
+//    extra split): a split is a range of whole tiles; a tile is `tile_blocks` blocks. Each block
 //    segment (one kv-head of one layer: block_size * record_bytes contiguous bytes, 16-byte
 //    aligned) is copied into shared memory with 16-byte cp.async, STAGES tiles in flight. A team
 //    of D/8 lanes handles one token, each lane 8 channels: scores are reduced with shuffles inside
@@ -219,14 +219,58 @@ __device__ __forceinline__ void PerTokenChunk(const uint8_t* rec, int key_bytes,
   }
 }
 
+// Where a tile's tokens sit in the sequence, for the v1 kernel of KIVI under eviction
+// (kKindKiviEvict): its key groups start anywhere (SplitArgs::key_offsets; the metadata of a
+// group's members is read from the pool) and its first `sinks` tokens are attention sinks, scored
+// against q_sink ([G][D] prepared shifted queries in shared memory). Unused by the other kinds.
+struct TileSlots {
+  const uint8_t* pool = nullptr;  // the layer's first record of block 0: pool + layer offset
+  int64_t block_stride_bytes = 0;
+  const int32_t* table = nullptr;  // the sequence's block table
+  const uint8_t* key_offsets = nullptr;  // SplitArgs::key_offsets, at the kv-head's first slot
+  int64_t key_offsets_block_stride = 0;
+  int block_size = 0, kvh = 0;
+  int first = 0;  // slot of the tile's token 0
+  int sinks = 0;  // tokens [0, sinks) of the tile are sinks
+  const float* q_sink = nullptr;
+};
+
 // Key (key domain) of token `tok` of a tile, channels [8 lane, 8 lane + 8).
 template <int KIND, int D>
 __device__ __forceinline__ void KeyChunk(const uint8_t* tile, int tok, int lane,
-                                         const FormatParams& fp, const float* tables, float o[8]) {
+                                         const FormatParams& fp, const float* tables,
+                                         const TileSlots& slots, float o[8]) {
   const uint8_t* rec = tile + static_cast<size_t>(tok) * fp.record_bytes;
   if constexpr (KIND == kKindFp16 || KIND == kKindBf16 || KIND == kKindFp8 ||
                 KIND == kKindInt8) {
     PerTokenChunk<KIND, D, true>(rec, fp.key_bytes, lane, o);
+  } else if constexpr (KIND == kKindKiviEvict) {
+    // A solo key has the value half's layout; a group member's (scale, min) of channel c are in
+    // the record of the group's token c / (D / G), which may lie in another tile: read from the
+    // pool.
+    const int bits = fp.kivi_bits, group = fp.kivi_group, cpt = D / group, bs = slots.block_size;
+    const int slot = slots.first + tok;
+    const uint32_t w = LoadBytes(rec + lane * bits, bits);
+    const uint32_t mask = (1u << bits) - 1;
+    const uint8_t offset =
+        slots.key_offsets[slots.table[slot / bs] * slots.key_offsets_block_stride + slot % bs];
+    if (offset == kSoloKeyOffset) {
+      const uint8_t* meta = rec + fp.kivi_codes_bytes + 4 * ((8 * lane) / group);
+      const float sc = LoadHalfF(meta), mn = LoadHalfF(meta + 2);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[i] = static_cast<float>((w >> (bits * i)) & mask) * sc + mn;
+    } else {
+      const int start = slot - offset;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int c = 8 * lane + i, member = start + c / cpt;
+        const uint8_t* meta =
+            slots.pool + slots.table[member / bs] * slots.block_stride_bytes +
+            (static_cast<int64_t>(slots.kvh) * bs + member % bs) * fp.record_bytes +
+            fp.kivi_codes_bytes + 4 * (c % cpt);
+        o[i] = static_cast<float>((w >> (bits * i)) & mask) * LoadHalfF(meta) + LoadHalfF(meta + 2);
+      }
+    }
   } else if constexpr (KIND == kKindKivi) {
     const int bits = fp.kivi_bits, group = fp.kivi_group, cpt = D / group;
     const uint32_t w = LoadBytes(rec + lane * bits, bits);
@@ -256,7 +300,7 @@ __device__ __forceinline__ void ValueChunk(const uint8_t* tile, int tok, int lan
   if constexpr (KIND == kKindFp16 || KIND == kKindBf16 || KIND == kKindFp8 ||
                 KIND == kKindInt8) {
     PerTokenChunk<KIND, D, false>(record, fp.key_bytes, lane, o);
-  } else if constexpr (KIND == kKindKivi) {
+  } else if constexpr (KIND == kKindKivi || KIND == kKindKiviEvict) {
     const int bits = fp.kivi_bits;
     const uint32_t w = LoadBytes(rec + lane * bits, bits);
     const uint8_t* meta = rec + fp.kivi_codes_bytes + 4 * ((8 * lane) / fp.kivi_group);
@@ -279,11 +323,13 @@ struct SoftmaxState {
 };
 
 // One tile of `ntok` tokens at `tile` (records of record_bytes): scores, online softmax, values.
-template <int KIND, int D, int G>
+// SINKS (KIVI under eviction): the tile's first slots.sinks tokens are scored against
+// slots.q_sink instead of q.
+template <int KIND, int D, int G, bool SINKS = false>
 __device__ __forceinline__ void ComputeTile(const uint8_t* tile, int ntok, const FormatParams& fp,
                                             const float* tables, float key_scale,
                                             const float (&q)[G][8], float (&acc)[G][8],
-                                            const SoftmaxState& st) {
+                                            const SoftmaxState& st, const TileSlots& slots = {}) {
   constexpr int kLanes = D / 8, kTeams = kThreads / kLanes;
   const int tid = threadIdx.x, team = tid / kLanes, lane = tid % kLanes;
   for (int base = 0; base < ntok; base += kTeams) {
@@ -291,16 +337,19 @@ __device__ __forceinline__ void ComputeTile(const uint8_t* tile, int ntok, const
     const bool valid = tok < ntok;
     float k[8];
     if (valid) {
-      KeyChunk<KIND, D>(tile, tok, lane, fp, tables, k);
+      KeyChunk<KIND, D>(tile, tok, lane, fp, tables, slots, k);
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) k[i] = 0.f;
     }
+    const bool sink = SINKS && tok < slots.sinks;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       float s = 0.f;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) s = fmaf(q[g][i], k[i], s);
+      for (int i = 0; i < 8; ++i) {
+        s = fmaf(sink ? slots.q_sink[g * D + 8 * lane + i] : q[g][i], k[i], s);
+      }
 #pragma unroll
       for (int off = kLanes / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
       if (valid && lane == 0) st.scores[g * kMaxTileTokens + tok] = s * key_scale;
@@ -400,7 +449,7 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   const uint16_t* win_k = nullptr;
   const uint16_t* win_v = nullptr;
   int win_len = 0;
-  if constexpr (KIND == kKindKivi || KIND == kKindTurbo) {
+  if constexpr (KIND == kKindKivi || KIND == kKindKiviEvict || KIND == kKindTurbo) {
     if (window_split) {
       const size_t window = (StateSlot(a, seq) * num_kv_heads + kvh) * a.residual_capacity * D;
       win_k = a.residual_k + window;
@@ -412,6 +461,27 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   }
   GridDepWait();  // qprep
   if (tid < 64) s_tables[tid] = fp.tables[tid];
+  // KIVI under eviction: the sinks' prepared shifted query, and where this sequence's slots are.
+  constexpr bool kEvict = KIND == kKindKiviEvict;
+  __shared__ float s_qsink[kEvict ? G * D : 1];
+  TileSlots slots;
+  if constexpr (kEvict) {
+    if (a.sink_slots != nullptr) {
+      for (int e = tid; e < G * D; e += kThreads) {
+        s_qsink[e] = a.qprep_sink[(static_cast<size_t>(seq) * a.num_q_heads + kvh * G) * D + e];
+      }
+      slots.sinks = a.sink_slots[seq];
+      slots.q_sink = s_qsink;
+    }
+    slots.pool = a.pool + a.layer_offset_bytes;
+    slots.block_stride_bytes = a.block_stride_bytes;
+    slots.table = a.block_tables + static_cast<size_t>(seq) * a.max_blocks_per_seq;
+    slots.key_offsets = a.key_offsets + static_cast<int64_t>(kvh) * a.block_size;
+    slots.key_offsets_block_stride = a.key_offsets_block_stride;
+    slots.block_size = a.block_size;
+    slots.kvh = kvh;
+  }
+  const int sink_slots = slots.sinks;
   if (tid < G) {
     s_m[tid] = -INFINITY;
     s_l[tid] = 0.f;
@@ -473,12 +543,16 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
       CpAsyncCommit();
       const int first_tok = (b0 + t * a.tile_blocks) * bs;
       const int ntok = min(a.tile_blocks * bs, enc - first_tok);
-      ComputeTile<KIND, D, G>(smem + (t % kStages) * stage_bytes, ntok, fp, s_tables, key_scale, q,
-                              acc, st);
+      slots.first = first_tok;
+      slots.sinks = sink_slots - first_tok;
+      ComputeTile<KIND, D, G, kEvict>(smem + (t % kStages) * stage_bytes, ntok, fp, s_tables,
+                                      key_scale, q, acc, st, slots);
     }
     CpAsyncWait<0>();
-  } else if constexpr (KIND == kKindKivi || KIND == kKindTurbo) {
+  } else if constexpr (KIND == kKindKivi || KIND == kKindKiviEvict || KIND == kKindTurbo) {
     // The fp16 window (original basis) in tiles of fp16 records [k | v]; tile 0 was issued above.
+    // KIVI under eviction: window rows below sink_slots are sinks too.
+    const int win_first = kEvict ? HeadEncoded(a, seq, kvh, num_kv_heads) : 0;
     FormatParams half_fp = fp;
     half_fp.record_bytes = 4 * D;
     half_fp.key_bytes = 2 * D;
@@ -492,7 +566,8 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
       }
       CpAsyncWait<0>();
       __syncthreads();
-      ComputeTile<kKindFp16, D, G>(smem, ntok, half_fp, s_tables, 1.f, q, acc, st);
+      slots.sinks = sink_slots - (win_first + t0);
+      ComputeTile<kKindFp16, D, G, kEvict>(smem, ntok, half_fp, s_tables, 1.f, q, acc, st, slots);
     }
   }
   GridDepLaunch();
@@ -731,6 +806,9 @@ cudaError_t Dispatch(bool setup, int kind, int d, int g, const SplitArgs& a, con
       return DispatchD<kKindInt8>(setup, d, g, a, fp, grid, smem_bytes, stream, blocks_per_sm);
     case kKindKivi:
       return DispatchD<kKindKivi>(setup, d, g, a, fp, grid, smem_bytes, stream, blocks_per_sm);
+    case kKindKiviEvict:
+      return DispatchD<kKindKiviEvict>(setup, d, g, a, fp, grid, smem_bytes, stream,
+                                       blocks_per_sm);
     case kKindTurbo:
       return DispatchD<kKindTurbo>(setup, d, g, a, fp, grid, smem_bytes, stream, blocks_per_sm);
   }

@@ -11,7 +11,8 @@
 
 namespace kvgate::kernels::cuda::internal {
 
-enum : int { kKindFp16 = 0, kKindBf16, kKindFp8, kKindInt8, kKindKivi, kKindTurbo };
+// kKindKiviEvict: KIVI under eviction (DecodeBatch::key_offsets), v1 only.
+enum : int { kKindFp16 = 0, kKindBf16, kKindFp8, kKindInt8, kKindKivi, kKindTurbo, kKindKiviEvict };
 
 // Scores of one tile live in shared memory [G][kMaxTileTokens].
 inline constexpr int kMaxTileTokens = 128;
@@ -46,6 +47,9 @@ struct SplitArgs {
   int residual_tile_tokens = 0;
   // DecodeBatch::head_window (nullptr: every head holds encoded_lens / residual_lens).
   const int32_t* head_window = nullptr;
+  // DecodeBatch::key_offsets (kKindKiviEvict), at the layer's first byte.
+  const uint8_t* key_offsets = nullptr;
+  int64_t key_offsets_block_stride = 0;
   // TurboQuant's window split scores the window keys against the query in the original basis
   // (query [seqs, q_heads, d] times query_scale) and rotates its partial output by the codec's
   // random signs then Walsh-Hadamard (signs, d floats), so that it merges with the rotated-domain
@@ -64,6 +68,8 @@ struct SplitArgs {
   // prepared; the tensor-core kernel's CTA at split index num_splits scores slots
   // [0, sink_slots[s]) against it and the block splits mask those slots. Never with a window
   // split (the host allows sinks for the per-token formats only), so the index is free.
+  // kKindKiviEvict (v1) instead scores each slot below sink_slots[s] against qprep_sink in the
+  // block and window splits themselves (no extra split).
   const int32_t* sink_slots = nullptr;
   const int32_t* sink_shift = nullptr;
   const double* rope_inv_freq = nullptr;

@@ -220,9 +220,9 @@ class CudaKvAppendImpl final : public CudaKvAppend {
       KVGATE_KERNELS_RETURN_IF_ERROR(
           CheckWindow(b.residual_k, b.residual_v, b.residual_capacity, "AppendBatch"));
     }
-    if (b.head_window != nullptr && (f_.kind != internal::kAppendTurbo || f_.window_tokens == 0)) {
+    if (b.head_window != nullptr && f_.window_tokens == 0) {
       return absl::UnimplementedError(
-          "AppendBatch: per-head windows (head_window) need TurboQuant with a window");
+          "AppendBatch: per-head windows (head_window) need a format with a window");
     }
     internal::AppendArgs a;
     CopySharedFields(b, a);
@@ -272,9 +272,15 @@ class CudaKvAppendImpl final : public CudaKvAppend {
       KVGATE_KERNELS_RETURN_IF_ERROR(
           CheckWindow(b.residual_k, b.residual_v, b.residual_capacity, "ReadBatch"));
     }
-    if (b.head_window != nullptr && (f_.kind != internal::kAppendTurbo || f_.window_tokens == 0)) {
+    if (b.head_window != nullptr && f_.window_tokens == 0) {
       return absl::UnimplementedError(
-          "ReadBatch: per-head windows (head_window) need TurboQuant with a window");
+          "ReadBatch: per-head windows (head_window) need a format with a window");
+    }
+    if (b.key_offsets != nullptr &&
+        (f_.kind != internal::kAppendKivi ||
+         b.key_offsets_block_stride < f_.num_kv_heads * int64_t{f_.block_size})) {
+      return absl::InvalidArgumentError(
+          "ReadBatch: key_offsets need KIVI and a block stride of at least kv_heads * block_size");
     }
     internal::ReadArgs a;
     CopySharedFields(b, a);
@@ -283,6 +289,8 @@ class CudaKvAppendImpl final : public CudaKvAppend {
     a.out_k = b.out_k;
     a.out_v = b.out_v;
     a.out_stride_tokens = b.out_stride_tokens;
+    a.key_offsets = b.key_offsets;
+    a.key_offsets_block_stride = b.key_offsets_block_stride;
     a.load_width = AddressAlignment(reinterpret_cast<uintptr_t>(b.pool), b.block_stride_bytes,
                                     b.layer_offset_bytes, f_.record_bytes);
     const int vec = VectorBytes();

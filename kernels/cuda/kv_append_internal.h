@@ -82,6 +82,8 @@ struct ReadArgs {
   const uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
   const int32_t* head_window = nullptr;  // ReadBatch::head_window
+  const uint8_t* key_offsets = nullptr;  // ReadBatch::key_offsets (KIVI under eviction)
+  int64_t key_offsets_block_stride = 0;
   float* out_k = nullptr;
   float* out_v = nullptr;
   int64_t out_stride_tokens = 0;

@@ -108,10 +108,22 @@ std::string ModelDir(const std::string& name) {
   return std::filesystem::exists(dir + "/config.json", ec) ? dir : "";
 }
 
+// ParseKvFormat, plus a test-only ",r=R" suffix that sets KIVI's fp16 window (kivi4,r=32: R = 32,
+// so that short runs flush key groups and evict from them; G | R).
+kernels::KvFormatSpec TestKvFormat(const std::string& format) {
+  const size_t comma = format.find(",r=");
+  if (comma == std::string::npos || format.rfind("kivi", 0) != 0) {
+    return *kernels::ParseKvFormat(format);
+  }
+  kernels::KvFormatSpec spec = *kernels::ParseKvFormat(format.substr(0, comma));
+  spec.residual_tokens = std::stoi(format.substr(comma + 3));
+  return spec;
+}
+
 RunnerOptions Options(const std::string& dir, int64_t blocks, const std::string& format = "fp16") {
   RunnerOptions o;
   o.model_dir = dir;
-  o.kv_format = *kernels::ParseKvFormat(format);
+  o.kv_format = TestKvFormat(format);
   o.kv_block_size = 16;
   o.kv_num_blocks = blocks;
   o.num_threads = 4;
@@ -458,8 +470,11 @@ class CudaKvCacheEviction : public ::testing::TestWithParam<EvictCase> {};
 // per kv-head for every layer, block accounting, decode outputs within the cache decode
 // tolerance at every step and the chunk's outputs within the prefill tolerance. Slots are
 // compared by position: H2O on the GPU refills evicted slots with the newest kept tokens, so its
-// slot order differs from the CPU's. Sinks with RoPE frequencies: both caches score the sinks
-// with the query shifted back by the evicted count.
+// slot order differs from the CPU's (not KIVI's, whose key groups keep the CPU's order). KIVI:
+// the keys and values read back are bit-identical to the CPU's (the solo keys that broken key
+// groups leave are re-encoded on the device byte for byte as the CPU codec encodes them). H2O:
+// the accumulated masses of the kept tokens match the CPU's. Sinks with RoPE frequencies: both
+// caches score the sinks with the query shifted back by the evicted count.
 TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
   SKIP_WITHOUT_GPU();
   const int layers = 2, kv_heads = 2, d = 64, q_heads = 8;
@@ -468,10 +483,12 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
                              .head_dim = d,
                              .block_size = 16,
                              .num_blocks = 64,
-                             .format = *kernels::ParseKvFormat(GetParam().format),
+                             .format = TestKvFormat(GetParam().format),
                              .rope_inv_freq = {}};
   cfg.format.eviction = *kernels::ParseEviction(GetParam().eviction);
   if (GetParam().rope) cfg.rope_inv_freq = RopeFrequencies(d);
+  const bool kivi = cfg.format.kind == kernels::KvFormatKind::kKivi;
+  const bool h2o = cfg.format.eviction.kind == kernels::EvictionSpec::Kind::kH2O;
   auto cpu = kernels::CreateCpuKvCache(cfg);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   auto gpu = cuda::CudaKvCache::Create(cfg, nullptr, /*max_sequences=*/2);
@@ -505,7 +522,7 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
                                                                          : kCacheDecodeTolerance;
   ASSERT_TRUE((*cpu)->AddSequence(3, prompt).ok());
   ASSERT_TRUE((*gpu)->AddSequence(3, prompt).ok());
-  double worst = 0;
+  double worst = 0, worst_mass = 0;
   for (int c = 0; c < 3; ++c) {
     const int n = prompt_chunks[c];
     for (int layer = 0; layer < layers; ++layer) {
@@ -537,6 +554,28 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
       ASSERT_TRUE((*cpu)->Append(3, layer, 1, k.data(), v.data()).ok());
       absl::Status s = (*gpu)->Append(3, layer, 1, k.data(), v.data());
       ASSERT_TRUE(s.ok()) << s;
+      if (kivi) {  // the same slots, bit for bit, after every eviction, flush and re-encode
+        const int64_t stored = (*cpu)->StoredTokens(3, layer);
+        ASSERT_EQ((*gpu)->StoredTokens(3, layer), stored);
+        for (int h = 0; h < kv_heads; ++h) {
+          std::vector<float> ck(size_t(stored) * d), cv(ck.size()), gk(ck.size()), gv(ck.size());
+          std::vector<int64_t> cp(stored), gp(stored);
+          ASSERT_TRUE((*cpu)->ReadStored(3, layer, h, ck.data(), cv.data(), cp.data()).ok());
+          ASSERT_TRUE((*gpu)->ReadStored(3, layer, h, gk.data(), gv.data(), gp.data()).ok());
+          for (int64_t i = 0; i < stored; ++i) {
+            ASSERT_EQ(gp[i], cp[i]) << "position of slot " << i << ", step " << step << " layer "
+                                    << layer << " kv-head " << h;
+            for (int e = 0; e < d; ++e) {
+              ASSERT_EQ(gk[i * d + e], ck[i * d + e])
+                  << "key of slot " << i << " (position " << cp[i] << ") channel " << e
+                  << ", step " << step << " layer " << layer << " kv-head " << h << " of "
+                  << stored << " slots";
+              ASSERT_EQ(gv[i * d + e], cv[i * d + e])
+                  << "value of slot " << i << " channel " << e << ", step " << step;
+            }
+          }
+        }
+      }
       std::vector<float> want(q.size()), got(q.size());
       ASSERT_TRUE((*cpu)->DecodeAttention(3, layer, q_heads, q.data(), 0.125f, want.data()).ok());
       s = (*gpu)->DecodeAttention(3, layer, q_heads, q.data(), 0.125f, got.data());
@@ -580,6 +619,24 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
       std::vector<int64_t> cp(stored), gp(stored);
       ASSERT_TRUE((*cpu)->ReadStored(3, layer, h, ck.data(), cv.data(), cp.data()).ok());
       ASSERT_TRUE((*gpu)->ReadStored(3, layer, h, gk.data(), gv.data(), gp.data()).ok());
+      if (kivi) {
+        EXPECT_EQ(gp, cp) << "KIVI keeps the CPU's slot order, layer " << layer;
+      }
+      if (h2o) {  // masses by position, relative to the CPU's
+        std::vector<float> cm(stored), gm(stored);
+        ASSERT_TRUE((*cpu)->ReadAttentionMass(3, layer, h, cm.data()).ok());
+        absl::Status ms = (*gpu)->ReadAttentionMass(3, layer, h, gm.data());
+        ASSERT_TRUE(ms.ok()) << ms;
+        std::map<int64_t, float> cpu_mass;
+        for (int64_t i = 0; i < stored; ++i) cpu_mass[cp[i]] = cm[i];
+        for (int64_t i = 0; i < stored; ++i) {
+          const float want = cpu_mass[gp[i]];
+          const double err = std::abs(double{gm[i]} - want) / (std::abs(double{want}) + 1e-6);
+          worst_mass = std::max(worst_mass, err);
+          EXPECT_LT(err, 1e-3) << "mass of position " << gp[i] << ", layer " << layer
+                               << " kv-head " << h << ": GPU " << gm[i] << " CPU " << want;
+        }
+      }
       // Both in position order (the CPU's slots are; the GPU's are not under H2O).
       auto by_position = [&](const std::vector<int64_t>& pos, std::vector<float>& k,
                              std::vector<float>& v, std::vector<int64_t>& sorted) {
@@ -603,12 +660,18 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
       EXPECT_EQ(gps, cps) << "kept positions, layer " << layer << " kv-head " << h;
       EXPECT_LT(RowError(gk.data(), ck.data(), ck.size()), 1e-5) << "keys layer " << layer;
       EXPECT_LT(RowError(gv.data(), cv.data(), cv.size()), 1e-5) << "values layer " << layer;
+      if (kivi) {
+        EXPECT_TRUE(gk == ck) << "KIVI keys not bit-identical, layer " << layer << " kv-head " << h;
+        EXPECT_TRUE(gv == cv) << "KIVI values not bit-identical, layer " << layer;
+      }
     }
   }
-  std::printf("[cuda evict] %s %s%s: %lld of %d tokens kept, decode error max %.3g\n",
-              GetParam().format.c_str(), GetParam().eviction.c_str(),
-              GetParam().rope ? " (rope)" : "", static_cast<long long>((*gpu)->StoredTokens(3, 0)),
-              prompt + steps + chunk, worst);
+  std::printf(
+      "[cuda evict] %s %s%s: %lld of %d tokens kept, decode error max %.3g, H2O mass relative "
+      "error max %.3g\n",
+      GetParam().format.c_str(), GetParam().eviction.c_str(), GetParam().rope ? " (rope)" : "",
+      static_cast<long long>((*gpu)->StoredTokens(3, 0)), prompt + steps + chunk, worst,
+      worst_mass);
   (*gpu)->FreeSequence(3);
   EXPECT_EQ((*gpu)->free_blocks(), 64);
 }
@@ -632,6 +695,17 @@ std::vector<EvictCase> EvictCases() {
     cases.push_back({format, "h2o:heavy=0.4,recent=0.3"});
     cases.push_back({format, "sink:sinks=4,window=150"});
   }
+  // KIVI (G = 32) with a small window (r=32: 32 tokens flush from a 64-row window, so most kept
+  // tokens sit in key groups, which H2O and the sliding window break: solo keys), sinks with and
+  // without the RoPE shift (sinks=20: inside the first group, then solo), and the default r=128
+  // with budgets above its 160-row window.
+  for (const char* format : {"kivi4,r=32", "kivi2,r=32"}) {
+    cases.push_back({format, "h2o:heavy=0.2,recent=0.1"});
+    cases.push_back({format, "sink:sinks=4,window=40"});
+    cases.push_back({format, "sink:sinks=20,window=40", /*rope=*/true});
+  }
+  cases.push_back({"kivi4", "h2o:heavy=0.4,recent=0.3"});
+  cases.push_back({"kivi2", "sink:sinks=4,window=150", /*rope=*/true});
   return cases;
 }
 
@@ -655,9 +729,12 @@ TEST(CudaKvCacheEviction, OtherFormatsAreUnimplemented) {
                              .num_blocks = 4,
                              .format = *kernels::ParseKvFormat("kivi2"),
                              .rope_inv_freq = {}};
-  cfg.format.eviction.kind = kernels::EvictionSpec::Kind::kH2O;
-  EXPECT_EQ(cuda::CudaKvCache::Create(cfg, nullptr).status().code(),
-            absl::StatusCode::kUnimplemented);
+  cfg.format.eviction.kind = kernels::EvictionSpec::Kind::kH2O;  // KIVI evicts
+  EXPECT_TRUE(cuda::CudaKvCache::Create(cfg, nullptr).ok());
+  cfg.format.eviction.kind = kernels::EvictionSpec::Kind::kSink;
+  cfg.rope_inv_freq.assign(32, 0.5);
+  EXPECT_TRUE(cuda::CudaKvCache::Create(cfg, nullptr).ok());
+  cfg.rope_inv_freq.clear();
   cfg.format = *kernels::ParseKvFormat("fp16");
   cfg.format.eviction.kind = kernels::EvictionSpec::Kind::kSink;
   cfg.rope_inv_freq.assign(31, 0.5);  // head_dim / 2 = 32
@@ -707,15 +784,15 @@ INSTANTIATE_TEST_SUITE_P(
                       EvictCase{"reference", "h2o:heavy=0.2,recent=0.1"}),
     [](const ::testing::TestParamInfo<EvictCase>& info) { return info.param.format + "_h2o"; });
 
-// The runners end to end with H2O eviction over TurboQuant with its fp16 window (the reference
-// model, fp32 compute, so that the masses and the kept tokens agree): the GPU's per-head windows,
-// its decode masses from read-back keys, against the CPU runner. The caches' inputs differ by the
-// GPU's fp32 arithmetic, so a few codes may flip: the bound is the format-relative one of
-// CudaRunnerParity, the format's error measured against a CPU runner with fp16 KV and the same
-// eviction.
-class CudaRunnerEvictionTurbo : public ::testing::TestWithParam<std::string> {};
+// The runners end to end with H2O eviction over TurboQuant and KIVI with their fp16 windows (the
+// reference model, fp32 compute, so that the masses and the kept tokens agree): the GPU's per-head
+// windows, its decode masses from read-back keys, KIVI's solo keys, against the CPU runner. The
+// caches' inputs differ by the GPU's fp32 arithmetic, so a few codes may flip: the bound is the
+// format-relative one of CudaRunnerParity, the format's error measured against a CPU runner with
+// fp16 KV and the same eviction.
+class CudaRunnerEvictionWindowed : public ::testing::TestWithParam<std::string> {};
 
-TEST_P(CudaRunnerEvictionTurbo, LogitsMatchCpu) {
+TEST_P(CudaRunnerEvictionWindowed, LogitsMatchCpu) {
   SKIP_WITHOUT_GPU();
   const std::string dir = ModelDir("reference");
   if (dir.empty()) GTEST_SKIP() << "model reference not found";
@@ -744,10 +821,14 @@ TEST_P(CudaRunnerEvictionTurbo, LogitsMatchCpu) {
   EXPECT_LT(Runners::Mean(err), kBf16MeanTolerance + kFormatErrorShare * Runners::Mean(noise));
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, CudaRunnerEvictionTurbo,
-                         ::testing::Values("tq4", "tq:k=4,v=4,r=16"),
+INSTANTIATE_TEST_SUITE_P(Formats, CudaRunnerEvictionWindowed,
+                         ::testing::Values("tq4", "tq:k=4,v=4,r=16", "kivi4", "kivi4,r=32"),
                          [](const ::testing::TestParamInfo<std::string>& info) {
-                           return info.param == "tq4" ? std::string("tq4") : std::string("tq4_r16");
+                           std::string name = info.param;
+                           for (char& ch : name) {
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           }
+                           return name;
                          });
 
 // Bytes per token and kv-head of one layer in `spec`'s quantized format (the layer option aside).
@@ -1182,6 +1263,16 @@ INSTANTIATE_TEST_SUITE_P(ModelsAndFormats, CudaRunnerSinks,
                                            ParityCase{"reference", "int8"}),
                          [](const ::testing::TestParamInfo<ParityCase>& info) {
                            return info.param.model + "_" + info.param.format;
+                         });
+
+// KIVI: the default window (the sinks and the recent window stay in it) and r=32 (key groups
+// flush, the window slides over them: solo keys; the sinks end up in a group, then solo).
+INSTANTIATE_TEST_SUITE_P(Kivi, CudaRunnerSinks,
+                         ::testing::Values(ParityCase{"reference", "kivi4"},
+                                           ParityCase{"reference", "kivi4,r=32"}),
+                         [](const ::testing::TestParamInfo<ParityCase>& info) {
+                           return info.param.model + "_" +
+                                  (info.param.format == "kivi4" ? "kivi4" : "kivi4_r32");
                          });
 
 std::string SourceDir() {

@@ -78,14 +78,6 @@ absl::Status CudaKvCache::InitLayout() {
   const kernels::KvFormatSpec& fmt = c.format;
   if (fmt.eviction.kind != kernels::EvictionSpec::Kind::kNone) {
     const kernels::KvFormatKind k = fmt.kind;
-    // KIVI would need its key groups split on eviction (CpuKvCache re-encodes a broken group's
-    // survivors as solo keys, a per-slot flag the decode kernel would have to read).
-    if (k == kernels::KvFormatKind::kKivi) {
-      return absl::UnimplementedError(
-          absl::StrCat("the CUDA KV cache evicts (", kernels::EvictionToString(fmt.eviction),
-                       ") with fp16, bf16, fp8, int8 and TurboQuant, not ", fmt.name,
-                       ": use --backend cpu for eviction with KIVI"));
-    }
     // The decode kernels shift the sinks' query for the per-token formats only.
     if (k == kernels::KvFormatKind::kTurbo &&
         fmt.eviction.kind == kernels::EvictionSpec::Kind::kSink && !c.rope_inv_freq.empty()) {
@@ -159,7 +151,9 @@ absl::Status CudaKvCache::InitLayout() {
   geometry_.slot_bytes = geometry_.residual_bytes_per_sequence +
                          int64_t{c.num_layers} * c.num_kv_heads * 2 * int64_t{sizeof(float)};
   if (evicting()) {
-    const int64_t per_slot = int64_t{sizeof(int32_t)} + (h2o() ? int64_t{sizeof(float)} : 0);
+    // Positions, (H2O) masses and (KIVI) key-group offsets per slot.
+    const int64_t per_slot = int64_t{sizeof(int32_t)} + (h2o() ? int64_t{sizeof(float)} : 0) +
+                             (kivi_layers() ? int64_t{sizeof(uint8_t)} : 0);
     geometry_.eviction_bytes_per_block =
         int64_t{c.num_layers} * c.num_kv_heads * c.block_size * per_slot;
     if (h2o()) {  // the decode mass pass's scores of one layer
@@ -228,6 +222,10 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
         int64_t{config.num_blocks} * config.num_layers * config.num_kv_heads * config.block_size;
     RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->positions_),
                              slots * int64_t{sizeof(int32_t)}, "the eviction positions"));
+    if (cache->kivi_layers()) {
+      RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->key_offsets_), slots,
+                               "the KIVI key-group offsets"));
+    }
     if (cache->h2o()) {
       RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->mass_),
                                slots * int64_t{sizeof(float)}, "the H2O masses"));
@@ -266,7 +264,8 @@ CudaKvCache::~CudaKvCache() {
                   static_cast<void*>(residual_k_), static_cast<void*>(residual_v_),
                   static_cast<void*>(positions_), static_cast<void*>(mass_),
                   static_cast<void*>(mass_scratch_), static_cast<void*>(mass_scores_),
-                  static_cast<void*>(rope_inv_freq_), static_cast<void*>(head_window_)}) {
+                  static_cast<void*>(rope_inv_freq_), static_cast<void*>(head_window_),
+                  static_cast<void*>(key_offsets_)}) {
     if (p != nullptr) cudaFree(p);
   }
 }
@@ -286,6 +285,13 @@ float* CudaKvCache::head_scales(int layer) const {
 int32_t* CudaKvCache::head_window(int layer) const {
   if (head_window_ == nullptr || residual_capacity_[layer] == 0) return nullptr;
   return head_window_ + int64_t{layer} * max_sequences_ * config_.num_kv_heads;
+}
+
+uint8_t* CudaKvCache::key_offsets(int layer) const {
+  if (key_offsets_ == nullptr || layer_spec(layer).kind != kernels::KvFormatKind::kKivi) {
+    return nullptr;
+  }
+  return key_offsets_ + int64_t{layer} * config_.num_kv_heads * config_.block_size;
 }
 
 uint16_t* CudaKvCache::residual(int layer, bool values) const {
@@ -481,7 +487,11 @@ EvictPool CudaKvCache::PoolFor(int layer, const DeviceSeqBatch& seqs) const {
                    .residual_k = residual(layer, false),
                    .residual_v = residual(layer, true),
                    .residual_capacity = residual_capacity_[layer],
-                   .seq_slots = seqs.slots};
+                   .seq_slots = seqs.slots,
+                   // The array's base: the eviction kernels index it like the positions.
+                   .key_offsets = key_offsets(layer) != nullptr ? key_offsets_ : nullptr,
+                   .kivi_bits = static_cast<int>(layer_spec(layer).key_bits),
+                   .kivi_group = layer_spec(layer).group_size};
 }
 
 absl::Status CudaKvCache::EvictLayer(int layer, const DeviceSeqBatch& seqs,
@@ -595,6 +605,8 @@ absl::Status CudaKvCache::DecodeLayer(int layer, const DeviceSeqBatch& seqs,
     b.sink_shift = sink_shift;
     b.rope_inv_freq = rope_inv_freq_;
   }
+  b.key_offsets = key_offsets(layer);
+  b.key_offsets_block_stride = key_offsets_block_stride();
   b.encoded_lens = encoded_lens;
   b.max_encoded_len = max_encoded_len;
   if (residual_capacity_[layer] > 0) b.residual_lens = residual_lens;
@@ -610,6 +622,8 @@ absl::Status CudaKvCache::ReadLayer(int layer, const DeviceSeqBatch& seqs, const
                                     int64_t stride_tokens) {
   kernels::cuda::ReadBatch b;
   FillPoolFields(layer, seqs, b);
+  b.key_offsets = key_offsets(layer);
+  b.key_offsets_block_stride = key_offsets_block_stride();
   b.lens = lens;
   b.max_len = max_len;
   b.out_k = out_k;
@@ -986,15 +1000,41 @@ absl::Status CudaKvCache::ReadStored(kernels::SeqId seq, int layer, int kv_head,
     for (int64_t i = 0; i < n; ++i) positions[i] = i;
     return absl::OkStatus();
   }
-  // Positions of the head's slots, block by block ([block][layer][kv_head][block_size]).
+  std::vector<int32_t> pos(static_cast<size_t>(n));
+  RETURN_IF_ERROR(ReadSlotMeta(*s, layer, kv_head, positions_, pos.data()));
+  std::copy(pos.begin(), pos.end(), positions);
+  return absl::OkStatus();
+}
+
+absl::Status CudaKvCache::ReadAttentionMass(kernels::SeqId seq, int layer, int kv_head,
+                                            float* mass) const {
+  ASSIGN_OR_RETURN(const Sequence* s, Find(seq, layer));
+  if (kv_head < 0 || kv_head >= config_.num_kv_heads) {
+    return absl::InvalidArgumentError("ReadAttentionMass: kv_head out of range");
+  }
+  if (!h2o()) {
+    return absl::FailedPreconditionError(
+        "ReadAttentionMass: attention mass is accumulated for H2O eviction only");
+  }
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  return ReadSlotMeta(*s, layer, kv_head, mass_, mass);
+}
+
+template <class T>
+absl::Status CudaKvCache::ReadSlotMeta(const Sequence& s, int layer, int kv_head, const T* meta,
+                                       T* out) const {
+  // Block by block ([block][layer][kv_head][block_size]).
   const int bs = config_.block_size;
-  std::vector<int32_t> pos(static_cast<size_t>(bs));
+  const int64_t n = s.stored[layer];
+  std::vector<T> block(static_cast<size_t>(bs));
   for (int64_t b = 0; b * bs < n; ++b) {
     const int64_t index =
-        ((int64_t{s->blocks[b]} * config_.num_layers + layer) * config_.num_kv_heads + kv_head) * bs;
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(pos.data(), positions_ + index, bs * sizeof(int32_t),
-                                    cudaMemcpyDeviceToHost));
-    for (int64_t i = b * bs; i < std::min<int64_t>(n, (b + 1) * bs); ++i) positions[i] = pos[i - b * bs];
+        ((int64_t{s.blocks[b]} * config_.num_layers + layer) * config_.num_kv_heads + kv_head) * bs;
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpy(block.data(), meta + index, bs * sizeof(T), cudaMemcpyDeviceToHost));
+    for (int64_t i = b * bs; i < std::min<int64_t>(n, (b + 1) * bs); ++i) {
+      out[i] = block[i - b * bs];
+    }
   }
   return absl::OkStatus();
 }

@@ -17,7 +17,7 @@
 // DecodeAttention reads every stored token through the format; PrefillAttention reads the cached
 // prefix through the format and the fresh tokens in fp32.
 //
-// Eviction (H2O, sink; fp16, bf16, fp8, int8 and TurboQuant, not KIVI) follows CpuKvCache: before
+// Eviction (H2O, sink; every format) follows CpuKvCache: before
 // each append of n tokens to a layer the cache keeps, per kv-head, the tokens CpuKvCache keeps in
 // the first slots (cuda_kv_evict.h): sinks compact them in slot (= position) order, H2O refills the
 // evicted tokens' slots with the newest kept ones, so its slots are in no particular order
@@ -27,14 +27,20 @@
 // rope_inv_freq, sinks are scored at positions within the cache as CpuKvCache scores them: the
 // query rotated back by the evicted count for the sink slots (SinkShiftAfter; the decode and
 // prefill attention take it per sequence; not for TurboQuant, whose decode kernels have no shifted
-// query: UnimplementedError). TurboQuant with its fp16 window: the kept set spans each head's
+// query: UnimplementedError). KIVI keeps CpuKvCache's slot order instead (its key groups are runs
+// of slots): the records compact in order, the survivors of a key group that loses tokens are
+// re-encoded as solo keys, and a byte per slot (key_offsets_) tells the read and decode kernels
+// where each key's group starts, or that it is solo; the decode then runs the CUDA-core kernel
+// that reads them (with the sinks' shifted query). TurboQuant and KIVI with their fp16 windows:
+// the kept set spans each head's
 // records and window rows; the records compact as above, the window's kept rows move down in
 // order after them, so each kv-head's window holds its own number of rows. Those counts live on
 // the device only (head_window: per layer, slot and kv-head; the eviction and the appends update
 // them, the append / decode / read kernels take each head's split from them), while the stored
-// total stays a host function of the plan. H2O masses of TurboQuant layers come from keys read back
-// in fp32 (the mass kernels decode only the per-token formats): DecodeAttention and the runner
-// score the decode query against them as a one-token prefill chunk (PrefillMassLayer).
+// total stays a host function of the plan. H2O masses of TurboQuant and KIVI layers come from
+// keys read back in fp32 (the mass kernels decode only the per-token formats): DecodeAttention
+// and the runner score the decode query against them as a one-token prefill chunk
+// (PrefillMassLayer).
 //
 // The CUDA runner drives the device methods (AppendLayer, DecodeLayer, ReadLayer) for whole steps
 // with its own device metadata and then CommitAppend. The host-pointer KvCache methods stage
@@ -94,7 +100,7 @@ struct DeviceSeqBatch {
 
 class CudaKvCache final : public kernels::KvCache {
  public:
-  // UnimplementedError for eviction with KIVI, sink eviction with rope_inv_freq and TurboQuant,
+  // UnimplementedError for sink eviction with rope_inv_freq and TurboQuant,
   // eviction with a window above kMaxEvictWindowRows rows, TurboQuant QJL keys, head_dim other than 64/128 and block sizes that are not a multiple of 16 (no kernels;
   // DecodeAttention also refuses GQA groups above 8); InvalidArgumentError for rope_inv_freq of
   // a size other than head_dim / 2. ResourceExhausted when the pool or the slots cannot be
@@ -135,6 +141,8 @@ class CudaKvCache final : public kernels::KvCache {
                                float scale, float* out) override;
   absl::Status ReadStored(kernels::SeqId seq, int layer, int kv_head, float* k, float* v,
                           int64_t* positions) const override;
+  absl::Status ReadAttentionMass(kernels::SeqId seq, int layer, int kv_head,
+                                 float* mass) const override;
 
   // ---- For the CUDA runner ----
   const KvCacheGeometry& geometry() const { return geometry_; }
@@ -175,15 +183,12 @@ class CudaKvCache final : public kernels::KvCache {
   bool head_windows(int index) const {
     return head_window_ != nullptr && formats_[index].append->residual_capacity() > 0;
   }
-  // H2O: the mass kernels do not decode the layer's keys (TurboQuant): its decode masses come
-  // from keys read back (ReadLayer) through PrefillMassLayer, as one-token chunks.
-  bool layer_mass_reads_back(int layer) const {
-    return layer_spec(layer).kind == kernels::KvFormatKind::kTurbo;
-  }
+  // H2O: the mass kernels do not decode the layer's keys (TurboQuant, KIVI): its decode masses
+  // come from keys read back (ReadLayer) through PrefillMassLayer, as one-token chunks.
+  bool layer_mass_reads_back(int layer) const { return MassReadsBack(layer_spec(layer)); }
   bool mass_reads_back() const {
-    return std::any_of(formats_.begin(), formats_.end(), [](const Format& f) {
-      return f.spec.kind == kernels::KvFormatKind::kTurbo;
-    });
+    return std::any_of(formats_.begin(), formats_.end(),
+                       [](const Format& f) { return MassReadsBack(f.spec); });
   }
   // Sink eviction with rope_inv_freq (else nullptr): the frequencies on the device [head_dim / 2],
   // for the prefill attention's sink shift.
@@ -274,11 +279,30 @@ class CudaKvCache final : public kernels::KvCache {
   absl::StatusOr<const Sequence*> Find(kernels::SeqId seq, int layer) const;
   const Format& format_of(int layer) const { return formats_[layer_format_[layer]]; }
   float* head_scales(int layer) const;
+  static bool MassReadsBack(const kernels::KvFormatSpec& spec) {
+    return spec.kind == kernels::KvFormatKind::kTurbo || spec.kind == kernels::KvFormatKind::kKivi;
+  }
+  // Eviction with KIVI layers: key_offsets_ is allocated.
+  bool kivi_layers() const {
+    return std::any_of(formats_.begin(), formats_.end(), [](const Format& f) {
+      return f.spec.kind == kernels::KvFormatKind::kKivi;
+    });
+  }
+  // KIVI layers under eviction: the layer's key-group offsets (ReadBatch::key_offsets: at the
+  // layer's first byte, rows of key_offsets_block_stride() bytes per block); else nullptr.
+  uint8_t* key_offsets(int layer) const;
+  int64_t key_offsets_block_stride() const {
+    return int64_t{config_.num_layers} * config_.num_kv_heads * config_.block_size;
+  }
   uint16_t* residual(int layer, bool values) const;
   // Evicting layers with a window: the per-head window counts [slots][kv_heads]; else nullptr.
   int32_t* head_window(int layer) const;
   template <class Batch>
   void FillPoolFields(int layer, const DeviceSeqBatch& seqs, Batch& b) const;
+  // Copies a per-slot array (positions_, mass_) of (s, layer, kv_head)'s stored slots to out.
+  template <class T>
+  absl::Status ReadSlotMeta(const Sequence& s, int layer, int kv_head, const T* meta,
+                            T* out) const;
   // Reads every stored token of (seq, layer) to device buffers [kv_heads, stored, head_dim].
   absl::Status ReadAll(const Sequence& s, int layer, float* k, float* v) const;
 
@@ -308,6 +332,10 @@ class CudaKvCache final : public kernels::KvCache {
   // per kv-head under H2O, so the heads' splits between records and window differ; only the
   // device knows them (EvictCompact and the appends update them, the kernels read them).
   int32_t* head_window_ = nullptr;
+  // Evicting with KIVI layers: each slot's key-group offset (kvgate/kernels/cuda_kv_append.h,
+  // ReadBatch::key_offsets), [num_blocks][layers][kv_heads][block_size] like positions_ (layers
+  // of other formats unused). EvictCompact keeps it.
+  uint8_t* key_offsets_ = nullptr;
   std::map<kernels::SeqId, Sequence> seqs_;
 };
 

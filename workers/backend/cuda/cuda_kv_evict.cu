@@ -8,6 +8,7 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "kernels/cuda/kv_numeric.cuh"
 #include "kvgate/kernels/kv_record_layout.h"
 
 namespace kvgate::worker::cuda {
@@ -299,10 +300,161 @@ __global__ void EvictOrderedKernel(EvictPool p, const EvictPlan* plans) {
   }
 }
 
-// ---- Eviction with a per-head fp16 window (TurboQuant with r > 0) ------------------------------
+// ---- Eviction with a per-head fp16 window (TurboQuant with r > 0, KIVI) -------------------------
 
 // Window rows staged per step of the window's compaction.
 constexpr int kWindowStep = 32;
+// KIVI: records staged per step of the ordered compaction.
+constexpr int kOrderedStep = 128;
+// KIVI: channels per (scale, min) pair of a solo key is G >= 8, so a key has at most this many.
+constexpr int kMaxKiviPairs = kMaxHeadDim / 8;
+
+// Dynamic shared memory of EvictWindowedKernel: the window's staged metadata, and for KIVI the
+// re-encoded keys of one broken group and the records of one ordered-compaction step.
+__host__ __device__ inline int WindowedEvictSmemBytes(const EvictPool& p) {
+  int bytes = 3 * p.residual_capacity * static_cast<int>(sizeof(int32_t));
+  if (p.key_offsets != nullptr) {
+    bytes += p.kivi_group * (p.record_bytes / 2) + kOrderedStep * p.record_bytes;
+  }
+  return bytes;
+}
+
+// KIVI: the survivors of every key group in [0, encoded) that loses some but not all of its
+// tokens become solo keys, as CpuKvCache::Evict re-encodes them: each survivor's key decoded from
+// its group (code * scale + min, the CPU's DecodeKeys) and encoded per token with a (scale, min)
+// per G channels (KiviCodec::EncodeTokenRow: the first of equal min / max wins), in place (the
+// value half untouched), its key offset set to kSoloKeyOffset. Runs before any record moves;
+// every thread calls it. `stage`: G x key_bytes bytes of dynamic shared memory; `broken`:
+// kPairChunk ints of shared memory (the broken groups' first slots, a round at a time).
+template <class Leaves>
+__device__ void KiviSoloKeys(const EvictPool& p, const int32_t* table, int head, int encoded,
+                             const Leaves& leaves, uint32_t* stage, int* broken, int* warp_ints) {
+  namespace ki = kernels::cuda::internal;
+  __shared__ float key_rows[kWarps][kMaxHeadDim];
+  __shared__ float pair_min[kWarps][kMaxKiviPairs], pair_scale[kWarps][kMaxKiviPairs];
+  const int d = p.head_dim, G = p.kivi_group, bits = p.kivi_bits, levels = (1 << bits) - 1;
+  const int codes_bytes = d * bits / 8, key_words = p.record_bytes / 8, cpt = d / G;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  auto offset_of = [&](int slot) { return p.key_offsets[SlotMeta(p, table, head, slot)]; };
+  auto is_broken = [&](int slot) {  // slot starts a group that some, not all, members leave
+    if (offset_of(slot) != 0) return false;
+    int gone = 0;
+    for (int j = 0; j < G; ++j) gone += leaves(slot + j) ? 1 : 0;
+    return gone > 0 && gone < G;
+  };
+  // Groups re-encoded in a round are no longer broken (their survivors are solo): the next round
+  // collects from rank 0 again.
+  for (;;) {
+    __syncthreads();  // the previous round's readers of `broken` are done
+    const int found = CollectWhere(is_broken, 0, encoded, 0, broken, warp_ints);
+    __syncthreads();
+    for (int b = 0; b < min(kPairChunk, found); ++b) {
+      const int start = broken[b];
+      // Each warp re-encodes the survivors j = warp, warp + kWarps, ... into stage[j].
+      for (int j = warp; j < G; j += kWarps) {
+        if (leaves(start + j)) continue;
+        const uint8_t* rec = SlotRecord(p, table, head, start + j);
+        for (int c = lane; c < d; c += 32) {
+          const int bit = c * bits;
+          const uint32_t code = (rec[bit >> 3] >> (bit & 7)) & levels;
+          const uint8_t* meta =
+              SlotRecord(p, table, head, start + c / cpt) + codes_bytes + 4 * (c % cpt);
+          const float scale = ki::HalfToFloat(static_cast<uint16_t>(meta[0] | (meta[1] << 8)));
+          const float min = ki::HalfToFloat(static_cast<uint16_t>(meta[2] | (meta[3] << 8)));
+          key_rows[warp][c] = __fadd_rn(__fmul_rn(static_cast<float>(code), scale), min);
+        }
+        __syncwarp();
+        uint32_t* out = stage + j * key_words;
+        for (int g = lane; g < cpt; g += 32) {  // (scale, min) of channels [g G, (g + 1) G)
+          const float* x = key_rows[warp] + g * G;
+          float lo = x[0], hi = lo;
+          for (int c = 1; c < G; ++c) {
+            lo = ki::MinFirst(lo, x[c]);
+            hi = ki::MaxFirst(hi, x[c]);
+          }
+          const ki::MinScaleResult ms = ki::KiviMinScale(lo, hi, levels);
+          pair_min[warp][g] = ms.min;
+          pair_scale[warp][g] = ms.scale;
+          out[codes_bytes / 4 + g] = ms.packed;
+        }
+        __syncwarp();
+        const int per_word = 32 / bits;
+        for (int w = lane; w < codes_bytes / 4; w += 32) {  // codes packed LSB-first
+          uint32_t packed = 0;
+          for (int i = 0; i < per_word; ++i) {
+            const int c = w * per_word + i;
+            packed |= ki::KiviCode(key_rows[warp][c], pair_min[warp][c / G],
+                                   pair_scale[warp][c / G], levels)
+                      << (i * bits);
+          }
+          out[w] = packed;
+        }
+        __syncwarp();
+      }
+      __syncthreads();  // every survivor decoded from the group's records: now overwrite them
+      for (int e = threadIdx.x; e < G * key_words; e += kThreads) {
+        const int j = e / key_words, w = e - j * key_words;
+        if (leaves(start + j)) continue;
+        reinterpret_cast<uint32_t*>(SlotRecord(p, table, head, start + j))[w] = stage[e];
+      }
+      // Every member solo: the survivors are, the others leave (and the group is done).
+      for (int j = threadIdx.x; j < G; j += kThreads) {
+        p.key_offsets[SlotMeta(p, table, head, start + j)] = kernels::kSoloKeyOffset;
+      }
+      __syncthreads();
+    }
+    if (found <= kPairChunk) break;
+  }
+}
+
+// KIVI: the records of [0, encoded) that stay move down in slot order (CpuKvCache::Evict's
+// compaction: whole key groups stay contiguous, their offsets valid), with their positions,
+// masses and key offsets; kOrderedStep slots at a time (a destination never exceeds its source,
+// so staging a step before writing it keeps later sources intact). Returns the kept count; every
+// thread calls it. `stage`: kOrderedStep records of dynamic shared memory.
+template <class Leaves>
+__device__ int CompactOrdered(const EvictPool& p, const int32_t* table, int head, int encoded,
+                              const Leaves& leaves, uint32_t* stage, int* warp_ints) {
+  __shared__ int dst_of[kOrderedStep], src_of[kOrderedStep];
+  __shared__ int32_t pos_of[kOrderedStep];
+  __shared__ float mass_of[kOrderedStep];
+  __shared__ uint8_t offset_of[kOrderedStep];
+  const int words = p.record_bytes / 4;
+  int kept = 0;
+  for (int c0 = 0; c0 < encoded; c0 += kOrderedStep) {
+    const int i = c0 + static_cast<int>(threadIdx.x);
+    const bool stays = threadIdx.x < kOrderedStep && i < encoded && !leaves(i);
+    int total;
+    const int rank = BlockExclusiveCount(stays, warp_ints, &total);
+    if (stays) {
+      const int64_t m = SlotMeta(p, table, head, i);
+      dst_of[rank] = kept + rank;
+      src_of[rank] = i;
+      pos_of[rank] = p.positions[m];
+      mass_of[rank] = p.mass != nullptr ? p.mass[m] : 0.0f;
+      offset_of[rank] = p.key_offsets[m];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < total * words; e += kThreads) {
+      const int k = e / words, w = e - k * words;
+      stage[e] = reinterpret_cast<const uint32_t*>(SlotRecord(p, table, head, src_of[k]))[w];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < total * words; e += kThreads) {
+      const int k = e / words, w = e - k * words;
+      reinterpret_cast<uint32_t*>(SlotRecord(p, table, head, dst_of[k]))[w] = stage[e];
+    }
+    for (int k = threadIdx.x; k < total; k += kThreads) {
+      const int64_t m = SlotMeta(p, table, head, dst_of[k]);
+      p.positions[m] = pos_of[k];
+      if (p.mass != nullptr) p.mass[m] = mass_of[k];
+      p.key_offsets[m] = offset_of[k];
+    }
+    kept += total;
+    __syncthreads();
+  }
+  return kept;
+}
 
 // Grid (num_seqs, kv_heads), H2O or sinks, layers with a per-head fp16 window: head h's slots
 // [0, encoded) are records, [encoded, stored) its window's rows (slot encoded + row), encoded =
@@ -312,7 +464,13 @@ constexpr int kWindowStep = 32;
 // record count refilled from above it, unordered; sinks' holes lie above the sink slots, which
 // never move), the window's surviving rows move down in order (its oldest rows flush first) to
 // the slots after the kept records, and head_window becomes their count. Dynamic shared memory:
-// residual_capacity x (position, mass, source row) staged before any row moves.
+// WindowedEvictSmemBytes, starting with residual_capacity x (position, mass, source row) staged
+// before any row moves.
+// KIVI (EvictPool::key_offsets): the records keep CpuKvCache's slot order instead, key groups
+// being runs of consecutive slots: the survivors of groups that lose members become solo keys
+// (KiviSoloKeys), then the kept records compact in order (CompactOrdered); every append then
+// finds the window's rows (and the new ones) at the key offsets their flush gives them.
+template <bool KIVI>
 __global__ void EvictWindowedKernel(EvictPool p, const EvictPlan* plans) {
   const EvictPlan plan = plans[blockIdx.x];
   const int head = blockIdx.y, d = p.head_dim;
@@ -326,8 +484,9 @@ __global__ void EvictWindowedKernel(EvictPool p, const EvictPlan* plans) {
   __shared__ int pair_dst[kPairChunk], pair_src[kPairChunk];
   __shared__ uint32_t row_stage[2][kWindowStep][kMaxHeadDim / 2];  // fp16 pairs: keys, values
   extern __shared__ int32_t window_meta[];  // [capacity] positions, masses, kept rows' sources
+  const int rows = p.head_window[state];
+  int kept_records = stored - rows;  // the records' count after eviction
   if (evict > 0) {
-    const int rows = p.head_window[state];
     const int encoded = stored - rows;
     const uint64_t threshold =
         p.mass != nullptr ? SelectKey(p, table, head, stored, recent, evict - 1) : 0;
@@ -355,19 +514,26 @@ __global__ void EvictWindowedKernel(EvictPool p, const EvictPlan* plans) {
       }
       kept_rows += total;
     }
-    const int kept_records = kept - kept_rows;
+    kept_records = kept - kept_rows;
     __syncthreads();
-    // Records: the holes below kept_records take the kept records above it, in rounds of
-    // kPairChunk (a filled hole holds a kept token, so the open holes rank from 0 every round).
-    auto stays_record = [&](int slot) { return !leaves(slot); };
-    for (int first = 0;; first += kPairChunk) {
-      const int sources =
-          CollectWhere(stays_record, kept_records, encoded, first, pair_src, warp_ints);
-      CollectWhere(leaves, 0, kept_records, 0, pair_dst, warp_ints);
-      __syncthreads();
-      MoveRecords(p, table, head, pair_dst, pair_src, max(0, min(kPairChunk, sources - first)));
-      __syncthreads();
-      if (first + kPairChunk >= sources) break;
+    if constexpr (KIVI) {
+      uint32_t* stage = reinterpret_cast<uint32_t*>(window_meta + 3 * p.residual_capacity);
+      KiviSoloKeys(p, table, head, encoded, leaves, stage, pair_src, warp_ints);
+      CompactOrdered(p, table, head, encoded, leaves,
+                     stage + p.kivi_group * (p.record_bytes / 8), warp_ints);
+    } else {
+      // Records: the holes below kept_records take the kept records above it, in rounds of
+      // kPairChunk (a filled hole holds a kept token, so the open holes rank from 0 every round).
+      auto stays_record = [&](int slot) { return !leaves(slot); };
+      for (int first = 0;; first += kPairChunk) {
+        const int sources =
+            CollectWhere(stays_record, kept_records, encoded, first, pair_src, warp_ints);
+        CollectWhere(leaves, 0, kept_records, 0, pair_dst, warp_ints);
+        __syncthreads();
+        MoveRecords(p, table, head, pair_dst, pair_src, max(0, min(kPairChunk, sources - first)));
+        __syncthreads();
+        if (first + kPairChunk >= sources) break;
+      }
     }
     // The window's kept rows move down in order, kWindowStep at a time (a destination row never
     // exceeds its source, and later steps' sources lie above this step's destinations).
@@ -402,6 +568,12 @@ __global__ void EvictWindowedKernel(EvictPool p, const EvictPlan* plans) {
     const int64_t m = SlotMeta(p, table, head, kept + i);
     p.positions[m] = plan.length + i;
     if (p.mass != nullptr) p.mass[m] = 0.0f;
+  }
+  if constexpr (KIVI) {  // the window's rows and the new ones, as their flushes will group them
+    for (int i = kept_records + static_cast<int>(threadIdx.x); i < kept + plan.n; i += kThreads) {
+      p.key_offsets[SlotMeta(p, table, head, i)] =
+          static_cast<uint8_t>((i - kept_records) % p.kivi_group);
+    }
   }
 }
 
@@ -990,8 +1162,21 @@ cudaError_t LaunchEvictCompact(const EvictPool& p, const EvictPlan* plans, cudaS
       return cudaErrorInvalidValue;
     }
     if (p.residual_capacity > kMaxEvictWindowRows) return cudaErrorInvalidValue;
-    const size_t smem = size_t{3} * p.residual_capacity * sizeof(int32_t);
-    EvictWindowedKernel<<<grid, kThreads, smem, stream>>>(p, plans);
+    const int smem = WindowedEvictSmemBytes(p);
+    if (p.key_offsets != nullptr) {
+      if (p.kivi_group < 8 || p.kivi_group % 8 != 0 || p.head_dim % p.kivi_group != 0 ||
+          p.record_bytes % 8 != 0) {
+        return cudaErrorInvalidValue;
+      }
+      if (cudaError_t e = cudaFuncSetAttribute(EvictWindowedKernel<true>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+          e != cudaSuccess) {
+        return e;
+      }
+      EvictWindowedKernel<true><<<grid, kThreads, smem, stream>>>(p, plans);
+    } else {
+      EvictWindowedKernel<false><<<grid, kThreads, smem, stream>>>(p, plans);
+    }
     return cudaGetLastError();
   }
   if (p.record_bytes % 4 != 0) return cudaErrorInvalidValue;

@@ -1,6 +1,6 @@
 // Device side of KV eviction (H2O, attention sinks) for CudaKvCache, for the per-token formats
-// (fp16, bf16, fp8, int8, TurboQuant) and TurboQuant's per-kv-head fp16 window: the kept tokens
-// are CpuKvCache's (kernels/cpu/cpu_kv_cache.cc).
+// (fp16, bf16, fp8, int8, TurboQuant), KIVI's key groups and the per-kv-head fp16 windows of
+// TurboQuant and KIVI: the kept tokens are CpuKvCache's (kernels/cpu/cpu_kv_cache.cc).
 //
 // Every slot of the pool has an int32 position and (H2O) a float attention mass in two arrays laid
 // out like the records: [num_blocks][layer][kv_head][block_size], so they follow the block tables
@@ -21,7 +21,10 @@
 //     the records and the window's rows (H2O by the same order key; sinks by position), refills
 //     the records' holes as H2O does (the sinks' own slots never move), moves the window's kept
 //     rows down in order (the oldest flush first, as on the CPU) to the slots after the kept
-//     records, and leaves each head's new window count.
+//     records, and leaves each head's new window count. KIVI (EvictPool::key_offsets): as
+//     CpuKvCache::Evict, the records compact in slot order, a key group that loses some of its
+//     tokens leaves its survivors re-encoded as solo keys (byte for byte the CPU codec's), and
+//     the window's and the new slots get the key offsets their flushes will give them.
 //   LaunchDecodeMass (fp16, bf16, fp8, int8 keys; TurboQuant layers take their decode masses
 //     from LaunchPrefillMass over read-back keys): after decode attention, per (sequence,
 //     kv-head): the scores of the stored keys for the group's queries (fp32, the keys decoded as
@@ -78,6 +81,12 @@ struct EvictPool {
   uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
   const int32_t* seq_slots = nullptr;  // [num_seqs]
+  // KIVI (with its window, so head_window is set too): each slot's key-group offset
+  // (kvgate/kernels/cuda_kv_append.h, ReadBatch::key_offsets), laid out like the positions (the
+  // array's base, not the layer's first byte);
+  // the format's bits and group G (8 | G, G | head_dim).
+  uint8_t* key_offsets = nullptr;
+  int kivi_bits = 0, kivi_group = 0;
 };
 
 // The largest fp16 window (residual_capacity) eviction compacts: its rows' metadata are staged in

@@ -61,6 +61,11 @@ struct DecodeBatch {
   // tokens in blocks (max_encoded_len must cover encoded_lens[s] + residual_lens[s]) and the
   // rest in its window.
   const int32_t* head_window = nullptr;
+  // KIVI under eviction (CudaKvCache): where each slot's key group starts, or solo keys
+  // (kvgate/kernels/cuda_kv_append.h, ReadBatch::key_offsets; same layout). Runs the CUDA-core
+  // kernel that reads them (not the tensor-core one): the KIVI decode without them is unchanged.
+  const uint8_t* key_offsets = nullptr;
+  int64_t key_offsets_block_stride = 0;
   // FP8 only: [num_seqs, num_kv_heads, 2] = (key_scale, value_scale).
   const float* head_scales = nullptr;
   // Per-sequence state slots: when non-null, batch entry s reads head_scales and the residual
@@ -73,7 +78,8 @@ struct DecodeBatch {
   // against its query rotated back by sink_shift[s] RoPE positions (rotate-half pairs (j, j + d/2)
   // at angle -sink_shift[s] * rope_inv_freq[j], computed in double), every other slot against the
   // query as given. sink_slots[s] = 0 (or a shift of 0) leaves the sequence unshifted. Per-token
-  // formats (fp16, bf16, fp8, int8) only: Run returns UnimplementedError for the others.
+  // formats (fp16, bf16, fp8, int8) and KIVI with key_offsets only: Run returns
+  // UnimplementedError for the others.
   const int32_t* sink_slots = nullptr;    // [num_seqs]
   const int32_t* sink_shift = nullptr;    // [num_seqs] evicted tokens (length - stored)
   const double* rope_inv_freq = nullptr;  // [head_dim / 2]

@@ -29,7 +29,10 @@
 // ordered after the Append on its stream sees the final scale.
 //
 // Supported: head_dim 64, 128, 256; any block_size; every format of kernels/cpu except
-// TurboQuant with QJL keys and eviction (UnimplementedError); KIVI needs 8 | G.
+// TurboQuant with QJL keys and eviction (UnimplementedError); KIVI needs 8 | G. Eviction itself is
+// CudaKvCache's (workers/backend/cuda): it compacts the records and windows, and gives the append
+// and the read per-kv-head windows (head_window) and, for KIVI, where key groups start
+// (key_offsets).
 //
 //   ASSIGN_OR_RETURN(auto append, CudaKvAppend::Create(spec, /*head_dim=*/128, /*kv_heads=*/8, 16));
 //   AppendBatch a{.pool = d_pool, ...};
@@ -56,6 +59,17 @@ struct StoredSplit {
 };
 using KiviCounts = StoredSplit;  // the name from when only KIVI had a window
 StoredSplit SplitStoredTokens(const KvFormatSpec& spec, int64_t stored);
+
+// KIVI under eviction (CudaKvCache; CpuKvCache's LayerState::solo_keys): a key group that lost
+// members to eviction leaves its survivors as solo keys (kernels/cpu/kv_codec.h: per token,
+// (scale, min) per G channels, the value half's layout), and the whole groups that move no longer
+// start at multiples of G. The cache then keeps one byte per pool slot, laid out like the records
+// ([num_blocks][...][kv_head][block_size]: slot t of kv-head h of a sequence at
+// key_offsets[table[t / block_size] * key_offsets_block_stride + h * block_size +
+// t % block_size], the pointer at the layer's first byte): the slot's offset within its key group
+// (0 .. G-1: the group is slots t - offset .. t - offset + G - 1) or kSoloKeyOffset. Slots of
+// the fp16 window carry the offsets they take when flushed. kSoloKeyOffset is in
+// kvgate/kernels/kv_record_layout.h. nullptr key_offsets: groups at multiples of G, no solo keys.
 
 // One append call: for one layer, rows of several sequences. Sequence s (batch entry) owns rows
 // [row_begin[s], row_begin[s + 1]) of k / v, which follow the `stored_before[s]` tokens it already
@@ -90,7 +104,8 @@ struct AppendBatch {
   // the append leaves the new counts). Head h of sequence s then holds stored_before[s] -
   // head_window[slot * heads + h] tokens in blocks, and its window takes the new rows and flushes
   // as a window of that many rows would (each head's split follows from its own count). nullptr:
-  // every head's split follows from stored_before (SplitStoredTokens). KIVI: unsupported.
+  // every head's split follows from stored_before (SplitStoredTokens). KIVI: the flushed
+  // groups are written at each head's own encoded count.
   int32_t* head_window = nullptr;
 };
 
@@ -116,6 +131,9 @@ struct ReadBatch {
   const uint16_t* residual_v = nullptr;
   int residual_capacity = 0;
   const int32_t* head_window = nullptr;  // as in AppendBatch (read only)
+  // KIVI under eviction: where each slot's key group starts, or solo keys (kSoloKeyOffset above).
+  const uint8_t* key_offsets = nullptr;
+  int64_t key_offsets_block_stride = 0;
   float* out_k = nullptr;  // [num_seqs, kv_heads, out_stride_tokens, head_dim]
   float* out_v = nullptr;
   int64_t out_stride_tokens = 0;

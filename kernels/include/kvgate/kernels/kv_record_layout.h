@@ -35,6 +35,10 @@ struct Int8Record {
   static KVGATE_RECORD_LAYOUT_FN int Bytes(int d) { return 2 * d + 4; }
 };
 
+// KIVI under eviction: the key-group offset byte (kvgate/kernels/cuda_kv_append.h, key_offsets)
+// of a solo key, whose (scale, min) per G channels sit in its own record as a value's do.
+inline constexpr unsigned char kSoloKeyOffset = 0xFF;
+
 }  // namespace kvgate::kernels
 
 #undef KVGATE_RECORD_LAYOUT_FN
