@@ -400,13 +400,23 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   const uint16_t* win_k = nullptr;
   const uint16_t* win_v = nullptr;
   int win_len = 0;
+  // TurboQuant with attention sinks: the sink slots still in the window are its first win_sinks
+  // rows, scored against the shifted query; tiles end at that boundary.
+  int win_sinks = 0;
   if constexpr (KIND == kKindKivi || KIND == kKindTurbo) {
     if (window_split) {
       const size_t window = (StateSlot(a, seq) * num_kv_heads + kvh) * a.residual_capacity * D;
       win_k = a.residual_k + window;
       win_v = a.residual_v + window;
       win_len = HeadWindowLen(a, seq, kvh, num_kv_heads);
-      StageWindow<D>(smem, win_k, win_v, 0, min(a.residual_tile_tokens, win_len));
+      if constexpr (KIND == kKindTurbo) {
+        if (a.sink_slots != nullptr) {
+          win_sinks = min(max(a.sink_slots[seq] - HeadEncoded(a, seq, kvh, num_kv_heads), 0),
+                          win_len);
+        }
+      }
+      StageWindow<D>(smem, win_k, win_v, 0,
+                     min(a.residual_tile_tokens, win_sinks > 0 ? win_sinks : win_len));
       CpAsyncCommit();
     }
   }
@@ -418,6 +428,7 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   }
   // TurboQuant's window split works in the original basis: the query as given (SplitArgs::query),
   // its partial output rotated at the end. Every other split: the prepared query.
+  // Its sink rows (win_sinks > 0) take the shifted query in the original basis (query_sink).
   const bool tq_window = KIND == kKindTurbo && window_split;
   float q[G][8], acc[G][8];
 #pragma unroll
@@ -425,7 +436,9 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
     const size_t row = (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + g) * D + 8 * lane;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      q[g][i] = tq_window ? a.query[row + i] * a.query_scale : a.qprep[row + i];
+      q[g][i] = win_sinks > 0 ? a.query_sink[row + i]
+                : tq_window   ? a.query[row + i] * a.query_scale
+                              : a.qprep[row + i];
       acc[g][i] = 0.f;
     }
   }
@@ -482,13 +495,25 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
     FormatParams half_fp = fp;
     half_fp.record_bytes = 4 * D;
     half_fp.key_bytes = 2 * D;
+    // Tiles end at win_sinks (the sink rows, then the others with the plain query).
     const int tile_tokens = a.residual_tile_tokens;
-    for (int t0 = 0; t0 < win_len; t0 += tile_tokens) {
-      const int ntok = min(tile_tokens, win_len - t0);
+    for (int t0 = 0, ntok = 0; t0 < win_len; t0 += ntok) {
+      ntok = min(tile_tokens, (t0 < win_sinks ? win_sinks : win_len) - t0);
       if (t0 > 0) {
         __syncthreads();  // every team is done with the previous tile
         StageWindow<D>(smem, win_k, win_v, t0, ntok);
         CpAsyncCommit();
+      }
+      if constexpr (KIND == kKindTurbo) {
+        if (t0 > 0 && t0 == win_sinks) {  // past the sink rows: the query as given
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            const size_t row =
+                (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + g) * D + 8 * lane;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) q[g][i] = a.query[row + i] * a.query_scale;
+          }
+        }
       }
       CpAsyncWait<0>();
       __syncthreads();
@@ -554,13 +579,15 @@ __device__ void Fwht(float* x, bool active, int c) {
 }
 
 // grid [num_q_heads, num_seqs], D threads: qprep = (rotated) q * scale * log2(e). With sinks
-// (qprep_sink non-null; per-token formats, so signs is null) also qprep_sink = the query rotated
-// back by sink_shift[seq] RoPE positions, times scale * log2(e): CpuKvCache's ShiftRope, angles
-// -shift * inv_freq[j] in double, rotate-half pairs (j, j + D/2).
+// (qprep_sink non-null) also qprep_sink = the query rotated back by sink_shift[seq] RoPE
+// positions (CpuKvCache's ShiftRope, angles -shift * inv_freq[j] in double, rotate-half pairs
+// (j, j + D/2)), then rotated by the signs and Walsh-Hadamard for TurboQuant (CpuKvCache's
+// PrepareShifted), times scale * log2(e); query_sink (TurboQuant's window split) the shifted
+// query before that rotation, times scale * log2(e).
 template <int D>
 __global__ void PrepareQueryKernel(const float* q, float* qprep, const float* signs,
                                    int num_q_heads, float scale, const int32_t* sink_shift,
-                                   const double* inv_freq, float* qprep_sink) {
+                                   const double* inv_freq, float* qprep_sink, float* query_sink) {
   __shared__ float x[D];
   GridDepLaunch();  // the split kernel may start its loads; it waits for qprep itself
   const size_t row = static_cast<size_t>(blockIdx.y) * num_q_heads + blockIdx.x;
@@ -572,7 +599,13 @@ __global__ void PrepareQueryKernel(const float* q, float* qprep, const float* si
     double sn, cs;
     sincos(-static_cast<double>(sink_shift[blockIdx.y]) * inv_freq[c % kHalf], &sn, &cs);
     const float cf = static_cast<float>(cs), sf = static_cast<float>(sn);
-    const float shifted = c < kHalf ? v * cf - partner * sf : v * cf + partner * sf;
+    float shifted = c < kHalf ? v * cf - partner * sf : v * cf + partner * sf;
+    if (signs != nullptr) {
+      if (query_sink != nullptr) query_sink[row * D + c] = shifted * scale * kLog2e;
+      x[c] = shifted * signs[c];
+      Fwht<D>(x, true, c);  // ends with a barrier: x is free for the plain query below
+      shifted = x[c];
+    }
     qprep_sink[row * D + c] = shifted * scale * kLog2e;
   }
   if (signs != nullptr) {
@@ -1676,7 +1709,9 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
     s_ml[(warp * 8 + 2 * t + 1) * 2 + 1] = l1;
   }
   __syncthreads();
-  const size_t part = (static_cast<size_t>(seq) * num_kv_heads + kvh) * a.total_splits + split;
+  // The sinks' CTA (blockIdx.x == num_splits) writes at sink_split (after the window's split).
+  const size_t part = (static_cast<size_t>(seq) * num_kv_heads + kvh) * a.total_splits +
+                      (split < a.num_splits ? split : a.sink_split);
   for (int idx = tid; idx < G * D; idx += kThreads) {
     const int h = idx / D, c = idx % D;
     float m = -INFINITY;
@@ -1767,10 +1802,12 @@ cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a
   const dim3 rows(a.num_q_heads, num_seqs);
   if (d == 64) {
     PrepareQueryKernel<64><<<rows, 64, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale,
-                                                    a.sink_shift, a.rope_inv_freq, a.qprep_sink);
+                                                    a.sink_shift, a.rope_inv_freq, a.qprep_sink,
+                                                    a.query_sink);
   } else {
     PrepareQueryKernel<128><<<rows, 128, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale,
-                                                      a.sink_shift, a.rope_inv_freq, a.qprep_sink);
+                                                      a.sink_shift, a.rope_inv_freq, a.qprep_sink,
+                                                      a.query_sink);
   }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
@@ -1785,12 +1822,11 @@ cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a
     const int mma_splits = a.num_splits + (a.sink_slots != nullptr ? 1 : 0);
     e = DispatchMma(false, mma_fmt, d, g, sa, fp, dim3(mma_splits, num_kv_heads, num_seqs),
                     smem_bytes, stream, nullptr);
-    if (e == cudaSuccess && a.total_splits > mma_splits) {  // the fp16 window: v1, last split
+    if (e == cudaSuccess && a.residual_lens != nullptr) {  // the fp16 window: v1, split num_splits
       SplitArgs r = sa;
       r.split_offset = a.num_splits;
-      e = Dispatch(false, kind, d, g, r, fp,
-                   dim3(a.total_splits - a.num_splits, num_kv_heads, num_seqs), smem_v1_bytes,
-                   stream, nullptr);
+      e = Dispatch(false, kind, d, g, r, fp, dim3(1, num_kv_heads, num_seqs), smem_v1_bytes, stream,
+                   nullptr);
     }
   }
   if (e != cudaSuccess) return e;

@@ -632,6 +632,17 @@ std::vector<EvictCase> EvictCases() {
     cases.push_back({format, "h2o:heavy=0.4,recent=0.3"});
     cases.push_back({format, "sink:sinks=4,window=150"});
   }
+  // TurboQuant sinks with RoPE frequencies (the shifted query rotated; equal rates only): sinks
+  // in the records (r=16, S=20 across a block boundary), sinks in the window's first rows (r=128
+  // with 44 kept tokens: nothing encoded while it evicts), and a budget above the window
+  // (r=128, 154 kept: the window flushes, the sinks end up encoded).
+  for (const char* format : {"tq:k=4,v=4,r=16", "tq:k=3.5,v=3.5,r=16"}) {
+    cases.push_back({format, "sink:sinks=20,window=40", /*rope=*/true});
+  }
+  for (const char* format : {"tq4", "tq2.5"}) {
+    cases.push_back({format, "sink:sinks=4,window=40", /*rope=*/true});
+    cases.push_back({format, "sink:sinks=4,window=150", /*rope=*/true});
+  }
   return cases;
 }
 
@@ -665,8 +676,12 @@ TEST(CudaKvCacheEviction, OtherFormatsAreUnimplemented) {
             absl::StatusCode::kInvalidArgument);
   cfg.rope_inv_freq.assign(32, 0.5);
   EXPECT_TRUE(cuda::CudaKvCache::Create(cfg, nullptr).ok());
-  // TurboQuant evicts, but its decode kernels do not shift the sinks' query.
+  // TurboQuant shifts the sinks' query on the tensor-core kernel (equal key and value rates),
+  // not on the split-KV kernel of unequal rates.
   cfg.format = *kernels::ParseKvFormat("tq4");
+  cfg.format.eviction.kind = kernels::EvictionSpec::Kind::kSink;
+  EXPECT_TRUE(cuda::CudaKvCache::Create(cfg, nullptr).ok());
+  cfg.format = *kernels::ParseKvFormat("tq:k=4,v=3");
   cfg.format.eviction.kind = kernels::EvictionSpec::Kind::kSink;
   EXPECT_EQ(cuda::CudaKvCache::Create(cfg, nullptr).status().code(),
             absl::StatusCode::kUnimplemented);
@@ -1179,9 +1194,15 @@ INSTANTIATE_TEST_SUITE_P(ModelsAndFormats, CudaRunnerSinks,
                                            ParityCase{"reference", "fp16"},
                                            ParityCase{"reference", "bf16"},
                                            ParityCase{"llama", "fp8"},
-                                           ParityCase{"reference", "int8"}),
+                                           ParityCase{"reference", "int8"},
+                                           ParityCase{"reference", "tq4"},
+                                           ParityCase{"reference", "tq:k=4,v=4,r=16"}),
                          [](const ::testing::TestParamInfo<ParityCase>& info) {
-                           return info.param.model + "_" + info.param.format;
+                           std::string name = info.param.model + "_" + info.param.format;
+                           for (char& ch : name) {
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           }
+                           return name;
                          });
 
 std::string SourceDir() {

@@ -86,12 +86,14 @@ absl::Status CudaKvCache::InitLayout() {
                        ") with fp16, bf16, fp8, int8 and TurboQuant, not ", fmt.name,
                        ": use --backend cpu for eviction with KIVI"));
     }
-    // The decode kernels shift the sinks' query for the per-token formats only.
-    if (k == kernels::KvFormatKind::kTurbo &&
+    // The sinks' shifted query runs on the tensor-core decode kernel, which TurboQuant has for
+    // equal key and value rates only.
+    if (k == kernels::KvFormatKind::kTurbo && fmt.key_bits != fmt.value_bits &&
         fmt.eviction.kind == kernels::EvictionSpec::Kind::kSink && !c.rope_inv_freq.empty()) {
       return absl::UnimplementedError(absl::StrCat(
           "the CUDA KV cache shifts the sinks' query (sink eviction with RoPE frequencies) for "
-          "fp16, bf16, fp8 and int8 only, got ", fmt.name, ": use --backend cpu"));
+          "TurboQuant with equal key and value rates only, got ", fmt.name,
+          ": use --backend cpu"));
     }
     if (!c.rope_inv_freq.empty() &&
         2 * static_cast<int64_t>(c.rope_inv_freq.size()) != c.head_dim) {

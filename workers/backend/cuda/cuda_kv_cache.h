@@ -26,8 +26,9 @@
 // length (PlanAppend), so the host tracks stored tokens without reading anything back. With
 // rope_inv_freq, sinks are scored at positions within the cache as CpuKvCache scores them: the
 // query rotated back by the evicted count for the sink slots (SinkShiftAfter; the decode and
-// prefill attention take it per sequence; not for TurboQuant, whose decode kernels have no shifted
-// query: UnimplementedError). TurboQuant with its fp16 window: the kept set spans each head's
+// prefill attention take it per sequence; TurboQuant with unequal key and value rates, whose
+// decode runs the split-KV kernel, has no shifted query: UnimplementedError). TurboQuant with
+// its fp16 window: the kept set spans each head's
 // records and window rows; the records compact as above, the window's kept rows move down in
 // order after them, so each kv-head's window holds its own number of rows. Those counts live on
 // the device only (head_window: per layer, slot and kv-head; the eviction and the appends update
@@ -94,7 +95,8 @@ struct DeviceSeqBatch {
 
 class CudaKvCache final : public kernels::KvCache {
  public:
-  // UnimplementedError for eviction with KIVI, sink eviction with rope_inv_freq and TurboQuant,
+  // UnimplementedError for eviction with KIVI, sink eviction with rope_inv_freq and TurboQuant
+  // of unequal key and value rates,
   // eviction with a window above kMaxEvictWindowRows rows, TurboQuant QJL keys, head_dim other than 64/128 and block sizes that are not a multiple of 16 (no kernels;
   // DecodeAttention also refuses GQA groups above 8); InvalidArgumentError for rope_inv_freq of
   // a size other than head_dim / 2. ResourceExhausted when the pool or the slots cannot be
