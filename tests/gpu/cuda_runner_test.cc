@@ -455,7 +455,8 @@ class CudaKvCacheEviction : public ::testing::TestWithParam<EvictCase> {};
 // then a 24-token chunk over the cached prefix (Append + PrefillAttention). Keys have per-token
 // norms spread over 0.2..3 so that masses sit far apart (no near-ties for the fp32 summation
 // order to flip). Checked: the same stored count and the same tokens (positions, keys, values)
-// per kv-head for every layer, block accounting, decode outputs within the cache decode
+// per kv-head for every layer, H2O's accumulated masses per token (CpuKvCache's within 1e-4
+// relative), block accounting, decode outputs within the cache decode
 // tolerance at every step and the chunk's outputs within the prefill tolerance. Slots are
 // compared by position: H2O on the GPU refills evicted slots with the newest kept tokens, so its
 // slot order differs from the CPU's. Sinks with RoPE frequencies: both caches score the sinks
@@ -505,7 +506,7 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
                                                                          : kCacheDecodeTolerance;
   ASSERT_TRUE((*cpu)->AddSequence(3, prompt).ok());
   ASSERT_TRUE((*gpu)->AddSequence(3, prompt).ok());
-  double worst = 0;
+  double worst = 0, mass_error = 0;
   for (int c = 0; c < 3; ++c) {
     const int n = prompt_chunks[c];
     for (int layer = 0; layer < layers; ++layer) {
@@ -596,6 +597,21 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
         k.swap(sk);
         v.swap(sv);
       };
+      // H2O: the accumulated masses by position (the GPU's slot order is not the CPU's).
+      std::vector<float> cm, gm;
+      if (spec.eviction.kind == kernels::EvictionSpec::Kind::kH2O) {
+        cm.resize(stored);
+        gm.resize(stored);
+        ASSERT_TRUE((*cpu)->ReadAttentionMass(3, layer, h, cm.data()).ok());
+        absl::Status ms = (*gpu)->ReadAttentionMass(3, layer, h, gm.data());
+        ASSERT_TRUE(ms.ok()) << ms;
+        std::vector<float> by_pos(stored);
+        std::vector<size_t> order(stored);
+        std::iota(order.begin(), order.end(), size_t{0});
+        std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return gp[a] < gp[b]; });
+        for (size_t i = 0; i < order.size(); ++i) by_pos[i] = gm[order[i]];
+        gm.swap(by_pos);
+      }
       std::vector<int64_t> cps, gps;
       by_position(cp, ck, cv, cps);
       by_position(gp, gk, gv, gps);
@@ -603,12 +619,27 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
       EXPECT_EQ(gps, cps) << "kept positions, layer " << layer << " kv-head " << h;
       EXPECT_LT(RowError(gk.data(), ck.data(), ck.size()), 1e-5) << "keys layer " << layer;
       EXPECT_LT(RowError(gv.data(), cv.data(), cv.size()), 1e-5) << "values layer " << layer;
+      if (!cm.empty() && gps == cps) {
+        // The same scores up to fp32 summation order (TurboQuant: codes against the rotated
+        // query on both sides; its window rows in the original basis on the GPU): relative
+        // 1e-4, with a floor of 1e-6 of the head's largest mass for near-zero masses.
+        const float top = *std::max_element(cm.begin(), cm.end());
+        for (int64_t i = 0; i < stored; ++i) {
+          const double diff = std::fabs(double(gm[i]) - cm[i]);
+          mass_error = std::max(mass_error, diff / std::max(double(cm[i]), 1e-6 * top));
+          ASSERT_LE(diff, 1e-4 * cm[i] + 1e-6 * top)
+              << "mass of position " << cps[i] << ", layer " << layer << " kv-head " << h
+              << ": GPU " << gm[i] << " CPU " << cm[i];
+        }
+      }
     }
   }
-  std::printf("[cuda evict] %s %s%s: %lld of %d tokens kept, decode error max %.3g\n",
-              GetParam().format.c_str(), GetParam().eviction.c_str(),
-              GetParam().rope ? " (rope)" : "", static_cast<long long>((*gpu)->StoredTokens(3, 0)),
-              prompt + steps + chunk, worst);
+  std::printf(
+      "[cuda evict] %s %s%s: %lld of %d tokens kept, decode error max %.3g, mass relative error "
+      "max %.3g\n",
+      GetParam().format.c_str(), GetParam().eviction.c_str(), GetParam().rope ? " (rope)" : "",
+      static_cast<long long>((*gpu)->StoredTokens(3, 0)), prompt + steps + chunk, worst,
+      mass_error);
   (*gpu)->FreeSequence(3);
   EXPECT_EQ((*gpu)->free_blocks(), 64);
 }

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvgate/common/status_macros.h"
+#include "kvgate/kernels/kv_format.h"
 #include "workers/backend/cuda/cuda_kernels.h"
 #include "workers/backend/cuda/cuda_status.h"
 
@@ -171,6 +172,22 @@ absl::Status CudaKvCache::InitLayout() {
   }
   if (h2o()) {  // the decode mass pass's per-split statistics
     geometry_.slot_bytes += DecodeMassScratchFloats(1, c.num_kv_heads) * int64_t{sizeof(float)};
+  }
+  if (h2o() && fmt.kind == kernels::KvFormatKind::kTurbo) {  // the mass kernel scores the codes
+    ASSIGN_OR_RETURN(const kernels::TurboKeyLayout layout,
+                     kernels::DescribeTurboKeys(quantized, c.head_dim));
+    TurboMassKeys& tk = turbo_mass_keys_;
+    if (layout.hi_centroids.size() > 16 || layout.lo_centroids.size() > 16 ||
+        layout.signs.size() > 128) {
+      return absl::InternalError("TurboQuant key layout exceeds the mass kernel's tables");
+    }
+    tk.hi_channels = layout.hi_channels;
+    tk.hi_bits = layout.hi_bits;
+    tk.lo_bits = layout.lo_bits;
+    tk.code_bytes = layout.code_bytes;
+    std::copy(layout.hi_centroids.begin(), layout.hi_centroids.end(), tk.hi_centroids);
+    std::copy(layout.lo_centroids.begin(), layout.lo_centroids.end(), tk.lo_centroids);
+    std::copy(layout.signs.begin(), layout.signs.end(), tk.signs);
   }
   return absl::OkStatus();
 }
@@ -502,6 +519,8 @@ MassKeyFormat MassFormat(kernels::KvFormatKind kind) {
       return MassKeyFormat::kFp8;
     case kernels::KvFormatKind::kInt8:
       return MassKeyFormat::kInt8;
+    case kernels::KvFormatKind::kTurbo:
+      return MassKeyFormat::kTurbo;
     default:
       return MassKeyFormat::kFp16;
   }
@@ -512,18 +531,14 @@ absl::Status CudaKvCache::DecodeMassLayer(int layer, const DeviceSeqBatch& seqs,
                                           const int32_t* lens, int max_len, const float* q,
                                           int group, int group_pad, float scale) {
   if (!h2o()) return absl::FailedPreconditionError("DecodeMassLayer: the cache is not H2O");
-  if (layer_mass_reads_back(layer)) {
-    return absl::UnimplementedError(
-        "DecodeMassLayer: TurboQuant keys are not decoded by the mass kernel (DecodeAttention "
-        "takes the masses from the read-back keys)");
-  }
   if (seqs.num_seqs > max_sequences_) {
     return absl::InvalidArgumentError(absl::StrCat("DecodeMassLayer: ", seqs.num_seqs,
                                                    " sequences, at most ", max_sequences_));
   }
   const MassKeys keys{.format = MassFormat(layer_spec(layer).kind),
                       .head_scales = head_scales(layer),
-                      .seq_slots = seqs.slots};
+                      .seq_slots = seqs.slots,
+                      .turbo = turbo_mass_keys_};
   CUDA_RETURN_IF_ERROR(LaunchDecodeMass(PoolFor(layer, seqs), keys, lens, max_len, q, group,
                                         group_pad, scale, mass_scratch_, mass_scores_, stream_));
   return absl::OkStatus();
@@ -928,32 +943,7 @@ absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num
   RETURN_IF_ERROR(DecodeLayer(
       layer, batch, dlens.get(), lens[0], dlens.get() + 1, dq.get(), hkv * pad, scale, dout.get(),
       sink.slots > 0 ? dlens.get() + 2 : nullptr, sink.slots > 0 ? dlens.get() + 3 : nullptr));
-  DeviceArray<float> keys, values, last_key, row_stats;
-  DeviceArray<int32_t> dchunk;
-  if (h2o() && layer_mass_reads_back(layer)) {
-    // TurboQuant: the masses of the read-back keys (fp32, original basis: the scores CpuKvCache
-    // takes in the rotated basis up to rounding), as a prefill chunk of one query token whose
-    // fresh key is the newest slot's.
-    RETURN_IF_ERROR(keys.Allocate(stored * hkv * d));
-    RETURN_IF_ERROR(values.Allocate(stored * hkv * d));
-    RETURN_IF_ERROR(ReadAll(*s, layer, keys.get(), values.get()));
-    RETURN_IF_ERROR(last_key.Allocate(int64_t{hkv} * d));
-    CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
-        last_key.get(), d * sizeof(float), keys.get() + (stored - 1) * d,
-        stored * d * sizeof(float), d * sizeof(float), hkv, cudaMemcpyDeviceToDevice, stream_));
-    const PrefillMassChunk chunk{.batch_index = 0,
-                                 .first_row = 0,
-                                 .n = 1,
-                                 .cached = static_cast<int32_t>(stored - 1),
-                                 .prefix_index = stored > 1 ? 0 : -1};
-    RETURN_IF_ERROR(dchunk.Upload(reinterpret_cast<const int32_t*>(&chunk), 5, stream_));
-    RETURN_IF_ERROR(row_stats.Allocate(PrefillMassStatsFloatsPerRow(hkv)));
-    RETURN_IF_ERROR(PrefillMassLayer(layer, batch,
-                                     reinterpret_cast<const PrefillMassChunk*>(dchunk.get()), 1, 1,
-                                     static_cast<int>(stored), dq.get(), group, pad,
-                                     last_key.get(), int64_t{hkv} * d, keys.get(), stored, scale,
-                                     row_stats.get()));
-  } else if (h2o()) {  // per-token formats: every stored token is encoded (lens[0])
+  if (h2o()) {  // lens[0]: the stored total (records, and TurboQuant's window rows per head)
     RETURN_IF_ERROR(
         DecodeMassLayer(layer, batch, dlens.get(), lens[0], dq.get(), group, pad, scale));
   }
@@ -997,6 +987,30 @@ absl::Status CudaKvCache::ReadStored(kernels::SeqId seq, int layer, int kv_head,
     CUDA_RETURN_IF_ERROR(cudaMemcpy(pos.data(), positions_ + index, bs * sizeof(int32_t),
                                     cudaMemcpyDeviceToHost));
     for (int64_t i = b * bs; i < std::min<int64_t>(n, (b + 1) * bs); ++i) positions[i] = pos[i - b * bs];
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaKvCache::ReadAttentionMass(kernels::SeqId seq, int layer, int kv_head,
+                                            float* mass) const {
+  ASSIGN_OR_RETURN(const Sequence* s, Find(seq, layer));
+  if (kv_head < 0 || kv_head >= config_.num_kv_heads) {
+    return absl::InvalidArgumentError("ReadAttentionMass: kv_head out of range");
+  }
+  if (!h2o()) {
+    return absl::FailedPreconditionError(
+        "ReadAttentionMass: attention mass is accumulated for H2O eviction only");
+  }
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  // The head's slots block by block ([block][layer][kv_head][block_size]), as ReadStored's order.
+  const int64_t n = s->stored[layer];
+  const int bs = config_.block_size;
+  for (int64_t b = 0; b * bs < n; ++b) {
+    const int64_t index =
+        ((int64_t{s->blocks[b]} * config_.num_layers + layer) * config_.num_kv_heads + kv_head) * bs;
+    const int64_t count = std::min<int64_t>(bs, n - b * bs);
+    CUDA_RETURN_IF_ERROR(cudaMemcpy(mass + b * bs, mass_ + index, count * sizeof(float),
+                                    cudaMemcpyDeviceToHost));
   }
   return absl::OkStatus();
 }

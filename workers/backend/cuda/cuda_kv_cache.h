@@ -33,9 +33,9 @@
 // order after them, so each kv-head's window holds its own number of rows. Those counts live on
 // the device only (head_window: per layer, slot and kv-head; the eviction and the appends update
 // them, the append / decode / read kernels take each head's split from them), while the stored
-// total stays a host function of the plan. H2O masses of TurboQuant layers come from keys read back
-// in fp32 (the mass kernels decode only the per-token formats): DecodeAttention and the runner
-// score the decode query against them as a one-token prefill chunk (PrefillMassLayer).
+// total stays a host function of the plan. H2O decode masses of TurboQuant layers are scored from
+// the codes against the rotated query (and the window's rows against the query), as CpuKvCache
+// scores them (DecodeMassLayer).
 //
 // The CUDA runner drives the device methods (AppendLayer, DecodeLayer, ReadLayer) for whole steps
 // with its own device metadata and then CommitAppend. The host-pointer KvCache methods stage
@@ -137,6 +137,8 @@ class CudaKvCache final : public kernels::KvCache {
                                float scale, float* out) override;
   absl::Status ReadStored(kernels::SeqId seq, int layer, int kv_head, float* k, float* v,
                           int64_t* positions) const override;
+  absl::Status ReadAttentionMass(kernels::SeqId seq, int layer, int kv_head,
+                                 float* mass) const override;
 
   // ---- For the CUDA runner ----
   const KvCacheGeometry& geometry() const { return geometry_; }
@@ -177,16 +179,6 @@ class CudaKvCache final : public kernels::KvCache {
   bool head_windows(int index) const {
     return head_window_ != nullptr && formats_[index].append->residual_capacity() > 0;
   }
-  // H2O: the mass kernels do not decode the layer's keys (TurboQuant): its decode masses come
-  // from keys read back (ReadLayer) through PrefillMassLayer, as one-token chunks.
-  bool layer_mass_reads_back(int layer) const {
-    return layer_spec(layer).kind == kernels::KvFormatKind::kTurbo;
-  }
-  bool mass_reads_back() const {
-    return std::any_of(formats_.begin(), formats_.end(), [](const Format& f) {
-      return f.spec.kind == kernels::KvFormatKind::kTurbo;
-    });
-  }
   // Sink eviction with rope_inv_freq (else nullptr): the frequencies on the device [head_dim / 2],
   // for the prefill attention's sink shift.
   const double* sink_rope_inv_freq() const { return rope_inv_freq_; }
@@ -201,7 +193,8 @@ class CudaKvCache final : public kernels::KvCache {
   // (device) for each sequence of the batch and the positions of the slots the append fills.
   absl::Status EvictLayer(int layer, const DeviceSeqBatch& seqs, const EvictPlan* plans);
   // H2O: adds the decode queries' attention probabilities to the masses of `layer`: q as for
-  // DecodeLayer, lens [num_seqs] (device) stored slots, max_len >= each of them.
+  // DecodeLayer, lens [num_seqs] (device) stored slots (with TurboQuant's per-head windows: the
+  // stored total, records and window rows), max_len >= each of them.
   absl::Status DecodeMassLayer(int layer, const DeviceSeqBatch& seqs, const int32_t* lens,
                                int max_len, const float* q, int group, int group_pad, float scale);
   // H2O: the same for prefill chunks (cuda_kv_evict.h, LaunchPrefillMass); `seqs` holds the
@@ -304,6 +297,7 @@ class CudaKvCache final : public kernels::KvCache {
   float* mass_ = nullptr;           // H2O: same layout
   float* mass_scratch_ = nullptr;   // H2O: DecodeMassScratchFloats(max_sequences_, kv_heads)
   double* rope_inv_freq_ = nullptr;  // sinks with rope_inv_freq: [head_dim / 2]
+  TurboMassKeys turbo_mass_keys_;    // H2O with TurboQuant layers: their keys for the mass kernel
   float* mass_scores_ = nullptr;     // H2O: DecodeMassScoreFloatsPerBlock per block (one layer)
   // Evicting with a window (TurboQuant r > 0): rows in each head's fp16 window,
   // [layers][slots][kv_heads] (layers without a window unused). Eviction keeps different tokens

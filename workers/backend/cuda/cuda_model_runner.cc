@@ -815,18 +815,15 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
   // Prefill query tiles (chunks after the decode ones): 32 queries for the fp32 kernel, 64 for
   // the tensor-core one of the bf16 mode (prefill_attention.h).
   const int64_t tile_rows = fp32() ? cuda::kPrefillTileRows : cuda::kPrefillMmaTileRows;
-  // H2O with TurboQuant layers: the mass kernel does not decode TurboQuant records, so the decode
-  // rows' masses come from their read-back keys, as one-token prefill chunks: the decode chunks'
-  // stored tokens are read with the prefixes (read entries from chunk 0, not num_decode) and get
-  // mass chunks too (mass chunks from chunk 0).
-  const bool mass_read_back = cache.h2o() && cache.mass_reads_back();
-  const int first_read = mass_read_back ? 0 : num_decode;
+  // Prefix read-back and prefill mass chunks: the chunks after the decode ones (the decode rows'
+  // masses come from DecodeMassLayer, TurboQuant's included).
+  const int first_read = num_decode;
   const int num_read = num_decode + num_prefix - first_read;
   const int first_mass = first_read;
   int64_t num_tiles = 0, max_read = 0, max_keys = 0;
   for (int oi = first_read; oi < num_chunks; ++oi) {
     const int64_t n = static_cast<int64_t>(chunks[order[oi]].tokens.size());
-    if (oi >= num_decode) num_tiles += (n + tile_rows - 1) / tile_rows;
+    num_tiles += (n + tile_rows - 1) / tile_rows;
     if (oi < num_decode + num_prefix) max_read = std::max(max_read, kept[order[oi]] + n);
     max_keys = std::max(max_keys, kept[order[oi]] + n);
   }
@@ -923,7 +920,6 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
                    .n = static_cast<int32_t>(n),
                    .cached = static_cast<int32_t>(kept[ci]),
                    .prefix_index = has_prefix ? oi - first_read : -1};
-    if (oi < num_decode) continue;  // decode rows: attention by DecodeLayer, no tiles
     for (int64_t t = 0; t < n; t += tile_rows) {
       tiles[tile++] = {
           .first_row = static_cast<int32_t>(first_row[ci]),
@@ -961,7 +957,7 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
   prefill.prefix_k = prefix_k_;
   prefill.prefix_v = prefix_v_;
   prefill.prefix_stride_tokens = max_read;
-  if (num_shifted > 0) {  // indexed by prefix entry (first_read = num_decode: no H2O)
+  if (num_shifted > 0) {  // indexed by prefix entry (first_read = num_decode)
     prefill.sink_slots = meta_ + off_sinks + num_decode;
     prefill.sink_shift = meta_ + off_sinks + num_shifted + num_decode;
     prefill.rope_inv_freq = cache.sink_rope_inv_freq();
@@ -1023,7 +1019,7 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
           layer, decode, encoded, max_encoded[f], encoded + num_decode, q_, padded_heads, scale,
           attn_f32_, num_shifted > 0 ? meta_ + off_sinks : nullptr,
           num_shifted > 0 ? meta_ + off_sinks + num_shifted : nullptr));
-      if (cache.h2o() && !cache.layer_mass_reads_back(layer)) {
+      if (cache.h2o()) {
         RETURN_IF_ERROR(cache.DecodeMassLayer(layer, decode, encoded, max_encoded[f], q_,
                                               num_heads / num_kv_heads, group_pad_, scale));
       }
@@ -1039,14 +1035,11 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
       CUDA_RETURN_IF_ERROR(
           cuda::LaunchPrefillAttentionMma(prefill, cuda::kRunnerPrefillOperands, stream_));
     }
-    // H2O masses of the prefill chunks, and of the decode rows where the layer's keys are read
-    // back (their mass chunks come first).
-    const int mass_from = cache.h2o() && cache.layer_mass_reads_back(layer) ? 0 : num_decode;
-    if (cache.h2o() && num_chunks > mass_from) {
+    // H2O masses of the prefill chunks.
+    if (cache.h2o() && num_chunks > first_mass) {
       RETURN_IF_ERROR(cache.PrefillMassLayer(
-          layer, all,
-          reinterpret_cast<const PrefillMassChunk*>(meta_ + off_mass) + (mass_from - first_mass),
-          num_chunks - mass_from, max_rows, static_cast<int>(max_keys), q_,
+          layer, all, reinterpret_cast<const PrefillMassChunk*>(meta_ + off_mass),
+          num_chunks - first_mass, max_rows, static_cast<int>(max_keys), q_,
           num_heads / num_kv_heads, group_pad_, qkv_ + q_dim, qkv_dim, prefix_k_, max_read, scale,
           mass_stats_));
     }
