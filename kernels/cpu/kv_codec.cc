@@ -896,8 +896,8 @@ absl::StatusOr<KvFormatDesc> DescribeKvFormat(const KvFormatSpec& spec, int head
 
 absl::StatusOr<TurboKeyLayout> DescribeTurboKeys(const KvFormatSpec& spec, int head_dim) {
   if (spec.kind != KvFormatKind::kTurbo) {
-    return absl::InvalidArgumentError(absl::StrCat("DescribeTurboKeys: ", spec.name,
-                                                   " is not TurboQuant"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("DescribeTurboKeys: ", spec.name, " is not TurboQuant"));
   }
   if (spec.qjl_keys) return absl::UnimplementedError("DescribeTurboKeys: QJL keys");
   auto codebook = cpu::TurboCodebook::Create(head_dim, spec.key_bits);

@@ -411,8 +411,8 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
       win_len = HeadWindowLen(a, seq, kvh, num_kv_heads);
       if constexpr (KIND == kKindTurbo) {
         if (a.sink_slots != nullptr) {
-          win_sinks = min(max(a.sink_slots[seq] - HeadEncoded(a, seq, kvh, num_kv_heads), 0),
-                          win_len);
+          win_sinks =
+              min(max(a.sink_slots[seq] - HeadEncoded(a, seq, kvh, num_kv_heads), 0), win_len);
         }
       }
       StageWindow<D>(smem, win_k, win_v, 0,

@@ -436,6 +436,8 @@ struct EvictCase {
   std::string eviction;
   // Sinks: the caches get RoPE frequencies, so the sinks are scored with the shifted query.
   bool rope = false;
+  int head_dim = 64;
+  int group = 4;  // query heads per kv-head
 };
 
 // Llama-style RoPE frequencies: inv_freq[j] = 10000^(-2j/d).
@@ -463,7 +465,9 @@ class CudaKvCacheEviction : public ::testing::TestWithParam<EvictCase> {};
 // with the query shifted back by the evicted count.
 TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
   SKIP_WITHOUT_GPU();
-  const int layers = 2, kv_heads = 2, d = 64, q_heads = 8;
+  const int layers = 2, kv_heads = 2, d = GetParam().head_dim;
+  const int q_heads = kv_heads * GetParam().group;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));  // 0.125 at d = 64
   kernels::KvCacheConfig cfg{.num_layers = layers,
                              .num_kv_heads = kv_heads,
                              .head_dim = d,
@@ -517,8 +521,8 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
       if (c == 0) continue;
       std::vector<float> want(q.size()), got(q.size());
       ASSERT_TRUE((*cpu)->PrefillAttention(3, layer, n, q_heads, q.data(), k.data(), v.data(),
-                                           0.125f, want.data()).ok());
-      s = (*gpu)->PrefillAttention(3, layer, n, q_heads, q.data(), k.data(), v.data(), 0.125f,
+                                           scale, want.data()).ok());
+      s = (*gpu)->PrefillAttention(3, layer, n, q_heads, q.data(), k.data(), v.data(), scale,
                                    got.data());
       ASSERT_TRUE(s.ok()) << s;
       for (int row = 0; row < n * q_heads; ++row) {
@@ -539,8 +543,8 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
       absl::Status s = (*gpu)->Append(3, layer, 1, k.data(), v.data());
       ASSERT_TRUE(s.ok()) << s;
       std::vector<float> want(q.size()), got(q.size());
-      ASSERT_TRUE((*cpu)->DecodeAttention(3, layer, q_heads, q.data(), 0.125f, want.data()).ok());
-      s = (*gpu)->DecodeAttention(3, layer, q_heads, q.data(), 0.125f, got.data());
+      ASSERT_TRUE((*cpu)->DecodeAttention(3, layer, q_heads, q.data(), scale, want.data()).ok());
+      s = (*gpu)->DecodeAttention(3, layer, q_heads, q.data(), scale, got.data());
       ASSERT_TRUE(s.ok()) << s;
       for (int h = 0; h < q_heads; ++h) {
         const double err = RowError(&got[size_t(h) * d], &want[size_t(h) * d], d);
@@ -561,9 +565,9 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
     std::vector<float> want(q.size()), got(q.size());
     ASSERT_TRUE((*cpu)
                     ->PrefillAttention(3, layer, chunk, q_heads, q.data(), k.data(), v.data(),
-                                       0.125f, want.data())
+                                       scale, want.data())
                     .ok());
-    s = (*gpu)->PrefillAttention(3, layer, chunk, q_heads, q.data(), k.data(), v.data(), 0.125f,
+    s = (*gpu)->PrefillAttention(3, layer, chunk, q_heads, q.data(), k.data(), v.data(), scale,
                                  got.data());
     ASSERT_TRUE(s.ok()) << s;
     for (int row = 0; row < chunk * q_heads; ++row) {
@@ -635,11 +639,11 @@ TEST_P(CudaKvCacheEviction, KeepsTheCpuTokens) {
     }
   }
   std::printf(
-      "[cuda evict] %s %s%s: %lld of %d tokens kept, decode error max %.3g, mass relative error "
-      "max %.3g\n",
-      GetParam().format.c_str(), GetParam().eviction.c_str(), GetParam().rope ? " (rope)" : "",
-      static_cast<long long>((*gpu)->StoredTokens(3, 0)), prompt + steps + chunk, worst,
-      mass_error);
+      "[cuda evict] %s %s%s d=%d gqa=%d: %lld of %d tokens kept, decode error max %.3g, mass "
+      "relative error max %.3g\n",
+      GetParam().format.c_str(), GetParam().eviction.c_str(), GetParam().rope ? " (rope)" : "", d,
+      GetParam().group, static_cast<long long>((*gpu)->StoredTokens(3, 0)), prompt + steps + chunk,
+      worst, mass_error);
   (*gpu)->FreeSequence(3);
   EXPECT_EQ((*gpu)->free_blocks(), 64);
 }
@@ -674,6 +678,15 @@ std::vector<EvictCase> EvictCases() {
     cases.push_back({format, "sink:sinks=4,window=40", /*rope=*/true});
     cases.push_back({format, "sink:sinks=4,window=150", /*rope=*/true});
   }
+  // head_dim 128 with GQA 8 (the mass kernel's 8-head group, the decode kernels' d = 128
+  // instances) and GQA 1.
+  for (const char* format : {"tq:k=4,v=4,r=16", "tq3.5"}) {
+    cases.push_back({format, "h2o:heavy=0.2,recent=0.1", false, 128, 8});
+    cases.push_back({format, "sink:sinks=20,window=40", /*rope=*/true, 128, 8});
+  }
+  cases.push_back({"tq:k=4,v=4,r=16", "h2o:heavy=0.2,recent=0.1", false, 128, 1});
+  cases.push_back({"tq4", "sink:sinks=4,window=150", /*rope=*/true, 128, 1});
+  cases.push_back({"fp16", "h2o:heavy=0.2,recent=0.1", false, 128, 8});
   return cases;
 }
 
@@ -682,6 +695,10 @@ INSTANTIATE_TEST_SUITE_P(FormatsAndEvictions, CudaKvCacheEviction,
                          [](const ::testing::TestParamInfo<EvictCase>& info) {
                            std::string name = info.param.format + "_" + info.param.eviction +
                                               (info.param.rope ? "_rope" : "");
+                           if (info.param.head_dim != 64 || info.param.group != 4) {
+                             name += "_d" + std::to_string(info.param.head_dim) + "_g" +
+                                     std::to_string(info.param.group);
+                           }
                            for (char& ch : name) {
                              if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
                            }

@@ -1006,8 +1006,9 @@ absl::Status CudaKvCache::ReadAttentionMass(kernels::SeqId seq, int layer, int k
   const int64_t n = s->stored[layer];
   const int bs = config_.block_size;
   for (int64_t b = 0; b * bs < n; ++b) {
+    const int64_t block = s->blocks[b];
     const int64_t index =
-        ((int64_t{s->blocks[b]} * config_.num_layers + layer) * config_.num_kv_heads + kv_head) * bs;
+        ((block * config_.num_layers + layer) * config_.num_kv_heads + kv_head) * bs;
     const int64_t count = std::min<int64_t>(bs, n - b * bs);
     CUDA_RETURN_IF_ERROR(cudaMemcpy(mass + b * bs, mass_ + index, count * sizeof(float),
                                     cudaMemcpyDeviceToHost));

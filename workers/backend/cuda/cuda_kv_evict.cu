@@ -676,9 +676,9 @@ __device__ void WriteSplitMl(const DecodeMassArgs& a, int seq, int head, int spl
     const int j = threadIdx.x;
     float mm = -FLT_MAX, ll = 0.0f;
     for (int w = 0; w < kMassThreads / 32; ++w) MergeMl(mm, ll, warp_ml[w][j][0], warp_ml[w][j][1]);
-    float* out = a.partial_ml +
-                 (((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits + split) * kMaxGroup +
-                  j) * 2;
+    float* out =
+        a.partial_ml +
+        (((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits + split) * kMaxGroup + j) * 2;
     out[0] = mm;
     out[1] = ll;
   }
@@ -687,7 +687,9 @@ __device__ void WriteSplitMl(const DecodeMassArgs& a, int seq, int head, int spl
 // 32-bit words of a TurboQuant key's smem row: its bytes from the word holding its first byte
 // (records are 2-byte aligned: the first byte sits 0 or 2 bytes into that word), plus one word
 // for the code reader's two-word window.
-__host__ __device__ constexpr int TurboKeyWords(int code_bytes) { return (code_bytes + 2 + 2 + 3) / 4; }
+__host__ __device__ constexpr int TurboKeyWords(int code_bytes) {
+  return (code_bytes + 2 + 2 + 3) / 4;
+}
 __host__ __device__ constexpr int TurboRowWords(int code_bytes) {
   return (TurboKeyWords(code_bytes) + 1) | 1;  // odd: the 32 threads of a read hit distinct banks
 }
@@ -776,9 +778,8 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassTurboScoreKernel(Decod
         int bit = 8 * first;
         for (int c = 0; c < d; ++c) {
           const bool hi = c < hi_channels;
-          const uint32_t code =
-              __funnelshift_r(row[bit >> 5], row[(bit >> 5) + 1], bit & 31) &
-              (hi ? hi_mask : lo_mask);
+          const uint32_t code = __funnelshift_r(row[bit >> 5], row[(bit >> 5) + 1], bit & 31) &
+                                (hi ? hi_mask : lo_mask);
           bit += hi ? hi_bits : lo_bits;
           const float k = centroids[(hi ? 0 : 16) + code];
 #pragma unroll
