@@ -250,8 +250,9 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
       return absl::InvalidArgumentError(
           "DecodeBatch: head_window needs a format with a window and residual_lens");
     }
-    // Sinks: one more split per (sequence, kv-head) on the tensor-core kernel (after the fp16
-    // window's split, which scores the sink rows still in the window itself), for the formats
+    // Sinks: one more split per (sequence, kv-head) on the tensor-core kernel (before the fp16
+    // window's splits: with sinks two, the sink rows still in the window, then the rest), for the
+    // formats
     // sink eviction runs with: the per-token ones and TurboQuant on the tensor cores (equal key
     // and value rates).
     const bool sinks = b.sink_slots != nullptr;
@@ -273,8 +274,9 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     const int gi = g == 1 ? 0 : g == 2 ? 1 : g == 4 ? 2 : 3;
     const int64_t slots = int64_t{num_sms_} * ctas_per_sm_[gi];
     const int64_t pairs = int64_t{b.num_seqs} * hkv;
-    // Splits left for the window's and the sinks' split.
-    const int split_cap = internal::kMaxReduceSplits - (residual && sinks ? 2 : 1);
+    // Splits left for the window's and the sinks' splits.
+    const int window_splits = residual ? (sinks ? 2 : 1) : 0;
+    const int split_cap = internal::kMaxReduceSplits - std::max(1, window_splits + (sinks ? 1 : 0));
     int splits = 1;
     if (forced_splits_ > 0) {
       splits = forced_splits_;
@@ -316,8 +318,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     a.tile_blocks = tile_blocks_;
     a.blocks_per_split = tiles_per_split * tile_blocks_;
     a.num_splits = splits;
-    a.total_splits = splits + (residual ? 1 : 0) + (sinks ? 1 : 0);
-    a.sink_split = splits + (residual ? 1 : 0);
+    a.total_splits = splits + (sinks ? 1 : 0) + window_splits;
     // Workspace (with sinks: the shifted prepared query after the prepared one, and for
     // TurboQuant's window split the shifted query in the original basis after that).
     const size_t q_floats = size_t(b.num_seqs) * b.num_q_heads * d;

@@ -399,24 +399,31 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   const bool window_split = split >= a.num_splits;
   const uint16_t* win_k = nullptr;
   const uint16_t* win_v = nullptr;
-  int win_len = 0;
-  // TurboQuant with attention sinks: the sink slots still in the window are its first win_sinks
-  // rows, scored against the shifted query; tiles end at that boundary.
-  int win_sinks = 0;
+  // The window rows [win_begin, win_end) this split reads. TurboQuant with attention sinks: two
+  // window splits, the first over the sink rows still in the window (its first rows) with the
+  // shifted query, the second over the rest.
+  int win_begin = 0, win_end = 0;
+  bool win_sink_rows = false;
   if constexpr (KIND == kKindKivi || KIND == kKindTurbo) {
     if (window_split) {
       const size_t window = (StateSlot(a, seq) * num_kv_heads + kvh) * a.residual_capacity * D;
       win_k = a.residual_k + window;
       win_v = a.residual_v + window;
-      win_len = HeadWindowLen(a, seq, kvh, num_kv_heads);
+      win_end = HeadWindowLen(a, seq, kvh, num_kv_heads);
       if constexpr (KIND == kKindTurbo) {
         if (a.sink_slots != nullptr) {
-          win_sinks =
-              min(max(a.sink_slots[seq] - HeadEncoded(a, seq, kvh, num_kv_heads), 0), win_len);
+          const int sink_rows =
+              min(max(a.sink_slots[seq] - HeadEncoded(a, seq, kvh, num_kv_heads), 0), win_end);
+          win_sink_rows = split == a.split_offset;
+          if (win_sink_rows) {
+            win_end = sink_rows;
+          } else {
+            win_begin = sink_rows;
+          }
         }
       }
-      StageWindow<D>(smem, win_k, win_v, 0,
-                     min(a.residual_tile_tokens, win_sinks > 0 ? win_sinks : win_len));
+      StageWindow<D>(smem, win_k, win_v, win_begin,
+                     min(a.residual_tile_tokens, win_end - win_begin));
       CpAsyncCommit();
     }
   }
@@ -426,9 +433,9 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
     s_m[tid] = -INFINITY;
     s_l[tid] = 0.f;
   }
-  // TurboQuant's window split works in the original basis: the query as given (SplitArgs::query),
-  // its partial output rotated at the end. Every other split: the prepared query.
-  // Its sink rows (win_sinks > 0) take the shifted query in the original basis (query_sink).
+  // TurboQuant's window split works in the original basis: the query as given (SplitArgs::query;
+  // its sink rows' split: query_sink, the shifted one), its partial output rotated at the end.
+  // Every other split: the prepared query.
   const bool tq_window = KIND == kKindTurbo && window_split;
   float q[G][8], acc[G][8];
 #pragma unroll
@@ -436,9 +443,9 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
     const size_t row = (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + g) * D + 8 * lane;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      q[g][i] = win_sinks > 0 ? a.query_sink[row + i]
-                : tq_window   ? a.query[row + i] * a.query_scale
-                              : a.qprep[row + i];
+      q[g][i] = tq_window ? (win_sink_rows ? a.query_sink[row + i]
+                                           : a.query[row + i] * a.query_scale)
+                          : a.qprep[row + i];
       acc[g][i] = 0.f;
     }
   }
@@ -495,25 +502,13 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
     FormatParams half_fp = fp;
     half_fp.record_bytes = 4 * D;
     half_fp.key_bytes = 2 * D;
-    // Tiles end at win_sinks (the sink rows, then the others with the plain query).
     const int tile_tokens = a.residual_tile_tokens;
-    for (int t0 = 0, ntok = 0; t0 < win_len; t0 += ntok) {
-      ntok = min(tile_tokens, (t0 < win_sinks ? win_sinks : win_len) - t0);
-      if (t0 > 0) {
+    for (int t0 = win_begin; t0 < win_end; t0 += tile_tokens) {
+      const int ntok = min(tile_tokens, win_end - t0);
+      if (t0 > win_begin) {
         __syncthreads();  // every team is done with the previous tile
         StageWindow<D>(smem, win_k, win_v, t0, ntok);
         CpAsyncCommit();
-      }
-      if constexpr (KIND == kKindTurbo) {
-        if (t0 > 0 && t0 == win_sinks) {  // past the sink rows: the query as given
-#pragma unroll
-          for (int g = 0; g < G; ++g) {
-            const size_t row =
-                (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + g) * D + 8 * lane;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) q[g][i] = a.query[row + i] * a.query_scale;
-          }
-        }
       }
       CpAsyncWait<0>();
       __syncthreads();
@@ -1709,9 +1704,7 @@ __global__ void __launch_bounds__(kThreads) DecodeMmaKernel(SplitArgs a, FormatP
     s_ml[(warp * 8 + 2 * t + 1) * 2 + 1] = l1;
   }
   __syncthreads();
-  // The sinks' CTA (blockIdx.x == num_splits) writes at sink_split (after the window's split).
-  const size_t part = (static_cast<size_t>(seq) * num_kv_heads + kvh) * a.total_splits +
-                      (split < a.num_splits ? split : a.sink_split);
+  const size_t part = (static_cast<size_t>(seq) * num_kv_heads + kvh) * a.total_splits + split;
   for (int idx = tid; idx < G * D; idx += kThreads) {
     const int h = idx / D, c = idx % D;
     float m = -INFINITY;
@@ -1822,11 +1815,12 @@ cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a
     const int mma_splits = a.num_splits + (a.sink_slots != nullptr ? 1 : 0);
     e = DispatchMma(false, mma_fmt, d, g, sa, fp, dim3(mma_splits, num_kv_heads, num_seqs),
                     smem_bytes, stream, nullptr);
-    if (e == cudaSuccess && a.residual_lens != nullptr) {  // the fp16 window: v1, split num_splits
+    if (e == cudaSuccess && a.residual_lens != nullptr) {  // the fp16 window: v1, the last splits
       SplitArgs r = sa;
-      r.split_offset = a.num_splits;
-      e = Dispatch(false, kind, d, g, r, fp, dim3(1, num_kv_heads, num_seqs), smem_v1_bytes, stream,
-                   nullptr);
+      r.split_offset = mma_splits;
+      e = Dispatch(false, kind, d, g, r, fp,
+                   dim3(a.total_splits - mma_splits, num_kv_heads, num_seqs), smem_v1_bytes,
+                   stream, nullptr);
     }
   }
   if (e != cudaSuccess) return e;
