@@ -576,10 +576,11 @@ __device__ void Fwht(float* x, bool active, int c) {
 // grid [num_q_heads, num_seqs], D threads: qprep = (rotated) q * scale * log2(e). With sinks
 // (qprep_sink non-null) also qprep_sink = the query rotated back by sink_shift[seq] RoPE
 // positions (CpuKvCache's ShiftRope, angles -shift * inv_freq[j] in double, rotate-half pairs
-// (j, j + D/2)), then rotated by the signs and Walsh-Hadamard for TurboQuant (CpuKvCache's
-// PrepareShifted), times scale * log2(e); query_sink (TurboQuant's window split) the shifted
-// query before that rotation, times scale * log2(e).
-template <int D>
+// (j, j + D/2)), times scale * log2(e). ROTATED_SINKS (TurboQuant with sinks: signs non-null):
+// qprep_sink is the shifted query rotated by the signs and Walsh-Hadamard like qprep
+// (CpuKvCache's PrepareShifted), and query_sink (non-null: TurboQuant's window splits) the
+// shifted query before that rotation; the instance without it is the kernel sinks never reach.
+template <int D, bool ROTATED_SINKS>
 __global__ void PrepareQueryKernel(const float* q, float* qprep, const float* signs,
                                    int num_q_heads, float scale, const int32_t* sink_shift,
                                    const double* inv_freq, float* qprep_sink, float* query_sink) {
@@ -594,14 +595,15 @@ __global__ void PrepareQueryKernel(const float* q, float* qprep, const float* si
     double sn, cs;
     sincos(-static_cast<double>(sink_shift[blockIdx.y]) * inv_freq[c % kHalf], &sn, &cs);
     const float cf = static_cast<float>(cs), sf = static_cast<float>(sn);
-    float shifted = c < kHalf ? v * cf - partner * sf : v * cf + partner * sf;
-    if (signs != nullptr) {
+    const float shifted = c < kHalf ? v * cf - partner * sf : v * cf + partner * sf;
+    if constexpr (ROTATED_SINKS) {
       if (query_sink != nullptr) query_sink[row * D + c] = shifted * scale * kLog2e;
       x[c] = shifted * signs[c];
       Fwht<D>(x, true, c);  // ends with a barrier: x is free for the plain query below
-      shifted = x[c];
+      qprep_sink[row * D + c] = x[c] * scale * kLog2e;
+    } else {
+      qprep_sink[row * D + c] = shifted * scale * kLog2e;
     }
-    qprep_sink[row * D + c] = shifted * scale * kLog2e;
   }
   if (signs != nullptr) {
     x[c] = v * signs[c];
@@ -1793,14 +1795,21 @@ cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a
                          int smem_v1_bytes, const float* q, float* out, const float* signs,
                          float scale, cudaStream_t stream) {
   const dim3 rows(a.num_q_heads, num_seqs);
+  const bool rotated_sinks = signs != nullptr && a.qprep_sink != nullptr;
+  auto prepare = [&](auto kernel, int threads) {
+    kernel<<<rows, threads, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale, a.sink_shift,
+                                         a.rope_inv_freq, a.qprep_sink, a.query_sink);
+  };
   if (d == 64) {
-    PrepareQueryKernel<64><<<rows, 64, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale,
-                                                    a.sink_shift, a.rope_inv_freq, a.qprep_sink,
-                                                    a.query_sink);
+    if (rotated_sinks) {
+      prepare(PrepareQueryKernel<64, true>, 64);
+    } else {
+      prepare(PrepareQueryKernel<64, false>, 64);
+    }
+  } else if (rotated_sinks) {
+    prepare(PrepareQueryKernel<128, true>, 128);
   } else {
-    PrepareQueryKernel<128><<<rows, 128, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale,
-                                                      a.sink_shift, a.rope_inv_freq, a.qprep_sink,
-                                                      a.query_sink);
+    prepare(PrepareQueryKernel<128, false>, 128);
   }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;

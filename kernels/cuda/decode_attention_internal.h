@@ -71,7 +71,6 @@ struct SplitArgs {
   const int32_t* sink_shift = nullptr;
   const double* rope_inv_freq = nullptr;
   float* qprep_sink = nullptr;  // [seqs, q_heads, d]
-  float* query_sink = nullptr;  // [seqs, q_heads, d]; TurboQuant with a window split only
   int num_q_heads = 0;
   int block_size = 0;
   int tile_blocks = 0;
@@ -80,6 +79,9 @@ struct SplitArgs {
   int total_splits = 0;  // + 1 for the sinks' split, + 1 for the fp16 window's split (KIVI,
                          // TurboQuant with R > 0; 2 with sinks)
   int split_offset = 0;  // v1 kernel: blockIdx.x + split_offset is the split
+  // TurboQuant sinks with a window: the shifted query in the original basis (see sink_slots);
+  // last, so that the other fields keep their offsets.
+  float* query_sink = nullptr;  // [seqs, q_heads, d]
 };
 
 int MaxStages();
