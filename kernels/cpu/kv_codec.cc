@@ -927,6 +927,31 @@ absl::StatusOr<KvFormatDesc> DescribeKvFormat(const KvFormatSpec& spec, int head
   return desc;
 }
 
+absl::StatusOr<TurboKeyLayout> DescribeTurboKeys(const KvFormatSpec& spec, int head_dim) {
+  if (spec.kind != KvFormatKind::kTurbo) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DescribeTurboKeys: ", spec.name, " is not TurboQuant"));
+  }
+  if (spec.qjl_keys) return absl::UnimplementedError("DescribeTurboKeys: QJL keys");
+  auto codebook = cpu::TurboCodebook::Create(head_dim, spec.key_bits);
+  if (!codebook.ok()) return codebook.status();
+  TurboKeyLayout layout;
+  if (absl::Status st = cpu::TurboChannelSplit(head_dim, spec.key_bits, &layout.hi_channels,
+                                               &layout.hi_bits, &layout.lo_bits);
+      !st.ok()) {
+    return st;
+  }
+  layout.code_bytes = codebook->code_bytes();
+  // TurboCodebook::Create's centroids and HadamardRotation's signs, computed the same way.
+  const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  for (float g : cpu::LloydMaxLevels(layout.hi_bits)) layout.hi_centroids.push_back(g * inv_sqrt_d);
+  for (float g : cpu::LloydMaxLevels(layout.lo_bits)) layout.lo_centroids.push_back(g * inv_sqrt_d);
+  cpu::SplitMix64 rng(cpu::kTurboSignSeed ^ static_cast<uint64_t>(head_dim));
+  layout.signs.resize(head_dim);
+  for (float& sign : layout.signs) sign = (rng.Next() >> 63) ? -1.0f : 1.0f;
+  return layout;
+}
+
 absl::Status RoundTripKv(const KvFormatSpec& spec, int head_dim, KvTensorRole role, int64_t n,
                          const float* in, float* out) {
   if (n < 0) return absl::InvalidArgumentError("RoundTripKv: negative row count");

@@ -259,8 +259,8 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     // KIVI under eviction: key groups anywhere and solo keys, on the v1 kernel (kKindKiviEvict),
     // which also scores the sinks itself. The KIVI call without key_offsets is unchanged.
     const bool evicted = b.key_offsets != nullptr;
-    if (evicted && (kind_ != internal::kKindKivi ||
-                    b.key_offsets_block_stride < int64_t{hkv} * block_size_)) {
+    if (evicted &&
+        (kind_ != internal::kKindKivi || b.key_offsets_block_stride < int64_t{hkv} * block_size_)) {
       return absl::InvalidArgumentError(
           "DecodeBatch: key_offsets need KIVI and a block stride of at least kv_heads * "
           "block_size");
@@ -268,15 +268,19 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     const int kind = evicted ? internal::kKindKiviEvict : kind_;
     const int mma_fmt = evicted ? -1 : mma_fmt_;
     const int tile_blocks = evicted ? tile_blocks_v1_ : tile_blocks_;
-    // Sinks: one more split per (sequence, kv-head) on the tensor-core kernel, for the formats
-    // sink eviction runs with (they have no window, so the split index after the block splits
-    // is free).
+    // Sinks: one more split per (sequence, kv-head) on the tensor-core kernel (before the fp16
+    // window's splits: with sinks two, the sink rows still in the window, then the rest), for the
+    // formats sink eviction runs with: the per-token ones and TurboQuant on the tensor cores
+    // (equal key and value rates). KIVI under eviction scores its sinks inside its own splits.
     const bool sinks = b.sink_slots != nullptr;
-    if (sinks && !(evicted || (per_token_ && mma_fmt_ >= 0))) {
+    const bool turbo = kind_ == internal::kKindTurbo;
+    if (sinks && !(evicted || ((per_token_ || turbo) && mma_fmt_ >= 0))) {
       return absl::UnimplementedError(
           "CUDA decode: attention sinks (sink eviction's shifted query) are implemented for fp16, "
-          "bf16, fp8, int8 and KIVI under eviction only");
+          "bf16, fp8, int8, TurboQuant with equal key and value rates, and KIVI under eviction "
+          "only");
     }
+    const bool sink_split = sinks && !evicted;
     if (sinks && (!b.sink_shift || !b.rope_inv_freq)) {
       return absl::InvalidArgumentError(
           "DecodeBatch: sink_slots needs sink_shift and rope_inv_freq");
@@ -289,7 +293,10 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     const int gi = g == 1 ? 0 : g == 2 ? 1 : g == 4 ? 2 : 3;
     const int64_t slots = int64_t{num_sms_} * (evicted ? evict_ctas_per_sm_[gi] : ctas_per_sm_[gi]);
     const int64_t pairs = int64_t{b.num_seqs} * hkv;
-    const int split_cap = internal::kMaxReduceSplits - 1;  // one left for the window or sinks
+    // Splits left for the window's and the sinks' splits.
+    const int window_splits = residual ? (sink_split ? 2 : 1) : 0;
+    const int split_cap =
+        internal::kMaxReduceSplits - std::max(1, window_splits + (sink_split ? 1 : 0));
     int splits = 1;
     if (forced_splits_ > 0) {
       splits = forced_splits_;
@@ -333,12 +340,14 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     a.tile_blocks = tile_blocks;
     a.blocks_per_split = tiles_per_split * tile_blocks;
     a.num_splits = splits;
-    a.total_splits = splits + (residual || (sinks && !evicted) ? 1 : 0);
-    // Workspace (with sinks: the shifted prepared query after the prepared one).
+    a.total_splits = splits + (sink_split ? 1 : 0) + window_splits;
+    // Workspace (with sinks: the shifted prepared query after the prepared one, and for
+    // TurboQuant's window split the shifted query in the original basis after that).
     const size_t q_floats = size_t(b.num_seqs) * b.num_q_heads * d;
     const size_t acc_floats = size_t(b.num_seqs) * hkv * a.total_splits * g * d;
     const size_t ml_floats = size_t(b.num_seqs) * hkv * a.total_splits * g * 2;
-    const size_t qprep_floats = q_floats * (sinks ? 2 : 1);
+    const bool window_sinks = sinks && turbo && residual;
+    const size_t qprep_floats = q_floats * (window_sinks ? 3 : sinks ? 2 : 1);
     if (qprep_floats > qprep_cap_ || acc_floats > part_acc_cap_ || ml_floats > part_ml_cap_) {
       ++workspace_generation_;  // buffers move: captured CUDA graphs are stale
     }
@@ -351,6 +360,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
       a.sink_shift = b.sink_shift;
       a.rope_inv_freq = b.rope_inv_freq;
       a.qprep_sink = qprep_ + q_floats;
+      if (window_sinks) a.query_sink = qprep_ + 2 * q_floats;
     }
     a.part_acc = part_acc_;
     a.part_ml = part_ml_;
@@ -381,7 +391,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
   int kind_ = 0, d_ = 0, num_kv_heads_ = 0, block_size_ = 0, tile_blocks_ = 1;
   int residual_tile_tokens_ = 0, smem_bytes_ = 0, num_sms_ = 1;
   bool has_window_ = false;  // KIVI, TurboQuant with R > 0
-  bool per_token_ = false;   // fp16, bf16, fp8, int8: the formats that may have sinks
+  bool per_token_ = false;   // fp16, bf16, fp8, int8 (sinks: these and TurboQuant)
   int ctas_per_sm_[4] = {1, 1, 1, 1};
   int evict_ctas_per_sm_[4] = {1, 1, 1, 1};  // KIVI: the v1 kernel under eviction
   int tile_blocks_v1_ = 1;

@@ -448,14 +448,31 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   const bool window_split = split >= a.num_splits;
   const uint16_t* win_k = nullptr;
   const uint16_t* win_v = nullptr;
-  int win_len = 0;
+  // The window rows [win_begin, win_end) this split reads. TurboQuant with attention sinks: two
+  // window splits, the first over the sink rows still in the window (its first rows) with the
+  // shifted query, the second over the rest.
+  int win_begin = 0, win_end = 0;
+  bool win_sink_rows = false;
   if constexpr (KIND == kKindKivi || KIND == kKindKiviEvict || KIND == kKindTurbo) {
     if (window_split) {
       const size_t window = (StateSlot(a, seq) * num_kv_heads + kvh) * a.residual_capacity * D;
       win_k = a.residual_k + window;
       win_v = a.residual_v + window;
-      win_len = HeadWindowLen(a, seq, kvh, num_kv_heads);
-      StageWindow<D>(smem, win_k, win_v, 0, min(a.residual_tile_tokens, win_len));
+      win_end = HeadWindowLen(a, seq, kvh, num_kv_heads);
+      if constexpr (KIND == kKindTurbo) {
+        if (a.sink_slots != nullptr) {
+          const int sink_rows =
+              min(max(a.sink_slots[seq] - HeadEncoded(a, seq, kvh, num_kv_heads), 0), win_end);
+          win_sink_rows = split == a.split_offset;
+          if (win_sink_rows) {
+            win_end = sink_rows;
+          } else {
+            win_begin = sink_rows;
+          }
+        }
+      }
+      StageWindow<D>(smem, win_k, win_v, win_begin,
+                     min(a.residual_tile_tokens, win_end - win_begin));
       CpAsyncCommit();
     }
   }
@@ -486,8 +503,9 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
     s_m[tid] = -INFINITY;
     s_l[tid] = 0.f;
   }
-  // TurboQuant's window split works in the original basis: the query as given (SplitArgs::query),
-  // its partial output rotated at the end. Every other split: the prepared query.
+  // TurboQuant's window split works in the original basis: the query as given (SplitArgs::query;
+  // its sink rows' split: query_sink, the shifted one), its partial output rotated at the end.
+  // Every other split: the prepared query.
   const bool tq_window = KIND == kKindTurbo && window_split;
   float q[G][8], acc[G][8];
 #pragma unroll
@@ -495,7 +513,9 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
     const size_t row = (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + g) * D + 8 * lane;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      q[g][i] = tq_window ? a.query[row + i] * a.query_scale : a.qprep[row + i];
+      q[g][i] = tq_window ? (win_sink_rows ? a.query_sink[row + i]
+                                           : a.query[row + i] * a.query_scale)
+                          : a.qprep[row + i];
       acc[g][i] = 0.f;
     }
   }
@@ -557,9 +577,9 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
     half_fp.record_bytes = 4 * D;
     half_fp.key_bytes = 2 * D;
     const int tile_tokens = a.residual_tile_tokens;
-    for (int t0 = 0; t0 < win_len; t0 += tile_tokens) {
-      const int ntok = min(tile_tokens, win_len - t0);
-      if (t0 > 0) {
+    for (int t0 = win_begin; t0 < win_end; t0 += tile_tokens) {
+      const int ntok = min(tile_tokens, win_end - t0);
+      if (t0 > win_begin) {
         __syncthreads();  // every team is done with the previous tile
         StageWindow<D>(smem, win_k, win_v, t0, ntok);
         CpAsyncCommit();
@@ -629,13 +649,16 @@ __device__ void Fwht(float* x, bool active, int c) {
 }
 
 // grid [num_q_heads, num_seqs], D threads: qprep = (rotated) q * scale * log2(e). With sinks
-// (qprep_sink non-null; per-token formats, so signs is null) also qprep_sink = the query rotated
-// back by sink_shift[seq] RoPE positions, times scale * log2(e): CpuKvCache's ShiftRope, angles
-// -shift * inv_freq[j] in double, rotate-half pairs (j, j + D/2).
-template <int D>
+// (qprep_sink non-null) also qprep_sink = the query rotated back by sink_shift[seq] RoPE
+// positions (CpuKvCache's ShiftRope, angles -shift * inv_freq[j] in double, rotate-half pairs
+// (j, j + D/2)), times scale * log2(e). ROTATED_SINKS (TurboQuant with sinks: signs non-null):
+// qprep_sink is the shifted query rotated by the signs and Walsh-Hadamard like qprep
+// (CpuKvCache's PrepareShifted), and query_sink (non-null: TurboQuant's window splits) the
+// shifted query before that rotation; the instance without it is the kernel sinks never reach.
+template <int D, bool ROTATED_SINKS>
 __global__ void PrepareQueryKernel(const float* q, float* qprep, const float* signs,
                                    int num_q_heads, float scale, const int32_t* sink_shift,
-                                   const double* inv_freq, float* qprep_sink) {
+                                   const double* inv_freq, float* qprep_sink, float* query_sink) {
   __shared__ float x[D];
   GridDepLaunch();  // the split kernel may start its loads; it waits for qprep itself
   const size_t row = static_cast<size_t>(blockIdx.y) * num_q_heads + blockIdx.x;
@@ -648,7 +671,14 @@ __global__ void PrepareQueryKernel(const float* q, float* qprep, const float* si
     sincos(-static_cast<double>(sink_shift[blockIdx.y]) * inv_freq[c % kHalf], &sn, &cs);
     const float cf = static_cast<float>(cs), sf = static_cast<float>(sn);
     const float shifted = c < kHalf ? v * cf - partner * sf : v * cf + partner * sf;
-    qprep_sink[row * D + c] = shifted * scale * kLog2e;
+    if constexpr (ROTATED_SINKS) {
+      if (query_sink != nullptr) query_sink[row * D + c] = shifted * scale * kLog2e;
+      x[c] = shifted * signs[c];
+      Fwht<D>(x, true, c);  // ends with a barrier: x is free for the plain query below
+      qprep_sink[row * D + c] = x[c] * scale * kLog2e;
+    } else {
+      qprep_sink[row * D + c] = shifted * scale * kLog2e;
+    }
   }
   if (signs != nullptr) {
     x[c] = v * signs[c];
@@ -1843,12 +1873,21 @@ cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a
                          int smem_v1_bytes, const float* q, float* out, const float* signs,
                          float scale, cudaStream_t stream) {
   const dim3 rows(a.num_q_heads, num_seqs);
+  const bool rotated_sinks = signs != nullptr && a.qprep_sink != nullptr;
+  auto prepare = [&](auto kernel, int threads) {
+    kernel<<<rows, threads, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale, a.sink_shift,
+                                         a.rope_inv_freq, a.qprep_sink, a.query_sink);
+  };
   if (d == 64) {
-    PrepareQueryKernel<64><<<rows, 64, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale,
-                                                    a.sink_shift, a.rope_inv_freq, a.qprep_sink);
+    if (rotated_sinks) {
+      prepare(PrepareQueryKernel<64, true>, 64);
+    } else {
+      prepare(PrepareQueryKernel<64, false>, 64);
+    }
+  } else if (rotated_sinks) {
+    prepare(PrepareQueryKernel<128, true>, 128);
   } else {
-    PrepareQueryKernel<128><<<rows, 128, 0, stream>>>(q, a.qprep, signs, a.num_q_heads, scale,
-                                                      a.sink_shift, a.rope_inv_freq, a.qprep_sink);
+    prepare(PrepareQueryKernel<128, false>, 128);
   }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
@@ -1863,11 +1902,11 @@ cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a
     const int mma_splits = a.num_splits + (a.sink_slots != nullptr ? 1 : 0);
     e = DispatchMma(false, mma_fmt, d, g, sa, fp, dim3(mma_splits, num_kv_heads, num_seqs),
                     smem_bytes, stream, nullptr);
-    if (e == cudaSuccess && a.total_splits > mma_splits) {  // the fp16 window: v1, last split
+    if (e == cudaSuccess && a.residual_lens != nullptr) {  // the fp16 window: v1, the last splits
       SplitArgs r = sa;
-      r.split_offset = a.num_splits;
+      r.split_offset = mma_splits;
       e = Dispatch(false, kind, d, g, r, fp,
-                   dim3(a.total_splits - a.num_splits, num_kv_heads, num_seqs), smem_v1_bytes,
+                   dim3(a.total_splits - mma_splits, num_kv_heads, num_seqs), smem_v1_bytes,
                    stream, nullptr);
     }
   }

@@ -65,11 +65,13 @@ struct SplitArgs {
   float* part_ml = nullptr;   // [seqs, kv_heads, total_splits, G, 2]
   // Attention sinks (DecodeBatch::sink_slots; nullptr: none). PrepareQueryKernel also writes
   // qprep_sink, the query rotated back by sink_shift[s] RoPE positions (rope_inv_freq) and
-  // prepared; the tensor-core kernel's CTA at split index num_splits scores slots
-  // [0, sink_slots[s]) against it and the block splits mask those slots. Never with a window
-  // split (the host allows sinks for the per-token formats only), so the index is free.
-  // kKindKiviEvict (v1) instead scores each slot below sink_slots[s] against qprep_sink in the
-  // block and window splits themselves (no extra split).
+  // prepared (TurboQuant: then rotated like qprep); the tensor-core kernel's CTA at split
+  // num_splits scores the slots [0, sink_slots[s]) held in blocks against it and the block splits
+  // mask those slots. TurboQuant with a window: two window splits after the sinks' (v1 kernel,
+  // split_offset num_splits + 1): the first scores the sink slots still in the window (its first
+  // rows) against query_sink (the shifted query in the original basis, times scale * log2 e), the
+  // second the other rows against the query. kKindKiviEvict (v1) instead scores each slot below
+  // sink_slots[s] against qprep_sink in the block and window splits themselves (no extra split).
   const int32_t* sink_slots = nullptr;
   const int32_t* sink_shift = nullptr;
   const double* rope_inv_freq = nullptr;
@@ -79,9 +81,12 @@ struct SplitArgs {
   int tile_blocks = 0;
   int blocks_per_split = 0;
   int num_splits = 0;    // splits over the blocks
-  int total_splits = 0;  // + 1 for the fp16 window's split (KIVI, TurboQuant with R > 0) or
-                         // the sinks' split
+  int total_splits = 0;  // + 1 for the sinks' split, + 1 for the fp16 window's split (KIVI,
+                         // TurboQuant with R > 0; 2 with sinks)
   int split_offset = 0;  // v1 kernel: blockIdx.x + split_offset is the split
+  // TurboQuant sinks with a window: the shifted query in the original basis (see sink_slots);
+  // last, so that the other fields keep their offsets.
+  float* query_sink = nullptr;  // [seqs, q_heads, d]
 };
 
 int MaxStages();
@@ -97,7 +102,7 @@ inline constexpr int MmaMergeBytes(int d) { return 4 * 8 * d * 4 + 4 * 8 * 2 * 4
 cudaError_t SetupMmaKernel(int fmt, int d, int smem_bytes, int* blocks_per_sm);
 // mma_fmt < 0: the v1 DecodeSplitKernel over all splits (smem_bytes; no sinks). Otherwise
 // DecodeMmaKernel over the num_splits block splits (+ the sinks' split; smem_bytes) and, for the
-// fp16 window's split (KIVI, TurboQuant), DecodeSplitKernel (smem_v1_bytes).
+// fp16 window's splits (KIVI, TurboQuant), DecodeSplitKernel (smem_v1_bytes) at the last ones.
 cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a,
                          const FormatParams& fp, int num_kv_heads, int num_seqs, int smem_bytes,
                          int smem_v1_bytes, const float* q, float* out, const float* signs,

@@ -640,7 +640,7 @@ TEST(CudaDecodeSinkTest, UnshiftedSinksDoNotMatchCpu) {
   std::printf("[ result ] fp16 sinks unshifted rel_l2=%.3g (must be large)\n", r.max_rel_l2);
 }
 
-TEST(CudaDecodeSinkTest, SinksNeedAPerTokenFormatAndTheShiftArrays) {
+TEST(CudaDecodeSinkTest, SinksNeedASupportedFormatAndTheShiftArrays) {
   SKIP_WITHOUT_GPU();
   int32_t* dummy = nullptr;
   ASSERT_CUDA(cudaMalloc(&dummy, 64));
@@ -658,6 +658,13 @@ TEST(CudaDecodeSinkTest, SinksNeedAPerTokenFormatAndTheShiftArrays) {
   auto attn = CudaDecodeAttention::Create(*kivi, 128, 2, 16);
   ASSERT_TRUE(attn.ok()) << attn.status();
   absl::Status st = (*attn)->Run(b, nullptr);
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented) << st;
+  // TurboQuant of unequal key and value rates runs the split-KV kernel: no sinks there.
+  auto mixed = ParseKvFormat("tq:k=4,v=3");
+  ASSERT_TRUE(mixed.ok());
+  attn = CudaDecodeAttention::Create(*mixed, 128, 2, 16);
+  ASSERT_TRUE(attn.ok()) << attn.status();
+  st = (*attn)->Run(b, nullptr);
   EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented) << st;
   auto fp16 = ParseKvFormat("fp16");
   ASSERT_TRUE(fp16.ok());

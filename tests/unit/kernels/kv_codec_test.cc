@@ -182,6 +182,64 @@ TEST(TurboQuantTest, FractionalRatesSitBetweenIntegerRates) {
   EXPECT_NEAR(m25, 0.25 * m3 + 0.75 * m2, 0.1 * m25);
 }
 
+// DescribeTurboKeys (the layout the CUDA H2O mass kernel scores codes with) reproduces the codec:
+// unpacking a key's codes by its bit offsets, looking them up in its centroids and scoring them
+// against the query rotated with its signs (then the orthonormal Walsh-Hadamard transform) gives
+// the codec's KeyScores bit for bit when summed in the same order, for every rate's channel split.
+TEST(TurboQuantTest, DescribedKeyLayoutReproducesKeyScores) {
+  for (const char* format : {"tq4", "tq3.5", "tq3", "tq2.5", "tq:k=2,v=4", "tq:k=1.5,v=1"}) {
+    for (int d : {64, 128}) {
+      auto spec = ParseKvFormat(format);
+      ASSERT_TRUE(spec.ok()) << spec.status();
+      auto layout = DescribeTurboKeys(*spec, d);
+      ASSERT_TRUE(layout.ok()) << layout.status();
+      auto codec = CreateKvCodec(*spec, d);
+      ASSERT_TRUE(codec.ok()) << codec.status();
+      const int n = 16;
+      const auto k = RandomVector(static_cast<size_t>(n) * d, 21 + d);
+      const auto q = RandomVector(d, 22 + d);
+      std::vector<uint8_t> storage(static_cast<size_t>(n) * (*codec)->record_bytes());
+      std::vector<uint8_t*> records(n);
+      for (int i = 0; i < n; ++i) records[i] = storage.data() + i * (*codec)->record_bytes();
+      HeadCodecState state;
+      (*codec)->Encode(n, k.data(), k.data(), d, state, records.data());
+      std::vector<float> prepared((*codec)->prepared_query_floats()), scores(n), scratch(n * d);
+      (*codec)->PrepareQuery(q.data(), prepared.data());
+      (*codec)->KeyScores(n, records.data(), state, 1, prepared.data(), scores.data(),
+                          scratch.data());
+      // The rotation from the described signs.
+      std::vector<float> qr(q);
+      for (int c = 0; c < d; ++c) qr[c] *= layout->signs[c];
+      FastWalshHadamard(qr.data(), d);
+      EXPECT_EQ(qr, std::vector<float>(prepared.begin(), prepared.begin() + d)) << format;
+      for (int i = 0; i < n; ++i) {
+        std::vector<float> uhat(d);
+        int bit = 0;
+        for (int c = 0; c < d; ++c) {
+          const bool hi = c < layout->hi_channels;
+          const int bits = hi ? layout->hi_bits : layout->lo_bits;
+          uint32_t w = 0;
+          for (int b = 0; b < 3; ++b) {
+            const int byte = bit / 8 + b;
+            if (byte < layout->code_bytes) w |= uint32_t{records[i][byte]} << (8 * b);
+          }
+          const uint32_t code = (w >> (bit % 8)) & ((1u << bits) - 1);
+          uhat[c] = (hi ? layout->hi_centroids : layout->lo_centroids)[code];
+          bit += bits;
+        }
+        EXPECT_EQ(bit, 8 * layout->code_bytes) << format;
+        const float norm = HalfToFloat(static_cast<uint16_t>(
+            records[i][layout->code_bytes] | (records[i][layout->code_bytes + 1] << 8)));
+        EXPECT_EQ(norm * Dot(qr.data(), uhat.data(), d), scores[i])
+            << format << " d=" << d << " key " << i;
+      }
+    }
+  }
+  auto fp16 = ParseKvFormat("fp16");
+  ASSERT_TRUE(fp16.ok());
+  EXPECT_EQ(DescribeTurboKeys(*fp16, 128).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 // Errors of the scores a TurboQuant format computes on codes, score - <y, x>, over n = 3000 pairs
 // at d = 128: keys x unit vectors (seed), queries y = 0.8 x + 0.6 z with z unit vectors (seed + 1),
 // so that <y, x> ~ 0.8 and a bias proportional to it shows. Absolute and relative to <y, x>.

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvgate/common/status_macros.h"
+#include "kvgate/kernels/kv_format.h"
 #include "workers/backend/cuda/cuda_kernels.h"
 #include "workers/backend/cuda/cuda_status.h"
 
@@ -78,12 +79,14 @@ absl::Status CudaKvCache::InitLayout() {
   const kernels::KvFormatSpec& fmt = c.format;
   if (fmt.eviction.kind != kernels::EvictionSpec::Kind::kNone) {
     const kernels::KvFormatKind k = fmt.kind;
-    // The decode kernels shift the sinks' query for the per-token formats only.
-    if (k == kernels::KvFormatKind::kTurbo &&
+    // The sinks' shifted query runs on the tensor-core decode kernel, which TurboQuant has for
+    // equal key and value rates only (KIVI under eviction scores sinks on its own kernel).
+    if (k == kernels::KvFormatKind::kTurbo && fmt.key_bits != fmt.value_bits &&
         fmt.eviction.kind == kernels::EvictionSpec::Kind::kSink && !c.rope_inv_freq.empty()) {
       return absl::UnimplementedError(absl::StrCat(
           "the CUDA KV cache shifts the sinks' query (sink eviction with RoPE frequencies) for "
-          "fp16, bf16, fp8 and int8 only, got ", fmt.name, ": use --backend cpu"));
+          "TurboQuant with equal key and value rates only, got ",
+          fmt.name, ": use --backend cpu"));
     }
     if (!c.rope_inv_freq.empty() &&
         2 * static_cast<int64_t>(c.rope_inv_freq.size()) != c.head_dim) {
@@ -142,9 +145,9 @@ absl::Status CudaKvCache::InitLayout() {
   }
   if (evicting() && *std::max_element(residual_capacity_.begin(), residual_capacity_.end()) >
                         kMaxEvictWindowRows) {
-    return absl::UnimplementedError(absl::StrCat(
-        "the CUDA KV cache evicts with fp16 windows of at most ", kMaxEvictWindowRows,
-        " rows (R + 16), got ", fmt.name, ": use a smaller r or --backend cpu"));
+    return absl::UnimplementedError(
+        absl::StrCat("the CUDA KV cache evicts with fp16 windows of at most ", kMaxEvictWindowRows,
+                     " rows (R + 16), got ", fmt.name, ": use a smaller r or --backend cpu"));
   }
   geometry_.block_bytes = offset;
   geometry_.residual_bytes_per_sequence = residual_halves * 2 * 2;  // k and v, 2 bytes each
@@ -163,6 +166,22 @@ absl::Status CudaKvCache::InitLayout() {
   }
   if (h2o()) {  // the decode mass pass's per-split statistics
     geometry_.slot_bytes += DecodeMassScratchFloats(1, c.num_kv_heads) * int64_t{sizeof(float)};
+  }
+  if (h2o() && fmt.kind == kernels::KvFormatKind::kTurbo) {  // the mass kernel scores the codes
+    ASSIGN_OR_RETURN(const kernels::TurboKeyLayout layout,
+                     kernels::DescribeTurboKeys(quantized, c.head_dim));
+    TurboMassKeys& tk = turbo_mass_keys_;
+    if (layout.hi_centroids.size() > 16 || layout.lo_centroids.size() > 16 ||
+        layout.signs.size() > 128) {
+      return absl::InternalError("TurboQuant key layout exceeds the mass kernel's tables");
+    }
+    tk.hi_channels = layout.hi_channels;
+    tk.hi_bits = layout.hi_bits;
+    tk.lo_bits = layout.lo_bits;
+    tk.code_bytes = layout.code_bytes;
+    std::copy(layout.hi_centroids.begin(), layout.hi_centroids.end(), tk.hi_centroids);
+    std::copy(layout.lo_centroids.begin(), layout.lo_centroids.end(), tk.lo_centroids);
+    std::copy(layout.signs.begin(), layout.signs.end(), tk.signs);
   }
   return absl::OkStatus();
 }
@@ -233,12 +252,12 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
           reinterpret_cast<void**>(&cache->mass_scratch_),
           DecodeMassScratchFloats(max_sequences, config.num_kv_heads) * int64_t{sizeof(float)},
           "the H2O mass scratch"));
-      RETURN_IF_ERROR(allocate(reinterpret_cast<void**>(&cache->mass_scores_),
-                               int64_t{config.num_blocks} *
-                                   DecodeMassScoreFloatsPerBlock(config.num_kv_heads,
-                                                                 config.block_size) *
-                                   int64_t{sizeof(float)},
-                               "the H2O decode scores"));
+      RETURN_IF_ERROR(
+          allocate(reinterpret_cast<void**>(&cache->mass_scores_),
+                   int64_t{config.num_blocks} *
+                       DecodeMassScoreFloatsPerBlock(config.num_kv_heads, config.block_size) *
+                       int64_t{sizeof(float)},
+                   "the H2O decode scores"));
     }
   }
   if (config.format.eviction.kind == kernels::EvictionSpec::Kind::kSink &&
@@ -260,12 +279,12 @@ absl::StatusOr<std::unique_ptr<CudaKvCache>> CudaKvCache::Create(
 
 CudaKvCache::~CudaKvCache() {
   if (pool_ != nullptr) cudaStreamSynchronize(stream_);  // no kernel may still use the buffers
-  for (void* p : {static_cast<void*>(pool_), static_cast<void*>(scales_),
-                  static_cast<void*>(residual_k_), static_cast<void*>(residual_v_),
-                  static_cast<void*>(positions_), static_cast<void*>(mass_),
-                  static_cast<void*>(mass_scratch_), static_cast<void*>(mass_scores_),
-                  static_cast<void*>(rope_inv_freq_), static_cast<void*>(head_window_),
-                  static_cast<void*>(key_offsets_)}) {
+  for (void* p :
+       {static_cast<void*>(pool_), static_cast<void*>(scales_), static_cast<void*>(residual_k_),
+        static_cast<void*>(residual_v_), static_cast<void*>(positions_), static_cast<void*>(mass_),
+        static_cast<void*>(mass_scratch_), static_cast<void*>(mass_scores_),
+        static_cast<void*>(rope_inv_freq_), static_cast<void*>(head_window_),
+        static_cast<void*>(key_offsets_)}) {
     if (p != nullptr) cudaFree(p);
   }
 }
@@ -312,8 +331,8 @@ EvictPlan CudaKvCache::Plan(const Sequence& s, int layer, int64_t n) const {
     // Old tokens at positions < sinks (the first slots: never evicted) or >= new_length - window
     // (the last slots: every such position is still stored, the window only slides forward).
     plan.lead = static_cast<int32_t>(std::min<int64_t>(e.sink_tokens, stored));
-    const int64_t window_old =
-        std::max<int64_t>(0, length - std::max<int64_t>(e.sink_tokens, new_length - e.window_tokens));
+    const int64_t window_old = std::max<int64_t>(
+        0, length - std::max<int64_t>(e.sink_tokens, new_length - e.window_tokens));
     plan.trail = static_cast<int32_t>(std::min<int64_t>(window_old, stored - plan.lead));
   } else if (e.kind == kernels::EvictionSpec::Kind::kH2O) {
     // The same floors as CpuKvCache::Evict.
@@ -510,6 +529,8 @@ MassKeyFormat MassFormat(kernels::KvFormatKind kind) {
       return MassKeyFormat::kFp8;
     case kernels::KvFormatKind::kInt8:
       return MassKeyFormat::kInt8;
+    case kernels::KvFormatKind::kTurbo:
+      return MassKeyFormat::kTurbo;
     default:
       return MassKeyFormat::kFp16;
   }
@@ -522,16 +543,17 @@ absl::Status CudaKvCache::DecodeMassLayer(int layer, const DeviceSeqBatch& seqs,
   if (!h2o()) return absl::FailedPreconditionError("DecodeMassLayer: the cache is not H2O");
   if (layer_mass_reads_back(layer)) {
     return absl::UnimplementedError(
-        "DecodeMassLayer: TurboQuant keys are not decoded by the mass kernel (DecodeAttention "
-        "takes the masses from the read-back keys)");
+        "DecodeMassLayer: KIVI keys are not decoded by the mass kernel (DecodeAttention and the "
+        "runner take the masses from the read-back keys)");
   }
   if (seqs.num_seqs > max_sequences_) {
-    return absl::InvalidArgumentError(absl::StrCat("DecodeMassLayer: ", seqs.num_seqs,
-                                                   " sequences, at most ", max_sequences_));
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeMassLayer: ", seqs.num_seqs, " sequences, at most ", max_sequences_));
   }
   const MassKeys keys{.format = MassFormat(layer_spec(layer).kind),
                       .head_scales = head_scales(layer),
-                      .seq_slots = seqs.slots};
+                      .seq_slots = seqs.slots,
+                      .turbo = turbo_mass_keys_};
   CUDA_RETURN_IF_ERROR(LaunchDecodeMass(PoolFor(layer, seqs), keys, lens, max_len, q, group,
                                         group_pad, scale, mass_scratch_, mass_scores_, stream_));
   return absl::OkStatus();
@@ -681,8 +703,7 @@ absl::Status CudaKvCache::AppendSynthetic(kernels::SeqId seq, int64_t n, uint64_
   return absl::OkStatus();
 }
 
-absl::Status CudaKvCache::AppendSyntheticEvicting(Sequence& s, int64_t n,
-                                                  uint64_t seed) {
+absl::Status CudaKvCache::AppendSyntheticEvicting(Sequence& s, int64_t n, uint64_t seed) {
   // Chunk by chunk as a prefill without attention would append: evict, then append, to every
   // layer (no masses accumulate: H2O keeps the oldest of the equal-mass tokens).
   const int64_t chunk = std::min(n, kSyntheticChunk);
@@ -711,8 +732,7 @@ absl::Status CudaKvCache::AppendSyntheticEvicting(Sequence& s, int64_t n,
                                .max_blocks = static_cast<int>(s.blocks.size()),
                                .slots = slot.get()};
     for (int l = 0; l < config_.num_layers; ++l) {
-      RETURN_IF_ERROR(
-          EvictLayer(l, batch, reinterpret_cast<const EvictPlan*>(dmeta.get() + 3)));
+      RETURN_IF_ERROR(EvictLayer(l, batch, reinterpret_cast<const EvictPlan*>(dmeta.get() + 3)));
       RETURN_IF_ERROR(AppendLayer(l, batch, dmeta.get(), dmeta.get() + 2, static_cast<int>(rows),
                                   static_cast<int>(rows), k.get(), v.get(), row_floats));
     }
@@ -943,9 +963,8 @@ absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num
   DeviceArray<float> keys, values, last_key, row_stats;
   DeviceArray<int32_t> dchunk;
   if (h2o() && layer_mass_reads_back(layer)) {
-    // TurboQuant: the masses of the read-back keys (fp32, original basis: the scores CpuKvCache
-    // takes in the rotated basis up to rounding), as a prefill chunk of one query token whose
-    // fresh key is the newest slot's.
+    // KIVI: the masses of the read-back keys (fp32, the codec's reconstruction), as a prefill
+    // chunk of one query token whose fresh key is the newest slot's.
     RETURN_IF_ERROR(keys.Allocate(stored * hkv * d));
     RETURN_IF_ERROR(values.Allocate(stored * hkv * d));
     RETURN_IF_ERROR(ReadAll(*s, layer, keys.get(), values.get()));
@@ -962,10 +981,9 @@ absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num
     RETURN_IF_ERROR(row_stats.Allocate(PrefillMassStatsFloatsPerRow(hkv)));
     RETURN_IF_ERROR(PrefillMassLayer(layer, batch,
                                      reinterpret_cast<const PrefillMassChunk*>(dchunk.get()), 1, 1,
-                                     static_cast<int>(stored), dq.get(), group, pad,
-                                     last_key.get(), int64_t{hkv} * d, keys.get(), stored, scale,
-                                     row_stats.get()));
-  } else if (h2o()) {  // per-token formats: every stored token is encoded (lens[0])
+                                     static_cast<int>(stored), dq.get(), group, pad, last_key.get(),
+                                     int64_t{hkv} * d, keys.get(), stored, scale, row_stats.get()));
+  } else if (h2o()) {  // lens[0]: the stored total (records, and TurboQuant's window rows per head)
     RETURN_IF_ERROR(
         DecodeMassLayer(layer, batch, dlens.get(), lens[0], dq.get(), group, pad, scale));
   }

@@ -6,10 +6,11 @@
 // the first F and last L layers in fp16 records, the others in the format's. Blocks, block tables
 // and token counts live on the host; per-sequence device state lives at a fixed SLOT per sequence
 // (at most max_sequences slots): FP8's (key, value) scales per (layer, kv-head) and the fp16
-// residual window per layer of KIVI and TurboQuant (unless r=0). Appends and reads go through kvgate_kernels_cuda's CudaKvAppend,
-// decode attention through CudaDecodeAttention, one object of each per distinct layer format. The
-// host knows each sequence's stored tokens per layer and derives the encoded/window split from
-// it (kernels::cuda::SplitStoredTokens), so a step never reads counts back from the device.
+// residual window per layer of KIVI and TurboQuant (unless r=0). Appends and reads go through
+// kvgate_kernels_cuda's CudaKvAppend, decode attention through CudaDecodeAttention, one object of
+// each per distinct layer format. The host knows each sequence's stored tokens per layer and
+// derives the encoded/window split from it (kernels::cuda::SplitStoredTokens), so a step never
+// reads counts back from the device.
 //
 // Semantics are CpuKvCache's: Append encodes through the format (FP8 scales chosen by the first
 // append with a nonzero amax; KIVI's and TurboQuant's newest tokens in the fp16 window, flushed G
@@ -26,21 +27,22 @@
 // length (PlanAppend), so the host tracks stored tokens without reading anything back. With
 // rope_inv_freq, sinks are scored at positions within the cache as CpuKvCache scores them: the
 // query rotated back by the evicted count for the sink slots (SinkShiftAfter; the decode and
-// prefill attention take it per sequence; not for TurboQuant, whose decode kernels have no shifted
-// query: UnimplementedError). KIVI keeps CpuKvCache's slot order instead (its key groups are runs
-// of slots): the records compact in order, the survivors of a key group that loses tokens are
-// re-encoded as solo keys, and a byte per slot (key_offsets_) tells the read and decode kernels
-// where each key's group starts, or that it is solo; the decode then runs the CUDA-core kernel
-// that reads them (with the sinks' shifted query). TurboQuant and KIVI with their fp16 windows:
-// the kept set spans each head's
+// prefill attention take it per sequence; TurboQuant with unequal key and value rates, whose
+// decode runs the split-KV kernel, has no shifted query: UnimplementedError). KIVI keeps
+// CpuKvCache's slot order instead (its key groups are runs of slots): the records compact in
+// order, the survivors of a key group that loses tokens are re-encoded as solo keys, and a byte
+// per slot (key_offsets_) tells the read and decode kernels where each key's group starts, or that
+// it is solo; the decode then runs the CUDA-core kernel that reads them (with the sinks' shifted
+// query). TurboQuant and KIVI with their fp16 windows: the kept set spans each head's
 // records and window rows; the records compact as above, the window's kept rows move down in
 // order after them, so each kv-head's window holds its own number of rows. Those counts live on
 // the device only (head_window: per layer, slot and kv-head; the eviction and the appends update
 // them, the append / decode / read kernels take each head's split from them), while the stored
-// total stays a host function of the plan. H2O masses of TurboQuant and KIVI layers come from
-// keys read back in fp32 (the mass kernels decode only the per-token formats): DecodeAttention
-// and the runner score the decode query against them as a one-token prefill chunk
-// (PrefillMassLayer).
+// total stays a host function of the plan. H2O decode masses of TurboQuant layers are scored from
+// the codes against the rotated query (and the window's rows against the query), as CpuKvCache
+// scores them (DecodeMassLayer); those of KIVI layers come from keys read back in fp32 (the mass
+// kernels do not decode KIVI's key groups): DecodeAttention and the runner score the decode query
+// against them as a one-token prefill chunk (PrefillMassLayer).
 //
 // The CUDA runner drives the device methods (AppendLayer, DecodeLayer, ReadLayer) for whole steps
 // with its own device metadata and then CommitAppend. The host-pointer KvCache methods stage
@@ -100,12 +102,14 @@ struct DeviceSeqBatch {
 
 class CudaKvCache final : public kernels::KvCache {
  public:
-  // UnimplementedError for sink eviction with rope_inv_freq and TurboQuant,
-  // eviction with a window above kMaxEvictWindowRows rows, TurboQuant QJL keys, head_dim other than 64/128 and block sizes that are not a multiple of 16 (no kernels;
-  // DecodeAttention also refuses GQA groups above 8); InvalidArgumentError for rope_inv_freq of
-  // a size other than head_dim / 2. ResourceExhausted when the pool or the slots cannot be
-  // allocated. `stream` (not owned) carries every kernel and copy. max_sequences: sequences that
-  // can be registered at once (slots of per-sequence state).
+  // UnimplementedError for sink eviction with rope_inv_freq and TurboQuant of unequal key and
+  // value rates,
+  // eviction with a window above kMaxEvictWindowRows rows, TurboQuant QJL keys, head_dim other than
+  // 64/128 and block sizes that are not a multiple of 16 (no kernels; DecodeAttention also refuses
+  // GQA groups above 8); InvalidArgumentError for rope_inv_freq of a size other than head_dim / 2.
+  // ResourceExhausted when the pool or the slots cannot be allocated. `stream` (not owned) carries
+  // every kernel and copy. max_sequences: sequences that can be registered at once (slots of
+  // per-sequence state).
   static absl::StatusOr<std::unique_ptr<CudaKvCache>> Create(const kernels::KvCacheConfig& config,
                                                              cudaStream_t stream,
                                                              int max_sequences = 256);
@@ -169,7 +173,9 @@ class CudaKvCache final : public kernels::KvCache {
   int Slot(kernels::SeqId seq) const;
   // Reserved slot capacity of a known sequence (blocks * block_size); -1 if unknown.
   int64_t Capacity(kernels::SeqId seq) const;
-  bool evicting() const { return config_.format.eviction.kind != kernels::EvictionSpec::Kind::kNone; }
+  bool evicting() const {
+    return config_.format.eviction.kind != kernels::EvictionSpec::Kind::kNone;
+  }
   bool h2o() const { return config_.format.eviction.kind == kernels::EvictionSpec::Kind::kH2O; }
   // What a known sequence keeps before an append of n tokens (the same for every layer when all
   // layers hold the same tokens, as the runner's steps keep them); plan.stored - evicted is
@@ -183,7 +189,7 @@ class CudaKvCache final : public kernels::KvCache {
   bool head_windows(int index) const {
     return head_window_ != nullptr && formats_[index].append->residual_capacity() > 0;
   }
-  // H2O: the mass kernels do not decode the layer's keys (TurboQuant, KIVI): its decode masses
+  // H2O: the mass kernels do not decode the layer's keys (KIVI): its decode masses
   // come from keys read back (ReadLayer) through PrefillMassLayer, as one-token chunks.
   bool layer_mass_reads_back(int layer) const { return MassReadsBack(layer_spec(layer)); }
   bool mass_reads_back() const {
@@ -204,7 +210,8 @@ class CudaKvCache final : public kernels::KvCache {
   // (device) for each sequence of the batch and the positions of the slots the append fills.
   absl::Status EvictLayer(int layer, const DeviceSeqBatch& seqs, const EvictPlan* plans);
   // H2O: adds the decode queries' attention probabilities to the masses of `layer`: q as for
-  // DecodeLayer, lens [num_seqs] (device) stored slots, max_len >= each of them.
+  // DecodeLayer, lens [num_seqs] (device) stored slots (with TurboQuant's per-head windows: the
+  // stored total, records and window rows), max_len >= each of them.
   absl::Status DecodeMassLayer(int layer, const DeviceSeqBatch& seqs, const int32_t* lens,
                                int max_len, const float* q, int group, int group_pad, float scale);
   // H2O: the same for prefill chunks (cuda_kv_evict.h, LaunchPrefillMass); `seqs` holds the
@@ -280,13 +287,12 @@ class CudaKvCache final : public kernels::KvCache {
   const Format& format_of(int layer) const { return formats_[layer_format_[layer]]; }
   float* head_scales(int layer) const;
   static bool MassReadsBack(const kernels::KvFormatSpec& spec) {
-    return spec.kind == kernels::KvFormatKind::kTurbo || spec.kind == kernels::KvFormatKind::kKivi;
+    return spec.kind == kernels::KvFormatKind::kKivi;
   }
   // Eviction with KIVI layers: key_offsets_ is allocated.
   bool kivi_layers() const {
-    return std::any_of(formats_.begin(), formats_.end(), [](const Format& f) {
-      return f.spec.kind == kernels::KvFormatKind::kKivi;
-    });
+    return std::any_of(formats_.begin(), formats_.end(),
+                       [](const Format& f) { return f.spec.kind == kernels::KvFormatKind::kKivi; });
   }
   // KIVI layers under eviction: the layer's key-group offsets (ReadBatch::key_offsets: at the
   // layer's first byte, rows of key_offsets_block_stride() bytes per block); else nullptr.
@@ -301,8 +307,7 @@ class CudaKvCache final : public kernels::KvCache {
   void FillPoolFields(int layer, const DeviceSeqBatch& seqs, Batch& b) const;
   // Copies a per-slot array (positions_, mass_) of (s, layer, kv_head)'s stored slots to out.
   template <class T>
-  absl::Status ReadSlotMeta(const Sequence& s, int layer, int kv_head, const T* meta,
-                            T* out) const;
+  absl::Status ReadSlotMeta(const Sequence& s, int layer, int kv_head, const T* meta, T* out) const;
   // Reads every stored token of (seq, layer) to device buffers [kv_heads, stored, head_dim].
   absl::Status ReadAll(const Sequence& s, int layer, float* k, float* v) const;
 
@@ -317,15 +322,17 @@ class CudaKvCache final : public kernels::KvCache {
   std::vector<int> residual_capacity_;    // [num_layers] R + flush (KIVI, TurboQuant), else 0
   std::vector<int64_t> residual_offset_;  // [num_layers] halves into residual_k_ / residual_v_
   uint8_t* pool_ = nullptr;
-  float* scales_ = nullptr;         // [layers][slots][kv_heads][2] (FP8 layers' scales)
-  uint16_t* residual_k_ = nullptr;  // per windowed layer: [slots][kv_heads][capacity][head_dim] fp16
+  float* scales_ = nullptr;  // [layers][slots][kv_heads][2] (FP8 layers' scales)
+  uint16_t* residual_k_ =
+      nullptr;  // per windowed layer: [slots][kv_heads][capacity][head_dim] fp16
   uint16_t* residual_v_ = nullptr;
-  std::vector<int32_t> free_list_;  // LIFO of free block ids
-  std::vector<int> free_slots_;     // LIFO of free state slots
-  int32_t* positions_ = nullptr;    // evicting: [num_blocks][layers][kv_heads][block_size]
-  float* mass_ = nullptr;           // H2O: same layout
-  float* mass_scratch_ = nullptr;   // H2O: DecodeMassScratchFloats(max_sequences_, kv_heads)
+  std::vector<int32_t> free_list_;   // LIFO of free block ids
+  std::vector<int> free_slots_;      // LIFO of free state slots
+  int32_t* positions_ = nullptr;     // evicting: [num_blocks][layers][kv_heads][block_size]
+  float* mass_ = nullptr;            // H2O: same layout
+  float* mass_scratch_ = nullptr;    // H2O: DecodeMassScratchFloats(max_sequences_, kv_heads)
   double* rope_inv_freq_ = nullptr;  // sinks with rope_inv_freq: [head_dim / 2]
+  TurboMassKeys turbo_mass_keys_;    // H2O with TurboQuant layers: their keys for the mass kernel
   float* mass_scores_ = nullptr;     // H2O: DecodeMassScoreFloatsPerBlock per block (one layer)
   // Evicting with a window (TurboQuant r > 0): rows in each head's fp16 window,
   // [layers][slots][kv_heads] (layers without a window unused). Eviction keeps different tokens

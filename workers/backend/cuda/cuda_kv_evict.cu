@@ -822,6 +822,177 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
   }
 }
 
+// Merges each thread's per-head statistics over the CTA and writes the split's (M, L) per head
+// (the end of pass 1; DecodeMassScoreKernel does the same inline).
+template <int GROUP>
+__device__ void WriteSplitMl(const DecodeMassArgs& a, int seq, int head, int split, int group,
+                             float (&m)[Group<GROUP>::kCap], float (&l)[Group<GROUP>::kCap],
+                             float (*warp_ml)[kMaxGroup][2]) {
+  using G = Group<GROUP>;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < G::kCap; ++j) {
+    if (!G::Has(j, group)) break;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(kFullMask, m[j], o);
+      const float l2 = __shfl_xor_sync(kFullMask, l[j], o);
+      MergeMl(m[j], l[j], m2, l2);
+    }
+    if (lane == 0) {
+      warp_ml[warp][j][0] = m[j];
+      warp_ml[warp][j][1] = l[j];
+    }
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < group) {
+    const int j = threadIdx.x;
+    float mm = -FLT_MAX, ll = 0.0f;
+    for (int w = 0; w < kMassThreads / 32; ++w) MergeMl(mm, ll, warp_ml[w][j][0], warp_ml[w][j][1]);
+    float* out =
+        a.partial_ml +
+        (((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits + split) * kMaxGroup + j) * 2;
+    out[0] = mm;
+    out[1] = ll;
+  }
+}
+
+// 32-bit words of a TurboQuant key's smem row: its bytes from the word holding its first byte
+// (records are 2-byte aligned: the first byte sits 0 or 2 bytes into that word), plus one word
+// for the code reader's two-word window.
+__host__ __device__ constexpr int TurboKeyWords(int code_bytes) {
+  return (code_bytes + 2 + 2 + 3) / 4;
+}
+__host__ __device__ constexpr int TurboRowWords(int code_bytes) {
+  return (TurboKeyWords(code_bytes) + 1) | 1;  // odd: the 32 threads of a read hit distinct banks
+}
+
+// Pass 1 for TurboQuant keys, grid and statistics as DecodeMassScoreKernel. Each CTA rotates the
+// group's queries once (signs, then the orthonormal Walsh-Hadamard transform, butterflies in
+// CpuKvCache's order: the CPU's PrepareQuery bit for bit); a thread scores one key: its records'
+// codes (staged in smem, 4 bytes per copy) looked up in the centroids against the rotated query,
+// times the key's norm, in fp32 (KeyScores of the CPU codec, up to the summation order); the
+// head's fp16 window rows (EvictPool::head_window) against the query as given (equal to the
+// CPU's rotated-domain score up to rounding: the rotation is orthonormal).
+template <int GROUP>
+__global__ void __launch_bounds__(kMassThreads) DecodeMassTurboScoreKernel(DecodeMassArgs a) {
+  using G = Group<GROUP>;
+  const int split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z, d = a.p.head_dim;
+  const int len = a.lens[seq], begin = split * a.split_tokens;
+  if (begin >= len) return;
+  const int end = min(len, begin + a.split_tokens);
+  const int group = GROUP > 0 ? GROUP : a.group;
+  const TurboMassKeys& tk = a.keys.turbo;
+  __shared__ __align__(16) float qs[kMaxGroup * kMaxHeadDim];  // the queries as given
+  __shared__ __align__(16) float qr[kMaxGroup * kMaxHeadDim];  // rotated
+  __shared__ float centroids[32];                              // hi [0, 16), lo [16, 32)
+  __shared__ float warp_ml[kMassThreads / 32][kMaxGroup][2];
+  extern __shared__ __align__(16) uint32_t tile[];  // [kMassThreads][row_words]
+  const int key_words = TurboKeyWords(tk.code_bytes), row_words = TurboRowWords(tk.code_bytes);
+  LoadDecodeQueries(a, seq, head, qs);
+  if (threadIdx.x < 16) {
+    centroids[threadIdx.x] = tk.hi_centroids[threadIdx.x];
+    centroids[16 + threadIdx.x] = tk.lo_centroids[threadIdx.x];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < group * d; e += blockDim.x) qr[e] = qs[e] * tk.signs[e % d];
+  for (int h = 1; h < d; h <<= 1) {
+    __syncthreads();
+    for (int pr = threadIdx.x; pr < group * d / 2; pr += blockDim.x) {
+      const int row = pr / (d / 2), j = pr % (d / 2);
+      const int i = row * d + (j / h) * 2 * h + j % h;
+      const float u = qr[i], w = qr[i + h];
+      qr[i] = u + w;
+      qr[i + h] = u - w;
+    }
+  }
+  __syncthreads();
+  const float inv_sqrt_d = 1.0f / sqrtf(static_cast<float>(d));
+  for (int e = threadIdx.x; e < group * d; e += blockDim.x) qr[e] *= inv_sqrt_d;
+  // Records below enc; the head's fp16 window rows from enc on.
+  int enc = len;
+  const uint16_t* window = nullptr;
+  if (a.p.head_window != nullptr) {
+    const int64_t state = int64_t{a.p.seq_slots[seq]} * a.p.num_kv_heads + head;
+    enc = len - a.p.head_window[state];
+    window = a.p.residual_k + state * a.p.residual_capacity * d;
+  }
+  const int32_t* table = a.p.block_tables + int64_t{seq} * a.p.max_blocks;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int hi_channels = tk.hi_channels, hi_bits = tk.hi_bits, lo_bits = tk.lo_bits;
+  const uint32_t hi_mask = (1u << hi_bits) - 1, lo_mask = (1u << lo_bits) - 1;
+  float m[G::kCap], l[G::kCap];
+#pragma unroll
+  for (int j = 0; j < G::kCap; ++j) {
+    m[j] = -FLT_MAX;
+    l[j] = 0.0f;
+  }
+  __syncthreads();  // qr complete
+  for (int t0 = begin; t0 < end; t0 += kMassThreads) {
+    const int count = min(kMassThreads, end - t0);
+    const int coded = min(count, max(enc - t0, 0));
+    for (int r = warp; r < coded; r += kMassThreads / 32) {  // a warp per record
+      const uintptr_t rec = reinterpret_cast<uintptr_t>(SlotRecord(a.p, table, head, t0 + r));
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(rec & ~uintptr_t{3});
+      for (int w = lane; w < key_words; w += 32) CpAsync4(tile + r * row_words + w, src + w);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < count) {
+      const int t = t0 + threadIdx.x;
+      float s[G::kCap];
+#pragma unroll
+      for (int j = 0; j < G::kCap; ++j) s[j] = 0.0f;
+      if (t < enc) {
+        const uint32_t* row = tile + threadIdx.x * row_words;
+        const int first = static_cast<int>(
+            reinterpret_cast<uintptr_t>(SlotRecord(a.p, table, head, t)) & 3);  // 0 or 2
+        int bit = 8 * first;
+        for (int c = 0; c < d; ++c) {
+          const bool hi = c < hi_channels;
+          const uint32_t code = __funnelshift_r(row[bit >> 5], row[(bit >> 5) + 1], bit & 31) &
+                                (hi ? hi_mask : lo_mask);
+          bit += hi ? hi_bits : lo_bits;
+          const float k = centroids[(hi ? 0 : 16) + code];
+#pragma unroll
+          for (int j = 0; j < G::kCap; ++j) {
+            if (G::Has(j, group)) s[j] = fmaf(qr[j * d + c], k, s[j]);
+          }
+        }
+        const int nb = first + tk.code_bytes;  // the fp16 norm, 2-byte aligned
+        const uint32_t nw = row[nb >> 2];
+        const float norm = __half2float(
+            __ushort_as_half(static_cast<unsigned short>((nb & 2) ? nw >> 16 : nw & 0xffffu)));
+#pragma unroll
+        for (int j = 0; j < G::kCap; ++j) s[j] *= norm;
+      } else {
+        const __half2* k = reinterpret_cast<const __half2*>(window + int64_t{t - enc} * d);
+        for (int w = 0; w < d / 2; ++w) {
+          const float2 kv = __half22float2(k[w]);
+#pragma unroll
+          for (int j = 0; j < G::kCap; ++j) {
+            if (G::Has(j, group)) {
+              const float2 qv = *reinterpret_cast<const float2*>(qs + j * d + 2 * w);
+              s[j] = fmaf(qv.y, kv.y, fmaf(qv.x, kv.x, s[j]));
+            }
+          }
+        }
+      }
+      float* out = ScoreBase(a, table, head, t);
+#pragma unroll
+      for (int j = 0; j < G::kCap; ++j) {
+        if (G::Has(j, group)) {
+          s[j] *= a.scale;
+          out[j * a.p.block_size] = s[j];
+          AddScore(m[j], l[j], s[j]);
+        }
+      }
+    }
+    __syncthreads();  // the tile is read before the next one lands
+  }
+  WriteSplitMl<GROUP>(a, seq, head, split, group, m, l, warp_ml);
+}
+
 // Pass 2, same grid: the statistics of every split of the sequence give (M, L) per query head (a
 // warp per head, lanes over splits); each thread adds sum_j exp(s_j - M_j) / L_j to its keys'
 // masses (each key has one owner).
@@ -1151,6 +1322,28 @@ void LaunchDecodeMassScores(const DecodeMassArgs& a, dim3 grid, cudaStream_t str
   LaunchDecodeMassScores<FORMAT, false>(a, grid, stream);
 }
 
+void LaunchDecodeMassTurboScores(const DecodeMassArgs& a, dim3 grid, cudaStream_t stream) {
+  const size_t smem =
+      size_t{kMassThreads} * TurboRowWords(a.keys.turbo.code_bytes) * sizeof(uint32_t);
+  switch (a.group) {
+    case 1:
+      DecodeMassTurboScoreKernel<1><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    case 2:
+      DecodeMassTurboScoreKernel<2><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    case 4:
+      DecodeMassTurboScoreKernel<4><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    case 8:
+      DecodeMassTurboScoreKernel<8><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+    default:
+      DecodeMassTurboScoreKernel<0><<<grid, kMassThreads, smem, stream>>>(a);
+      break;
+  }
+}
+
 }  // namespace
 
 cudaError_t LaunchEvictCompact(const EvictPool& p, const EvictPlan* plans, cudaStream_t stream) {
@@ -1196,6 +1389,19 @@ cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int
   if (group < 1 || group > kMaxGroup || p.head_dim > kMaxHeadDim || p.head_dim % 4 != 0) {
     return cudaErrorInvalidValue;
   }
+  if (keys.format == MassKeyFormat::kTurbo) {
+    // Records are read from the 4-byte word holding their first byte (they are 2-byte aligned);
+    // the window's rows by half2.
+    const TurboMassKeys& tk = keys.turbo;
+    if (reinterpret_cast<uintptr_t>(p.pool) % 4 != 0 || p.block_stride_bytes % 4 != 0 ||
+        p.layer_offset_bytes % 4 != 0 || p.record_bytes % 2 != 0 || tk.hi_bits < 1 ||
+        tk.hi_bits > 4 || tk.lo_bits < 1 || tk.lo_bits > 4 || tk.hi_channels < 0 ||
+        tk.hi_channels > p.head_dim || tk.code_bytes % 2 != 0 ||
+        tk.code_bytes + 2 > p.record_bytes ||
+        (p.head_window != nullptr && (p.residual_k == nullptr || p.seq_slots == nullptr))) {
+      return cudaErrorInvalidValue;
+    }
+  }
   // Splits per (sequence, kv-head): enough CTAs for a few waves of the GPU (several tiles per CTA
   // at large batches, so that loading the queries and merging statistics stay small), at most
   // one per tile and kMaxMassSplits.
@@ -1233,6 +1439,9 @@ cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int
       break;
     case MassKeyFormat::kInt8:
       LaunchDecodeMassScores<MassKeyFormat::kInt8>(a, grid, stream);
+      break;
+    case MassKeyFormat::kTurbo:
+      LaunchDecodeMassTurboScores(a, grid, stream);
       break;
   }
   switch (group) {

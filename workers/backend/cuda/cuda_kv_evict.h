@@ -25,12 +25,14 @@
 //     CpuKvCache::Evict, the records compact in slot order, a key group that loses some of its
 //     tokens leaves its survivors re-encoded as solo keys (byte for byte the CPU codec's), and
 //     the window's and the new slots get the key offsets their flushes will give them.
-//   LaunchDecodeMass (fp16, bf16, fp8, int8 keys; TurboQuant layers take their decode masses
-//     from LaunchPrefillMass over read-back keys): after decode attention, per (sequence,
+//   LaunchDecodeMass (fp16, bf16, fp8, int8 and TurboQuant keys; KIVI layers take their decode
+//     masses from LaunchPrefillMass over read-back keys): after decode attention, per (sequence,
 //     kv-head): the scores of the stored keys for the group's queries (fp32, the keys decoded as
-//     the CPU codec does), their softmax (M, L) per query head, and sum_j exp(s_j - M_j) / L_j
-//     added to every slot's mass. Keys are read once: the first pass writes the scores to a
-//     scratch laid out like the slots, the second reads them back.
+//     the CPU codec does; TurboQuant: the codes' centroids against the query rotated as
+//     CpuKvCache prepares it, the fp16 window's rows against the query as given), their softmax
+//     (M, L) per query head, and sum_j exp(s_j - M_j) / L_j added to every slot's mass. Keys are
+//     read once: the first pass writes the scores to a scratch laid out like the slots, the second
+//     reads them back.
 //   LaunchPrefillMass: the same for chunks of prefill queries over the cached prefix (read back in
 //     fp32) and the fresh keys (causal), in tiles of query rows x keys: a first pass gives each
 //     query row its (M, L), a second adds each key's probabilities over the rows that see it.
@@ -55,7 +57,7 @@ struct EvictPlan {
 static_assert(sizeof(EvictPlan) == 6 * sizeof(int32_t));
 
 // Key encodings the mass kernels read.
-enum class MassKeyFormat : int { kFp16 = 0, kBf16, kFp8, kInt8 };
+enum class MassKeyFormat : int { kFp16 = 0, kBf16, kFp8, kInt8, kTurbo };
 
 // Where a layer's records, positions and masses live.
 struct EvictPool {
@@ -100,11 +102,23 @@ inline constexpr int kMaxEvictWindowRows = 1024;
 // kept rows move down in order after them and head_window becomes their count.
 cudaError_t LaunchEvictCompact(const EvictPool& p, const EvictPlan* plans, cudaStream_t stream);
 
+// TurboQuant keys (no QJL), by value: kernels::TurboKeyLayout (kv_format.h), the CPU codec's
+// channel split, code bytes, centroids and rotation signs. A key is its codes then an fp16 norm s;
+// its score is s * sum_c (Pi q)[c] * centroid(code_c) with Pi q the signs then the orthonormal
+// Walsh-Hadamard transform of q, both in fp32 as CpuKvCache computes them. head_dim <= 128.
+struct TurboMassKeys {
+  int hi_channels = 0, hi_bits = 0, lo_bits = 0, code_bytes = 0;
+  float hi_centroids[16] = {};
+  float lo_centroids[16] = {};
+  float signs[128] = {};
+};
+
 // Keys for the mass kernels.
 struct MassKeys {
   MassKeyFormat format = MassKeyFormat::kFp16;
   const float* head_scales = nullptr;  // fp8: [slots][kv_heads][2] of this layer
   const int32_t* seq_slots = nullptr;  // [num_seqs] state slot of each sequence
+  TurboMassKeys turbo;                 // kTurbo
 };
 
 // Query heads per kv-head the mass kernels take.
@@ -124,7 +138,9 @@ inline constexpr int64_t DecodeMassScoreFloatsPerBlock(int num_kv_heads, int blo
 // q [num_seqs, kv_heads * group_pad, head_dim] fp32 (padding heads ignored), lens [num_seqs]
 // stored slots (device), max_len >= every lens[s]; partial_ml: DecodeMassScratchFloats floats;
 // scores: DecodeMassScoreFloatsPerBlock floats per pool block ([num_blocks][kv_heads][group]
-// [block_size], one layer at a time). group <= kMaxMassGroup, head_dim <= 128.
+// [block_size], one layer at a time). group <= kMaxMassGroup, head_dim <= 128. TurboQuant with
+// EvictPool::head_window: slots [0, lens[s] - window rows) of a head are records, the rest its
+// window's rows (fp16, original basis); the pool, block stride and layer offset 4-byte aligned.
 cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int32_t* lens,
                              int max_len, const float* q, int group, int group_pad, float scale,
                              float* partial_ml, float* scores, cudaStream_t stream);

@@ -815,8 +815,8 @@ absl::Status CudaModelRunner::RunStep(std::span<const ForwardChunk> chunks,
   // Prefill query tiles (chunks after the decode ones): 32 queries for the fp32 kernel, 64 for
   // the tensor-core one of the bf16 mode (prefill_attention.h).
   const int64_t tile_rows = fp32() ? cuda::kPrefillTileRows : cuda::kPrefillMmaTileRows;
-  // H2O with TurboQuant layers: the mass kernel does not decode TurboQuant records, so the decode
-  // rows' masses come from their read-back keys, as one-token prefill chunks: the decode chunks'
+  // H2O with KIVI layers: the mass kernel does not decode KIVI's key groups, so the decode rows'
+  // masses come from their read-back keys, as one-token prefill chunks: the decode chunks'
   // stored tokens are read with the prefixes (read entries from chunk 0, not num_decode) and get
   // mass chunks too (mass chunks from chunk 0).
   const bool mass_read_back = cache.h2o() && cache.mass_reads_back();

@@ -78,7 +78,9 @@ struct DecodeBatch {
   // against its query rotated back by sink_shift[s] RoPE positions (rotate-half pairs (j, j + d/2)
   // at angle -sink_shift[s] * rope_inv_freq[j], computed in double), every other slot against the
   // query as given. sink_slots[s] = 0 (or a shift of 0) leaves the sequence unshifted. Per-token
-  // formats (fp16, bf16, fp8, int8) and KIVI with key_offsets only: Run returns
+  // formats (fp16, bf16, fp8, int8), TurboQuant with equal key and value rates (the shifted
+  // query then rotated as CpuKvCache's PrepareShifted does; sink slots still in the fp16 window
+  // are its first rows, per head with head_window) and KIVI with key_offsets only: Run returns
   // UnimplementedError for the others.
   const int32_t* sink_slots = nullptr;    // [num_seqs]
   const int32_t* sink_shift = nullptr;    // [num_seqs] evicted tokens (length - stored)

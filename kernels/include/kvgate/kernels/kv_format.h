@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -73,6 +74,20 @@ struct KvFormatDesc {
 
 // UnimplementedError for a (format, head_dim) combination no kernel supports.
 absl::StatusOr<KvFormatDesc> DescribeKvFormat(const KvFormatSpec& spec, int head_dim);
+
+// How TurboQuant (without QJL) stores and scores a key, for kernels outside the codecs that score
+// the stored codes (the CUDA H2O mass kernel): key record = codes | fp16 norm s at code_bytes;
+// rotated channel c < hi_channels has a hi_bits code (LSB-first from bit c * hi_bits), channel
+// c >= hi_channels a lo_bits code from bit hi_channels * hi_bits + (c - hi_channels) * lo_bits;
+// the score of a prepared query qr = Pi q (signs, then the orthonormal Walsh-Hadamard transform)
+// is s * sum_c qr[c] * centroid(c, code_c). Every value is the CPU codec's (kv_codec.cc).
+struct TurboKeyLayout {
+  int hi_channels = 0, hi_bits = 0, lo_bits = 0, code_bytes = 0;
+  std::vector<float> hi_centroids, lo_centroids;  // 2^bits entries each
+  std::vector<float> signs;                       // [head_dim] the rotation's +-1 diagonal
+};
+// InvalidArgumentError for a spec that is not TurboQuant, UnimplementedError for QJL keys.
+absl::StatusOr<TurboKeyLayout> DescribeTurboKeys(const KvFormatSpec& spec, int head_dim);
 
 // Which half of the cache a tensor is (formats treat keys and values differently).
 enum class KvTensorRole { kKeys, kValues };
