@@ -105,8 +105,9 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
 
 absl::Status WriteNpy(const std::string& path, const std::vector<int64_t>& shape,
                       const std::vector<float>& data) {
-  std::string shape_text = "(" + absl::StrJoin(shape, ", ") + (shape.size() == 1 ? ",)" : ")");
-  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': " + shape_text + ", }";
+  std::string header = absl::StrCat("{'descr': '<f4', 'fortran_order': False, 'shape': (",
+                                    absl::StrJoin(shape, ", "), shape.size() == 1 ? ",)" : ")",
+                                    ", }");
   while ((10 + header.size() + 1) % 64 != 0) header += ' ';
   header += '\n';
   std::ofstream out(path, std::ios::binary);
