@@ -507,15 +507,20 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
   // its sink rows' split: query_sink, the shifted one), its partial output rotated at the end.
   // Every other split: the prepared query.
   const bool tq_window = KIND == kKindTurbo && window_split;
+  // One source and one factor (qprep * 1 is exact): the choice is made once, not per element.
+  const float* q_src = tq_window ? (win_sink_rows ? a.query_sink : a.query) : a.qprep;
+  const float q_mul = tq_window && !win_sink_rows ? a.query_scale : 1.f;
   float q[G][8], acc[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     const size_t row = (static_cast<size_t>(seq) * a.num_q_heads + kvh * G + g) * D + 8 * lane;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      q[g][i] = tq_window ? (win_sink_rows ? a.query_sink[row + i]
-                                           : a.query[row + i] * a.query_scale)
-                          : a.qprep[row + i];
+      if constexpr (KIND == kKindTurbo) {
+        q[g][i] = q_src[row + i] * q_mul;
+      } else {
+        q[g][i] = a.qprep[row + i];
+      }
       acc[g][i] = 0.f;
     }
   }
