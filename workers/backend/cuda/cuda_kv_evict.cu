@@ -1,5 +1,3 @@
-#include "workers/backend/cuda/cuda_kv_evict.h"
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -10,6 +8,7 @@
 
 #include "kernels/cuda/kv_numeric.cuh"
 #include "kvgate/kernels/kv_record_layout.h"
+#include "workers/backend/cuda/cuda_kv_evict.h"
 
 namespace kvgate::worker::cuda {
 namespace {
@@ -519,8 +518,8 @@ __global__ void EvictWindowedKernel(EvictPool p, const EvictPlan* plans) {
     if constexpr (KIVI) {
       uint32_t* stage = reinterpret_cast<uint32_t*>(window_meta + 3 * p.residual_capacity);
       KiviSoloKeys(p, table, head, encoded, leaves, stage, pair_src, warp_ints);
-      CompactOrdered(p, table, head, encoded, leaves,
-                     stage + p.kivi_group * (p.record_bytes / 8), warp_ints);
+      CompactOrdered(p, table, head, encoded, leaves, stage + p.kivi_group * (p.record_bytes / 8),
+                     warp_ints);
     } else {
       // Records: the holes below kept_records take the kept records above it, in rounds of
       // kPairChunk (a filled hole holds a kept token, so the open holes rank from 0 every round).
@@ -617,8 +616,8 @@ struct DecodeMassArgs {
 };
 
 // Score j of `slot` is ScoreBase(slot)[j * block_size].
-__device__ __forceinline__ float* ScoreBase(const DecodeMassArgs& a, const int32_t* table,
-                                            int head, int slot) {
+__device__ __forceinline__ float* ScoreBase(const DecodeMassArgs& a, const int32_t* table, int head,
+                                            int slot) {
   const int bs = a.p.block_size;
   return a.scores + (int64_t{table[slot / bs]} * a.p.num_kv_heads + head) * kMaxGroup * bs +
          slot % bs;
@@ -726,11 +725,65 @@ __host__ __device__ constexpr int TileRowWords(int key_words, bool vec) {
   return vec ? ((key_words / 4) | 1) * 4 : key_words | 1;
 }
 
+// Key t's scores for the group's query heads, times the scale, into the per-slot scratch, and
+// merged into this thread's softmax statistics (pass 1 of both score kernels).
+template <int GROUP>
+__device__ __forceinline__ void StoreScores(const DecodeMassArgs& a, const int32_t* table, int head,
+                                            int t, int group, float (&s)[Group<GROUP>::kCap],
+                                            float (&m)[Group<GROUP>::kCap],
+                                            float (&l)[Group<GROUP>::kCap]) {
+  using G = Group<GROUP>;
+  float* out = ScoreBase(a, table, head, t);
+#pragma unroll
+  for (int j = 0; j < G::kCap; ++j) {
+    if (G::Has(j, group)) {
+      s[j] *= a.scale;
+      out[j * a.p.block_size] = s[j];
+      AddScore(m[j], l[j], s[j]);
+    }
+  }
+}
+
+// Merges each thread's per-head statistics over the CTA and writes the split's (M, L) per head
+// (the end of pass 1 of both score kernels).
+template <int GROUP>
+__device__ __forceinline__ void WriteSplitMl(const DecodeMassArgs& a, int seq, int head, int split,
+                                             int group, float (&m)[Group<GROUP>::kCap],
+                                             float (&l)[Group<GROUP>::kCap],
+                                             float (*warp_ml)[kMaxGroup][2]) {
+  using G = Group<GROUP>;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < G::kCap; ++j) {
+    if (!G::Has(j, group)) break;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(kFullMask, m[j], o);
+      const float l2 = __shfl_xor_sync(kFullMask, l[j], o);
+      MergeMl(m[j], l[j], m2, l2);
+    }
+    if (lane == 0) {
+      warp_ml[warp][j][0] = m[j];
+      warp_ml[warp][j][1] = l[j];
+    }
+  }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < group) {
+    const int j = threadIdx.x;
+    float mm = -FLT_MAX, ll = 0.0f;
+    for (int w = 0; w < kMassThreads / 32; ++w) MergeMl(mm, ll, warp_ml[w][j][0], warp_ml[w][j][1]);
+    float* out =
+        a.partial_ml +
+        (((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits + split) * kMaxGroup + j) * 2;
+    out[0] = mm;
+    out[1] = ll;
+  }
+}
+
 // Pass 1. Grid (splits, kv_heads, num_seqs), kMassThreads threads: the split's keys in tiles of
 // kMassThreads, each copied into smem (coalesced, cp.async: 16 bytes per copy with VEC, else a
-// warp per record and 4 bytes per lane) and scored by one
-// thread per key, which writes its scores and merges them into its split's softmax statistics
-// per query head. Several CTAs per SM overlap one's copies with another's arithmetic.
+// warp per record and 4 bytes per lane) and scored by one thread per key, which writes its scores
+// and merges them into its split's softmax statistics per query head. Several CTAs per SM overlap
+// one's copies with another's arithmetic.
 template <MassKeyFormat FORMAT, int GROUP, bool VEC>
 __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMassArgs a) {
   using G = Group<GROUP>;
@@ -784,76 +837,11 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassScoreKernel(DecodeMass
       const int t = t0 + threadIdx.x;
       float s[G::kCap];
       KeyScores<FORMAT, GROUP, VEC>(tile + threadIdx.x * row_words, qs, group, d, fp8_scale, s);
-      float* out = ScoreBase(a, table, head, t);
-#pragma unroll
-      for (int j = 0; j < G::kCap; ++j) {
-        if (G::Has(j, group)) {
-          s[j] *= a.scale;
-          out[j * a.p.block_size] = s[j];
-          AddScore(m[j], l[j], s[j]);
-        }
-      }
+      StoreScores<GROUP>(a, table, head, t, group, s, m, l);
     }
     __syncthreads();  // the tile is read before the next one lands
   }
-#pragma unroll
-  for (int j = 0; j < G::kCap; ++j) {
-    if (!G::Has(j, group)) break;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float m2 = __shfl_xor_sync(kFullMask, m[j], o);
-      const float l2 = __shfl_xor_sync(kFullMask, l[j], o);
-      MergeMl(m[j], l[j], m2, l2);
-    }
-    if (lane == 0) {
-      warp_ml[warp][j][0] = m[j];
-      warp_ml[warp][j][1] = l[j];
-    }
-  }
-  __syncthreads();
-  if (static_cast<int>(threadIdx.x) < group) {
-    const int j = threadIdx.x;
-    float mm = -FLT_MAX, ll = 0.0f;
-    for (int w = 0; w < kMassThreads / 32; ++w) MergeMl(mm, ll, warp_ml[w][j][0], warp_ml[w][j][1]);
-    float* out = a.partial_ml +
-                 (((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits + split) * kMaxGroup +
-                  j) * 2;
-    out[0] = mm;
-    out[1] = ll;
-  }
-}
-
-// Merges each thread's per-head statistics over the CTA and writes the split's (M, L) per head
-// (the end of pass 1; DecodeMassScoreKernel does the same inline).
-template <int GROUP>
-__device__ void WriteSplitMl(const DecodeMassArgs& a, int seq, int head, int split, int group,
-                             float (&m)[Group<GROUP>::kCap], float (&l)[Group<GROUP>::kCap],
-                             float (*warp_ml)[kMaxGroup][2]) {
-  using G = Group<GROUP>;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-#pragma unroll
-  for (int j = 0; j < G::kCap; ++j) {
-    if (!G::Has(j, group)) break;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float m2 = __shfl_xor_sync(kFullMask, m[j], o);
-      const float l2 = __shfl_xor_sync(kFullMask, l[j], o);
-      MergeMl(m[j], l[j], m2, l2);
-    }
-    if (lane == 0) {
-      warp_ml[warp][j][0] = m[j];
-      warp_ml[warp][j][1] = l[j];
-    }
-  }
-  __syncthreads();
-  if (static_cast<int>(threadIdx.x) < group) {
-    const int j = threadIdx.x;
-    float mm = -FLT_MAX, ll = 0.0f;
-    for (int w = 0; w < kMassThreads / 32; ++w) MergeMl(mm, ll, warp_ml[w][j][0], warp_ml[w][j][1]);
-    float* out =
-        a.partial_ml +
-        (((int64_t{seq} * a.p.num_kv_heads + head) * kMaxMassSplits + split) * kMaxGroup + j) * 2;
-    out[0] = mm;
-    out[1] = ll;
-  }
+  WriteSplitMl<GROUP>(a, seq, head, split, group, m, l, warp_ml);
 }
 
 // 32-bit words of a TurboQuant key's smem row: its bytes from the word holding its first byte
@@ -978,15 +966,7 @@ __global__ void __launch_bounds__(kMassThreads) DecodeMassTurboScoreKernel(Decod
           }
         }
       }
-      float* out = ScoreBase(a, table, head, t);
-#pragma unroll
-      for (int j = 0; j < G::kCap; ++j) {
-        if (G::Has(j, group)) {
-          s[j] *= a.scale;
-          out[j * a.p.block_size] = s[j];
-          AddScore(m[j], l[j], s[j]);
-        }
-      }
+      StoreScores<GROUP>(a, table, head, t, group, s, m, l);
     }
     __syncthreads();  // the tile is read before the next one lands
   }
@@ -1414,7 +1394,8 @@ cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int
   const int64_t pairs = int64_t{p.num_seqs} * p.num_kv_heads;
   const int tiles = (max_len + kMassThreads - 1) / kMassThreads;
   const int64_t wanted = (int64_t{sms} * 24 + pairs - 1) / pairs;  // ~4 waves of 6 CTAs per SM
-  const int splits = static_cast<int>(std::clamp<int64_t>(wanted, 1, std::min(tiles, kMaxMassSplits)));
+  const int splits =
+      static_cast<int>(std::clamp<int64_t>(wanted, 1, std::min(tiles, kMaxMassSplits)));
   const int split_tokens = (tiles + splits - 1) / splits * kMassThreads;
   DecodeMassArgs a{.p = p,
                    .keys = keys,
