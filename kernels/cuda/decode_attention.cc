@@ -19,6 +19,9 @@ namespace {
 using internal::CudaError;
 using internal::FormatParams;
 
+// Splits the fp16 window's rows may take at small batches (SplitArgs::window_row_splits).
+constexpr int kMaxWindowRowSplits = 4;
+
 void Centroids(int bits, int d, float* out) {
   const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(d));
   const std::vector<float>& levels = cpu::LloydMaxLevels(bits);
@@ -294,7 +297,13 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     const int64_t slots = int64_t{num_sms_} * (evicted ? evict_ctas_per_sm_[gi] : ctas_per_sm_[gi]);
     const int64_t pairs = int64_t{b.num_seqs} * hkv;
     // Splits left for the window's and the sinks' splits.
-    const int window_splits = residual ? (sink_split ? 2 : 1) : 0;
+    // Without sinks the window's rows go to up to kMaxWindowRowSplits splits when the pairs are
+    // too few to fill the GPU with one window CTA each (B1: 8 pairs on 132 SMs).
+    const int window_row_splits =
+        residual && !sinks && !evicted
+            ? static_cast<int>(std::clamp<int64_t>(num_sms_ / pairs, 1, kMaxWindowRowSplits))
+            : 1;
+    const int window_splits = residual ? (sink_split ? 2 : window_row_splits) : 0;
     const int split_cap =
         internal::kMaxReduceSplits - std::max(1, window_splits + (sink_split ? 1 : 0));
     int splits = 1;
@@ -341,6 +350,7 @@ class CudaDecodeAttentionImpl final : public CudaDecodeAttention {
     a.blocks_per_split = tiles_per_split * tile_blocks;
     a.num_splits = splits;
     a.total_splits = splits + (sink_split ? 1 : 0) + window_splits;
+    a.window_row_splits = window_row_splits;
     // Workspace (with sinks: the shifted prepared query after the prepared one, and for
     // TurboQuant's window split the shifted query in the original basis after that).
     const size_t q_floats = size_t(b.num_seqs) * b.num_q_heads * d;

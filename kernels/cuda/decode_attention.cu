@@ -226,7 +226,7 @@ __device__ __forceinline__ void PerTokenChunk(const uint8_t* rec, int key_bytes,
 struct TileSlots {
   const uint8_t* pool = nullptr;  // the layer's first record of block 0: pool + layer offset
   int64_t block_stride_bytes = 0;
-  const int32_t* table = nullptr;  // the sequence's block table
+  const int32_t* table = nullptr;        // the sequence's block table
   const uint8_t* key_offsets = nullptr;  // SplitArgs::key_offsets, at the kv-head's first slot
   int64_t key_offsets_block_stride = 0;
   int block_size = 0, kvh = 0;
@@ -241,8 +241,7 @@ __device__ __forceinline__ void KeyChunk(const uint8_t* tile, int tok, int lane,
                                          const FormatParams& fp, const float* tables,
                                          const TileSlots& slots, float o[8]) {
   const uint8_t* rec = tile + static_cast<size_t>(tok) * fp.record_bytes;
-  if constexpr (KIND == kKindFp16 || KIND == kKindBf16 || KIND == kKindFp8 ||
-                KIND == kKindInt8) {
+  if constexpr (KIND == kKindFp16 || KIND == kKindBf16 || KIND == kKindFp8 || KIND == kKindInt8) {
     PerTokenChunk<KIND, D, true>(rec, fp.key_bytes, lane, o);
   } else if constexpr (KIND == kKindKiviEvict) {
     // A solo key has the value half's layout; a group member's (scale, min) of channel c are in
@@ -297,8 +296,7 @@ __device__ __forceinline__ void ValueChunk(const uint8_t* tile, int tok, int lan
                                            float o[8]) {
   const uint8_t* record = tile + static_cast<size_t>(tok) * fp.record_bytes;
   const uint8_t* rec = record + fp.key_bytes;  // KIVI, TurboQuant: [key | value]
-  if constexpr (KIND == kKindFp16 || KIND == kKindBf16 || KIND == kKindFp8 ||
-                KIND == kKindInt8) {
+  if constexpr (KIND == kKindFp16 || KIND == kKindBf16 || KIND == kKindFp8 || KIND == kKindInt8) {
     PerTokenChunk<KIND, D, false>(record, fp.key_bytes, lane, o);
   } else if constexpr (KIND == kKindKivi || KIND == kKindKiviEvict) {
     const int bits = fp.kivi_bits;
@@ -470,6 +468,11 @@ __global__ void __launch_bounds__(kThreads) DecodeSplitKernel(SplitArgs a, Forma
             win_begin = sink_rows;
           }
         }
+      }
+      if (a.window_row_splits > 1) {  // this split's share of the rows (no sinks: host's rule)
+        const int per = (win_end + a.window_row_splits - 1) / a.window_row_splits;
+        win_begin = min((split - a.num_splits) * per, win_end);
+        win_end = min(win_begin + per, win_end);
       }
       StageWindow<D>(smem, win_k, win_v, win_begin,
                      min(a.residual_tile_tokens, win_end - win_begin));
@@ -842,8 +845,7 @@ cudaError_t Dispatch(bool setup, int kind, int d, int g, const SplitArgs& a, con
     case kKindKivi:
       return DispatchD<kKindKivi>(setup, d, g, a, fp, grid, smem_bytes, stream, blocks_per_sm);
     case kKindKiviEvict:
-      return DispatchD<kKindKiviEvict>(setup, d, g, a, fp, grid, smem_bytes, stream,
-                                       blocks_per_sm);
+      return DispatchD<kKindKiviEvict>(setup, d, g, a, fp, grid, smem_bytes, stream, blocks_per_sm);
     case kKindTurbo:
       return DispatchD<kKindTurbo>(setup, d, g, a, fp, grid, smem_bytes, stream, blocks_per_sm);
   }
@@ -1911,8 +1913,8 @@ cudaError_t LaunchDecode(int kind, int mma_fmt, int d, int g, const SplitArgs& a
       SplitArgs r = sa;
       r.split_offset = mma_splits;
       e = Dispatch(false, kind, d, g, r, fp,
-                   dim3(a.total_splits - mma_splits, num_kv_heads, num_seqs), smem_v1_bytes,
-                   stream, nullptr);
+                   dim3(a.total_splits - mma_splits, num_kv_heads, num_seqs), smem_v1_bytes, stream,
+                   nullptr);
     }
   }
   if (e != cudaSuccess) return e;

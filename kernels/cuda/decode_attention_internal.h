@@ -87,6 +87,10 @@ struct SplitArgs {
   // TurboQuant sinks with a window: the shifted query in the original basis (see sink_slots);
   // last, so that the other fields keep their offsets.
   float* query_sink = nullptr;  // [seqs, q_heads, d]
+  // Without sinks: the fp16 window's rows are shared by window_row_splits splits (split
+  // num_splits + w takes rows [w * ceil(len / n), ...)), so that a few (sequence, kv-head) pairs
+  // do not leave their window to one CTA each.
+  int window_row_splits = 1;
 };
 
 int MaxStages();
