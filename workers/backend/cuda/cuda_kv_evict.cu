@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/kv_numeric.cuh"
 #include "kvgate/kernels/kv_record_layout.h"
@@ -1261,27 +1262,36 @@ __global__ void __launch_bounds__(kPmThreads) PrefillMassAddKernel(PrefillMassAr
   }
 }
 
+// Calls launch(std::integral_constant<int, G>{}) with the kernel instance G for a GQA group: 1, 2,
+// 4 and 8 have their own (unrolled) instances, any other size runs instance 0.
+template <class Launch>
+void WithGroupInstance(int group, Launch&& launch) {
+  switch (group) {
+    case 1:
+      launch(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      launch(std::integral_constant<int, 2>{});
+      break;
+    case 4:
+      launch(std::integral_constant<int, 4>{});
+      break;
+    case 8:
+      launch(std::integral_constant<int, 8>{});
+      break;
+    default:
+      launch(std::integral_constant<int, 0>{});
+      break;
+  }
+}
+
 template <MassKeyFormat FORMAT, bool VEC>
 void LaunchDecodeMassScores(const DecodeMassArgs& a, dim3 grid, cudaStream_t stream) {
   const size_t smem =
       size_t{kMassThreads} * TileRowWords(KeyWords(FORMAT, a.p.head_dim), VEC) * sizeof(uint32_t);
-  switch (a.group) {
-    case 1:
-      DecodeMassScoreKernel<FORMAT, 1, VEC><<<grid, kMassThreads, smem, stream>>>(a);
-      break;
-    case 2:
-      DecodeMassScoreKernel<FORMAT, 2, VEC><<<grid, kMassThreads, smem, stream>>>(a);
-      break;
-    case 4:
-      DecodeMassScoreKernel<FORMAT, 4, VEC><<<grid, kMassThreads, smem, stream>>>(a);
-      break;
-    case 8:
-      DecodeMassScoreKernel<FORMAT, 8, VEC><<<grid, kMassThreads, smem, stream>>>(a);
-      break;
-    default:
-      DecodeMassScoreKernel<FORMAT, 0, VEC><<<grid, kMassThreads, smem, stream>>>(a);
-      break;
-  }
+  WithGroupInstance(a.group, [&](auto g) {
+    DecodeMassScoreKernel<FORMAT, decltype(g)::value, VEC><<<grid, kMassThreads, smem, stream>>>(a);
+  });
 }
 
 // 16-byte copies and reads of the keys when every key starts 16-byte aligned and is a whole number
@@ -1305,23 +1315,9 @@ void LaunchDecodeMassScores(const DecodeMassArgs& a, dim3 grid, cudaStream_t str
 void LaunchDecodeMassTurboScores(const DecodeMassArgs& a, dim3 grid, cudaStream_t stream) {
   const size_t smem =
       size_t{kMassThreads} * TurboRowWords(a.keys.turbo.code_bytes) * sizeof(uint32_t);
-  switch (a.group) {
-    case 1:
-      DecodeMassTurboScoreKernel<1><<<grid, kMassThreads, smem, stream>>>(a);
-      break;
-    case 2:
-      DecodeMassTurboScoreKernel<2><<<grid, kMassThreads, smem, stream>>>(a);
-      break;
-    case 4:
-      DecodeMassTurboScoreKernel<4><<<grid, kMassThreads, smem, stream>>>(a);
-      break;
-    case 8:
-      DecodeMassTurboScoreKernel<8><<<grid, kMassThreads, smem, stream>>>(a);
-      break;
-    default:
-      DecodeMassTurboScoreKernel<0><<<grid, kMassThreads, smem, stream>>>(a);
-      break;
-  }
+  WithGroupInstance(a.group, [&](auto g) {
+    DecodeMassTurboScoreKernel<decltype(g)::value><<<grid, kMassThreads, smem, stream>>>(a);
+  });
 }
 
 }  // namespace
@@ -1425,23 +1421,9 @@ cudaError_t LaunchDecodeMass(const EvictPool& p, const MassKeys& keys, const int
       LaunchDecodeMassTurboScores(a, grid, stream);
       break;
   }
-  switch (group) {
-    case 1:
-      DecodeMassAddKernel<1><<<grid, kMassThreads, 0, stream>>>(a);
-      break;
-    case 2:
-      DecodeMassAddKernel<2><<<grid, kMassThreads, 0, stream>>>(a);
-      break;
-    case 4:
-      DecodeMassAddKernel<4><<<grid, kMassThreads, 0, stream>>>(a);
-      break;
-    case 8:
-      DecodeMassAddKernel<8><<<grid, kMassThreads, 0, stream>>>(a);
-      break;
-    default:
-      DecodeMassAddKernel<0><<<grid, kMassThreads, 0, stream>>>(a);
-      break;
-  }
+  WithGroupInstance(group, [&](auto g) {
+    DecodeMassAddKernel<decltype(g)::value><<<grid, kMassThreads, 0, stream>>>(a);
+  });
   return cudaGetLastError();
 }
 
