@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/cuda/device_array.h"
 #include "kvgate/common/status_macros.h"
 #include "kvgate/kernels/kv_format.h"
 #include "workers/backend/cuda/cuda_kernels.h"
@@ -15,31 +16,7 @@ namespace {
 
 using kernels::cuda::SplitStoredTokens;
 
-// A cudaMalloc'd array freed on scope exit (staging for the host-pointer methods).
-template <class T>
-class DeviceArray {
- public:
-  DeviceArray() = default;
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  ~DeviceArray() {
-    if (ptr_ != nullptr) cudaFree(ptr_);
-  }
-  absl::Status Allocate(size_t count) {
-    return CudaStatus(cudaMalloc(&ptr_, std::max<size_t>(count, 1) * sizeof(T)), "cudaMalloc");
-  }
-  absl::Status Upload(const T* host, size_t count, cudaStream_t stream) {
-    RETURN_IF_ERROR(Allocate(count));
-    if (count == 0) return absl::OkStatus();
-    return CudaStatus(
-        cudaMemcpyAsync(ptr_, host, count * sizeof(T), cudaMemcpyHostToDevice, stream),
-        "cudaMemcpyAsync");
-  }
-  T* get() const { return ptr_; }
-
- private:
-  T* ptr_ = nullptr;
-};
+using kernels::cuda::DeviceArray;
 
 // The decode kernels run GQA groups of 1, 2, 4 or 8 query heads per kv-head.
 int PadGroup(int group) {
@@ -56,8 +33,8 @@ constexpr int64_t kSyntheticChunk = 4096;
 // and v (seeds `seed` and ~seed), enqueued on `stream`.
 absl::Status FillSyntheticKv(int64_t rows, int64_t row_floats, uint64_t seed, cudaStream_t stream,
                              DeviceArray<float>& k, DeviceArray<float>& v) {
-  RETURN_IF_ERROR(k.Allocate(rows * row_floats));
-  RETURN_IF_ERROR(v.Allocate(rows * row_floats));
+  CUDA_RETURN_IF_ERROR(k.Allocate(rows * row_floats));
+  CUDA_RETURN_IF_ERROR(v.Allocate(rows * row_floats));
   const float bound = std::sqrt(3.0f);
   CUDA_RETURN_IF_ERROR(LaunchFillUniformFloat(k.get(), rows * row_floats, seed, bound, stream));
   CUDA_RETURN_IF_ERROR(LaunchFillUniformFloat(v.get(), rows * row_floats, ~seed, bound, stream));
@@ -683,9 +660,9 @@ absl::Status CudaKvCache::AppendSynthetic(kernels::SeqId seq, int64_t n, uint64_
     }
   }
   DeviceArray<int32_t> dmeta, table, slot;
-  RETURN_IF_ERROR(dmeta.Upload(meta.data(), meta.size(), stream_));
-  RETURN_IF_ERROR(table.Upload(s->blocks.data(), s->blocks.size(), stream_));
-  RETURN_IF_ERROR(slot.Upload(&s->slot, 1, stream_));
+  CUDA_RETURN_IF_ERROR(dmeta.Upload(meta.data(), meta.size(), stream_));
+  CUDA_RETURN_IF_ERROR(table.Upload(s->blocks.data(), s->blocks.size(), stream_));
+  CUDA_RETURN_IF_ERROR(slot.Upload(&s->slot, 1, stream_));
   const DeviceSeqBatch batch{.num_seqs = 1,
                              .block_tables = table.get(),
                              .max_blocks = static_cast<int>(s->blocks.size()),
@@ -711,8 +688,8 @@ absl::Status CudaKvCache::AppendSyntheticEvicting(Sequence& s, int64_t n, uint64
   DeviceArray<float> k, v;
   RETURN_IF_ERROR(FillSyntheticKv(chunk, row_floats, seed, stream_, k, v));
   DeviceArray<int32_t> dmeta, slot;
-  RETURN_IF_ERROR(dmeta.Allocate(9));
-  RETURN_IF_ERROR(slot.Upload(&s.slot, 1, stream_));
+  CUDA_RETURN_IF_ERROR(dmeta.Allocate(9));
+  CUDA_RETURN_IF_ERROR(slot.Upload(&s.slot, 1, stream_));
   for (int64_t done = 0; done < n; done += chunk) {
     const int64_t rows = std::min(chunk, n - done);
     const EvictPlan plan = Plan(s, 0, rows);
@@ -726,7 +703,7 @@ absl::Status CudaKvCache::AppendSyntheticEvicting(Sequence& s, int64_t n, uint64
     CUDA_RETURN_IF_ERROR(
         cudaMemcpyAsync(dmeta.get(), meta, sizeof(meta), cudaMemcpyHostToDevice, stream_));
     DeviceArray<int32_t> step_table;
-    RETURN_IF_ERROR(step_table.Upload(s.blocks.data(), s.blocks.size(), stream_));
+    CUDA_RETURN_IF_ERROR(step_table.Upload(s.blocks.data(), s.blocks.size(), stream_));
     const DeviceSeqBatch batch{.num_seqs = 1,
                                .block_tables = step_table.get(),
                                .max_blocks = static_cast<int>(s.blocks.size()),
@@ -780,18 +757,18 @@ absl::Status CudaKvCache::Append(kernels::SeqId seq, int layer, int64_t n, const
   const std::vector<int32_t> meta = {0, static_cast<int32_t>(n), static_cast<int32_t>(stored)};
   DeviceArray<float> dk, dv;
   DeviceArray<int32_t> dmeta, table, slot;
-  RETURN_IF_ERROR(dk.Upload(k, n * row_floats, stream_));
-  RETURN_IF_ERROR(dv.Upload(v, n * row_floats, stream_));
-  RETURN_IF_ERROR(dmeta.Upload(meta.data(), meta.size(), stream_));
-  RETURN_IF_ERROR(table.Upload(s->blocks.data(), s->blocks.size(), stream_));
-  RETURN_IF_ERROR(slot.Upload(&s->slot, 1, stream_));
+  CUDA_RETURN_IF_ERROR(dk.Upload(k, n * row_floats, stream_));
+  CUDA_RETURN_IF_ERROR(dv.Upload(v, n * row_floats, stream_));
+  CUDA_RETURN_IF_ERROR(dmeta.Upload(meta.data(), meta.size(), stream_));
+  CUDA_RETURN_IF_ERROR(table.Upload(s->blocks.data(), s->blocks.size(), stream_));
+  CUDA_RETURN_IF_ERROR(slot.Upload(&s->slot, 1, stream_));
   const DeviceSeqBatch batch{.num_seqs = 1,
                              .block_tables = table.get(),
                              .max_blocks = static_cast<int>(s->blocks.size()),
                              .slots = slot.get()};
   DeviceArray<int32_t> dplan;
   if (evicting()) {
-    RETURN_IF_ERROR(dplan.Upload(reinterpret_cast<const int32_t*>(&plan), 6, stream_));
+    CUDA_RETURN_IF_ERROR(dplan.Upload(reinterpret_cast<const int32_t*>(&plan), 6, stream_));
     RETURN_IF_ERROR(EvictLayer(layer, batch, reinterpret_cast<const EvictPlan*>(dplan.get())));
   }
   RETURN_IF_ERROR(AppendLayer(layer, batch, dmeta.get(), dmeta.get() + 2, static_cast<int>(n),
@@ -806,9 +783,9 @@ absl::Status CudaKvCache::Append(kernels::SeqId seq, int layer, int64_t n, const
 absl::Status CudaKvCache::ReadAll(const Sequence& s, int layer, float* k, float* v) const {
   const int32_t len = static_cast<int32_t>(s.stored[layer]);
   DeviceArray<int32_t> lens, table, slot;
-  RETURN_IF_ERROR(lens.Upload(&len, 1, stream_));
-  RETURN_IF_ERROR(table.Upload(s.blocks.data(), s.blocks.size(), stream_));
-  RETURN_IF_ERROR(slot.Upload(&s.slot, 1, stream_));
+  CUDA_RETURN_IF_ERROR(lens.Upload(&len, 1, stream_));
+  CUDA_RETURN_IF_ERROR(table.Upload(s.blocks.data(), s.blocks.size(), stream_));
+  CUDA_RETURN_IF_ERROR(slot.Upload(&s.slot, 1, stream_));
   const DeviceSeqBatch batch{.num_seqs = 1,
                              .block_tables = table.get(),
                              .max_blocks = static_cast<int>(s.blocks.size()),
@@ -840,8 +817,8 @@ absl::Status CudaKvCache::PrefillAttention(kernels::SeqId seq, int layer, int64_
   const int64_t past = stored - n;
   DeviceArray<float> prefix_k, prefix_v, dq, dk, dv, dout;
   if (past > 0) {
-    RETURN_IF_ERROR(prefix_k.Allocate(stored * hkv * d));
-    RETURN_IF_ERROR(prefix_v.Allocate(stored * hkv * d));
+    CUDA_RETURN_IF_ERROR(prefix_k.Allocate(stored * hkv * d));
+    CUDA_RETURN_IF_ERROR(prefix_v.Allocate(stored * hkv * d));
     RETURN_IF_ERROR(ReadAll(*s, layer, prefix_k.get(), prefix_v.get()));
   }
   std::vector<PrefillTile> tiles;
@@ -856,13 +833,13 @@ absl::Status CudaKvCache::PrefillAttention(kernels::SeqId seq, int layer, int64_
   const int32_t sink_meta[2] = {sink.slots, sink.shift};
   DeviceArray<int32_t> dtiles, dsink;
   static_assert(sizeof(PrefillTile) == 5 * sizeof(int32_t));
-  RETURN_IF_ERROR(
+  CUDA_RETURN_IF_ERROR(
       dtiles.Upload(reinterpret_cast<const int32_t*>(tiles.data()), tiles.size() * 5, stream_));
   const size_t q_floats = static_cast<size_t>(n) * num_q_heads * d;
-  RETURN_IF_ERROR(dq.Upload(q, q_floats, stream_));
-  RETURN_IF_ERROR(dk.Upload(k, static_cast<size_t>(n) * hkv * d, stream_));
-  RETURN_IF_ERROR(dv.Upload(v, static_cast<size_t>(n) * hkv * d, stream_));
-  RETURN_IF_ERROR(dout.Allocate(q_floats));
+  CUDA_RETURN_IF_ERROR(dq.Upload(q, q_floats, stream_));
+  CUDA_RETURN_IF_ERROR(dk.Upload(k, static_cast<size_t>(n) * hkv * d, stream_));
+  CUDA_RETURN_IF_ERROR(dv.Upload(v, static_cast<size_t>(n) * hkv * d, stream_));
+  CUDA_RETURN_IF_ERROR(dout.Allocate(q_floats));
   PrefillAttentionArgs args;
   args.tiles = reinterpret_cast<const PrefillTile*>(dtiles.get());
   args.num_tiles = static_cast<int>(tiles.size());
@@ -878,7 +855,7 @@ absl::Status CudaKvCache::PrefillAttention(kernels::SeqId seq, int layer, int64_
   args.prefix_v = prefix_v.get();
   args.prefix_stride_tokens = stored;
   if (sink.slots > 0) {
-    RETURN_IF_ERROR(dsink.Upload(sink_meta, 2, stream_));
+    CUDA_RETURN_IF_ERROR(dsink.Upload(sink_meta, 2, stream_));
     args.sink_slots = dsink.get();
     args.sink_shift = dsink.get() + 1;
     args.rope_inv_freq = rope_inv_freq_;
@@ -894,15 +871,15 @@ absl::Status CudaKvCache::PrefillAttention(kernels::SeqId seq, int layer, int64_
                                  .n = static_cast<int32_t>(n),
                                  .cached = static_cast<int32_t>(past),
                                  .prefix_index = past > 0 ? 0 : -1};
-    RETURN_IF_ERROR(dchunk.Upload(reinterpret_cast<const int32_t*>(&chunk), 5, stream_));
-    RETURN_IF_ERROR(table.Upload(s->blocks.data(), s->blocks.size(), stream_));
-    RETURN_IF_ERROR(slot.Upload(&s->slot, 1, stream_));
+    CUDA_RETURN_IF_ERROR(dchunk.Upload(reinterpret_cast<const int32_t*>(&chunk), 5, stream_));
+    CUDA_RETURN_IF_ERROR(table.Upload(s->blocks.data(), s->blocks.size(), stream_));
+    CUDA_RETURN_IF_ERROR(slot.Upload(&s->slot, 1, stream_));
     const DeviceSeqBatch batch{.num_seqs = 1,
                                .block_tables = table.get(),
                                .max_blocks = static_cast<int>(s->blocks.size()),
                                .slots = slot.get()};
     const int group = num_q_heads / hkv;
-    RETURN_IF_ERROR(row_stats.Allocate(n * PrefillMassStatsFloatsPerRow(hkv)));
+    CUDA_RETURN_IF_ERROR(row_stats.Allocate(n * PrefillMassStatsFloatsPerRow(hkv)));
     RETURN_IF_ERROR(PrefillMassLayer(
         layer, batch, reinterpret_cast<const PrefillMassChunk*>(dchunk.get()), 1,
         static_cast<int>(n), static_cast<int>(stored), dq.get(), group, group, dk.get(),
@@ -948,11 +925,11 @@ absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num
                                      static_cast<int32_t>(counts.residual), sink.slots, sink.shift};
   DeviceArray<float> dq, dout;
   DeviceArray<int32_t> dlens, table, slot;
-  RETURN_IF_ERROR(dq.Upload(padded.data(), padded.size(), stream_));
-  RETURN_IF_ERROR(dout.Allocate(padded.size()));
-  RETURN_IF_ERROR(dlens.Upload(lens.data(), lens.size(), stream_));
-  RETURN_IF_ERROR(table.Upload(s->blocks.data(), s->blocks.size(), stream_));
-  RETURN_IF_ERROR(slot.Upload(&s->slot, 1, stream_));
+  CUDA_RETURN_IF_ERROR(dq.Upload(padded.data(), padded.size(), stream_));
+  CUDA_RETURN_IF_ERROR(dout.Allocate(padded.size()));
+  CUDA_RETURN_IF_ERROR(dlens.Upload(lens.data(), lens.size(), stream_));
+  CUDA_RETURN_IF_ERROR(table.Upload(s->blocks.data(), s->blocks.size(), stream_));
+  CUDA_RETURN_IF_ERROR(slot.Upload(&s->slot, 1, stream_));
   const DeviceSeqBatch batch{.num_seqs = 1,
                              .block_tables = table.get(),
                              .max_blocks = static_cast<int>(s->blocks.size()),
@@ -965,10 +942,10 @@ absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num
   if (h2o() && layer_mass_reads_back(layer)) {
     // KIVI: the masses of the read-back keys (fp32, the codec's reconstruction), as a prefill
     // chunk of one query token whose fresh key is the newest slot's.
-    RETURN_IF_ERROR(keys.Allocate(stored * hkv * d));
-    RETURN_IF_ERROR(values.Allocate(stored * hkv * d));
+    CUDA_RETURN_IF_ERROR(keys.Allocate(stored * hkv * d));
+    CUDA_RETURN_IF_ERROR(values.Allocate(stored * hkv * d));
     RETURN_IF_ERROR(ReadAll(*s, layer, keys.get(), values.get()));
-    RETURN_IF_ERROR(last_key.Allocate(int64_t{hkv} * d));
+    CUDA_RETURN_IF_ERROR(last_key.Allocate(int64_t{hkv} * d));
     CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
         last_key.get(), d * sizeof(float), keys.get() + (stored - 1) * d,
         stored * d * sizeof(float), d * sizeof(float), hkv, cudaMemcpyDeviceToDevice, stream_));
@@ -977,8 +954,8 @@ absl::Status CudaKvCache::DecodeAttention(kernels::SeqId seq, int layer, int num
                                  .n = 1,
                                  .cached = static_cast<int32_t>(stored - 1),
                                  .prefix_index = stored > 1 ? 0 : -1};
-    RETURN_IF_ERROR(dchunk.Upload(reinterpret_cast<const int32_t*>(&chunk), 5, stream_));
-    RETURN_IF_ERROR(row_stats.Allocate(PrefillMassStatsFloatsPerRow(hkv)));
+    CUDA_RETURN_IF_ERROR(dchunk.Upload(reinterpret_cast<const int32_t*>(&chunk), 5, stream_));
+    CUDA_RETURN_IF_ERROR(row_stats.Allocate(PrefillMassStatsFloatsPerRow(hkv)));
     RETURN_IF_ERROR(PrefillMassLayer(layer, batch,
                                      reinterpret_cast<const PrefillMassChunk*>(dchunk.get()), 1, 1,
                                      static_cast<int>(stored), dq.get(), group, pad, last_key.get(),
@@ -1007,8 +984,8 @@ absl::Status CudaKvCache::ReadStored(kernels::SeqId seq, int layer, int kv_head,
   if (n == 0) return absl::OkStatus();
   const int64_t head_floats = n * config_.head_dim;
   DeviceArray<float> dk, dv;
-  RETURN_IF_ERROR(dk.Allocate(head_floats * config_.num_kv_heads));
-  RETURN_IF_ERROR(dv.Allocate(head_floats * config_.num_kv_heads));
+  CUDA_RETURN_IF_ERROR(dk.Allocate(head_floats * config_.num_kv_heads));
+  CUDA_RETURN_IF_ERROR(dv.Allocate(head_floats * config_.num_kv_heads));
   RETURN_IF_ERROR(ReadAll(*s, layer, dk.get(), dv.get()));
   CUDA_RETURN_IF_ERROR(cudaMemcpy(k, dk.get() + kv_head * head_floats, head_floats * sizeof(float),
                                   cudaMemcpyDeviceToHost));
