@@ -213,6 +213,21 @@ class Runners {
   int same_argmax_ = 0;
 };
 
+// Prints `label`'s GPU-vs-CPU logits error and the format's own error against fp16 (the CPU with
+// fp16 KV), and expects the former within kBf16Tolerance + kFormatErrorShare x the latter (max and
+// mean over the rows).
+void ExpectWithinFormatShare(const Runners& pair, const std::string& label) {
+  const std::vector<double>& err = pair.errors();
+  const std::vector<double>& noise = pair.noise();
+  std::printf(
+      "%s: %zu logits rows, GPU vs CPU relative error max %.3g mean %.3g, argmax equal %d/%zu; "
+      "the format vs fp16 on the CPU: max %.3g mean %.3g\n",
+      label.c_str(), err.size(), Runners::Max(err), Runners::Mean(err), pair.same_argmax(),
+      err.size(), Runners::Max(noise), Runners::Mean(noise));
+  EXPECT_LT(Runners::Max(err), kBf16Tolerance + kFormatErrorShare * Runners::Max(noise));
+  EXPECT_LT(Runners::Mean(err), kBf16MeanTolerance + kFormatErrorShare * Runners::Mean(noise));
+}
+
 // The steps every runner parity case runs (through `pair`, so both runners see the same tokens):
 // three prompts (5, 37, 150 tokens: not multiples of the block size) prefilled in one batched step
 // (every row's logits for the second), then 48 decode steps of those three; a fourth sequence's
@@ -314,22 +329,14 @@ TEST_P(CudaRunnerParity, LogitsMatchCpuForPrefillChunksAndDecode) {
   Runners pair(**cpu, **gpu, cpu_fp16.get());
   RunParitySteps(pair, vocab);
   if (HasFailure()) return;
-  const std::vector<double>& err = pair.errors();
-  const std::vector<double>& noise = pair.noise();
-  std::printf(
-      "[cuda parity] %s %s: %zu logits rows, GPU vs CPU relative error max %.3g mean %.3g, argmax "
-      "equal %d/%zu; the format vs fp16 on the CPU: max %.3g mean %.3g\n",
-      p.model.c_str(), p.format.c_str(), err.size(), Runners::Max(err), Runners::Mean(err),
-      pair.same_argmax(), err.size(), Runners::Max(noise), Runners::Mean(noise));
   // Full precision: bf16 rounding only. Quantized: the keys and values reaching the cache differ
   // by that rounding, so codes near a boundary flip and data-derived scales (FP8's head amax,
   // KIVI's group min/max, int8's token amax) shift, which re-rounds values within the format's own
   // error; the GPU stays within a fraction of the format's error against fp16 (a GPU that lost
   // the format, e.g. reading fp16, would sit at the whole of it).
-  EXPECT_LT(Runners::Max(err), kBf16Tolerance + kFormatErrorShare * Runners::Max(noise));
-  EXPECT_LT(Runners::Mean(err), kBf16MeanTolerance + kFormatErrorShare * Runners::Mean(noise));
+  ExpectWithinFormatShare(pair, "[cuda parity] " + p.model + " " + p.format);
   // A real check of the check: the error is not zero by accident of comparing a runner to itself.
-  EXPECT_GT(Runners::Max(err), 0.0);
+  EXPECT_GT(Runners::Max(pair.errors()), 0.0);
 }
 
 INSTANTIATE_TEST_SUITE_P(ModelsAndFormats, CudaRunnerParity, ::testing::ValuesIn(ParityCases()),
@@ -863,15 +870,7 @@ TEST_P(CudaRunnerEvictionWindowed, LogitsMatchCpu) {
   Runners pair(**cpu, **gpu, cpu_fp16->get());
   RunParitySteps(pair, (*cpu)->config().vocab_size);
   if (HasFailure()) return;
-  const std::vector<double>& err = pair.errors();
-  const std::vector<double>& noise = pair.noise();
-  std::printf(
-      "[cuda evict parity] reference %s %s: %zu rows, max %.3g mean %.3g, argmax equal %d/%zu; "
-      "the format vs fp16: max %.3g mean %.3g\n",
-      GetParam().c_str(), eviction.c_str(), err.size(), Runners::Max(err), Runners::Mean(err),
-      pair.same_argmax(), err.size(), Runners::Max(noise), Runners::Mean(noise));
-  EXPECT_LT(Runners::Max(err), kBf16Tolerance + kFormatErrorShare * Runners::Max(noise));
-  EXPECT_LT(Runners::Mean(err), kBf16MeanTolerance + kFormatErrorShare * Runners::Mean(noise));
+  ExpectWithinFormatShare(pair, "[cuda evict parity] reference " + GetParam() + " " + eviction);
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, CudaRunnerEvictionWindowed,

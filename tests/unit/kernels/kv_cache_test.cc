@@ -924,29 +924,28 @@ TEST_P(WindowEvictionTest, KeepsTheSelectionAttendsToItAndFreesBlocks) {
   EXPECT_GT(c.free_blocks(), c.total_blocks() - c.BlocksForTokens(length));
 }
 
+// The step plans of WindowEvictionTest: chunks and single decode steps that flush small windows
+// many times, and long runs past the default windows.
+std::vector<int> ManyFlushes() {
+  return Steps({{37, 1}, {1, 90}, {29, 1}, {1, 120}, {70, 1}, {1, 150}});
+}
+std::vector<int> LongRuns() { return Steps({{300, 1}, {1, 150}, {100, 1}, {1, 250}}); }
+
 INSTANTIATE_TEST_SUITE_P(
     Formats, WindowEvictionTest,
     ::testing::Values(
         // Small G and R: many flushes per run.
-        WindowEvictCase{"kivi4", 8, 16, "h2o:heavy=0.2,recent=0.15",
-                        Steps({{37, 1}, {1, 90}, {29, 1}, {1, 120}, {70, 1}, {1, 150}})},
-        WindowEvictCase{"kivi2", 8, 16, "sink:sinks=3,window=40",
-                        Steps({{37, 1}, {1, 90}, {29, 1}, {1, 120}, {70, 1}, {1, 150}})},
+        WindowEvictCase{"kivi4", 8, 16, "h2o:heavy=0.2,recent=0.15", ManyFlushes()},
+        WindowEvictCase{"kivi2", 8, 16, "sink:sinks=3,window=40", ManyFlushes()},
         WindowEvictCase{"kivi4", 8, 8, "sink:sinks=5,window=30",
                         Steps({{12, 1}, {1, 40}, {45, 1}, {1, 200}})},
-        WindowEvictCase{"tq:k=4,v=4,r=16", 0, 0, "h2o:heavy=0.2,recent=0.15",
-                        Steps({{37, 1}, {1, 90}, {29, 1}, {1, 120}, {70, 1}, {1, 150}})},
-        WindowEvictCase{"tq:k=4,v=3,qjl,r=16", 0, 0, "sink:sinks=3,window=40",
-                        Steps({{37, 1}, {1, 90}, {29, 1}, {1, 120}, {70, 1}, {1, 150}})},
+        WindowEvictCase{"tq:k=4,v=4,r=16", 0, 0, "h2o:heavy=0.2,recent=0.15", ManyFlushes()},
+        WindowEvictCase{"tq:k=4,v=3,qjl,r=16", 0, 0, "sink:sinks=3,window=40", ManyFlushes()},
         // The formats' defaults (KIVI G = 32, R = 128; TurboQuant R = 128, flushes of 16).
-        WindowEvictCase{"kivi2", 0, 0, "h2o:heavy=0.3,recent=0.3",
-                        Steps({{300, 1}, {1, 150}, {100, 1}, {1, 250}})},
-        WindowEvictCase{"kivi4", 0, 0, "sink:sinks=4,window=256",
-                        Steps({{300, 1}, {1, 150}, {100, 1}, {1, 250}})},
-        WindowEvictCase{"tq4", 0, 0, "h2o:heavy=0.3,recent=0.3",
-                        Steps({{300, 1}, {1, 150}, {100, 1}, {1, 250}})},
-        WindowEvictCase{"tq4", 0, 0, "sink:sinks=4,window=256",
-                        Steps({{300, 1}, {1, 150}, {100, 1}, {1, 250}})}),
+        WindowEvictCase{"kivi2", 0, 0, "h2o:heavy=0.3,recent=0.3", LongRuns()},
+        WindowEvictCase{"kivi4", 0, 0, "sink:sinks=4,window=256", LongRuns()},
+        WindowEvictCase{"tq4", 0, 0, "h2o:heavy=0.3,recent=0.3", LongRuns()},
+        WindowEvictCase{"tq4", 0, 0, "sink:sinks=4,window=256", LongRuns()}),
     [](const auto& info) {
       std::string name = info.param.format + "_" + info.param.eviction;
       if (info.param.group > 0) name += "_G" + std::to_string(info.param.group);
